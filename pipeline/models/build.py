@@ -46,7 +46,8 @@ def write_clip_tokenizer(folder: str | os.PathLike, model_max_length: int = 77) 
         model_max_length: padded prompt length L (SD uses 77).
     """
     bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as bpe_file:
+        merges = bpe_file.read().split("\n")
     # Same slice as CLIP's SimpleTokenizer: the header line, then 48,894 merges.
     merges = [tuple(line.split()) for line in merges[1 : 49152 - 256 - 2 + 1]]
     byte_chars = list(_bytes_to_unicode().values())
