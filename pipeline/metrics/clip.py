@@ -176,9 +176,7 @@ class ClipScorer:
                 "(e.g. 'ViT-B-32') or pass model_config with a custom config"
             )
         self.device = torch.device(device)
-        self.model, _, _ = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=self.device
-        )
+        self.model = _create_model(model_name, pretrained, self.device)
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.backbone = f"{model_name}/{pretrained}"
@@ -301,6 +299,20 @@ class ClipScorer:
         image_direction = self.image_embeddings(edited_images) - self.image_embeddings(source_images)
         text_direction = self.text_embeddings(target_texts) - self.text_embeddings(source_texts)
         return _direction_cosine(image_direction, text_direction)
+
+
+def _create_model(model_name: str, pretrained: str | None, device: torch.device) -> torch.nn.Module:
+    """open_clip.create_model_and_transforms with an error that says how to get weights offline."""
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"could not load CLIP model '{model_name}' with pretrained='{pretrained}' ({error}). A tag "
+            "(e.g. 'openai') downloads weights at first use: pre-cache them where there is internet "
+            "(same call, then copy the Hugging Face cache) or pass the path of a local checkpoint file "
+            "as pretrained; see open_clip.list_pretrained() for the valid (model, tag) pairs."
+        ) from error
+    return model
 
 
 def _direction_cosine(directions_a: torch.Tensor, directions_b: torch.Tensor) -> torch.Tensor:

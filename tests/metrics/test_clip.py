@@ -147,9 +147,19 @@ def test_register_model_config_errors(tmp_path):
         register_model_config(config_path, name="other")
 
 
-def test_scorer_errors():
+def test_scorer_errors(tiny_clip, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown open_clip architecture 'no-such-clip'"):
         ClipScorer("no-such-clip", None)
+    with pytest.raises(RuntimeError, match="local checkpoint file"):
+        ClipScorer(tiny_clip.model_name, str(tmp_path / "missing.pt"))
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    # open_clip fetches (or finds cached) tagged weights through this function.
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    with pytest.raises(RuntimeError, match=r"'ViT-B-32' with pretrained='openai'.*pre-cache"):
+        ClipScorer("ViT-B-32", "openai")
 
 
 def test_scoring_errors(clip_scorer):

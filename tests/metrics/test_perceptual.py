@@ -14,6 +14,9 @@ from pipeline.metrics.perceptual import (
     build_perceptual,
 )
 
+# lpips builds its trunks through torchvision's deprecated `pretrained=` interface.
+pytestmark = pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")
+
 
 class TinyFeatureNet(nn.Module):
     """Two conv layers; features at full and half resolution."""
@@ -68,6 +71,18 @@ def test_lpips_path_is_zero_on_identical_images_symmetric_and_positive(random_tr
     torch.testing.assert_close(forward, backward)
     assert bool((forward > 0).all())
     assert random_trunk_lpips.backbone == "lpips-alex"
+
+
+def test_lpips_path_unmasked_is_close_to_lpips_own_value(random_trunk_lpips, generator):
+    # lpips' non-spatial value averages each layer at its own resolution; ours averages the
+    # upsampled map, which differs only by bilinear edge effects.
+    non_spatial = lpips.LPIPS(net="alex", pnet_rand=True, spatial=False, verbose=False)
+    non_spatial.load_state_dict(random_trunk_lpips.distance_map.model.state_dict())
+    images_a = torch.rand(2, 3, 64, 64, generator=generator)
+    images_b = (images_a + 0.1 * torch.randn(images_a.shape, generator=generator)).clamp(0, 1)
+    with torch.no_grad():
+        expected = non_spatial(images_a, images_b, normalize=True).flatten()
+        torch.testing.assert_close(random_trunk_lpips(images_a, images_b), expected, rtol=1e-3, atol=0)
 
 
 def test_lpips_path_averages_lpips_spatial_map_over_the_mask(random_trunk_lpips, generator):
