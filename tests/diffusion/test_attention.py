@@ -83,6 +83,8 @@ def test_replace_with_the_source_prompt_reproduces_the_reconstruction(tiny_sd, n
 
 
 def test_local_blend_keeps_latents_outside_the_mask(tiny_sd, null_text_inversion):
+    # A random-weight model attends almost uniformly, so only a high threshold leaves part of the
+    # latent outside the mask.
     control = AttentionControl("replace", blend_words=("circle", "square"), blend_threshold=0.95)
     result = edit(
         tiny_sd, null_text_inversion, [EditRequest(0, "a red square on a white background", control)]
