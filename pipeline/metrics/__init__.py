@@ -1,1 +1,33 @@
+"""Edit metrics as pure tensor code: pixel (PSNR, SSIM), perceptual (LPIPS) and CLIP scores.
 
+All take images as float (B, 3, H, W) tensors in [0, 1] and return one value per image (B,).
+"""
+
+from pipeline.metrics.clip import (
+    ClipScorer,
+    RandomClip,
+    build_random_clip,
+    register_model_config,
+    tiny_clip_config,
+)
+from pipeline.metrics.perceptual import (
+    FeatureDistanceMap,
+    LpipsDistanceMap,
+    PerceptualDistance,
+    build_perceptual,
+)
+from pipeline.metrics.pixel import psnr, ssim
+
+__all__ = [
+    "ClipScorer",
+    "FeatureDistanceMap",
+    "LpipsDistanceMap",
+    "PerceptualDistance",
+    "RandomClip",
+    "build_perceptual",
+    "build_random_clip",
+    "psnr",
+    "register_model_config",
+    "ssim",
+    "tiny_clip_config",
+]

@@ -1,0 +1,225 @@
+"""Prompt-to-Prompt and P2Plus attention control through diffusers' attention-processor API.
+
+Legend (Prompt-to-Prompt, Hertz et al. §3.2; StyleDiffusion, Li et al. §3.4):
+
+    M_t, M*_t             cross-attention maps of the source row and of an edit row at step t
+    Edit(M_t, M*_t, t)    what an edit row uses instead of M*_t:
+        replace:          M_t @ mapper               while t < cross_replace_steps * T (word swap)
+        refine:           M_t[:, :, A] * alpha + M*_t * (1 - alpha)   (added/removed words)
+        reweight:         the result scaled per token by the equalizer c
+    self_replace_steps    self-attention maps of the conditional branch copied from the source row
+    tau_u                 P2Plus: self-attention maps of the *unconditional* branch copied too,
+                          for the first tau_u * T steps (`unconditional_self_replace_steps`)
+
+Batch layout seen by every attention layer (classifier-free guidance doubles the rows)::
+
+    [ uncond row 0 .. uncond row N-1 | cond row 0 .. cond row N-1 ] x heads
+
+Rows are source rows (an image's reconstruction) and edit rows; `edit_sources[e]` is the source row
+of edit row `edit_rows[e]`. Several images, each with several edits, share one UNet call.
+
+Self-attention is controlled only in layers with at most (latent_size / 2)^2 queries, and masks are
+read from cross-attention layers at the smallest resolution >= latent_size / 4: for SD 1.5 (64x64
+latents) these are P2P's 32x32 and 16x16 choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """Per-edit attention-control tensors, stacked over the E edits of one UNet batch.
+
+    Attributes:
+        num_rows: N, rows per guidance branch.
+        edit_rows: (E,) long, edit row indices.
+        edit_sources: (E,) long, the source row of each edit.
+        cross_matrix: (E, L, L), source token -> target token map (identity rows for refine's copy).
+        cross_alpha: (E, L), weight of the mapped source map per target token (1 replace, 0/1 refine).
+        equalizer: (E, L), re-weighting scale per target token.
+        cross_until: (E,) long, cross-attention is injected for steps < cross_until (0 = never).
+        self_until: (E,) long, conditional self-attention injected for steps < self_until.
+        uncond_self_until: (E,) long, P2Plus unconditional self-attention for steps < this.
+    """
+
+    num_rows: int
+    edit_rows: torch.Tensor
+    edit_sources: torch.Tensor
+    cross_matrix: torch.Tensor
+    cross_alpha: torch.Tensor
+    equalizer: torch.Tensor
+    cross_until: torch.Tensor
+    self_until: torch.Tensor
+    uncond_self_until: torch.Tensor
+
+
+class AttentionController:
+    """Edits attention maps of edit rows from their source rows and records cross-attention maps.
+
+    The sampler sets `step` before each UNet call. Recorded maps (cond branch, mean over heads,
+    summed over layers and steps at `mask_resolution`) feed local blend and the edit masks.
+    """
+
+    def __init__(self, plan: EditPlan, latent_size: int, mask_resolution: int):
+        self.plan = plan
+        self.step = 0
+        self.self_max_queries = (latent_size // 2) ** 2
+        self.mask_queries = mask_resolution**2
+        self.mask_resolution = mask_resolution
+        self.cross_maps: torch.Tensor | None = None  # (N, mask_queries, L)
+
+    def _active(self, until: torch.Tensor) -> torch.Tensor:
+        return until > self.step
+
+    def wants_probs(self, is_cross: bool, num_queries: int) -> bool:
+        if is_cross:
+            return True
+        if num_queries > self.self_max_queries:
+            return False
+        return bool(
+            self._active(self.plan.self_until).any() or self._active(self.plan.uncond_self_until).any()
+        )
+
+    def __call__(self, probs: torch.Tensor, is_cross: bool, heads: int) -> torch.Tensor:
+        """Edit attention probabilities (2N*heads, q, k) of one layer; returns the same shape."""
+        rows, queries, keys = 2 * self.plan.num_rows, probs.shape[1], probs.shape[2]
+        probs = probs.view(2, self.plan.num_rows, heads, queries, keys).clone()
+        if is_cross:
+            self._record(probs[1], queries)
+            probs[1] = self._edit_cross(probs[1])
+        else:
+            probs[1] = self._copy_self(probs[1], self.plan.self_until)
+            probs[0] = self._copy_self(probs[0], self.plan.uncond_self_until)
+        return probs.view(rows * heads, queries, keys)
+
+    def _record(self, cond_probs: torch.Tensor, queries: int) -> None:
+        if queries != self.mask_queries:
+            return
+        layer_maps = cond_probs.mean(dim=1).float()
+        self.cross_maps = layer_maps if self.cross_maps is None else self.cross_maps + layer_maps
+
+    def _edit_cross(self, cond_probs: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        if plan.edit_rows.numel() == 0:
+            return cond_probs
+        own = cond_probs[plan.edit_rows]  # (E, heads, q, L)
+        source = cond_probs[plan.edit_sources]
+        mapped = torch.einsum("ehqk,ekl->ehql", source, plan.cross_matrix.to(source.dtype))
+        alpha = plan.cross_alpha.to(own.dtype)[:, None, None, :]
+        injected = mapped * alpha + own * (1.0 - alpha)
+        active = self._active(plan.cross_until)[:, None, None, None]
+        edited = torch.where(active, injected, own) * plan.equalizer.to(own.dtype)[:, None, None, :]
+        cond_probs[plan.edit_rows] = edited
+        return cond_probs
+
+    def _copy_self(self, branch_probs: torch.Tensor, until: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        active = self._active(until)
+        if plan.edit_rows.numel() == 0 or not active.any():
+            return branch_probs
+        rows, sources = plan.edit_rows[active], plan.edit_sources[active]
+        branch_probs[rows] = branch_probs[sources]
+        return branch_probs
+
+
+class ControlledAttnProcessor:
+    """diffusers attention processor that exposes attention probabilities to an AttentionController.
+
+    Computes attention exactly as diffusers' `AttnProcessor`; layers whose maps the controller does
+    not need this step take diffusers' fused `AttnProcessor2_0` path instead.
+    """
+
+    def __init__(self, controller: AttentionController):
+        self.controller = controller
+        self.fused = AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        is_cross = encoder_hidden_states is not None
+        num_queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
+        if not self.controller.wants_probs(is_cross, num_queries):
+            return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(attn.head_to_batch_dim(query), key, attention_mask)
+        probs = self.controller(probs, is_cross, attn.heads)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def cross_attention_resolutions(unet: torch.nn.Module, latent_size: int) -> list[int]:
+    """Spatial sides of the UNet's cross-attention layers for `latent_size` latents."""
+    sides = set()
+    for name in unet.attn_processors:
+        if "attn2" not in name:
+            continue
+        block = name.split(".")[0]
+        if block == "mid_block":
+            level = len(unet.config.block_out_channels) - 1
+        else:
+            index = int(name.split(".")[1])
+            levels = len(unet.config.block_out_channels)
+            level = index if block == "down_blocks" else levels - 1 - index
+        sides.add(latent_size // 2**level)
+    return sorted(sides)
+
+
+def mask_resolution_for(unet: torch.nn.Module, latent_size: int) -> int:
+    """The smallest cross-attention resolution >= latent_size / 4 (SD 1.5: 16)."""
+    sides = cross_attention_resolutions(unet, latent_size)
+    if not sides:
+        raise ValueError("the UNet has no cross-attention layers; attention control needs them")
+    candidates = [side for side in sides if side >= latent_size // 4]
+    return min(candidates) if candidates else max(sides)
+
+
+class use_attention_controller:
+    """Context manager: install ControlledAttnProcessor on every attention layer, restore after."""
+
+    def __init__(self, unet: torch.nn.Module, controller: AttentionController | None):
+        self.unet, self.controller, self.saved = unet, controller, None
+
+    def __enter__(self) -> AttentionController | None:
+        if self.controller is not None:
+            self.saved = dict(self.unet.attn_processors)
+            self.unet.set_attn_processor(ControlledAttnProcessor(self.controller))
+        return self.controller
+
+    def __exit__(self, *exc_info) -> None:
+        if self.saved is not None:
+            self.unet.set_attn_processor(self.saved)
