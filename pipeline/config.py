@@ -122,7 +122,7 @@ class ClipMetricConfig:
     """Attributes:
     model_name: open_clip model name (e.g. ViT-B-32).
     pretrained: open_clip pretrained tag or checkpoint path; null = random weights (tests only).
-    config_file: optional open_clip model config JSON registered under model_name before loading.
+    config_file: optional open_clip model config JSON (file stem = model_name) registered before loading.
     """
 
     model_name: str = "ViT-B-32"
@@ -134,12 +134,16 @@ class ClipMetricConfig:
 class MetricsConfig:
     """Attributes:
     clip: open_clip model for CLIP-T, CLIP-I and directional CLIP.
-    perceptual: LPIPS backbone name passed to pipeline.metrics.build_perceptual (e.g. alex, vgg).
+    perceptual: backbone of pipeline.metrics.build_perceptual: lpips-alex | lpips-vgg | lpips-squeeze |
+        features:NAME (then feature_extractor is required).
+    feature_extractor: for features:NAME, "package.module:factory" or "/path/file.py:factory"; the
+        factory (no arguments) returns a module with features(images (B,3,H,W) in [0,1]) -> list of maps.
     device: auto | cpu | cuda.
     """
 
     clip: ClipMetricConfig = field(default_factory=ClipMetricConfig)
-    perceptual: str = "alex"
+    perceptual: str = "lpips-alex"
+    feature_extractor: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -405,6 +409,12 @@ def _check(config: JobConfig, origin: str) -> None:
                 f"edits.{index}",
                 "repeats an earlier edit exactly; it would produce the same edit_ids",
             )
+    if config.metrics.perceptual.startswith("features:") != (config.metrics.feature_extractor is not None):
+        raise _fail(
+            origin,
+            "metrics.feature_extractor",
+            "is required for (and only for) a features:NAME perceptual backbone",
+        )
     for name in ("read", "preprocess", "invert_edit", "score", "write"):
         stage = getattr(config.resources, name)
         if stage.batch_size < 1 or stage.actors < 1:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -113,3 +114,26 @@ def job_shards(folder: Path) -> tuple[list[Path], dict[str, list[Sample]]]:
     ]
     shard2[2].bad = "TruncatedTar"
     return paths, {"shard-000000.tar": shard0, "shard-000001.tar": shard1, "shard-000002.tar": shard2}
+
+
+class TinyFeatures(torch.nn.Module):
+    """A seeded random two-level conv feature net for the `features:tiny` perceptual backbone
+    (LPIPS's torchvision trunks cannot be downloaded here)."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        for conv in (self.conv1, self.conv2):
+            conv.weight.data = torch.randn(conv.weight.shape, generator=generator) * 0.3
+            conv.bias.data.zero_()
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (B, 3, H, W) in [0, 1] -> [(B, 8, H, W), (B, 16, H/2, W/2)]."""
+        first = torch.relu(self.conv1(images * 2 - 1))
+        return [first, torch.relu(self.conv2(first))]
+
+
+def tiny_features() -> TinyFeatures:
+    return TinyFeatures().eval()

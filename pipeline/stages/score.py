@@ -9,7 +9,10 @@ when undefined, e.g. bg_* when the edit mask covers the whole image).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +21,26 @@ import torch
 
 from pipeline.config import MetricsConfig
 from pipeline.stages.invert_edit import resolve_device
+
+
+def load_factory(reference: str):
+    """Import "package.module:name" or "/path/file.py:name" and return `name`."""
+    location, _, name = reference.rpartition(":")
+    if not location or not name:
+        raise ValueError(
+            f"metrics.feature_extractor {reference!r}: expected 'package.module:factory' or '/path/file.py:factory'"
+        )
+    if location.endswith(".py"):
+        module_name = f"_inversa_features_{Path(location).stem}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(module_name, location)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+            spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(location)
+    return getattr(module, name)
 
 
 def to_unit_float(images: np.ndarray, device: str) -> torch.Tensor:
@@ -42,12 +65,16 @@ class ScoreActor:
         from pipeline.metrics import ClipScorer, build_perceptual
 
         self.device = resolve_device(metrics.device)
-        if metrics.clip.config_file:
-            import open_clip
-
-            open_clip.add_model_config(Path(metrics.clip.config_file))
-        self.clip = ClipScorer(metrics.clip.model_name, metrics.clip.pretrained, self.device)
-        self.perceptual = build_perceptual(metrics.perceptual, device=self.device)
+        self.clip = ClipScorer(
+            metrics.clip.model_name,
+            metrics.clip.pretrained,
+            self.device,
+            model_config=metrics.clip.config_file,
+        )
+        extractor = load_factory(metrics.feature_extractor)() if metrics.feature_extractor else None
+        self.perceptual = build_perceptual(
+            metrics.perceptual, device=self.device, feature_extractor=extractor
+        )
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
