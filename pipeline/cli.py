@@ -32,7 +32,7 @@ SetOption = typer.Option(
 )
 
 
-def _load(job: Path, overrides: list[str] | None, output: str | None = None):
+def _load(job: Path | str, overrides: list[str] | None, output: str | None = None):
     try:
         return load_config(job, overrides or (), output)
     except ConfigError as error:
@@ -56,7 +56,7 @@ def summary_table(manifest: dict) -> Table:
 
 @app.command()
 def run(
-    job: Path = typer.Argument(..., help="Job spec YAML."),
+    job: str = typer.Argument(..., help="Job spec YAML (or env:NAME to read it from a variable)."),
     output: str | None = typer.Option(None, help="Output URI (overrides output.path)."),
     address: str | None = typer.Option(
         None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)."
@@ -99,9 +99,12 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+SPEC_VARIABLE = "INVERSA_JOB_SPEC"
+
+
 @app.command()
 def submit(
-    job: Path = typer.Argument(..., help="Job spec YAML inside the project folder."),
+    job: Path = typer.Argument(..., help="Job spec YAML."),
     address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265."),
     output: str | None = typer.Option(None),
     limit: int | None = typer.Option(None),
@@ -111,25 +114,22 @@ def submit(
         None, help="Folder uploaded as the job's working_dir (default: the project root)."
     ),
 ) -> None:
-    """Submit `inversa run` to a Ray cluster through the Jobs API; prints the submission id."""
-    _load(job, set_, output)  # fail here, not on the cluster
-    root = (working_dir or project_root()).resolve()
-    try:
-        relative = job.resolve().relative_to(root)
-    except ValueError as error:
-        console.print(
-            f"[red]{job} is not inside the working dir {root}; move it there or pass --working-dir[/red]"
-        )
-        raise typer.Exit(2) from error
-    arguments = ["python", "-m", "pipeline.cli", "run", str(relative)]
-    arguments += ["--output", output] if output else []
+    """Submit `inversa run` to a Ray cluster through the Jobs API; prints the submission id.
+
+    The spec is resolved here (--set, --output applied, checked) and handed to the job in the
+    runtime_env, so the cluster runs exactly what was validated. Relative paths inside it are
+    resolved on the cluster, relative to the uploaded working_dir; prefer absolute URLs.
+    """
+    import yaml
+
+    config = _load(job, set_, output)  # fail here, not on the cluster
+    arguments = ["python", "-m", "pipeline.cli", "run", f"env:{SPEC_VARIABLE}"]
     arguments += ["--limit", str(limit)] if limit is not None else []
     arguments += ["--overwrite"] if overwrite else []
-    for assignment in set_ or ():
-        arguments += ["--set", assignment]
     runtime_env = {
-        "working_dir": str(root),
+        "working_dir": str((working_dir or project_root()).resolve()),
         "excludes": [".git", "**/__pycache__", "out", ".cache", "*.egg-info"],
+        "env_vars": {SPEC_VARIABLE: yaml.safe_dump(to_dict(config), sort_keys=False)},
     }
     submission_id = _client(address).submit_job(entrypoint=shlex.join(arguments), runtime_env=runtime_env)
     print(submission_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -352,12 +353,20 @@ def apply_override(data: dict, assignment: str) -> None:
 
 
 def load_raw(path: str | Path) -> dict:
-    """The YAML mapping of a job file."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"job spec {path} does not exist")
+    """The YAML mapping of a job file, or of the environment variable NAME for `env:NAME`
+    (how `inversa submit` hands the resolved spec to the cluster)."""
+    if str(path).startswith("env:"):
+        name = str(path)[4:]
+        if name not in os.environ:
+            raise ConfigError(f"job spec {path}: environment variable {name} is not set")
+        text = os.environ[name]
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"job spec {path} does not exist")
+        text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(data, dict):
