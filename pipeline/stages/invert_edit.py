@@ -126,6 +126,11 @@ class InvertEditActor:
         edit_masks = [np.zeros((0, size, size), dtype=bool) for _ in range(count)]
 
         ok_rows = [i for i in range(count) if status[i] == "ok"]
+        if batch["image"].shape[1:3] != (size, size):
+            raise ValueError(
+                f"preprocessed images are {batch['image'].shape[1:3]} but model {self.model.model_id} takes {size}x{size}; "
+                "fix model.image_size in the job spec (or leave it null to read it from the model)"
+            )
         if ok_rows:
             images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok_rows]))
             prompts = [str(batch["caption"][i]) for i in ok_rows]
