@@ -68,7 +68,9 @@ def test_report_embeds_every_image(clean_run, tmp_path):
     page = path.read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     connection = connect(str(clean_run["output"]))
-    sources, edits = (connection.sql(f"select count(*) from {t}").fetchall()[0][0] for t in ("sources", "edits"))
+    sources, edits = (
+        connection.sql(f"select count(*) from {t}").fetchall()[0][0] for t in ("sources", "edits")
+    )
     assert len(images) == 2 * sources + edits  # source + reconstruction per source, one per edit
     assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
     assert "http" not in page  # self-contained
