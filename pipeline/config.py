@@ -1,0 +1,450 @@
+"""The job spec: a YAML file parsed once into typed, frozen dataclasses.
+
+Public key paths (docs and scripts rely on them): `input.shards`, `model.path`, `inversion.method`,
+`edits` (a list), `output.path`. Any key can be overridden with `--set dotted.key=value`; the value is
+parsed as YAML (`--set inversion.num_steps=10`, `--set edits.0.seeds=[1,2]`).
+
+Unknown keys and wrong types raise `ConfigError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.engine import INVERSION_METHODS, AttentionControl, InversionConfig
+
+
+class ConfigError(ValueError):
+    """A job spec that cannot be used; the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class InputFields:
+    """Which members of a WebDataset sample hold what.
+
+    Attributes:
+        image: extensions tried in order for the image member (jpg, jpeg, png, webp are decoded).
+        caption: extension of the caption member (UTF-8 text); it is the source prompt.
+        class_: extension of the class member, or `EXT.KEY` to read KEY from a JSON member
+            (e.g. `json.class`). In YAML the key is `class`.
+        meta: extension of an optional JSON member whose keys fill `{placeholders}` of prompt templates.
+    """
+
+    image: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    caption: str = "txt"
+    class_: str = "cls"
+    meta: str | None = "json"
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Attributes:
+    shards: fsspec URLs (file://, s3://, gs://, local paths); brace ranges `{000000..000127}` expand.
+    fields: sample member names.
+    """
+
+    shards: tuple[str, ...]
+    fields: InputFields = field(default_factory=InputFields)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Attributes:
+    path: diffusers folder or hub id.
+    device: auto (cuda when the actor has a GPU) | cpu | cuda.
+    dtype: float32 | float16 | bfloat16 (inversion optimises in float32; keep float32 unless sampling).
+    image_size: pixels per side the images are resized/cropped to; null = read from the model's
+        unet/vae configs (set it when the driver cannot read model.path, e.g. a path on GPU nodes only).
+    """
+
+    path: str
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    image_size: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """How the target prompt is built from a sample.
+
+    Attributes:
+        mode: swap: replace the source word by the target word in the caption (whole words);
+            template: format `template`.
+        template: used when mode is template; placeholders {source}, {target}, {caption} and any key of
+            the sample's meta JSON, e.g. "a {color} {target} on a {background} background".
+        source_word: word replaced by swap; default the source class.
+        target_word: word inserted; default the target class.
+    """
+
+    mode: Literal["swap", "template"] = "swap"
+    template: str | None = None
+    source_word: str | None = None
+    target_word: str | None = None
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """One entry of the edit plan.
+
+    Attributes:
+        target_class: class the edit produces (the edits table's partition).
+        source_classes: classes this edit applies to; empty = every class except the target.
+        name: label recorded in params (default: target_class).
+        prompt: how the target prompt is built.
+        control: Prompt-to-Prompt / P2Plus attention control (engine AttentionControl); the words
+            "{source}" and "{target}" in blend_words and reweight are replaced by the prompt's words.
+        seeds: one edit per seed (sample_index = position in this list).
+        eta: prompt tuning's interpolation weight.
+        latent_interpolation: prompt tuning's eq. 10 variant.
+    """
+
+    target_class: str
+    source_classes: tuple[str, ...] = ()
+    name: str | None = None
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    control: AttentionControl = field(default_factory=AttentionControl)
+    seeds: tuple[int, ...] = (0,)
+    eta: float = 0.9
+    latent_interpolation: bool = False
+
+
+@dataclass(frozen=True)
+class ClipMetricConfig:
+    """Attributes:
+    model_name: open_clip model name (e.g. ViT-B-32).
+    pretrained: open_clip pretrained tag or checkpoint path; null = random weights (tests only).
+    config_file: optional open_clip model config JSON (file stem = model_name) registered before loading.
+    """
+
+    model_name: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"
+    config_file: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Attributes:
+    clip: open_clip model for CLIP-T, CLIP-I and directional CLIP.
+    perceptual: backbone of pipeline.metrics.build_perceptual: lpips-alex | lpips-vgg | lpips-squeeze |
+        features:NAME (then feature_extractor is required).
+    feature_extractor: for features:NAME, "package.module:factory" or "/path/file.py:factory"; the
+        factory (no arguments) returns a module with features(images (B,3,H,W) in [0,1]) -> list of maps.
+    device: auto | cpu | cuda.
+    """
+
+    clip: ClipMetricConfig = field(default_factory=ClipMetricConfig)
+    perceptual: str = "lpips-alex"
+    feature_extractor: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Thresholds; an edit passes when every threshold that is set holds (null = not checked)."""
+
+    min_clip_t: float | None = None
+    min_clip_dir: float | None = None
+    min_clip_i: float | None = None
+    max_lpips: float | None = None
+    min_bg_psnr: float | None = None
+    max_bg_lpips: float | None = None
+
+
+@dataclass(frozen=True)
+class StageResources:
+    """Ray resources of one stage.
+
+    Attributes:
+        batch_size: rows per map_batches call.
+        actors: actor pool size (ActorPoolStrategy min_size); ignored by task stages.
+        max_actors: pool's max_size for autoscaling; null = fixed at `actors`.
+        num_gpus: GPUs per task/actor (fractions share a GPU).
+        num_cpus: CPUs per task/actor.
+    """
+
+    batch_size: int = 8
+    actors: int = 1
+    max_actors: int | None = None
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Per-stage resources: read (tasks), preprocess (tasks), invert_edit (actors), score (actors),
+    write (tasks). edit_batch_size caps the edit requests sent to the engine in one call."""
+
+    read: StageResources = field(default_factory=StageResources)
+    preprocess: StageResources = field(default_factory=lambda: StageResources(batch_size=32))
+    invert_edit: StageResources = field(default_factory=StageResources)
+    score: StageResources = field(default_factory=lambda: StageResources(batch_size=16))
+    write: StageResources = field(default_factory=lambda: StageResources(batch_size=64))
+    edit_batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Attributes:
+    path: output URI (local folder, file://, s3://, gs://); gets edits/, sources/, errors/, manifest.json.
+    """
+
+    path: str
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole job spec."""
+
+    input: InputConfig
+    model: ModelConfig
+    edits: tuple[EditSpec, ...]
+    output: OutputConfig
+    name: str = "inversa-job"
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+# YAML keys that are Python keywords.
+_YAML_KEY = {"class_": "class"}
+
+
+def _yaml_key(name: str) -> str:
+    return _YAML_KEY.get(name, name)
+
+
+def _fail(origin: str, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{origin}: {key or '<root>'}: {message}")
+
+
+def _convert(value: Any, hint: Any, origin: str, key: str) -> Any:
+    """Check/convert one YAML value against a type hint."""
+    origin_type = typing.get_origin(hint)
+    if origin_type in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise _fail(origin, key, "must not be null")
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, origin, key)
+            except ConfigError as error:
+                errors.append(error)
+        if len(errors) == 1:
+            raise errors[0]
+        raise _fail(origin, key, f"{value!r} matches none of {[getattr(o, '__name__', o) for o in options]}")
+    if origin_type is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise _fail(origin, key, f"{value!r} is not one of {list(choices)}")
+        return value
+    if origin_type is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, str) and args[-1] is Ellipsis:
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise _fail(origin, key, f"expected a list, got {type(value).__name__} {value!r}")
+        if args[-1] is Ellipsis:
+            return tuple(_convert(item, args[0], origin, f"{key}.{i}") for i, item in enumerate(value))
+        if len(value) != len(args):
+            raise _fail(origin, key, f"expected {len(args)} items, got {len(value)}")
+        return tuple(
+            _convert(item, arg, origin, f"{key}.{i}")
+            for i, (item, arg) in enumerate(zip(value, args, strict=True))
+        )
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, origin, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _fail(origin, key, f"expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(origin, key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _fail(origin, key, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _fail(origin, key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise _fail(origin, key, f"unsupported type {hint}")
+
+
+def build_dataclass(cls: type, data: Any, origin: str, key: str = "") -> Any:
+    """Build the frozen dataclass `cls` from a YAML mapping, checking every key and type.
+
+    Args:
+        cls: the dataclass type.
+        data: the mapping read from YAML.
+        origin: file name used in error messages.
+        key: dotted path of `data` inside the file.
+    """
+    if not isinstance(data, dict):
+        raise _fail(origin, key, f"expected a mapping for {cls.__name__}, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields_by_key = {_yaml_key(f.name): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields_by_key))
+    if unknown:
+        prefix = f"{key}." if key else ""
+        raise _fail(
+            origin, f"{prefix}{unknown[0]}", f"unknown key; allowed keys here are {sorted(fields_by_key)}"
+        )
+    kwargs = {}
+    for yaml_key, dataclass_field in fields_by_key.items():
+        child = f"{key}.{yaml_key}" if key else yaml_key
+        if yaml_key in data:
+            kwargs[dataclass_field.name] = _convert(
+                data[yaml_key], hints[dataclass_field.name], origin, child
+            )
+        elif (
+            dataclass_field.default is dataclasses.MISSING
+            and dataclass_field.default_factory is dataclasses.MISSING
+        ):
+            raise _fail(origin, child, "is required")
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `dotted.key=value` (value parsed as YAML) to the raw spec in place.
+
+    List items are addressed by index: `edits.0.target_class=cat`.
+    """
+    if "=" not in assignment:
+        raise ConfigError(
+            f"--set {assignment!r}: expected dotted.key=value, e.g. --set inversion.num_steps=10"
+        )
+    dotted, raw_value = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {dotted}: {where} must be an index below {len(node)}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"--set {dotted}: {where} holds {node!r}, not a mapping")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {dotted}: last part must be an index below {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_raw(path: str | Path) -> dict:
+    """The YAML mapping of a job file, or of the environment variable NAME for `env:NAME`
+    (how `inversa submit` hands the resolved spec to the cluster)."""
+    if str(path).startswith("env:"):
+        name = str(path)[4:]
+        if name not in os.environ:
+            raise ConfigError(f"job spec {path}: environment variable {name} is not set")
+        text = os.environ[name]
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"job spec {path} does not exist")
+        text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the job spec must be a YAML mapping with keys input, model, edits, output"
+        )
+    return data
+
+
+def parse_config(data: dict, origin: str = "<job spec>") -> JobConfig:
+    """Build and check a JobConfig from a raw mapping."""
+    config = build_dataclass(JobConfig, data, origin)
+    _check(config, origin)
+    return config
+
+
+def load_config(
+    path: str | Path, overrides: typing.Sequence[str] = (), output: str | None = None
+) -> JobConfig:
+    """Read a job YAML, apply `--set` overrides and an optional output override, and check it."""
+    data = load_raw(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    if output is not None:
+        data.setdefault("output", {})["path"] = output
+    return parse_config(data, str(path))
+
+
+def _check(config: JobConfig, origin: str) -> None:
+    """Checks that span several keys."""
+    if not config.input.shards:
+        raise _fail(origin, "input.shards", "needs at least one shard URL")
+    if not config.edits:
+        raise _fail(origin, "edits", "needs at least one edit")
+    if config.inversion.method not in INVERSION_METHODS:
+        raise _fail(
+            origin, "inversion.method", f"{config.inversion.method!r} is not one of {list(INVERSION_METHODS)}"
+        )
+    for index, edit in enumerate(config.edits):
+        if edit.prompt.mode == "template" and not edit.prompt.template:
+            raise _fail(origin, f"edits.{index}.prompt.template", "is required when prompt.mode is template")
+        if not edit.seeds:
+            raise _fail(origin, f"edits.{index}.seeds", "needs at least one seed")
+        if len(set(edit.seeds)) != len(edit.seeds):
+            raise _fail(origin, f"edits.{index}.seeds", f"{list(edit.seeds)} repeats a seed")
+        if edit in config.edits[:index]:
+            raise _fail(
+                origin,
+                f"edits.{index}",
+                "repeats an earlier edit exactly; it would produce the same edit_ids",
+            )
+    if config.metrics.perceptual.startswith("features:") != (config.metrics.feature_extractor is not None):
+        raise _fail(
+            origin,
+            "metrics.feature_extractor",
+            "is required for (and only for) a features:NAME perceptual backbone",
+        )
+    for name in ("read", "preprocess", "invert_edit", "score", "write"):
+        stage = getattr(config.resources, name)
+        if stage.batch_size < 1 or stage.actors < 1:
+            raise _fail(origin, f"resources.{name}", "batch_size and actors must be >= 1")
+        if stage.max_actors is not None and stage.max_actors < stage.actors:
+            raise _fail(origin, f"resources.{name}.max_actors", "must be >= actors")
+
+
+def to_dict(config: Any) -> Any:
+    """A JSON-ready mapping of a config (YAML key names), for the manifest."""
+    if dataclasses.is_dataclass(config):
+        return {_yaml_key(f.name): to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, tuple | list):
+        return [to_dict(item) for item in config]
+    return config
+
+
+def spec_digest(config: JobConfig) -> str:
+    """sha256 of everything that changes the rows produced (output path excluded)."""
+    data = to_dict(config)
+    data.pop("output")
+    data.pop("resources")
+    data.pop("name")
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,321 @@
+"""The job's Ray Data chain, from a JobConfig to the output tables. The only module that knows the
+order of the stages:
+
+    shard URLs -> read_shard (flat_map, CPU) -> preprocess (CPU) -> InvertEditActor (actor pool, GPU)
+    -> ScoreActor (actor pool) -> filter flags -> write_batch (CPU) -> per-shard summaries (driver)
+
+Rows are one per input sample until the writer, which expands them into edits / sources / errors rows.
+The driver counts each shard's rows as the writer reports them and writes the shard's completion
+marker (OUTPUT/_shards/{shard_key}.json) once all of them are durable. A rerun skips shards with a
+marker and first deletes files left by shards without one, so it ends with the rows of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+
+import fsspec
+import ray
+
+from pipeline.config import JobConfig, StageResources, spec_digest, to_dict
+from pipeline.stages.filter import filter_batch
+from pipeline.stages.invert_edit import InvertEditActor, backbone_names
+from pipeline.stages.preprocess import preprocess_batch
+from pipeline.stages.read import expand_shards, read_shard
+from pipeline.stages.score import ScoreActor
+from pipeline.stages.write import COUNTS, remove_shard_files, shard_key, write_batch
+
+MARKERS = "_shards"
+PACKAGES = (
+    "inversa",
+    "torch",
+    "diffusers",
+    "transformers",
+    "open_clip_torch",
+    "lpips",
+    "ray",
+    "pyarrow",
+    "webdataset",
+    "fsspec",
+)
+
+
+class JobError(RuntimeError):
+    """A job that cannot start; the message says why and what to do."""
+
+
+def model_image_size(config: JobConfig) -> int:
+    """model.image_size, or the side read from the model's unet and vae configs (no weights loaded)."""
+    if config.model.image_size:
+        return config.model.image_size
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.load_config(config.model.path, subfolder="unet")
+        vae = AutoencoderKL.load_config(config.model.path, subfolder="vae")
+    except OSError as error:
+        raise JobError(
+            f"model.path {config.model.path!r}: cannot read its unet/vae configs ({error}); set model.image_size"
+        ) from error
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def _actor_args(stage: StageResources) -> dict:
+    """map_batches arguments of an actor stage: pool size, batch size and per-actor resources."""
+    pool = ray.data.ActorPoolStrategy(min_size=stage.actors, max_size=stage.max_actors or stage.actors)
+    return {
+        "compute": pool,
+        "batch_size": stage.batch_size,
+        "num_gpus": stage.num_gpus,
+        "num_cpus": stage.num_cpus,
+    }
+
+
+def _task_args(stage: StageResources) -> dict:
+    return {"batch_size": stage.batch_size, "num_gpus": stage.num_gpus, "num_cpus": stage.num_cpus}
+
+
+def build_dataset(
+    config: JobConfig, shards: list[str], image_size: int, limit: int | None = None
+) -> ray.data.Dataset:
+    """The chain from shard URLs to per-shard write summaries (lazy; nothing runs yet)."""
+    resources = config.resources
+    dataset = ray.data.from_items(
+        [{"shard": shard} for shard in shards], override_num_blocks=max(1, len(shards))
+    )
+    dataset = dataset.flat_map(
+        read_shard, fn_kwargs={"fields": config.input.fields}, num_cpus=resources.read.num_cpus
+    )
+    if limit is not None:
+        dataset = dataset.limit(limit)
+    dataset = dataset.map_batches(
+        preprocess_batch,
+        fn_kwargs={"image_size": image_size},
+        batch_format="numpy",
+        **_task_args(resources.preprocess),
+    )
+    dataset = dataset.map_batches(
+        InvertEditActor,
+        fn_constructor_kwargs={
+            "model_path": config.model.path,
+            "device": config.model.device,
+            "dtype": config.model.dtype,
+            "inversion": config.inversion,
+            "edits": config.edits,
+            "metrics": config.metrics,
+            "edit_batch_size": resources.edit_batch_size,
+        },
+        batch_format="numpy",
+        **_actor_args(resources.invert_edit),
+    )
+    dataset = dataset.map_batches(
+        ScoreActor,
+        fn_constructor_kwargs={"metrics": config.metrics},
+        batch_format="numpy",
+        **_actor_args(resources.score),
+    )
+    dataset = dataset.map_batches(
+        filter_batch,
+        fn_kwargs={"thresholds": config.filter},
+        batch_format="numpy",
+        batch_size=resources.write.batch_size,
+        num_cpus=0.25,
+    )
+    return dataset.map_batches(
+        write_batch,
+        fn_kwargs={"output": config.output.path},
+        batch_format="numpy",
+        **_task_args(resources.write),
+    )
+
+
+class OutputStore:
+    """The output folder's bookkeeping: spec digest, completion markers, manifest."""
+
+    def __init__(self, output: str):
+        self.output = output
+        self.fs, self.root = fsspec.core.url_to_fs(output)
+
+    def path(self, relative: str) -> str:
+        return f"{self.root}/{relative}"
+
+    def reset(self) -> None:
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+
+    def claim(self, digest: str) -> None:
+        """Record the spec digest, or refuse an output written by a different spec."""
+        path = self.path(f"{MARKERS}/_job.json")
+        if self.fs.exists(path):
+            recorded = json.loads(self.fs.cat_file(path))["spec_digest"]
+            if recorded != digest:
+                raise JobError(
+                    f"output {self.output} holds rows of a different job spec (digest {recorded[:12]} != {digest[:12]}); "
+                    "pass --overwrite to start afresh or choose another --output"
+                )
+            return
+        self.write_json(f"{MARKERS}/_job.json", {"spec_digest": digest})
+
+    def write_json(self, relative: str, data: dict) -> None:
+        path = self.path(relative)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(f"{path}.tmp", "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+        self.fs.mv(f"{path}.tmp", path)
+
+    def markers(self) -> dict[str, dict]:
+        """shard URL -> its completion record."""
+        folder = self.path(MARKERS)
+        if not self.fs.exists(folder):
+            return {}
+        records = {}
+        for path in self.fs.ls(folder, detail=False):
+            name = path.rsplit("/", 1)[-1]
+            if name.endswith(".json") and not name.startswith("_"):
+                record = json.loads(self.fs.cat_file(path))
+                records[record["shard"]] = record
+        return records
+
+
+class ShardTracker:
+    """Adds up the writer's per-shard summaries; writes a shard's marker when all its rows are in."""
+
+    def __init__(self, store: OutputStore, on_complete: Callable[[str], None] | None = None):
+        self.store = store
+        self.totals: dict[str, dict] = {}
+        self.completed: list[str] = []
+        self.fingerprint = ""
+        self.on_complete = on_complete
+
+    def add(self, summary: dict) -> None:
+        shard = summary["shard"]
+        total = self.totals.setdefault(
+            shard,
+            {
+                "shard": shard,
+                "shard_rows": int(summary["shard_rows"]),
+                "files": [],
+                "compute_seconds": 0.0,
+                **dict.fromkeys(COUNTS, 0),
+            },
+        )
+        for name in COUNTS:
+            total[name] += int(summary[name])
+        total["compute_seconds"] += float(summary["compute_seconds"])
+        total["files"] += json.loads(summary["files"])
+        self.fingerprint = self.fingerprint or summary["model_fingerprint"]
+        if total["rows"] == total["shard_rows"]:
+            self.store.write_json(f"{MARKERS}/{shard_key(shard)}.json", total)
+            self.completed.append(shard)
+            if self.on_complete:
+                self.on_complete(shard)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def run_job(
+    config: JobConfig,
+    *,
+    limit: int | None = None,
+    overwrite: bool = False,
+    address: str | None = None,
+    on_shard_complete: Callable[[str], None] | None = None,
+) -> dict:
+    """Run a job to completion and return its manifest (also written to OUTPUT/manifest.json).
+
+    Args:
+        config: the job spec.
+        limit: process at most this many input samples (taken in shard order); shards cut short stay
+            incomplete and are redone by the next run.
+        overwrite: delete the output first.
+        address: Ray address to join; None joins RAY_ADDRESS or starts a local Ray.
+        on_shard_complete: called with each shard URL whose marker was written.
+    """
+    started = time.time()
+    store = OutputStore(config.output.path)
+    if overwrite:
+        store.reset()
+    store.claim(spec_digest(config))
+    shards = expand_shards(config.input.shards)
+    done_before = store.markers()
+    pending = [shard for shard in shards if shard not in done_before]
+    for shard in pending:
+        remove_shard_files(config.output.path, shard_key(shard))
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    tracker = ShardTracker(store, on_shard_complete)
+    if pending:
+        context = ray.data.DataContext.get_current()
+        preserve = context.execution_options.preserve_order
+        context.execution_options.preserve_order = (
+            limit is not None
+        )  # "the first N samples" must be well defined
+        try:
+            dataset = build_dataset(config, pending, model_image_size(config), limit)
+            for summary in dataset.iter_rows():
+                tracker.add(summary)
+        finally:
+            context.execution_options.preserve_order = preserve
+    return write_manifest(config, store, shards, tracker, started, len(done_before))
+
+
+def write_manifest(
+    config: JobConfig,
+    store: OutputStore,
+    shards: list[str],
+    tracker: ShardTracker,
+    started: float,
+    skipped: int,
+) -> dict:
+    """Counts over every completed shard (this run's and earlier runs'), spec, versions, times."""
+    markers = store.markers()
+    previous = {}
+    if store.fs.exists(store.path("manifest.json")):
+        previous = json.loads(store.fs.cat_file(store.path("manifest.json")))
+    counts = {name: sum(markers[shard][name] for shard in markers) for name in COUNTS}
+    ended = time.time()
+    manifest = {
+        "name": config.name,
+        "spec": to_dict(config),
+        "spec_digest": spec_digest(config),
+        "versions": _versions(),
+        "model_id": config.model.path,
+        "model_fingerprint": tracker.fingerprint or previous.get("model_fingerprint", ""),
+        "metrics_backbones": backbone_names(config.metrics),
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "ended": datetime.fromtimestamp(ended, timezone.utc).isoformat(),
+        "wall_seconds": ended - started,
+        "compute_seconds": sum(total["compute_seconds"] for total in tracker.totals.values()),
+        "counts": {
+            "read": counts["rows"],
+            "ok": counts["ok"],
+            "failed": counts["failed"],
+            "sources": counts["sources"],
+            "edits": counts["edits"],
+            "passed": counts["passed"],
+            "errors": counts["errors"],
+        },
+        "shards": {
+            "total": len(shards),
+            "complete": sorted(shard for shard in shards if shard in markers),
+            "incomplete": sorted(shard for shard in shards if shard not in markers),
+            "skipped_as_complete": skipped,
+        },
+    }
+    store.write_json("manifest.json", manifest)
+    return manifest

@@ -1,0 +1,149 @@
+"""Read a job's output: DuckDB views over the Parquet tables, and a self-contained HTML report."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+
+import duckdb
+import fsspec
+import pyarrow as pa
+
+from pipeline.schemas import TABLES, load_schema
+
+METRICS = ("clip_t", "clip_i", "clip_dir", "lpips", "bg_psnr", "bg_lpips")
+
+
+def connect(output: str) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with views edits, sources and errors over OUTPUT's Parquet files.
+
+    A table with no files yet is an empty view with the schema's columns.
+    """
+    fs, root = fsspec.core.url_to_fs(output)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+    connection = duckdb.connect()
+    for name in TABLES:
+        table_schema = load_schema(name)
+        files = (
+            [path for path in fs.find(f"{root}/{name}") if path.endswith(".parquet")]
+            if fs.exists(f"{root}/{name}")
+            else []
+        )
+        if files:
+            hive = "true" if table_schema.partition_by else "false"
+            columns = ", ".join(f'"{column}"' for column in table_schema.names)
+            connection.sql(
+                f"create view {name} as select {columns} from read_parquet('{prefix}{root}/{name}/**/*.parquet', hive_partitioning={hive})"
+            )
+        else:
+            connection.register(f"_{name}_empty", pa.Table.from_pylist([], schema=table_schema.schema))
+            connection.sql(f"create view {name} as select * from _{name}_empty")
+    return connection
+
+
+def _image(data: bytes | None, title: str = "") -> str:
+    if data is None:
+        return '<div class="missing">none</div>'
+    encoded = base64.b64encode(data).decode()
+    return f'<img src="data:image/png;base64,{encoded}" title="{html.escape(title)}">'
+
+
+def _number(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _table(connection: duckdb.DuckDBPyConnection, sql: str) -> str:
+    result = connection.sql(sql)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in result.columns)
+    rows = "".join(
+        "<tr>"
+        + "".join(f"<td>{html.escape(_number(v) if isinstance(v, float) else str(v))}</td>" for v in row)
+        + "</tr>"
+        for row in result.fetchall()
+    )
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+STYLE = """body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px} img{width:128px;height:128px;image-rendering:pixelated}
+.row{display:flex;gap:12px;align-items:flex-start;border-top:1px solid #ddd;padding:8px 0}
+.cell{font-size:12px;width:140px} .fail{color:#b00} .missing{width:128px;height:128px;background:#eee}"""
+
+
+def write_report(output: str, path: str | None = None, max_sources: int = 200) -> str:
+    """Write OUTPUT/report.html (or `path`); returns where it went.
+
+    Sections: manifest counts; per-target-class metric means; errors by stage and type; a gallery with,
+    per source, the source image, its reconstruction (with PSNR/SSIM/LPIPS) and every edit with its metrics.
+    """
+    fs, root = fsspec.core.url_to_fs(output)
+    connection = connect(output)
+    manifest = json.loads(fs.cat_file(f"{root}/manifest.json")) if fs.exists(f"{root}/manifest.json") else {}
+    means = ", ".join(f"avg({m}) as {m}" for m in METRICS)
+    parts = [
+        f"<html><head><meta charset='utf-8'><title>inversa report</title><style>{STYLE}</style></head><body>"
+    ]
+    parts.append(f"<h1>inversa report: {html.escape(manifest.get('name', output))}</h1>")
+    if manifest:
+        counts = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in manifest["counts"].items()
+        )
+        parts.append(
+            f"<p>model {html.escape(manifest['model_id'])}, metrics {html.escape(json.dumps(manifest['metrics_backbones']))}</p><table>{counts}</table>"
+        )
+    parts.append("<h2>Edits per target class</h2>")
+    parts.append(
+        _table(
+            connection,
+            f"select target_class, method, count(*) as edits, avg(passed_filter::int) as pass_rate, {means} from edits group by 1, 2 order by 1, 2",
+        )
+    )
+    parts.append("<h2>Sources</h2>")
+    parts.append(
+        _table(
+            connection,
+            "select status, count(*) as sources, avg(recon_psnr) as recon_psnr, avg(recon_ssim) as recon_ssim, avg(recon_lpips) as recon_lpips from sources group by 1 order by 1",
+        )
+    )
+    parts.append("<h2>Errors</h2>")
+    parts.append(
+        _table(
+            connection,
+            "select stage, error_type, count(*) as n, min(source_id) as example from errors group by 1, 2 order by 1, 2",
+        )
+    )
+    parts.append("<h2>Gallery</h2>")
+    sources = connection.sql(
+        f"select source_id, caption, image, reconstruction, recon_psnr, recon_ssim, recon_lpips from sources order by source_id limit {int(max_sources)}"
+    ).fetchall()
+    edits_by_source: dict[str, list] = {}
+    if sources:
+        connection.register("_shown", pa.table({"source_id": [s[0] for s in sources]}))
+        edit_rows = connection.sql(
+            f"select source_id, target_prompt, seed, image, passed_filter, filter_reason, {', '.join(METRICS)} "
+            "from edits where source_id in (select source_id from _shown) order by source_id, target_class, target_prompt, seed"
+        ).fetchall()
+        for row in edit_rows:
+            edits_by_source.setdefault(row[0], []).append(row)
+    for source_id, caption, image, reconstruction, recon_psnr, recon_ssim, recon_lpips in sources:
+        cells = [
+            f'<div class="cell">{_image(image)}<br>source<br>{html.escape(caption or "")}<br><small>{html.escape(source_id)}</small></div>',
+            f'<div class="cell">{_image(reconstruction)}<br>reconstruction<br>PSNR {_number(recon_psnr)} SSIM {_number(recon_ssim)} LPIPS {_number(recon_lpips)}</div>',
+        ]
+        for _, prompt, seed, edit_image, passed, reason, *values in edits_by_source.get(source_id, []):
+            metrics = " ".join(
+                f"{name} {_number(value)}" for name, value in zip(METRICS, values, strict=True)
+            )
+            verdict = "passed" if passed else f'<span class="fail">{html.escape(reason or "")}</span>'
+            cells.append(
+                f'<div class="cell">{_image(edit_image)}<br>{html.escape(prompt)} (seed {seed})<br>{metrics}<br>{verdict}</div>'
+            )
+        parts.append(f'<div class="row">{"".join(cells)}</div>')
+    parts.append("</body></html>")
+    target = path or f"{root}/report.html"
+    target_fs, target_path = fsspec.core.url_to_fs(target) if path else (fs, target)
+    with target_fs.open(target_path, "w") as handle:
+        handle.write("\n".join(parts))
+    return target

@@ -1,0 +1,49 @@
+"""Filter flags: an edit passes when every configured threshold holds."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.config import FilterConfig
+
+# (config attribute, metric, comparison): "min" requires value >= threshold, "max" value <= threshold.
+_RULES = (
+    ("min_clip_t", "clip_t", "min"),
+    ("min_clip_dir", "clip_dir", "min"),
+    ("min_clip_i", "clip_i", "min"),
+    ("max_lpips", "lpips", "max"),
+    ("min_bg_psnr", "bg_psnr", "min"),
+    ("max_bg_lpips", "bg_lpips", "max"),
+)
+
+
+def filter_reason(metrics: dict, thresholds: FilterConfig) -> str | None:
+    """The failed thresholds of one edit joined by '; ', or None when it passes.
+
+    A metric that is undefined (None) fails any threshold set on it.
+    """
+    reasons = []
+    for attribute, metric, kind in _RULES:
+        threshold = getattr(thresholds, attribute)
+        if threshold is None:
+            continue
+        value = metrics.get(metric)
+        if value is None:
+            reasons.append(f"{metric} undefined")
+        elif kind == "min" and value < threshold:
+            reasons.append(f"{metric}<{threshold:g}")
+        elif kind == "max" and value > threshold:
+            reasons.append(f"{metric}>{threshold:g}")
+    return "; ".join(reasons) if reasons else None
+
+
+def filter_batch(batch: dict, thresholds: FilterConfig) -> dict:
+    """Ray Data map_batches function: set passed_filter / filter_reason on every edit in edits_json."""
+    edits_json = batch["edits_json"].astype(object).copy()
+    for row, text in enumerate(edits_json):
+        records = json.loads(text)
+        for record in records:
+            record["filter_reason"] = filter_reason(record, thresholds)
+            record["passed_filter"] = record["filter_reason"] is None
+        edits_json[row] = json.dumps(records)
+    return {**batch, "edits_json": edits_json}

@@ -1,0 +1,160 @@
+"""The edit plan of one source sample: which edits apply, their prompts, seeds and edit_ids.
+
+Pure functions (no Ray, no files); the invert/edit actor calls `plan_edits` per sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import string
+from dataclasses import dataclass
+
+from pipeline.config import EditSpec, to_dict
+from pipeline.engine import AttentionControl, InversionConfig
+
+
+class PlanError(ValueError):
+    """An edit that cannot be planned for a sample (e.g. the caption lacks the word to swap)."""
+
+
+@dataclass(frozen=True)
+class PlannedEdit:
+    """One edit of one source, ready for the engine.
+
+    Attributes:
+        edit_id: deterministic id (see `make_edit_id`).
+        target_class: the edit's class.
+        target_prompt: prompt the image is edited with.
+        seed: the edit's seed.
+        sample_index: position of the seed in the spec's seeds.
+        control: attention control with {source}/{target} words filled in.
+        eta: prompt tuning's eta.
+        latent_interpolation: prompt tuning's eq. 10 variant.
+        params: JSON string recorded in the edits table.
+    """
+
+    edit_id: str
+    target_class: str
+    target_prompt: str
+    seed: int
+    sample_index: int
+    control: AttentionControl
+    eta: float
+    latent_interpolation: bool
+    params: str
+
+
+def applies_to(spec: EditSpec, source_class: str | None) -> bool:
+    """Whether `spec` edits a sample of `source_class` (never a class into itself)."""
+    if source_class is None or source_class == spec.target_class:
+        return False
+    return not spec.source_classes or source_class in spec.source_classes
+
+
+def target_prompt(spec: EditSpec, caption: str, source_class: str, meta: dict) -> tuple[str, str, str]:
+    """Build the target prompt.
+
+    Returns:
+        (prompt, source_word, target_word).
+
+    Raises:
+        PlanError: the caption lacks the word to swap, or a template placeholder has no value.
+    """
+    source_word = spec.prompt.source_word or source_class
+    target_word = spec.prompt.target_word or spec.target_class
+    if spec.prompt.mode == "swap":
+        pattern = re.compile(rf"\b{re.escape(source_word)}\b", flags=re.IGNORECASE)
+        if not pattern.search(caption):
+            raise PlanError(
+                f"caption {caption!r} has no word {source_word!r} to swap for {target_word!r}; "
+                "set prompt.source_word or use prompt.mode: template"
+            )
+        return pattern.sub(target_word, caption), source_word, target_word
+    values = {**meta, "source": source_word, "target": target_word, "caption": caption}
+    names = {name for _, name, _, _ in string.Formatter().parse(spec.prompt.template) if name}
+    missing = sorted(names - set(values))
+    if missing:
+        raise PlanError(
+            f"template {spec.prompt.template!r} needs {missing}, which the sample's meta does not hold"
+        )
+    return spec.prompt.template.format(**values), source_word, target_word
+
+
+def fill_control(control: AttentionControl, source_word: str, target_word: str) -> AttentionControl:
+    """Replace the words "{source}" / "{target}" in blend_words and reweight."""
+
+    def fill(word: str) -> str:
+        return word.replace("{source}", source_word).replace("{target}", target_word)
+
+    return dataclasses.replace(
+        control,
+        blend_words=tuple(fill(word) for word in control.blend_words),
+        reweight=tuple((fill(word), scale) for word, scale in control.reweight),
+    )
+
+
+def make_edit_id(source_id: str, spec: EditSpec, inversion: InversionConfig, prompt: str, seed: int) -> str:
+    """sha256 (first 32 hex digits) of source_id, the canonical edit spec, inversion config, prompt and seed."""
+    canonical = json.dumps(
+        {
+            "source_id": source_id,
+            "spec": to_dict(spec),
+            "inversion": to_dict(inversion),
+            "prompt": prompt,
+            "seed": seed,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def plan_edits(
+    source_id: str,
+    source_class: str | None,
+    caption: str,
+    meta: dict,
+    specs: tuple[EditSpec, ...],
+    inversion: InversionConfig,
+    backbones: dict[str, str],
+) -> tuple[list[PlannedEdit], list[tuple[str, str]]]:
+    """All edits of one sample.
+
+    Returns:
+        (planned edits, [(error_type, message)] for specs that apply but cannot be planned).
+    """
+    planned, failures = [], []
+    for spec in specs:
+        if not applies_to(spec, source_class):
+            continue
+        try:
+            prompt, source_word, target_word = target_prompt(spec, caption, source_class, meta)
+        except PlanError as error:
+            failures.append(("PlanError", f"edit {spec.name or spec.target_class}: {error}"))
+            continue
+        control = fill_control(spec.control, source_word, target_word)
+        params = {
+            "edit": spec.name or spec.target_class,
+            "inversion": to_dict(inversion),
+            "control": to_dict(control),
+            "eta": spec.eta,
+            "latent_interpolation": spec.latent_interpolation,
+            "metrics": backbones,
+        }
+        for sample_index, seed in enumerate(spec.seeds):
+            planned.append(
+                PlannedEdit(
+                    edit_id=make_edit_id(source_id, spec, inversion, prompt, seed),
+                    target_class=spec.target_class,
+                    target_prompt=prompt,
+                    seed=seed,
+                    sample_index=sample_index,
+                    control=control,
+                    eta=spec.eta,
+                    latent_interpolation=spec.latent_interpolation,
+                    params=json.dumps(params, sort_keys=True),
+                )
+            )
+    return planned, failures

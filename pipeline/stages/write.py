@@ -1,0 +1,221 @@
+"""Write stage: turn processed sample rows into edits / sources / errors rows, validate them against
+the schemas and write Parquet files named deterministically from the shard and the batch's samples.
+
+Files: OUTPUT/edits/target_class=CLASS/{shard_key}.{digest}.parquet, OUTPUT/sources/..., OUTPUT/errors/...
+A task retried on the same rows rewrites the same file names; files of a shard that never completed
+are removed before the shard is processed again (`remove_shard_files`). Completion markers are
+written by the driver (`pipeline.dataflow`) once all of a shard's rows have come back from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import urllib.parse
+from collections import defaultdict
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.schemas import TABLES, load_schema, to_table
+
+COUNTS = ("rows", "read_failed", "sources", "ok", "failed", "edits", "passed", "errors")
+
+
+def shard_key(shard: str) -> str:
+    """A file-name-safe key, unique per shard URL: readable stem + hash."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", shard.rstrip("/").rsplit("/", 1)[-1].split(".")[0])[:40]
+    return f"{stem}-{hashlib.sha256(shard.encode()).hexdigest()[:12]}"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _finite(value) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def rows_for_sample(batch: dict, index: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(edits rows, sources rows, errors rows) of one processed sample row."""
+    source_id, status = str(batch["source_id"][index]), str(batch["status"][index])
+    errors = []
+    if status == "error":
+        errors.append(
+            {
+                "source_id": source_id,
+                "stage": str(batch["error_stage"][index]),
+                "error_type": str(batch["error_type"][index]),
+                "error": str(batch["error"][index]),
+                "edit_id": None,
+            }
+        )
+        return [], [], errors
+    if status != "ok":
+        errors.append(
+            {
+                "source_id": source_id,
+                "stage": str(batch["error_stage"][index]),
+                "error_type": str(batch["error_type"][index]),
+                "error": str(batch["error"][index]),
+                "edit_id": None,
+            }
+        )
+    for edit_id, stage, kind, message in json.loads(batch["failures_json"][index]):
+        errors.append(
+            {"source_id": source_id, "stage": stage, "error_type": kind, "error": message, "edit_id": edit_id}
+        )
+    model_id = str(batch["model_id"][index])
+    invert_seconds = _finite(batch["invert_seconds"][index])
+    edits = []
+    if status == "ok":
+        size = batch["image"][index].shape
+        for position, record in enumerate(json.loads(batch["edits_json"][index])):
+            edits.append(
+                {
+                    "edit_id": record["edit_id"],
+                    "source_id": source_id,
+                    "source_class": batch["source_class"][index],
+                    "target_class": record["target_class"],
+                    "method": json.loads(record["params"])["inversion"]["method"],
+                    "source_prompt": str(batch["caption"][index]),
+                    "target_prompt": record["target_prompt"],
+                    "seed": record["seed"],
+                    "sample_index": record["sample_index"],
+                    "params": record["params"],
+                    "image": encode_png(batch["edit_images"][index][position]),
+                    "width": size[1],
+                    "height": size[0],
+                    **{
+                        name: record[name]
+                        for name in ("clip_t", "clip_i", "clip_dir", "lpips", "bg_psnr", "bg_lpips")
+                    },
+                    "passed_filter": record["passed_filter"],
+                    "filter_reason": record["filter_reason"],
+                    "invert_seconds": invert_seconds,
+                    "edit_seconds": record["edit_seconds"],
+                    "model_id": model_id,
+                }
+            )
+    source = {
+        "source_id": source_id,
+        "status": status,
+        "source_class": batch["source_class"][index],
+        "caption": batch["caption"][index],
+        "orig_width": int(batch["orig_width"][index]),
+        "orig_height": int(batch["orig_height"][index]),
+        "image": encode_png(batch["image"][index]),
+        "reconstruction": None if status == "invert_failed" else encode_png(batch["recon"][index]),
+        "recon_psnr": _finite(batch["recon_psnr"][index]),
+        "recon_ssim": _finite(batch["recon_ssim"][index]),
+        "recon_lpips": _finite(batch["recon_lpips"][index]),
+        "invert_seconds": invert_seconds,
+        "edits": len(edits),
+        "model_id": model_id,
+    }
+    return edits, [source], errors
+
+
+def _write_parquet(fs, path: str, table: pa.Table) -> None:
+    """Write to a temporary name then move, so a file is either whole or absent."""
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    temporary = f"{path}.tmp"
+    with fs.open(temporary, "wb") as handle:
+        pq.write_table(table, handle)
+    fs.mv(temporary, path)
+
+
+def write_tables(output: str, key: str, digest: str, tables: dict[str, list[dict]]) -> list[str]:
+    """Validate and write one shard-batch's rows; returns the written paths (relative to output)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    written = []
+    for name in TABLES:
+        rows = tables[name]
+        if not rows:
+            continue
+        table = to_table(name, rows)
+        partition_by = load_schema(name).partition_by
+        if not partition_by:
+            groups = {name: table}
+        else:
+            column = partition_by[0]
+            groups = {}
+            for value in sorted(set(table.column(column).to_pylist())):
+                mask = pc.equal(table.column(column), value)
+                folder = f"{name}/{column}={urllib.parse.quote(str(value), safe='')}"
+                groups[folder] = table.filter(mask).drop_columns([column])
+        for folder, part in groups.items():
+            relative = f"{folder}/{key}.{digest}.parquet"
+            _write_parquet(fs, f"{root}/{relative}", part)
+            written.append(relative)
+    return written
+
+
+def write_batch(batch: dict, output: str) -> dict:
+    """Ray Data map_batches function: write the batch's rows, return one summary row per shard.
+
+    Returns:
+        Columns shard, shard_rows, model_fingerprint, compute_seconds, files (JSON list) and the
+        counts in COUNTS.
+    """
+    by_shard: dict[str, list[int]] = defaultdict(list)
+    for index, shard in enumerate(batch["shard"]):
+        by_shard[str(shard)].append(index)
+    summary: dict[str, list] = defaultdict(list)
+    for shard, indices in by_shard.items():
+        tables: dict[str, list[dict]] = {name: [] for name in TABLES}
+        for index in indices:
+            edits, sources, errors = rows_for_sample(batch, index)
+            tables["edits"] += edits
+            tables["sources"] += sources
+            tables["errors"] += errors
+        digest = hashlib.sha256(
+            "\n".join(sorted(str(batch["source_id"][i]) for i in indices)).encode()
+        ).hexdigest()[:16]
+        files = write_tables(output, shard_key(shard), digest, tables)
+        statuses = [str(batch["status"][i]) for i in indices]
+        counts = {
+            "rows": len(indices),
+            "read_failed": statuses.count("error"),
+            "sources": len(tables["sources"]),
+            "ok": statuses.count("ok"),
+            "failed": len(indices) - statuses.count("ok"),
+            "edits": len(tables["edits"]),
+            "passed": sum(row["passed_filter"] for row in tables["edits"]),
+            "errors": len(tables["errors"]),
+        }
+        summary["shard"].append(shard)
+        summary["shard_rows"].append(int(batch["shard_rows"][indices[0]]))
+        fingerprints = [str(batch["model_fingerprint"][i]) for i in indices if batch["model_fingerprint"][i]]
+        summary["model_fingerprint"].append(fingerprints[0] if fingerprints else "")
+        summary["compute_seconds"].append(float(np.sum(batch["stage_seconds"][indices])))
+        summary["files"].append(json.dumps(files))
+        for name in COUNTS:
+            summary[name].append(counts[name])
+    return {
+        name: np.array(values, dtype=object if name in ("shard", "model_fingerprint", "files") else None)
+        for name, values in summary.items()
+    }
+
+
+def remove_shard_files(output: str, key: str) -> int:
+    """Delete every table file of shard `key` (left by an interrupted run). Returns how many."""
+    fs, root = fsspec.core.url_to_fs(output)
+    removed = 0
+    for name in TABLES:
+        if not fs.exists(f"{root}/{name}"):
+            continue
+        for path in fs.find(f"{root}/{name}"):
+            if path.rsplit("/", 1)[-1].startswith(f"{key}."):
+                fs.rm(path)
+                removed += 1
+    return removed

@@ -1,0 +1,76 @@
+"""Schemas and the writer: language-neutral schema files, validation, files read back, filter flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.dataset as pds
+import pytest
+
+from pipeline.config import FilterConfig
+from pipeline.schemas import SchemaError, load_schema, schema_dir, to_table, validate_table
+from pipeline.stages.filter import filter_reason
+from pipeline.stages.write import remove_shard_files, shard_key, write_tables
+
+
+def error_row(source_id: str, **changes) -> dict:
+    return {
+        "source_id": source_id,
+        "stage": "read",
+        "error_type": "CorruptImage",
+        "error": "bad",
+        "edit_id": None,
+        **changes,
+    }
+
+
+def test_schema_files_define_every_column_once():
+    for name in ("edits", "sources", "errors"):
+        spec = json.loads((schema_dir() / f"{name}.json").read_text())
+        names = [column["name"] for column in spec["columns"]]
+        assert len(names) == len(set(names))
+        assert all(column["description"] for column in spec["columns"])
+        assert load_schema(name).names == tuple(names)
+    issue_columns = "edit_id source_id source_class target_class method source_prompt target_prompt seed sample_index params image width height clip_t clip_i clip_dir lpips bg_psnr bg_lpips passed_filter filter_reason invert_seconds edit_seconds model_id"
+    assert set(issue_columns.split()) <= set(load_schema("edits").names)
+
+
+def test_to_table_refuses_bad_rows():
+    with pytest.raises(SchemaError, match="missing columns \\['edit_id'\\]"):
+        to_table("errors", [{k: v for k, v in error_row("a").items() if k != "edit_id"}])
+    with pytest.raises(SchemaError, match="'stage' is not nullable"):
+        to_table("errors", [error_row("a", stage=None)])
+    with pytest.raises(SchemaError, match="'error'"):
+        to_table("errors", [error_row("a", error=3.5)])
+    table = to_table("errors", [error_row("a")])
+    validate_table("errors", table)
+
+
+def test_write_tables_partitions_and_reads_back(tmp_path):
+    key = shard_key("s3://bucket/data/shard-000001.tar")
+    rows = [error_row(f"x#{i}") for i in range(3)]
+    written = write_tables(str(tmp_path), key, "d1", {"edits": [], "sources": [], "errors": rows})
+    assert written == [f"errors/{key}.d1.parquet"]
+    table = pds.dataset(tmp_path / "errors", format="parquet").to_table()
+    validate_table("errors", table)
+    assert table.column("source_id").to_pylist() == [f"x#{i}" for i in range(3)]
+    # Files of another shard survive the removal of this shard's files.
+    write_tables(str(tmp_path), shard_key("other.tar"), "d2", {"edits": [], "sources": [], "errors": rows})
+    assert remove_shard_files(str(tmp_path), key) == 1
+    assert [p.name for p in Path(tmp_path / "errors").iterdir()] == [f"{shard_key('other.tar')}.d2.parquet"]
+
+
+def test_shard_keys_are_distinct_and_file_safe():
+    keys = {shard_key(f"s3://b/{folder}/shard-000000.tar") for folder in ("a", "b")}
+    assert len(keys) == 2 and all("/" not in key and "." not in key for key in keys)
+
+
+def test_filter_reason():
+    thresholds = FilterConfig(min_clip_t=0.25, max_lpips=0.5, min_bg_psnr=20.0)
+    assert filter_reason({"clip_t": 0.3, "lpips": 0.1, "bg_psnr": 25.0}, thresholds) is None
+    assert (
+        filter_reason({"clip_t": 0.2, "lpips": 0.6, "bg_psnr": None}, thresholds)
+        == "clip_t<0.25; lpips>0.5; bg_psnr undefined"
+    )
+    assert filter_reason({"clip_t": None}, FilterConfig()) is None

@@ -1,0 +1,161 @@
+"""The `inversa` command line: validate, run (resume), query, report, and submit to a token-authenticated
+`ray start --head` cluster whose output must match a local run's."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_validate_prints_resolved_spec_and_rejects_bad_keys(tmp_path):
+    result = runner.invoke(
+        app, ["validate", str(ROOT / "jobs/example_sd15_cluster.yaml"), "--set", "inversion.num_steps=12"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "num_steps: 12" in result.output and "valid" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "jobs/example_sd15_cluster.yaml").read_text().replace("num_steps:", "num_stepz:"))
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert "inversion.num_stepz" in result.output and "bad.yaml" in result.output
+
+
+@pytest.mark.slow
+def test_run_resumes_completed_output_and_prints_summary(clean_run, tmp_path):
+    output = tmp_path / "copy"
+    shutil.copytree(clean_run["output"], output)
+    result = runner.invoke(app, ["run", str(clean_run["spec"]), "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    assert "shards complete" in result.output and "3/3" in result.output
+
+
+@pytest.mark.slow
+def test_query_counts_match_manifest(clean_run):
+    output = str(clean_run["output"])
+    result = runner.invoke(
+        app, ["query", output, "select count(*) as n, count(distinct edit_id) as ids from edits"]
+    )
+    assert result.exit_code == 0, result.output
+    edits = clean_run["manifest"]["counts"]["edits"]
+    assert re.search(rf"│ {edits}\s+│ {edits}\s+│", result.output), result.output
+    result = runner.invoke(app, ["query", output, "select stage, count(*) from errors group by 1"])
+    assert "read" in result.output
+
+
+@pytest.mark.slow
+def test_report_embeds_every_image(clean_run, tmp_path):
+    from pipeline.report import connect
+
+    path = tmp_path / "report.html"
+    result = runner.invoke(app, ["report", str(clean_run["output"]), "--path", str(path)])
+    assert result.exit_code == 0, result.output
+    page = path.read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    connection = connect(str(clean_run["output"]))
+    sources, edits = (
+        connection.sql(f"select count(*) from {t}").fetchall()[0][0] for t in ("sources", "edits")
+    )
+    assert len(images) == 2 * sources + edits  # source + reconstruction per source, one per edit
+    assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
+    assert "http" not in page  # self-contained
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def token_cluster():
+    """`ray start --head` with RAY_AUTH_MODE=token on free ports; yields (dashboard URL, client env)."""
+    token = (
+        subprocess.run(["ray", "get-auth-token", "--generate"], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    dashboard = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    command = ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
+               "--dashboard-port", str(dashboard), "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+               "--metrics-export-port", str(free_port()), "--include-dashboard", "true", "--temp-dir", temp_dir, "--disable-usage-stats"]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run(
+                [
+                    "python",
+                    "-c",
+                    f"from ray.job_submission import JobSubmissionClient as C; C('{address}').list_jobs()",
+                ],
+                env=env,
+                capture_output=True,
+            )
+            if probe.returncode == 0:
+                break
+            time.sleep(3)
+        else:
+            pytest.fail(f"ray head on {address} did not come up: {probe.stderr.decode()[-2000:]}")
+        yield address, env
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def inversa(*arguments: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["python", "-m", "pipeline.cli", *arguments], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+
+@pytest.mark.slow
+def test_submit_to_token_cluster_matches_local_run(clean_run, token_cluster, tmp_path):
+    from test_dataflow import edit_rows
+
+    address, env = token_cluster
+    unauthenticated = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    unauthenticated["RAY_AUTH_TOKEN"] = "wrong-token"
+    assert inversa("status", "nothing", "--address", address, env=unauthenticated).returncode != 0
+
+    output = tmp_path / "submitted"
+    submitted = inversa(
+        "submit", str(clean_run["spec"]), "--address", address, "--output", str(output), env=env
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    submission_id = submitted.stdout.strip().splitlines()[-1]
+    status = ""
+    deadline = time.time() + 500
+    while time.time() < deadline:
+        status = inversa("status", submission_id, "--address", address, env=env).stdout.strip()
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(5)
+    logs = inversa("logs", submission_id, "--address", address, env=env).stdout
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "shards complete" in logs
+    assert edit_rows(output) == edit_rows(clean_run["output"])

@@ -1,0 +1,111 @@
+"""Job spec parsing: typed config, errors naming file and key, --set overrides, example specs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, JobConfig, load_config, parse_config, to_dict
+from pipeline.engine import AttentionControl, InversionConfig
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+MINIMAL = {
+    "input": {"shards": "data/shard-{000000..000003}.tar"},
+    "model": {"path": "runwayml/stable-diffusion-v1-5"},
+    "edits": [{"target_class": "fox", "control": {"mode": "refine", "reweight": [["fox", 2.0]]}}],
+    "output": {"path": "out/"},
+}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_minimal_spec_builds_typed_frozen_config(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    assert isinstance(config, JobConfig)
+    assert config.input.shards == ("data/shard-{000000..000003}.tar",)  # a single string becomes a list
+    assert config.inversion == InversionConfig()
+    assert config.edits[0].control == AttentionControl(mode="refine", reweight=(("fox", 2.0),))
+    with pytest.raises(AttributeError):
+        config.model.path = "other"  # frozen
+
+
+def test_round_trip_through_to_dict():
+    config = parse_config(MINIMAL)
+    assert parse_config(to_dict(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        ({"inversion": {"methd": "ddim"}}, "inversion.methd", "unknown key"),
+        ({"inversion": {"method": "magic"}}, "inversion.method", "not one of"),
+        ({"inversion": {"num_steps": "ten"}}, "inversion.num_steps", "expected an integer"),
+        ({"edits": [{"target_class": "fox", "seeds": [1, 1]}]}, "edits.0.seeds", "repeats"),
+        (
+            {"edits": [{"target_class": "fox", "prompt": {"mode": "template"}}]},
+            "edits.0.prompt.template",
+            "required",
+        ),
+        ({"edits": [{"source_classes": ["cat"]}]}, "edits.0.target_class", "required"),
+        ({"resources": {"score": {"num_gpus": "one"}}}, "resources.score.num_gpus", "expected a number"),
+        ({"metrics": {"perceptual": "features:mine"}}, "metrics.feature_extractor", "required"),
+        ({"surprise": 1}, "surprise", "unknown key"),
+    ],
+)
+def test_bad_specs_name_file_and_key(tmp_path, change, key, words):
+    path = write(tmp_path, {**MINIMAL, **change})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+    assert f": {key}:" in str(error.value)
+    assert words in str(error.value)
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    config = load_config(
+        path,
+        [
+            "inversion.num_steps=7",
+            "edits.0.seeds=[3, 4]",
+            "model.path=/models/sd",
+            "filter.min_clip_t=0.2",
+            "inversion.method=ddim",
+        ],
+        output="s3://bucket/run",
+    )
+    assert config.inversion.num_steps == 7 and config.inversion.method == "ddim"
+    assert config.edits[0].seeds == (3, 4)
+    assert config.model.path == "/models/sd"
+    assert config.filter.min_clip_t == 0.2
+    assert config.output.path == "s3://bucket/run"
+
+
+def test_set_errors(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(path, ["inversion.num_steps"])
+    with pytest.raises(ConfigError, match="edits.5"):
+        load_config(path, ["edits.5.seeds=[1]"])
+    with pytest.raises(ConfigError, match="inversion.bogus: unknown key"):
+        load_config(path, ["inversion.bogus=1"])
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(JOBS.glob("example_*.yaml")), ids=lambda p: p.name)
+def test_example_job_specs_are_valid(path):
+    config = load_config(path)
+    assert config.edits and config.input.shards and config.output.path
