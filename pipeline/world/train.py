@@ -82,6 +82,7 @@ class UNetConfig:
     caption_dropout: float
     ema_decay: float
     max_minutes: float
+    scenes: int
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,11 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> TrainConfig:
     for caption in config.data.heldout_captions:
         generator.parse_caption(caption)
     return config
+
+
+def training_device() -> torch.device:
+    """CUDA when available (the same job runs on a GPU), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Budget:
@@ -234,13 +240,17 @@ def train_oracle(config: TrainConfig) -> ShapesOracle:
     rng = np.random.default_rng(config.seed)
     data = training_scenes(config)
     one = np.nonzero(data.n_objects == 1)[0]
-    oracle = ShapesOracle(config.oracle.widths)
+    device = training_device()
+    oracle = ShapesOracle(config.oracle.widths).to(device)
     optimizer = torch.optim.AdamW(oracle.parameters(), lr=config.oracle.lr, weight_decay=1e-4)
     budget = Budget(config.oracle.steps, config.oracle.max_minutes)
     while budget.running():
         index = rng.choice(one, config.oracle.batch)
-        logits = oracle(images_to_tensor(data.images[index]))
-        loss = sum(F.cross_entropy(logits[name], torch.as_tensor(data.labels[name][index])) for name in HEADS)
+        logits = oracle(images_to_tensor(data.images[index]).to(device))
+        loss = sum(
+            F.cross_entropy(logits[name], torch.as_tensor(data.labels[name][index], device=device))
+            for name in HEADS
+        )
         for group in optimizer.param_groups:
             group["lr"] = config.oracle.lr * budget.lr_factor()
         optimizer.zero_grad()
@@ -248,7 +258,7 @@ def train_oracle(config: TrainConfig) -> ShapesOracle:
         optimizer.step()
         budget.step += 1
         _log("oracle", budget, loss.item())
-    oracle.eval()
+    oracle.cpu().eval()
     accuracy = oracle_accuracy(oracle, heldout_scenes(config, two_object_fraction=0.0))
     oracle.save(config.output)
     _record(
@@ -297,11 +307,12 @@ def train_vae(config: TrainConfig):
     torch.manual_seed(config.seed + 1)
     rng = np.random.default_rng(config.seed + 1)
     data = training_scenes(config)
-    vae = build_vae(_sd_architecture(config))
+    device = training_device()
+    vae = build_vae(_sd_architecture(config)).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae.lr, weight_decay=0.0)
     budget = Budget(config.vae.steps, config.vae.max_minutes)
     while budget.running():
-        images = images_to_tensor(data.images[rng.choice(len(data.images), config.vae.batch)])
+        images = images_to_tensor(data.images[rng.choice(len(data.images), config.vae.batch)]).to(device)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / images[0].numel()
@@ -315,7 +326,7 @@ def train_vae(config: TrainConfig):
         optimizer.step()
         budget.step += 1
         _log("vae", budget, loss.item())
-    vae.eval()
+    vae.cpu().eval()
     scaling = latent_scaling_factor(vae, data.images[:2048])
     vae.register_to_config(scaling_factor=scaling)
     psnr = vae_psnr(vae, heldout_scenes(config).images)
@@ -371,7 +382,8 @@ def train_clip(config: TrainConfig):
     rng = np.random.default_rng(config.seed + 2)
     data = training_scenes(config)
     register_shapes_clip()
-    model, _, _ = open_clip.create_model_and_transforms(SHAPES_CLIP_NAME)
+    device = training_device()
+    model, _, _ = open_clip.create_model_and_transforms(SHAPES_CLIP_NAME, device=device)
     tokenizer = open_clip.get_tokenizer(SHAPES_CLIP_NAME)
     tokens = tokenizer(data.captions)
     caption_ids = np.unique(np.array(data.captions), return_inverse=True)[1]
@@ -382,7 +394,7 @@ def train_clip(config: TrainConfig):
     while budget.running():
         index = rng.choice(len(data.images), config.clip.batch, replace=False)
         image_features, text_features, logit_scale = model(
-            normalize(data.images[index]), tokens[torch.as_tensor(index)]
+            normalize(data.images[index]).to(device), tokens[torch.as_tensor(index)].to(device)
         )[:3]
         logits = logit_scale * image_features @ text_features.T
         same = torch.as_tensor(
@@ -397,7 +409,7 @@ def train_clip(config: TrainConfig):
         optimizer.step()
         budget.step += 1
         _log("clip", budget, loss.item())
-    model.eval()
+    model.cpu().eval()
     accuracy = clip_caption_accuracy(model, tokenizer, heldout_scenes(config, two_object_fraction=0.0))
     SHAPES_CLIP_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
     weights = Path(config.output) / SHAPES_CLIP_WEIGHTS.name
@@ -455,9 +467,9 @@ def cache_latents(config: TrainConfig, vae, images: np.ndarray) -> tuple[torch.T
         return cached["mean"], cached["std"]
     means, stds = [], []
     for start in range(0, len(images), 256):
-        posterior = vae.encode(images_to_tensor(images[start : start + 256])).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+        posterior = vae.encode(images_to_tensor(images[start : start + 256]).to(vae.device)).latent_dist
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"mean": mean, "std": std}, path)
@@ -472,14 +484,19 @@ def train_unet(config: TrainConfig) -> Path:
 
     torch.manual_seed(config.seed + 3)
     rng = np.random.default_rng(config.seed + 3)
-    vae = AutoencoderKL.from_pretrained(Path(config.cache_dir) / "vae").eval()
+    device = training_device()
+    vae = AutoencoderKL.from_pretrained(Path(config.cache_dir) / "vae").to(device).eval()
     data = training_scenes(config)
+    # The first `unet.scenes` training scenes: encoding them all would take much of the UNet's budget.
+    data = SceneSet(
+        data.images[: config.unet.scenes], data.captions[: config.unet.scenes], data.labels, data.n_objects
+    )
     latent_mean, latent_std = cache_latents(config, vae, data.images)
     scaling = float(vae.config.scaling_factor)
     arch = _sd_architecture(config)
     tokenizer = write_clip_tokenizer(Path(config.cache_dir) / "tokenizer", arch.max_length)
-    text_encoder = build_text_encoder(arch, vocab_size=len(tokenizer))
-    unet = build_unet(arch)
+    text_encoder = build_text_encoder(arch, vocab_size=len(tokenizer)).to(device)
+    unet = build_unet(arch).to(device)
     tokens = tokenizer(
         data.captions, padding="max_length", max_length=arch.max_length, return_tensors="pt"
     ).input_ids
@@ -498,13 +515,14 @@ def train_unet(config: TrainConfig) -> Path:
     while budget.running():
         index = torch.as_tensor(rng.choice(len(latent_mean), config.unet.batch))
         latents = (latent_mean[index] + latent_std[index] * torch.randn_like(latent_std[index])) * scaling
+        latents = latents.to(device)
         batch_tokens = tokens[index].clone()
         dropped = torch.as_tensor(rng.random(len(index)) < config.unet.caption_dropout)
         batch_tokens[dropped] = empty
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),))
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),)).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, text_encoder(batch_tokens)[0]).sample
+        prediction = unet(noisy, timesteps, text_encoder(batch_tokens.to(device))[0]).sample
         loss = F.mse_loss(prediction, noise)
         for group in optimizer.param_groups:
             group["lr"] = config.unet.lr * budget.lr_factor(warmup_steps=100)
@@ -519,6 +537,7 @@ def train_unet(config: TrainConfig) -> Path:
         _log("unet", budget, loss.item(), every=25)
     unet.load_state_dict(ema["unet"])
     text_encoder.load_state_dict(ema["text"])
+    unet, text_encoder, vae = unet.cpu(), text_encoder.cpu(), vae.cpu()
     folder = save_sd_folder(
         Path(config.output) / SD_FOLDER_NAME, unet.eval(), vae, text_encoder.eval(), tokenizer, arch.scheduler
     )
