@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,14 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
+class VAEDecoderConfig:
+    steps: int
+    batch: int
+    lr: float
+    max_minutes: float
+
+
+@dataclass(frozen=True)
 class ClipConfig:
     steps: int
     batch: int
@@ -94,6 +103,7 @@ class TrainConfig:
     data: DataConfig
     oracle: OracleConfig
     vae: VAEConfig
+    vae_decoder: VAEDecoderConfig
     clip: ClipConfig
     unet: UNetConfig
 
@@ -122,6 +132,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> TrainConfig:
         "data": DataConfig,
         "oracle": OracleConfig,
         "vae": VAEConfig,
+        "vae_decoder": VAEDecoderConfig,
         "clip": ClipConfig,
         "unet": UNetConfig,
     }
@@ -344,6 +355,71 @@ def train_vae(config: TrainConfig):
     return vae
 
 
+def train_vae_decoder(config: TrainConfig):
+    """Fine-tune only the VAE's decoder (post_quant_conv + decoder) for reconstruction.
+
+    The encoder, and so the latent space the UNet learns, is untouched: this stage may run before, during
+    or after the UNet stage, which saves whichever decoder is in the cache when it finishes.
+    """
+    from diffusers import AutoencoderKL
+
+    device = training_device()
+    torch.manual_seed(config.seed + 4)
+    rng = np.random.default_rng(config.seed + 4)
+    data = training_scenes(config)
+    folder = Path(config.cache_dir) / "vae"
+    vae = AutoencoderKL.from_pretrained(folder).to(device)
+    vae.requires_grad_(False)
+    parameters = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=config.vae_decoder.lr, weight_decay=0.0)
+    budget = Budget(config.vae_decoder.steps, config.vae_decoder.max_minutes)
+    while budget.running():
+        images = images_to_tensor(data.images[rng.choice(len(data.images), config.vae_decoder.batch)]).to(
+            device
+        )
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample()
+        reconstruction = vae.decode(latents).sample
+        loss = F.mse_loss(reconstruction, images) + F.l1_loss(reconstruction, images)
+        for group in optimizer.param_groups:
+            group["lr"] = config.vae_decoder.lr * budget.lr_factor()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        budget.step += 1
+        _log("vae-decoder", budget, loss.item())
+    vae.cpu().eval()
+    psnr = vae_psnr(vae, heldout_scenes(config).images)
+    staging = folder.with_name("vae.staging")
+    vae.save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(folder)
+    staging.rename(folder)
+    _record(
+        config,
+        "vae_decoder",
+        {"steps": budget.step, "wall_s": round(budget.elapsed), "heldout_psnr_db": psnr},
+    )
+    return vae
+
+
+def _reload_vae_same_encoder(config: TrainConfig, vae):
+    """The cached VAE as it is now, checked to have the encoder the latents came from."""
+    from diffusers import AutoencoderKL
+
+    current = AutoencoderKL.from_pretrained(Path(config.cache_dir) / "vae").eval()
+    for part in ("encoder", "quant_conv"):
+        old, new = getattr(vae, part).state_dict(), getattr(current, part).state_dict()
+        if any(not torch.equal(old[key].cpu(), new[key]) for key in old):
+            raise RuntimeError(f"the cached VAE's {part} changed during UNet training; re-run the unet stage")
+    if current.config.scaling_factor != vae.config.scaling_factor:
+        raise RuntimeError(
+            "the cached VAE's scaling_factor changed during UNet training; re-run the unet stage"
+        )
+    return current
+
+
 @torch.no_grad()
 def latent_scaling_factor(vae, images: np.ndarray) -> float:
     """1 / std of posterior samples: SD's convention that scaled latents have ~unit variance."""
@@ -538,6 +614,8 @@ def train_unet(config: TrainConfig) -> Path:
     unet.load_state_dict(ema["unet"])
     text_encoder.load_state_dict(ema["text"])
     unet, text_encoder, vae = unet.cpu(), text_encoder.cpu(), vae.cpu()
+    # Re-read the VAE: the vae-decoder stage may have improved its decoder meanwhile (same encoder).
+    vae = _reload_vae_same_encoder(config, vae)
     folder = save_sd_folder(
         Path(config.output) / SD_FOLDER_NAME, unet.eval(), vae, text_encoder.eval(), tokenizer, arch.scheduler
     )
@@ -587,13 +665,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=["oracle", "vae", "clip", "unet", "all", "card"])
+    parser.add_argument("stage", choices=["oracle", "vae", "vae-decoder", "clip", "unet", "all", "card"])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training job YAML")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     torch.set_num_threads(args.threads or config.threads)
-    stages = {"oracle": train_oracle, "vae": train_vae, "clip": train_clip, "unet": train_unet}
+    stages = {
+        "oracle": train_oracle,
+        "vae": train_vae,
+        "vae-decoder": train_vae_decoder,
+        "clip": train_clip,
+        "unet": train_unet,
+    }
     order = list(stages) if args.stage == "all" else [] if args.stage == "card" else [args.stage]
     for name in order:
         stages[name](config)
