@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     from pipeline.world.clip_model import load_shapes_clip
 
-    clip_model, _, clip_tokenizer = load_shapes_clip()
+    clip_model, _, clip_tokenizer = load_shapes_clip(weights=assets / "shapes_clip.safetensors")
     results.update(
         clip_caption_accuracy(clip_model, clip_tokenizer, heldout_scenes(config, two_object_fraction=0.0))
     )

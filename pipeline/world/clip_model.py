@@ -31,14 +31,18 @@ def register_shapes_clip() -> str:
     return SHAPES_CLIP_NAME
 
 
-def load_shapes_clip(device: str = "cpu"):
-    """(model, preprocess, tokenizer) of the trained shapes-world CLIP, in eval mode."""
+def load_shapes_clip(device: str = "cpu", weights: str | Path | None = None):
+    """(model, preprocess, tokenizer) of the trained shapes-world CLIP, in eval mode.
+
+    Args:
+        device: where the model goes.
+        weights: a checkpoint of this architecture (default: the shipped shapes_clip.safetensors).
+    """
     register_shapes_clip()
-    if not SHAPES_CLIP_WEIGHTS.is_file():
-        raise FileNotFoundError(
-            f"{SHAPES_CLIP_WEIGHTS} is missing; train it with `python -m pipeline.world.train clip`"
-        )
+    weights = Path(weights) if weights is not None else SHAPES_CLIP_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing; train it with `python -m pipeline.world.train clip`")
     model, _, preprocess = open_clip.create_model_and_transforms(
-        SHAPES_CLIP_NAME, pretrained=str(SHAPES_CLIP_WEIGHTS), device=device
+        SHAPES_CLIP_NAME, pretrained=str(weights), device=device
     )
     return model.eval(), preprocess, open_clip.get_tokenizer(SHAPES_CLIP_NAME)

@@ -80,15 +80,37 @@ def write_model_card(
         "## Training (2 shared CPU cores, seeded; each stage stops at its step count or its time budget)",
         "",
         "    python -m pipeline.world.train all --config jobs/train_shapes_world.yaml",
-        "    python -m benchmarks.world_quality          # quality numbers below; rewrites this card",
+        "    python -m benchmarks.world_quality --write  # quality numbers below; rewrites this card",
+        "",
+        "`all` runs oracle, vae, vae-decoder, clip, unet in turn. The shipped weights were trained as two",
+        "parallel chains, `vae` then `unet`, and `oracle` then `clip` then `vae-decoder` (decoder-only",
+        "fine-tuning keeps the encoder, hence the UNet's latent space; the unet stage saves the decoder that",
+        "is in the cache when it finishes). Wall times are on 2 CPU cores shared with other jobs, at nice 10,",
+        "one torch thread per process; on a GPU the same command uses it.",
         "",
         "| stage | steps | wall time (s) | metrics |",
         "| --- | --- | --- | --- |",
     ]
-    for stage in ("oracle", "vae", "clip", "unet"):
+    for stage in ("oracle", "vae", "vae_decoder", "clip", "unet"):
         record = dict(training.get(stage, {}))
         steps, wall = record.pop("steps", "-"), record.pop("wall_s", "-")
         lines.append(f"| {stage} | {steps} | {wall} | {_fmt(record) if record else 'not trained'} |")
+    lines += [
+        "",
+        "## Loading",
+        "",
+        "    from pipeline.models.loading import load_diffusion_model",
+        "    model = load_diffusion_model('pipeline/world/assets/shapes-sd')      # exactly as for SD 1.5",
+        "",
+        "    from pipeline.world.clip_model import load_shapes_clip, register_shapes_clip, SHAPES_CLIP_NAME",
+        "    register_shapes_clip()   # open_clip.add_model_config(assets/open_clip)",
+        "    model, _, preprocess = open_clip.create_model_and_transforms(",
+        "        'shapes-clip-vit-tiny', pretrained='pipeline/world/assets/shapes_clip.safetensors')",
+        "",
+        "    from pipeline.world.oracle import load_oracle, images_to_tensor",
+        "    oracle = load_oracle()   # .predict(x) -> {'shape': [...], 'color': [...], 'background': [...]};",
+        "                             # .features(x) -> 4 feature maps; x is (B, 3, 64, 64) in [-1, 1]",
+    ]
     lines += ["", "## Quality (`benchmarks/world_quality.py`)", ""]
     if benchmark:
         lines += [f"- {key}: {_fmt(value)}" for key, value in benchmark.items()]

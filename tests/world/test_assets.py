@@ -1,5 +1,6 @@
 """The shipped shapes-world weights: they load like SD / open_clip checkpoints and match the model card."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from pipeline.world.clip_model import SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS, reg
 from pipeline.world.model_card import ASSETS, CARD_NAME, read_card_fingerprints
 from pipeline.world.oracle import images_to_tensor, load_oracle
 from pipeline.world.sampling import sample_images
-from pipeline.world.train import sha256_file
+from pipeline.world.train import sha256_file, vae_psnr
 
 SD_FOLDER = ASSETS / "shapes-sd"
 
@@ -65,11 +66,14 @@ def test_vae_latents_are_scaled_to_unit_std(shapes_sd, fresh_scenes):
 
 
 @torch.no_grad()
-def test_vae_reconstructs_fresh_scenes(shapes_sd, fresh_scenes):
-    images = images_to_tensor(np.stack([r.image for r in fresh_scenes[:64]]))
-    reconstruction = shapes_sd.vae.decode(shapes_sd.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
-    mse = ((reconstruction - images) * 127.5).pow(2).mean()
-    assert 10 * torch.log10(255.0**2 / mse) > 25.0
+def test_vae_reconstruction_matches_the_card(shapes_sd, fresh_scenes):
+    # PSNR on scenes the benchmark never saw agrees with the recorded benchmark number, and is far above
+    # what an untrained VAE reaches (~11 dB).
+    recorded = json.loads((ASSETS / "benchmark_metrics.json").read_text())["vae_psnr_db_heldout"]
+    images = np.stack([r.image for r in fresh_scenes[:128]])
+    measured = vae_psnr(shapes_sd.vae, images)
+    assert abs(measured - recorded) < 1.5
+    assert measured > 15.0
 
 
 @torch.no_grad()
