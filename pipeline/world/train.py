@@ -552,8 +552,14 @@ def cache_latents(config: TrainConfig, vae, images: np.ndarray) -> tuple[torch.T
     return mean, std
 
 
-def train_unet(config: TrainConfig) -> Path:
-    """Train UNet + CLIP text encoder on cached latents (epsilon, caption dropout); save the SD folder."""
+def train_unet(config: TrainConfig, resume: bool = False) -> Path:
+    """Train UNet + CLIP text encoder on cached latents (epsilon, caption dropout); save the SD folder.
+
+    Args:
+        config: the training job.
+        resume: start from the UNet and text encoder already saved in OUTPUT/shapes-sd (continue training
+            with a fresh step/time budget) instead of from random weights.
+    """
     from diffusers import AutoencoderKL
 
     from pipeline.models.build import build_text_encoder, build_unet, save_sd_folder, write_clip_tokenizer
@@ -571,8 +577,12 @@ def train_unet(config: TrainConfig) -> Path:
     scaling = float(vae.config.scaling_factor)
     arch = _sd_architecture(config)
     tokenizer = write_clip_tokenizer(Path(config.cache_dir) / "tokenizer", arch.max_length)
-    text_encoder = build_text_encoder(arch, vocab_size=len(tokenizer)).to(device)
-    unet = build_unet(arch).to(device)
+    text_encoder = build_text_encoder(arch, vocab_size=len(tokenizer))
+    unet = build_unet(arch)
+    previous_steps = 0
+    if resume:
+        unet, text_encoder, previous_steps = _resume_from(config, unet, text_encoder)
+    text_encoder, unet = text_encoder.to(device), unet.to(device)
     tokens = tokenizer(
         data.captions, padding="max_length", max_length=arch.max_length, return_tensors="pt"
     ).input_ids
@@ -630,9 +640,30 @@ def train_unet(config: TrainConfig) -> Path:
             "unet_parameters": sum(p.numel() for p in unet.parameters()),
             "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
             "train_text_encoder": config.unet.train_text_encoder,
+            "resumed_after_steps": previous_steps,
+            "total_steps": previous_steps + budget.step,
         },
     )
     return folder
+
+
+def _resume_from(config: TrainConfig, unet, text_encoder):
+    """Weights and step count of the saved UNet and text encoder (their architecture must match)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(config.output) / SD_FOLDER_NAME
+    if not (folder / "unet").is_dir():
+        raise FileNotFoundError(f"--resume: no saved model in {folder}; train without --resume first")
+    saved_unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    saved_text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    if tuple(saved_unet.config.block_out_channels) != tuple(unet.config.block_out_channels):
+        raise ValueError(
+            f"--resume: saved UNet has channels {saved_unet.config.block_out_channels}, the job asks for "
+            f"{unet.config.block_out_channels}; use the same unet.channels or train afresh"
+        )
+    record = json.loads((Path(config.output) / "train_metrics.json").read_text()).get("unet", {})
+    return saved_unet, saved_text, int(record.get("total_steps", record.get("steps", 0)))
 
 
 @torch.no_grad()
@@ -668,6 +699,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("stage", choices=["oracle", "vae", "vae-decoder", "clip", "unet", "all", "card"])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training job YAML")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
+    parser.add_argument(
+        "--resume", action="store_true", help="unet: continue from OUTPUT/shapes-sd's weights"
+    )
     args = parser.parse_args(argv)
     config = load_config(args.config)
     torch.set_num_threads(args.threads or config.threads)
@@ -680,7 +714,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     order = list(stages) if args.stage == "all" else [] if args.stage == "card" else [args.stage]
     for name in order:
-        stages[name](config)
+        if name == "unet":
+            train_unet(config, resume=args.resume)
+        else:
+            stages[name](config)
     from pipeline.world.model_card import write_model_card
 
     write_model_card(Path(config.output), args.config)
