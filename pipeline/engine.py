@@ -175,6 +175,7 @@ class EditResult:
             blended words), or None when the prompts name no changed word.
         error: None, or why the edit failed.
         seconds: this edit's share of the batch's wall time.
+        latents: (C, h, w) the edited z_0 before decoding.
     """
 
     request: EditRequest
@@ -182,6 +183,7 @@ class EditResult:
     mask: torch.Tensor | None
     error: str | None
     seconds: float
+    latents: torch.Tensor | None = None
 
 
 def _check_images(model: DiffusionModel, images: torch.Tensor) -> None:
@@ -550,4 +552,4 @@ def _run_edit_batch(
             continue
         has_words = any(mask_positions[slot])
         mask = upsample_mask(final_masks[slot], model.image_size).cpu() if has_words else None
-        results[position] = EditResult(request, images[slot], mask, None, 0.0)
+        results[position] = EditResult(request, images[slot], mask, None, 0.0, final[row].cpu())

@@ -70,4 +70,5 @@ def invert_null_text(
         cond_embeddings=per_step(cond_embeddings, schedule.num_steps),
         reconstruction=optimized.reconstruction,
         errors=optimized.errors,
+        iterations=optimized.iterations,
     )

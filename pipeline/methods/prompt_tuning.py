@@ -78,4 +78,5 @@ def invert_prompt_tuning(
         reconstruction=tuned.reconstruction,
         errors=tuned.errors,
         edit_conditioning="interpolate",
+        iterations=tuned.iterations,
     )

@@ -20,6 +20,7 @@ class MethodResult:
         errors: per image, None or a message naming the step where it failed.
         edit_conditioning: "target": edits condition on the target prompt c*; "interpolate": on
             eta * c* + (1 - eta) * cond_embeddings[i] (prompt tuning, eq. 9).
+        iterations: (S, B) optimiser steps taken per timestep and image (optimising methods).
     """
 
     trajectory: torch.Tensor
@@ -28,6 +29,7 @@ class MethodResult:
     reconstruction: torch.Tensor | None
     errors: list[str | None]
     edit_conditioning: Literal["target", "interpolate"] = "target"
+    iterations: torch.Tensor | None = None
 
 
 def per_step(embeddings: torch.Tensor, num_steps: int) -> torch.Tensor:

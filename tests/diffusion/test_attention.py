@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from pipeline.diffusion.attention import AttentionController, EditPlan
+from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
+
+L = 77
+
+
+def _plan(cross_until=2, self_until=1, uncond_self_until=0, matrix=None, alpha=None, scales=None):
+    return EditPlan(
+        num_rows=2,
+        edit_rows=torch.tensor([1]),
+        edit_sources=torch.tensor([0]),
+        cross_matrix=(torch.eye(L) if matrix is None else matrix)[None],
+        cross_alpha=(torch.ones(L) if alpha is None else alpha)[None],
+        equalizer=(torch.ones(L) if scales is None else scales)[None],
+        cross_until=torch.tensor([cross_until]),
+        self_until=torch.tensor([self_until]),
+        uncond_self_until=torch.tensor([uncond_self_until]),
+    )
+
+
+def _probs(keys, heads=2, queries=4):
+    return torch.rand(2 * 2 * heads, queries, keys).softmax(-1)
+
+
+def test_cross_replace_copies_source_maps_through_the_mapper_within_the_window():
+    swap = torch.eye(L)
+    swap[[3, 4]] = swap[[4, 3]]  # token 3 of the source feeds token 4 of the target and vice versa
+    controller = AttentionController(_plan(cross_until=2, matrix=swap), latent_size=8, mask_resolution=2)
+    probs = _probs(L)
+    out = controller(probs.clone(), is_cross=True, heads=2).view(2, 2, 2, 4, L)
+    original = probs.view(2, 2, 2, 4, L)
+    torch.testing.assert_close(out[1, 1], original[1, 0] @ swap)
+    torch.testing.assert_close(out[0], original[0])  # unconditional branch untouched (plain P2P)
+    controller.step = 2
+    out = controller(probs.clone(), is_cross=True, heads=2).view(2, 2, 2, 4, L)
+    torch.testing.assert_close(out[1, 1], original[1, 1])
+
+
+def test_reweight_scales_the_target_tokens():
+    scales = torch.ones(L)
+    scales[5] = 3.0
+    controller = AttentionController(_plan(scales=scales), latent_size=8, mask_resolution=2)
+    probs = _probs(L)
+    out = controller(probs.clone(), is_cross=True, heads=2).view(2, 2, 2, 4, L)
+    source = probs.view(2, 2, 2, 4, L)[1, 0]
+    torch.testing.assert_close(out[1, 1, ..., 5], 3.0 * source[..., 5])
+    torch.testing.assert_close(out[1, 1, ..., 6], source[..., 6])
+
+
+def test_p2plus_injects_unconditional_self_attention_for_tau_u_steps():
+    controller = AttentionController(
+        _plan(self_until=1, uncond_self_until=3), latent_size=8, mask_resolution=2
+    )
+    probs = _probs(keys=4)
+    original = probs.view(2, 2, 2, 4, 4)
+    out = controller(probs.clone(), is_cross=False, heads=2).view(2, 2, 2, 4, 4)
+    torch.testing.assert_close(out[1, 1], original[1, 0])
+    torch.testing.assert_close(out[0, 1], original[0, 0])
+    controller.step = 2  # conditional self-replacement over, unconditional (P2Plus) still on
+    out = controller(probs.clone(), is_cross=False, heads=2).view(2, 2, 2, 4, 4)
+    torch.testing.assert_close(out[1, 1], original[1, 1])
+    torch.testing.assert_close(out[0, 1], original[0, 0])
+    torch.testing.assert_close(out[:, 0], original[:, 0])
+
+
+@pytest.fixture(scope="module")
+def null_text_inversion(tiny_sd, images, prompts):
+    config = InversionConfig(method="null_text", num_steps=5, guidance_scale=7.5, inner_steps=2)
+    return invert(tiny_sd, images[:2], prompts[:2], config)
+
+
+def test_replace_with_the_source_prompt_reproduces_the_reconstruction(tiny_sd, null_text_inversion, prompts):
+    control = AttentionControl("replace", unconditional_self_replace_steps=0.5)
+    results = edit(tiny_sd, null_text_inversion, [EditRequest(i, prompts[i], control) for i in range(2)])
+    for index, result in enumerate(results):
+        torch.testing.assert_close(
+            result.latents, null_text_inversion.latents.reconstruction[index], atol=1e-5, rtol=1e-4
+        )
+        assert result.mask is None  # no word changed
+
+
+def test_local_blend_keeps_latents_outside_the_mask(tiny_sd, null_text_inversion):
+    # A random-weight model attends almost uniformly, so only a high threshold leaves part of the
+    # latent outside the mask.
+    control = AttentionControl("replace", blend_words=("circle", "square"), blend_threshold=0.95)
+    result = edit(
+        tiny_sd, null_text_inversion, [EditRequest(0, "a red square on a white background", control)]
+    )[0]
+    factor = tiny_sd.vae_scale_factor
+    latent_mask = result.mask[::factor, ::factor]
+    assert 0 < latent_mask.sum() < latent_mask.numel()
+    outside = ~latent_mask
+    reconstruction = null_text_inversion.latents.reconstruction[0]
+    torch.testing.assert_close(result.latents[:, outside], reconstruction[:, outside], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(result.latents[:, latent_mask], reconstruction[:, latent_mask], atol=1e-4)
+
+
+def test_batched_edits_equal_edits_run_one_by_one(tiny_sd, null_text_inversion):
+    requests = [
+        EditRequest(0, "a red square on a white background", AttentionControl("replace")),
+        EditRequest(
+            1, "a blue big square on a gray background", AttentionControl("refine", reweight=(("big", 2.0),))
+        ),
+        EditRequest(
+            0,
+            "a red star on a white background",
+            AttentionControl("replace", unconditional_self_replace_steps=1.0),
+        ),
+    ]
+    together = edit(tiny_sd, null_text_inversion, requests)
+    for request, batched in zip(requests, together, strict=True):
+        alone = edit(tiny_sd, null_text_inversion, [request])[0]
+        torch.testing.assert_close(batched.latents, alone.latents, atol=1e-4, rtol=1e-4)
+        assert batched.mask is not None and torch.equal(batched.mask, alone.mask)

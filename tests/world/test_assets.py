@@ -1,0 +1,124 @@
+"""The shipped shapes-world weights: they load like SD / open_clip checkpoints and match the model card."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from pipeline.models.loading import load_diffusion_model
+from pipeline.world import generator
+from pipeline.world.clip_model import SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS, register_shapes_clip
+from pipeline.world.model_card import ASSETS, CARD_NAME, read_card_fingerprints
+from pipeline.world.oracle import images_to_tensor, load_oracle
+from pipeline.world.sampling import sample_images
+from pipeline.world.train import sha256_file, vae_psnr
+
+SD_FOLDER = ASSETS / "shapes-sd"
+
+
+@pytest.fixture(scope="session")
+def shapes_sd():
+    return load_diffusion_model(SD_FOLDER)
+
+
+@pytest.fixture(scope="session")
+def fresh_scenes():
+    # Seeds far from the training (0..) and held-out (1e6..) ranges.
+    return [
+        generator.render(generator.sample_scene(3_000_000 + i, two_object_fraction=0.0)) for i in range(200)
+    ]
+
+
+def test_card_fingerprints_match_the_weight_files():
+    recorded = read_card_fingerprints(ASSETS / CARD_NAME)
+    on_disk = {str(p.relative_to(ASSETS)): p for p in sorted(ASSETS.rglob("*.safetensors"))}
+    assert set(recorded) == set(on_disk) and len(on_disk) >= 5
+    for name, path in on_disk.items():
+        assert sha256_file(path) == recorded[name], name
+
+
+def test_weights_fit_the_size_budget():
+    total = sum(p.stat().st_size for p in ASSETS.rglob("*.safetensors"))
+    assert total <= 40 * 1024 * 1024
+
+
+def test_diffusers_folder_loads_like_sd(shapes_sd):
+    assert (shapes_sd.image_size, shapes_sd.latent_size, shapes_sd.latent_channels) == (64, 16, 4)
+    assert shapes_sd.scheduler.config.beta_schedule == "scaled_linear"
+    tokenizer = AutoTokenizer.from_pretrained(SD_FOLDER / "tokenizer")
+    assert (
+        tokenizer("a red star on a gray background").input_ids
+        == shapes_sd.tokenizer("a red star on a gray background").input_ids
+    )
+    images = sample_images(shapes_sd, ["a red star on a gray background"], guidance_scale=5.0, steps=2)
+    assert images.shape == (1, 64, 64, 3) and images.dtype == torch.uint8
+
+
+@torch.no_grad()
+def test_vae_latents_are_scaled_to_unit_std(shapes_sd, fresh_scenes):
+    images = images_to_tensor(np.stack([r.image for r in fresh_scenes[:64]]))
+    latents = shapes_sd.vae.encode(images).latent_dist.sample() * shapes_sd.vae.config.scaling_factor
+    assert 0.7 < float(latents.std()) < 1.4
+
+
+@torch.no_grad()
+def test_vae_reconstruction_matches_the_card(shapes_sd, fresh_scenes):
+    # PSNR on scenes the benchmark never saw agrees with the recorded benchmark number, and is far above
+    # what an untrained VAE reaches (~11 dB).
+    recorded = json.loads((ASSETS / "benchmark_metrics.json").read_text())["vae_psnr_db_heldout"]
+    images = np.stack([r.image for r in fresh_scenes[:128]])
+    measured = vae_psnr(shapes_sd.vae, images)
+    assert abs(measured - recorded) < 1.5
+    assert measured > 15.0
+
+
+@torch.no_grad()
+def test_open_clip_loads_by_name_and_matches_captions(fresh_scenes):
+    name = register_shapes_clip()
+    assert name == SHAPES_CLIP_NAME and name in open_clip.list_models()
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(SHAPES_CLIP_WEIGHTS))
+    tokenizer = open_clip.get_tokenizer(name)
+    from PIL import Image
+
+    scenes = fresh_scenes[:32]
+    images = torch.stack([preprocess(Image.fromarray(r.image)) for r in scenes])
+    image_features = model.encode_image(images, normalize=True)
+    # For each scene: its own caption versus the same caption with a different shape.
+    right = model.encode_text(tokenizer([r.caption for r in scenes]), normalize=True)
+    wrong_captions = []
+    for r in scenes:
+        obj = r.scene.objects[0]
+        other = next(s for s in generator.SHAPES if s != obj.shape)
+        wrong_captions.append(generator.one_object_caption(obj.color, other, r.scene.background))
+    wrong = model.encode_text(tokenizer(wrong_captions), normalize=True)
+    prefers_right = ((image_features * right).sum(1) > (image_features * wrong).sum(1)).float().mean()
+    assert prefers_right > 0.8
+
+
+@torch.no_grad()
+def test_oracle_reads_fresh_scenes(fresh_scenes):
+    oracle = load_oracle()
+    predicted = oracle.predict(images_to_tensor(np.stack([r.image for r in fresh_scenes])))
+    for attribute in ("shape", "color", "background"):
+        truth = [r.attributes[attribute] for r in fresh_scenes]
+        accuracy = np.mean(np.array(predicted[attribute]) == np.array(truth))
+        assert accuracy > 0.9, attribute
+
+
+def test_oracle_features_shapes():
+    oracle = load_oracle()
+    maps = oracle.features(torch.zeros(2, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [
+        (2, w, 64 // 2 ** (i + 1), 64 // 2 ** (i + 1)) for i, w in enumerate(oracle.widths)
+    ]
+    with pytest.raises(ValueError, match="oracle expects"):
+        oracle.features(torch.zeros(2, 64, 64))
+
+
+def test_missing_oracle_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="oracle.safetensors"):
+        load_oracle(Path(tmp_path))

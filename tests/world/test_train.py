@@ -1,0 +1,61 @@
+"""Training-job pieces: strict config loading, the step/time budget, and the held-out PSNR."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from skimage.metrics import peak_signal_noise_ratio
+
+from pipeline.models.build import SDArchitecture, build_vae
+from pipeline.world import generator
+from pipeline.world.train import DEFAULT_CONFIG, Budget, load_config, vae_psnr
+
+
+def test_shipped_job_config_loads_and_holds_valid_captions():
+    config = load_config(DEFAULT_CONFIG)
+    assert config.unet.batch > 0 and config.vae.channels[0] > 0
+    for caption in config.data.heldout_captions:
+        assert len(generator.parse_caption(caption)["objects"]) == 1
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["unet"]["learning_rate"] = 0.1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_config(path)
+
+
+def test_bad_heldout_caption_is_rejected(tmp_path):
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["data"]["heldout_captions"] = ["a pink circle on a white background"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="pink"):
+        load_config(path)
+
+
+def test_budget_stops_at_steps_and_decays_lr():
+    budget = Budget(steps=10, max_minutes=60)
+    factors = []
+    while budget.running():
+        factors.append(budget.lr_factor(warmup_steps=2))
+        budget.step += 1
+    assert budget.step == 10
+    assert factors[0] < factors[1] and factors[-1] < factors[2]
+
+
+@torch.no_grad()
+def test_vae_psnr_agrees_with_skimage():
+    torch.manual_seed(0)
+    vae = build_vae(SDArchitecture(image_size=64, vae_channels=(8, 16, 16))).eval()
+    images = np.stack([generator.render(generator.sample_scene(seed)).image for seed in range(4)])
+    ours = vae_psnr(vae, images)
+    batch = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    reconstruction = vae.decode(vae.encode(batch).latent_dist.mode()).sample.clamp(-1, 1)
+    pixels = ((reconstruction + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    reference = np.mean(
+        [peak_signal_noise_ratio(a, b, data_range=255) for a, b in zip(images, pixels, strict=True)]
+    )
+    assert abs(ours - reference) < 1e-3
