@@ -120,12 +120,12 @@ def build_dataset(
         batch_format="numpy",
         **_actor_args(resources.score),
     )
+    # Same resources as the writer, so Ray fuses the two into one task.
     dataset = dataset.map_batches(
         filter_batch,
         fn_kwargs={"thresholds": config.filter},
         batch_format="numpy",
-        batch_size=resources.write.batch_size,
-        num_cpus=0.25,
+        **_task_args(resources.write),
     )
     return dataset.map_batches(
         write_batch,
