@@ -35,6 +35,28 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _targets(benchmark: dict) -> list[str]:
+    """Whether the quality targets (oracle agreement >= 0.9, VAE PSNR >= 30 dB) are met, in words."""
+    agreement = benchmark.get("oracle_agreement_heldout_captions", {})
+    missed = [
+        f"{name} agreement {agreement[name]:.2f} < 0.90"
+        for name in ("shape", "color")
+        if agreement.get(name, 0) < 0.9
+    ]
+    if benchmark.get("vae_psnr_db_heldout", 0.0) < 30.0:
+        missed.append(f"VAE PSNR {benchmark.get('vae_psnr_db_heldout', 0.0):.1f} dB < 30 dB")
+    if not missed:
+        return ["Targets met: oracle agreement >= 0.90 for shape and colour, VAE PSNR >= 30 dB."]
+    return [
+        "**Targets not met** ("
+        + "; ".join(missed)
+        + "): the models are under-trained for their time budget.",
+        "Continue training with more steps or time (`max_minutes` in the job file), e.g.",
+        "`python -m pipeline.world.train unet --resume` and `python -m pipeline.world.train vae-decoder`,",
+        "or run the job on a GPU.",
+    ]
+
+
 def write_model_card(
     assets: str | os.PathLike = ASSETS, config_path: str | os.PathLike = "jobs/train_shapes_world.yaml"
 ) -> Path:
@@ -114,6 +136,7 @@ def write_model_card(
     lines += ["", "## Quality (`benchmarks/world_quality.py`)", ""]
     if benchmark:
         lines += [f"- {key}: {_fmt(value)}" for key, value in benchmark.items()]
+        lines += ["", *_targets(benchmark)]
     else:
         lines.append("- not measured yet")
     lines += [
