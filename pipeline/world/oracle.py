@@ -116,3 +116,23 @@ def load_oracle(folder: str | os.PathLike | None = None, device: str | torch.dev
     oracle = ShapesOracle(tuple(json.loads(config.read_text())["widths"]))
     oracle.load_state_dict(load_file(weights))
     return oracle.to(device).eval()
+
+
+class OracleFeatures(nn.Module):
+    """The oracle's feature maps for images in [0, 1]: the shapes world's perceptual backbone.
+
+    `pipeline.metrics.build_perceptual("features:shapes-oracle", feature_extractor=...)` feeds [0, 1]
+    images; the oracle was trained on [-1, 1].
+    """
+
+    def __init__(self, oracle: ShapesOracle) -> None:
+        super().__init__()
+        self.oracle = oracle.requires_grad_(False)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.oracle.features(images * 2.0 - 1.0)
+
+
+def perceptual_features() -> OracleFeatures:
+    """Factory for job specs: `metrics.feature_extractor: pipeline.world.oracle:perceptual_features`."""
+    return OracleFeatures(load_oracle())
