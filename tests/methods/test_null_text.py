@@ -1,3 +1,7 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
 from pipeline.diffusion.ddim import DDIMSchedule
@@ -8,6 +12,7 @@ from pipeline.methods.ddim_inversion import ddim_trajectory
 from pipeline.methods.null_text import invert_null_text
 
 STEPS = 5
+SHAPES_SD = Path(__file__).resolve().parents[2] / "pipeline" / "world" / "assets" / "shapes-sd"
 
 
 def _inputs(model, images, prompts):
@@ -57,3 +62,26 @@ def test_reconstruction_never_worse_than_ddim_at_guidance_7_5(tiny_sd, images, p
     assert (null_text_error <= ddim_error).all(), (null_text_error, ddim_error)
     # On a random-weight model the null embedding steers eps only weakly: about a 40% reduction.
     assert null_text_error.mean() < 0.75 * ddim_error.mean(), (null_text_error, ddim_error)
+
+
+@pytest.mark.slow
+def test_on_the_shapes_world_model_null_text_error_is_10x_below_ddim():
+    """On a model whose text conditioning matters, guidance 7.5 breaks plain DDIM reconstruction."""
+    from pipeline.models.loading import load_diffusion_model
+    from pipeline.world import generator
+
+    model = load_diffusion_model(SHAPES_SD)
+    scenes = [
+        generator.render(generator.sample_scene(4_000_000 + i, two_object_fraction=0.0)) for i in range(4)
+    ]
+    images = torch.from_numpy(np.stack([scene.image for scene in scenes]))
+    captions = [scene.caption for scene in scenes]
+    errors = {}
+    for method in ("ddim", "null_text"):
+        inversion = invert(
+            model, images, captions, InversionConfig(method=method, num_steps=20, guidance_scale=7.5)
+        )
+        reconstruction, clean = inversion.latents.reconstruction, inversion.latents.trajectory[0]
+        errors[method] = (reconstruction - clean).flatten(1).norm(dim=1)
+    assert (errors["null_text"] <= errors["ddim"]).all(), errors
+    assert errors["ddim"].mean() >= 10 * errors["null_text"].mean(), errors
