@@ -49,17 +49,6 @@ def rows_for_sample(batch: dict, index: int) -> tuple[list[dict], list[dict], li
     """(edits rows, sources rows, errors rows) of one processed sample row."""
     source_id, status = str(batch["source_id"][index]), str(batch["status"][index])
     errors = []
-    if status == "error":
-        errors.append(
-            {
-                "source_id": source_id,
-                "stage": str(batch["error_stage"][index]),
-                "error_type": str(batch["error_type"][index]),
-                "error": str(batch["error"][index]),
-                "edit_id": None,
-            }
-        )
-        return [], [], errors
     if status != "ok":
         errors.append(
             {
@@ -70,6 +59,8 @@ def rows_for_sample(batch: dict, index: int) -> tuple[list[dict], list[dict], li
                 "edit_id": None,
             }
         )
+    if status == "error":
+        return [], [], errors
     for edit_id, stage, kind, message in json.loads(batch["failures_json"][index]):
         errors.append(
             {"source_id": source_id, "stage": stage, "error_type": kind, "error": message, "edit_id": edit_id}
