@@ -23,7 +23,6 @@ from typing import Literal
 import torch
 
 from pipeline.diffusion.ddim import DDIMSchedule
-from pipeline.diffusion.sampling import predict_noise
 from pipeline.methods.result import nonfinite_errors
 
 
@@ -100,11 +99,7 @@ def optimize_stepwise(
             optimized_noise = unet(
                 latents[index], timestep, encoder_hidden_states=torch.stack([params[i] for i in active])
             ).sample
-            if optimized_branch == "uncond":
-                noise_uncond, noise_cond = optimized_noise, fixed_noise[index]
-            else:
-                noise_uncond, noise_cond = fixed_noise[index], optimized_noise
-            noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            noise = _guided(optimized_noise, fixed_noise[index], optimized_branch, guidance_scale)
             landed = schedule.step(noise, timestep, latents[index])
             squared = (landed - target[index]).pow(2).flatten(1)
             losses = squared.mean(dim=1) if reduction == "mean" else squared.sum(dim=1)
@@ -118,13 +113,27 @@ def optimize_stepwise(
         current = torch.stack(params).detach()
         per_step.append(current)
         with torch.no_grad():
-            uncond, cond = (
-                (current, fixed_embeddings) if optimized_branch == "uncond" else (fixed_embeddings, current)
-            )
-            noise = predict_noise(unet, latents, timestep, cond, uncond, guidance_scale)
+            # The fixed branch's prediction does not depend on the optimised embedding: reuse it and
+            # run the UNet only for the optimised branch (one batch-B call instead of a 2B one).
+            optimized_noise = unet(latents, timestep, encoder_hidden_states=current).sample
+            noise = _guided(optimized_noise, fixed_noise, optimized_branch, guidance_scale)
             latents = schedule.step(noise, timestep, latents)
         nonfinite_errors(latents, step_index, timestep, errors)
     return StepwiseEmbeddings(torch.stack(per_step), latents, iterations, errors)
+
+
+def _guided(
+    optimized_noise: torch.Tensor,
+    fixed_noise: torch.Tensor,
+    optimized_branch: Literal["uncond", "cond"],
+    guidance_scale: float,
+) -> torch.Tensor:
+    """eps_tilde = eps_uncond + w * (eps_cond - eps_uncond), from the two branches' (N, C, h, w) noises."""
+    if optimized_branch == "uncond":
+        noise_uncond, noise_cond = optimized_noise, fixed_noise
+    else:
+        noise_uncond, noise_cond = fixed_noise, optimized_noise
+    return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
 
 def _still_active(
