@@ -14,6 +14,8 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -23,13 +25,15 @@ from importlib import metadata
 import fsspec
 import ray
 
-from pipeline.config import JobConfig, StageResources, spec_digest, to_dict
+from pipeline.config import JobConfig, ResourcesConfig, StageResources, spec_digest, to_dict
 from pipeline.stages.filter import filter_batch
 from pipeline.stages.invert_edit import InvertEditActor, backbone_names
 from pipeline.stages.preprocess import preprocess_batch
 from pipeline.stages.read import expand_shards, read_shard
 from pipeline.stages.score import ScoreActor
 from pipeline.stages.write import COUNTS, remove_shard_files, shard_key, write_batch
+
+logger = logging.getLogger(__name__)
 
 MARKERS = "_shards"
 PACKAGES = (
@@ -64,6 +68,32 @@ def model_image_size(config: JobConfig) -> int:
             f"model.path {config.model.path!r}: cannot read its unet/vae configs ({error}); set model.image_size"
         ) from error
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def resource_shortfall(resources: ResourcesConfig, cluster: dict[str, float]) -> str | None:
+    """Why the job's stages cannot all run at once on `cluster` (ray.cluster_resources()), or None.
+
+    Actor pools hold their CPUs and GPUs for the whole job; the read, preprocess and write tasks need
+    what is left. If the pools take every CPU, no read task is ever scheduled and the job waits forever.
+    """
+    pools = {"invert_edit": resources.invert_edit, "score": resources.score}
+    tasks = {"read": resources.read, "preprocess": resources.preprocess, "write": resources.write}
+    for unit, field_name in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        held = sum(stage.actors * getattr(stage, field_name) for stage in pools.values())
+        task_name, task = max(tasks.items(), key=lambda item: getattr(item[1], field_name))
+        needed = held + getattr(task, field_name)
+        available = float(cluster.get(unit, 0.0))
+        if needed > available + 1e-9:
+            pool_terms = " + ".join(
+                f"resources.{name}: {stage.actors} x {getattr(stage, field_name)}"
+                for name, stage in pools.items()
+            )
+            return (
+                f"the actor pools hold {held:g} {unit} ({pool_terms}) and resources.{task_name}.{field_name} "
+                f"needs {getattr(task, field_name):g} more, but the cluster has {available:g} {unit}; lower "
+                f"the pools' actors or {field_name}, or run on a bigger cluster"
+            )
+    return None
 
 
 def _actor_args(stage: StageResources) -> dict:
@@ -258,6 +288,12 @@ def run_job(
 
     if not ray.is_initialized():
         ray.init(address=address)
+    shortfall = resource_shortfall(config.resources, ray.cluster_resources())
+    if shortfall is not None:
+        # A cluster that autoscales may still grow into the job; a fixed one would wait forever.
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            raise JobError(f"{config.name}: {shortfall}")
+        logger.warning("%s: %s (waiting for the autoscaler)", config.name, shortfall)
     tracker = ShardTracker(store, on_shard_complete)
     if pending:
         context = ray.data.DataContext.get_current()

@@ -31,6 +31,7 @@ from pipeline.world.oracle import HEADS, ShapesOracle, images_to_tensor
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "train_shapes_world.yaml"
 SD_FOLDER_NAME = "shapes-sd"
 HELDOUT_SEED_OFFSET = 1_000_000  # held-out scenes use seeds disjoint from the training seeds
+SCENE_CACHE_VERSION = 2  # bump when SceneSet gains fields, so stale caches are re-rendered
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class UNetConfig:
     ema_decay: float
     max_minutes: float
     scenes: int
+    object_loss_weight: float
+    min_snr_gamma: float | None
 
 
 @dataclass(frozen=True)
@@ -176,12 +179,24 @@ class Budget:
 
 @dataclass
 class SceneSet:
-    """Rendered scenes: images uint8 (N, 64, 64, 3), captions, labels (N,) per oracle head, n_objects (N,)."""
+    """Rendered scenes: images uint8 (N, 64, 64, 3), captions, labels (N,) per oracle head, n_objects (N,),
+    object_masks bool (N, 64, 64): the union of the objects' silhouettes."""
 
     images: np.ndarray
     captions: list[str]
     labels: dict[str, np.ndarray]
     n_objects: np.ndarray
+    object_masks: np.ndarray
+
+    def head(self, count: int) -> SceneSet:
+        """The first `count` scenes."""
+        return SceneSet(
+            self.images[:count],
+            self.captions[:count],
+            {name: values[:count] for name, values in self.labels.items()},
+            self.n_objects[:count],
+            self.object_masks[:count],
+        )
 
 
 def render_scenes(
@@ -200,17 +215,20 @@ def render_scenes(
         captions=[r.caption for r in rendered],
         labels=labels,
         n_objects=np.array([r.attributes["n_objects"] for r in rendered]),
+        object_masks=np.stack([r.masks.any(axis=0) for r in rendered]),
     )
 
 
 def training_scenes(config: TrainConfig) -> SceneSet:
     """The training scenes, rendered once and cached under `cache_dir` (keyed by the data config)."""
-    key = hashlib.sha256(repr(config.data).encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr((SCENE_CACHE_VERSION, config.data)).encode()).hexdigest()[:16]
     path = Path(config.cache_dir) / f"scenes_{key}.npz"
     if path.is_file():
         cached = np.load(path)
         labels = {name: cached[f"label_{name}"] for name in HEADS}
-        return SceneSet(cached["images"], cached["captions"].tolist(), labels, cached["n_objects"])
+        return SceneSet(
+            cached["images"], cached["captions"].tolist(), labels, cached["n_objects"], cached["object_masks"]
+        )
     scenes = render_scenes(
         range(config.data.train_scenes),
         config.data.two_object_fraction,
@@ -219,7 +237,7 @@ def training_scenes(config: TrainConfig) -> SceneSet:
     path.parent.mkdir(parents=True, exist_ok=True)
     labels = {f"label_{name}": values for name, values in scenes.labels.items()}
     np.savez(path.with_suffix(".tmp.npz"), images=scenes.images, captions=np.array(scenes.captions),
-             n_objects=scenes.n_objects, **labels)  # fmt: skip
+             n_objects=scenes.n_objects, object_masks=scenes.object_masks, **labels)  # fmt: skip
     path.with_suffix(".tmp.npz").replace(path)
     return scenes
 
@@ -552,6 +570,48 @@ def cache_latents(config: TrainConfig, vae, images: np.ndarray) -> tuple[torch.T
     return mean, std
 
 
+def object_loss_weights(object_masks: np.ndarray, latent_size: int, object_weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights (N, 1, h, w): 1 + object_weight * (fraction of the pixel on an object).
+
+    Objects cover a small part of each scene, so an unweighted loss is dominated by the background (and
+    the textured backgrounds are the hardest part to fit); weighting the objects makes shape and colour,
+    which the captions name, a larger share of the gradient.
+    """
+    masks = torch.as_tensor(object_masks, dtype=torch.float32)[:, None]
+    coverage = F.adaptive_avg_pool2d(masks, latent_size)
+    return 1.0 + object_weight * coverage
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler,
+    weights: torch.Tensor,
+    min_snr_gamma: float | None,
+) -> torch.Tensor:
+    """Weighted epsilon-prediction loss.
+
+    mean_b [ min(SNR_t, gamma) / SNR_t * mean_(c,h,w) weights * (eps_theta - eps)^2 ], with
+    SNR_t = alpha_bar_t / (1 - alpha_bar_t) (Min-SNR-gamma weighting, Hang et al. 2023, for epsilon
+    targets; gamma None gives weight 1 at every t).
+
+    Args:
+        prediction: eps_theta, (B, C, h, w).
+        noise: eps, (B, C, h, w).
+        timesteps: t, (B,).
+        scheduler: the training DDPMScheduler (its alphas_cumprod).
+        weights: per-pixel weights, broadcastable to (B, C, h, w).
+        min_snr_gamma: gamma, or None.
+    """
+    per_sample = (weights * (prediction - noise).pow(2)).mean(dim=(1, 2, 3))
+    if min_snr_gamma is not None:
+        alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alpha_bar / (1.0 - alpha_bar)
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+    return per_sample.mean()
+
+
 def train_unet(config: TrainConfig, resume: bool = False) -> Path:
     """Train UNet + CLIP text encoder on cached latents (epsilon, caption dropout); save the SD folder.
 
@@ -570,10 +630,11 @@ def train_unet(config: TrainConfig, resume: bool = False) -> Path:
     vae = AutoencoderKL.from_pretrained(Path(config.cache_dir) / "vae").to(device).eval()
     data = training_scenes(config)
     # The first `unet.scenes` training scenes: encoding them all would take much of the UNet's budget.
-    data = SceneSet(
-        data.images[: config.unet.scenes], data.captions[: config.unet.scenes], data.labels, data.n_objects
-    )
+    data = data.head(config.unet.scenes)
     latent_mean, latent_std = cache_latents(config, vae, data.images)
+    loss_weights = object_loss_weights(
+        data.object_masks, latent_mean.shape[-1], config.unet.object_loss_weight
+    )
     scaling = float(vae.config.scaling_factor)
     arch = _sd_architecture(config)
     tokenizer = write_clip_tokenizer(Path(config.cache_dir) / "tokenizer", arch.max_length)
@@ -609,7 +670,9 @@ def train_unet(config: TrainConfig, resume: bool = False) -> Path:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),)).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(batch_tokens.to(device))[0]).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = diffusion_loss(
+            prediction, noise, timesteps, scheduler, loss_weights[index].to(device), config.unet.min_snr_gamma
+        )
         for group in optimizer.param_groups:
             group["lr"] = config.unet.lr * budget.lr_factor(warmup_steps=100)
         optimizer.zero_grad()
