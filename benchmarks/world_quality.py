@@ -118,7 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in results.items():
         print(f"{key}: {value}")
     if args.write:
-        (assets / "benchmark_metrics.json").write_text(json.dumps(results, indent=2))
+        path = assets / "benchmark_metrics.json"
+        # Keep what other benchmarks recorded there (world_editing's "editing" table).
+        record = (
+            {key: value for key, value in json.loads(path.read_text()).items() if key == "editing"}
+            if path.is_file()
+            else {}
+        )
+        path.write_text(json.dumps({**results, **record}, indent=2))
         write_model_card(
             assets, Path(args.config).name if Path(args.config) == DEFAULT_CONFIG else args.config
         )

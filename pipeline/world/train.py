@@ -257,6 +257,15 @@ def _record(config: TrainConfig, stage: str, metrics: dict) -> None:
     print(f"[{stage}] {json.dumps(metrics)}", flush=True)
 
 
+def _forget(config: TrainConfig, stage: str) -> None:
+    """Drop `stage`'s record from train_metrics.json (its weights are gone)."""
+    path = Path(config.output) / "train_metrics.json"
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.pop(stage, None) is not None:
+            path.write_text(json.dumps(record, indent=2, sort_keys=True))
+
+
 def _log(stage: str, budget: Budget, loss: float, every: int = 50) -> None:
     if budget.step % every == 0:
         print(f"[{stage}] step {budget.step} loss {loss:.5f} t={budget.elapsed:.0f}s", flush=True)
@@ -360,6 +369,7 @@ def train_vae(config: TrainConfig):
     vae.register_to_config(scaling_factor=scaling)
     psnr = vae_psnr(vae, heldout_scenes(config).images)
     vae.save_pretrained(Path(config.cache_dir) / "vae", safe_serialization=True)
+    _forget(config, "vae_decoder")  # its decoder was fine-tuned for the previous encoder
     _record(
         config,
         "vae",
