@@ -4,7 +4,8 @@ recorded in every edit's params and in the manifest.
 
 Adds per row: recon_psnr, recon_ssim, recon_lpips (float32, NaN when not computed) and the metric
 values inside each entry of edits_json (clip_t, clip_i, clip_dir, lpips, bg_psnr, bg_lpips; null
-when undefined, e.g. bg_* when the edit mask covers the whole image).
+when undefined, e.g. bg_* when the edit mask covers the whole image; bg_psnr is +inf when the
+background is unchanged to the last bit).
 """
 
 from __future__ import annotations
@@ -49,9 +50,8 @@ def to_unit_float(images: np.ndarray, device: str) -> torch.Tensor:
 
 
 def _values(tensor: torch.Tensor) -> list[float | None]:
-    return [
-        None if not np.isfinite(value) else float(value) for value in tensor.detach().float().cpu().numpy()
-    ]
+    """Floats, with None for NaN (undefined, e.g. an empty region); +inf (identical pixels) is kept."""
+    return [None if np.isnan(value) else float(value) for value in tensor.detach().double().cpu().numpy()]
 
 
 class ScoreActor:

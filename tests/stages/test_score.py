@@ -1,0 +1,82 @@
+"""The metrics actor on hand-made edits whose background metrics are known in closed form."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.config import ClipMetricConfig, MetricsConfig
+from pipeline.stages.score import ScoreActor
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def actor(job_assets):
+    from conftest import TESTS
+
+    clip = job_assets["clip"]
+    metrics = MetricsConfig(
+        clip=ClipMetricConfig(clip.model_name, str(clip.checkpoint_path), str(clip.config_path)),
+        perceptual="features:tiny",
+        feature_extractor=f"{TESTS / 'job_data.py'}:tiny_features",
+        device="cpu",
+    )
+    return ScoreActor(metrics)
+
+
+def edit_batch(source: np.ndarray, edits: list[tuple[np.ndarray, np.ndarray, bool]]) -> dict:
+    """One ok row with the given (edited image, mask, has_mask) edits."""
+    records = [
+        {"edit_id": f"e{i}", "target_prompt": "a photo of a fox", "has_mask": has_mask}
+        for i, (_, _, has_mask) in enumerate(edits)
+    ]
+
+    def column(values):
+        array = np.empty(1, dtype=object)
+        array[0] = values
+        return array
+
+    return {
+        "status": np.array(["ok"], dtype=object),
+        "error_stage": np.array([None], dtype=object),
+        "error_type": np.array([None], dtype=object),
+        "error": np.array([None], dtype=object),
+        "image": source[None],
+        "recon": source[None],
+        "caption": np.array(["a photo of a cat"], dtype=object),
+        "edits_json": np.array([json.dumps(records)], dtype=object),
+        "edit_images": column(np.stack([image for image, _, _ in edits])),
+        "edit_masks": column(np.stack([mask for _, mask, _ in edits])),
+        "stage_seconds": np.zeros(1),
+    }
+
+
+def test_background_metrics_follow_the_mask(actor):
+    rng = np.random.default_rng(0)
+    source = rng.integers(20, 200, size=(SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    mask[8:20, 8:20] = True
+    inside_only = source.copy()
+    inside_only[mask] = 255 - inside_only[mask]
+    offset_outside = inside_only.copy()
+    offset_outside[~mask] += 10  # background off by exactly 10/255 everywhere
+    full_mask = np.ones_like(mask)
+    batch = edit_batch(
+        source,
+        [(inside_only, mask, True), (offset_outside, mask, True), (inside_only, full_mask, True)],
+    )
+    scored = actor(batch)
+    assert scored["status"][0] == "ok", scored["error"][0]
+    first, second, third = json.loads(scored["edits_json"][0])
+    # Unchanged background: identical pixels, infinite PSNR (not "undefined").
+    assert first["bg_psnr"] == math.inf
+    assert second["bg_psnr"] == pytest.approx(20 * math.log10(255 / 10), abs=1e-6)
+    # The mask covers everything: no background, so the metrics are undefined.
+    assert third["bg_psnr"] is None and third["bg_lpips"] is None
+    # The edited region counts for LPIPS over the whole image, not for the background's.
+    assert first["bg_lpips"] < first["lpips"]
+    assert scored["recon_psnr"][0] == np.inf
