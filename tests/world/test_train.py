@@ -66,7 +66,10 @@ def test_diffusion_loss_reduces_to_mse_and_follows_min_snr():
 
     scheduler = ddpm_scheduler()
     generator = torch.Generator().manual_seed(0)
-    prediction, noise = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
+    prediction, noise = (
+        torch.randn(4, 4, 8, 8, generator=generator),
+        torch.randn(4, 4, 8, 8, generator=generator),
+    )
     timesteps = torch.tensor([0, 10, 500, 999])
     plain = diffusion_loss(prediction, noise, timesteps, scheduler, torch.ones(1), None)
     assert torch.allclose(plain, torch.nn.functional.mse_loss(prediction, noise))
