@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +13,11 @@ from pipeline.config import ClipMetricConfig, MetricsConfig
 from pipeline.stages.score import ScoreActor
 
 SIZE = 32
+TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def actor(job_assets):
-    from conftest import TESTS
-
     clip = job_assets["clip"]
     metrics = MetricsConfig(
         clip=ClipMetricConfig(clip.model_name, str(clip.checkpoint_path), str(clip.config_path)),
