@@ -11,6 +11,7 @@ The UNet stage trains on VAE latents cached once under `cache_dir`.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -432,19 +433,24 @@ def train_vae_decoder(config: TrainConfig):
     return vae
 
 
-def _reload_vae_same_encoder(config: TrainConfig, vae):
-    """The cached VAE as it is now, checked to have the encoder the latents came from."""
+def load_in_memory(model_class, folder: Path):
+    """`model_class.from_pretrained(folder)` with its weights copied off the file: safetensors maps the
+    file into memory, and the stage later writes the same folder (a mapped file rewritten under a live
+    model is a bus error)."""
+    return copy.deepcopy(model_class.from_pretrained(folder))
+
+
+def _reload_vae_same_encoder(vae_folder: Path, vae):
+    """The VAE in `vae_folder` as it is now, checked to have the encoder the latents came from."""
     from diffusers import AutoencoderKL
 
-    current = AutoencoderKL.from_pretrained(Path(config.cache_dir) / "vae").eval()
+    current = load_in_memory(AutoencoderKL, vae_folder).eval()
     for part in ("encoder", "quant_conv"):
         old, new = getattr(vae, part).state_dict(), getattr(current, part).state_dict()
         if any(not torch.equal(old[key].cpu(), new[key]) for key in old):
-            raise RuntimeError(f"the cached VAE's {part} changed during UNet training; re-run the unet stage")
+            raise RuntimeError(f"the VAE's {part} changed during UNet training; re-run the unet stage")
     if current.config.scaling_factor != vae.config.scaling_factor:
-        raise RuntimeError(
-            "the cached VAE's scaling_factor changed during UNet training; re-run the unet stage"
-        )
+        raise RuntimeError("the VAE's scaling_factor changed during UNet training; re-run the unet stage")
     return current
 
 
@@ -637,7 +643,9 @@ def train_unet(config: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(config.seed + 3)
     rng = np.random.default_rng(config.seed + 3)
     device = training_device()
-    vae = AutoencoderKL.from_pretrained(Path(config.cache_dir) / "vae").to(device).eval()
+    # Resuming keeps the VAE whose latents the saved UNet learned; a fresh run takes the vae stage's.
+    vae_folder = Path(config.output) / SD_FOLDER_NAME / "vae" if resume else Path(config.cache_dir) / "vae"
+    vae = load_in_memory(AutoencoderKL, vae_folder).to(device).eval()
     data = training_scenes(config)
     # The first `unet.scenes` training scenes: encoding them all would take much of the UNet's budget.
     data = data.head(config.unet.scenes)
@@ -650,9 +658,9 @@ def train_unet(config: TrainConfig, resume: bool = False) -> Path:
     tokenizer = write_clip_tokenizer(Path(config.cache_dir) / "tokenizer", arch.max_length)
     text_encoder = build_text_encoder(arch, vocab_size=len(tokenizer))
     unet = build_unet(arch)
-    previous_steps = 0
+    previous = {"steps": 0, "wall_s": 0}
     if resume:
-        unet, text_encoder, previous_steps = _resume_from(config, unet, text_encoder)
+        unet, text_encoder, previous = _resume_from(config, unet, text_encoder)
     text_encoder, unet = text_encoder.to(device), unet.to(device)
     tokens = tokenizer(
         data.captions, padding="max_length", max_length=arch.max_length, return_tensors="pt"
@@ -698,7 +706,7 @@ def train_unet(config: TrainConfig, resume: bool = False) -> Path:
     text_encoder.load_state_dict(ema["text"])
     unet, text_encoder, vae = unet.cpu(), text_encoder.cpu(), vae.cpu()
     # Re-read the VAE: the vae-decoder stage may have improved its decoder meanwhile (same encoder).
-    vae = _reload_vae_same_encoder(config, vae)
+    vae = _reload_vae_same_encoder(vae_folder, vae)
     folder = save_sd_folder(
         Path(config.output) / SD_FOLDER_NAME, unet.eval(), vae, text_encoder.eval(), tokenizer, arch.scheduler
     )
@@ -709,34 +717,41 @@ def train_unet(config: TrainConfig, resume: bool = False) -> Path:
             "steps": budget.step,
             "wall_s": round(budget.elapsed),
             "batch": config.unet.batch,
+            "peak_lr": config.unet.lr,
             "final_loss": round(loss.item(), 5),
             "unet_parameters": sum(p.numel() for p in unet.parameters()),
             "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
             "train_text_encoder": config.unet.train_text_encoder,
-            "resumed_after_steps": previous_steps,
-            "total_steps": previous_steps + budget.step,
+            "resumed_after_steps": previous["steps"],
+            "total_steps": previous["steps"] + budget.step,
+            "total_wall_s": previous["wall_s"] + round(budget.elapsed),
         },
     )
     return folder
 
 
 def _resume_from(config: TrainConfig, unet, text_encoder):
-    """Weights and step count of the saved UNet and text encoder (their architecture must match)."""
+    """Weights of the saved UNet and text encoder (their architecture must match), and the steps and wall
+    seconds they were trained for so far."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     folder = Path(config.output) / SD_FOLDER_NAME
     if not (folder / "unet").is_dir():
         raise FileNotFoundError(f"--resume: no saved model in {folder}; train without --resume first")
-    saved_unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    saved_text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    saved_unet = load_in_memory(UNet2DConditionModel, folder / "unet")
+    saved_text = load_in_memory(CLIPTextModel, folder / "text_encoder")
     if tuple(saved_unet.config.block_out_channels) != tuple(unet.config.block_out_channels):
         raise ValueError(
             f"--resume: saved UNet has channels {saved_unet.config.block_out_channels}, the job asks for "
             f"{unet.config.block_out_channels}; use the same unet.channels or train afresh"
         )
     record = json.loads((Path(config.output) / "train_metrics.json").read_text()).get("unet", {})
-    return saved_unet, saved_text, int(record.get("total_steps", record.get("steps", 0)))
+    previous = {
+        "steps": int(record.get("total_steps", record.get("steps", 0))),
+        "wall_s": int(record.get("total_wall_s", record.get("wall_s", 0))),
+    }
+    return saved_unet, saved_text, previous
 
 
 @torch.no_grad()
@@ -775,8 +790,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="unet: continue from OUTPUT/shapes-sd's weights"
     )
+    parser.add_argument(
+        "--lr", type=float, default=None, help="unet: peak learning rate (default: the config's)"
+    )
+    parser.add_argument(
+        "--max-minutes", type=float, default=None, help="unet: wall-time budget (default: the config's)"
+    )
     args = parser.parse_args(argv)
     config = load_config(args.config)
+    unet_overrides = {"lr": args.lr, "max_minutes": args.max_minutes}
+    unet_overrides = {key: value for key, value in unet_overrides.items() if value is not None}
+    if unet_overrides:
+        config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, **unet_overrides))
     torch.set_num_threads(args.threads or config.threads)
     stages = {
         "oracle": train_oracle,

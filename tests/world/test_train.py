@@ -8,7 +8,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from pipeline.models.build import SDArchitecture, build_vae
 from pipeline.world import generator
-from pipeline.world.train import DEFAULT_CONFIG, Budget, load_config, vae_psnr
+from pipeline.world.train import DEFAULT_CONFIG, Budget, load_config, load_in_memory, vae_psnr
 
 
 def test_shipped_job_config_loads_and_holds_valid_captions():
@@ -95,3 +95,16 @@ def test_object_loss_weights_follow_mask_coverage():
     assert weights.shape == (2, 1, 16, 16)
     assert weights[0, 0, 0, 0] == 5.0 and weights[1, 0, 0, 0] == 3.0
     assert torch.all(weights[:, :, 1:, :] == 1.0) and torch.all(weights[:, :, :, 1:] == 1.0)
+
+
+def test_model_loaded_in_memory_survives_its_folder_being_rewritten(tmp_path):
+    """The unet stage reads the VAE it resumes with from the folder it then writes: the loaded weights must
+    not stay mapped to the file (rewriting a mapped file under a live model is a bus error)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    build_vae(SDArchitecture(image_size=32, vae_channels=(8, 16))).save_pretrained(tmp_path)
+    vae = load_in_memory(AutoencoderKL, tmp_path)
+    before = [parameter.clone() for parameter in vae.parameters()]
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 64)
+    assert all(torch.equal(a, b) for a, b in zip(before, vae.parameters(), strict=True))
