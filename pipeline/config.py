@@ -202,6 +202,20 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class JobInversionConfig(InversionConfig):
+    """The engine's inversion config, plus the prompt the job inverts each image with.
+
+    Attributes:
+        prompt: source: the sample's caption; one inversion serves all of the image's edits.
+            target: each edit's target prompt; one inversion per image and distinct target prompt.
+            Prompt Tuning Inversion (Algorithm 1) inverts with the target prompt only, so a
+            prompt_tuning job that follows the paper sets `target`.
+    """
+
+    prompt: Literal["source", "target"] = "source"
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A whole job spec."""
 
@@ -210,7 +224,7 @@ class JobConfig:
     edits: tuple[EditSpec, ...]
     output: OutputConfig
     name: str = "inversa-job"
-    inversion: InversionConfig = field(default_factory=InversionConfig)
+    inversion: JobInversionConfig = field(default_factory=JobInversionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, JobConfig, load_config, parse_config, to_dict
+from pipeline.config import ConfigError, JobConfig, JobInversionConfig, load_config, parse_config, to_dict
 from pipeline.engine import AttentionControl, InversionConfig
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -29,7 +29,8 @@ def test_minimal_spec_builds_typed_frozen_config(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
     assert isinstance(config, JobConfig)
     assert config.input.shards == ("data/shard-{000000..000003}.tar",)  # a single string becomes a list
-    assert config.inversion == InversionConfig()
+    assert config.inversion == JobInversionConfig()  # the engine defaults, inverting with the caption
+    assert isinstance(config.inversion, InversionConfig) and config.inversion.prompt == "source"
     assert config.edits[0].control == AttentionControl(mode="refine", reweight=(("fox", 2.0),))
     with pytest.raises(AttributeError):
         config.model.path = "other"  # frozen
@@ -46,6 +47,7 @@ def test_round_trip_through_to_dict():
         ({"inversion": {"methd": "ddim"}}, "inversion.methd", "unknown key"),
         ({"inversion": {"method": "magic"}}, "inversion.method", "not one of"),
         ({"inversion": {"num_steps": "ten"}}, "inversion.num_steps", "expected an integer"),
+        ({"inversion": {"prompt": "caption"}}, "inversion.prompt", "not one of"),
         ({"edits": [{"target_class": "fox", "seeds": [1, 1]}]}, "edits.0.seeds", "repeats"),
         (
             {"edits": [{"target_class": "fox", "prompt": {"mode": "template"}}]},

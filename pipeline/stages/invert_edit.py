@@ -1,4 +1,5 @@
-"""GPU actor: invert every image of a batch once, then fan out all of its edits from that inversion.
+"""GPU actor: invert every image of a batch once, then fan out all of its edits from that inversion
+(with `inversion.prompt: target`, once per distinct target prompt, each serving the edits that use it).
 
 Rows stay one per source sample. The actor adds:
     recon (B, S, S, 3) uint8, invert_seconds (B,), model_id, model_fingerprint,
@@ -6,20 +7,22 @@ Rows stay one per source sample. The actor adds:
         sample_index, params, edit_seconds, ok, has_mask),
     edit_images: per row (E, S, S, 3) uint8, edit_masks: per row (E, S, S) bool (True = edited),
     failures_json: per row a JSON list of [edit_id | null, stage, error_type, message].
-Rows whose inversion fails get status "invert_failed" and an invert error.
+Rows whose inversion fails get status "invert_failed" and an invert error; when only some of a row's
+target-prompt inversions fail, their edits become "invert" failures of the row.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline import engine
-from pipeline.config import EditSpec, MetricsConfig
-from pipeline.engine import EditRequest, InversionConfig
+from pipeline.config import EditSpec, JobInversionConfig, MetricsConfig
+from pipeline.engine import EditRequest
 from pipeline.models.loading import load_diffusion_model
 from pipeline.stages.plan import PlannedEdit, plan_edits
 
@@ -39,6 +42,23 @@ def backbone_names(metrics: MetricsConfig) -> dict[str, str]:
     return {"clip": f"{clip.model_name}/{clip.pretrained or 'random-init'}", "perceptual": metrics.perceptual}
 
 
+@dataclass(frozen=True)
+class InversionUnit:
+    """One inversion the actor runs: `row` of the batch inverted with `prompt`, serving `plans`.
+
+    Attributes:
+        row: index of the source sample in the batch.
+        prompt: the prompt the image is inverted with.
+        plans: the edits sampled from this inversion.
+        plan_failures: (error_type, message) of edits that could not be planned for the row.
+    """
+
+    row: int
+    prompt: str
+    plans: list[PlannedEdit]
+    plan_failures: list[tuple[str, str]]
+
+
 class InvertEditActor:
     """Ray Data callable class; the model is loaded once per actor.
 
@@ -46,7 +66,7 @@ class InvertEditActor:
         model_path: diffusers folder or hub id.
         device: auto | cpu | cuda.
         dtype: float32 | float16 | bfloat16.
-        inversion: engine inversion config.
+        inversion: the job's inversion config (engine config + which prompt to invert with).
         edits: the job's edit plan.
         metrics: metrics config (only the backbone names are recorded here).
         edit_batch_size: edit requests sent to the engine per call.
@@ -57,7 +77,7 @@ class InvertEditActor:
         model_path: str,
         device: str,
         dtype: str,
-        inversion: InversionConfig,
+        inversion: JobInversionConfig,
         edits: tuple[EditSpec, ...],
         metrics: MetricsConfig,
         edit_batch_size: int,
@@ -109,6 +129,32 @@ class InvertEditActor:
                     outcomes.append(f"{type(error).__name__}: {error}")
         return outcomes
 
+    def _inversion_units(self, batch: dict[str, np.ndarray], rows: list[int]) -> list[InversionUnit]:
+        """What to invert for each row: its caption with all its edits (inversion.prompt = source), or
+        each distinct target prompt with the edits that use it (= target; a row without edits is still
+        inverted with its caption, for its reconstruction)."""
+        units = []
+        for row in rows:
+            caption = str(batch["caption"][row])
+            planned, failures = plan_edits(
+                str(batch["source_id"][row]),
+                batch["source_class"][row],
+                caption,
+                json.loads(batch["meta"][row]),
+                self.edits,
+                self.inversion,
+                self.backbones,
+            )
+            if self.inversion.prompt == "source" or not planned:
+                units.append(InversionUnit(row, caption, planned, failures))
+                continue
+            prompts = list(dict.fromkeys(plan.target_prompt for plan in planned))
+            for index, prompt in enumerate(prompts):
+                plans = [plan for plan in planned if plan.target_prompt == prompt]
+                # The row's plan failures travel with its first unit only.
+                units.append(InversionUnit(row, prompt, plans, failures if index == 0 else []))
+        return units
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         size = self.model.image_size
@@ -132,31 +178,32 @@ class InvertEditActor:
                 "fix model.image_size in the job spec (or leave it null to read it from the model)"
             )
         if ok_rows:
-            images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok_rows]))
-            prompts = [str(batch["caption"][i]) for i in ok_rows]
-            handles, errors, per_image = self._invert(images, prompts)
+            units = self._inversion_units(batch, ok_rows)
+            images = torch.from_numpy(np.ascontiguousarray(batch["image"][[unit.row for unit in units]]))
+            handles, errors, per_image = self._invert(images, [unit.prompt for unit in units])
             # Group requests by inversion result so each image's edits share its inversion.
             by_result: dict[int, tuple] = {}
-            for position, row in enumerate(ok_rows):
-                if errors[position] is not None or handles[position] is None:
+            for row in ok_rows:
+                row_units = [(u, handles[i], errors[i]) for i, u in enumerate(units) if u.row == row]
+                inverted = [(u, h) for u, h, e in row_units if e is None and h is not None]
+                if not inverted:
                     status[row], error_stage[row] = "invert_failed", "invert"
-                    error_type[row], error[row] = "InversionError", str(errors[position])
+                    error_type[row], error[row] = "InversionError", str(row_units[0][2])
                     continue
-                result, image_index = handles[position]
-                invert_seconds[row] = per_image
-                recon[row] = result.reconstructions[image_index].cpu().numpy()
-                planned, failures = plan_edits(
-                    str(batch["source_id"][row]),
-                    batch["source_class"][row],
-                    prompts[position],
-                    json.loads(batch["meta"][row]),
-                    self.edits,
-                    self.inversion,
-                    self.backbones,
-                )
-                failures_json[row] = json.dumps([[None, "plan", kind, message] for kind, message in failures])
-                entry = by_result.setdefault(id(result), (result, []))
-                entry[1].extend((row, image_index, plan) for plan in planned)
+                first_result, first_index = inverted[0][1]
+                invert_seconds[row] = per_image * len(inverted)
+                recon[row] = first_result.reconstructions[first_index].cpu().numpy()
+                failures = [[None, "plan", kind, message] for kind, message in row_units[0][0].plan_failures]
+                for unit, handle, unit_error in row_units:
+                    if handle is None or unit_error is not None:
+                        failures += [
+                            [plan.edit_id, "invert", "InversionError", str(unit_error)] for plan in unit.plans
+                        ]
+                        continue
+                    result, image_index = handle
+                    entry = by_result.setdefault(id(result), (result, []))
+                    entry[1].extend((row, image_index, plan) for plan in unit.plans)
+                failures_json[row] = json.dumps(failures)
             for result, jobs in by_result.values():
                 self._run_edits(result, jobs, edits_json, failures_json, edit_images, edit_masks, size)
 

@@ -1,0 +1,119 @@
+"""The invert/edit actor (called directly, no Ray) against the engine run by hand on the same inputs:
+which prompt each image is inverted with, and that every edit equals the engine's own edit of it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import engine
+from pipeline.config import EditSpec, JobInversionConfig, MetricsConfig
+from pipeline.engine import EditRequest
+from pipeline.stages import invert_edit
+from pipeline.stages.invert_edit import InvertEditActor
+
+SPECS = (
+    EditSpec(target_class="square", source_classes=("circle", "star"), seeds=(0, 1), eta=0.8),
+    EditSpec(target_class="triangle", source_classes=("circle",)),
+)
+# Row 0 gets three edits under two target prompts, row 1 two under one, row 2 none (its class is not edited).
+CLASSES = ["circle", "star", "square"]
+
+
+def source_batch(images, prompts) -> dict[str, np.ndarray]:
+    """Three preprocessed ok rows, as the preprocess stage hands them to the actor."""
+    count = len(CLASSES)
+
+    def objects(values):
+        return np.array(values, dtype=object)
+
+    return {
+        "status": objects(["ok"] * count),
+        "error_stage": objects([None] * count),
+        "error_type": objects([None] * count),
+        "error": objects([None] * count),
+        "image": images[:count].numpy(),
+        "caption": objects([prompts[0], prompts[2], prompts[1]]),
+        "source_id": objects([f"shard.tar#{index}" for index in range(count)]),
+        "source_class": objects(CLASSES),
+        "meta": objects(["{}"] * count),
+        "stage_seconds": np.zeros(count),
+    }
+
+
+def run_actor(model_path, batch, inversion, monkeypatch) -> tuple[dict, list[list[str]]]:
+    """The actor's output and the prompts of every engine.invert call it made."""
+    calls = []
+    original = engine.invert
+
+    def recording_invert(model, images, prompts, config):
+        calls.append(list(prompts))
+        return original(model, images, prompts, config)
+
+    monkeypatch.setattr(invert_edit.engine, "invert", recording_invert)
+    actor = InvertEditActor(model_path, "cpu", "float32", inversion, SPECS, MetricsConfig(), 8)
+    return actor(batch), calls
+
+
+def reference_edit(model, image, inversion_prompt, record, inversion, spec, cache: dict):
+    """The engine alone: invert one image with one prompt (once per image and prompt), then edit it."""
+    key = (image.numpy().tobytes(), inversion_prompt)
+    if key not in cache:
+        cache[key] = engine.invert(model, image[None], [inversion_prompt], inversion)
+    request = EditRequest(0, record["target_prompt"], spec.control, spec.eta, spec.latent_interpolation)
+    return cache[key], engine.edit(model, cache[key], [request])[0]
+
+
+def spec_of(record) -> EditSpec:
+    return next(spec for spec in SPECS if spec.target_class == record["target_class"])
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "null_text"])
+def test_target_prompt_inversion_inverts_each_image_once_per_target_prompt(
+    tiny_sd_path, tiny_sd, images, prompts, method, monkeypatch
+):
+    inversion = JobInversionConfig(
+        method=method, num_steps=4, inner_steps=2, guidance_scale=3.0, prompt="target"
+    )
+    batch = source_batch(images, prompts)
+    output, calls = run_actor(tiny_sd_path, batch, inversion, monkeypatch)
+
+    square_0, triangle_0 = prompts[0].replace("circle", "square"), prompts[0].replace("circle", "triangle")
+    square_1 = prompts[2].replace("star", "square")
+    # One batched call: row 0 under its two target prompts, row 1 under one, row 2 under its caption.
+    assert calls == [[square_0, triangle_0, square_1, prompts[1]]]
+    records = [json.loads(output["edits_json"][row]) for row in range(3)]
+    assert [len(row_records) for row_records in records] == [3, 2, 0]
+    assert all(json.loads(failures) == [] for failures in output["failures_json"])
+    inversions = {}
+    for row, row_records in enumerate(records[:2]):
+        for position, record in enumerate(row_records):
+            _, expected = reference_edit(
+                tiny_sd, images[row], record["target_prompt"], record, inversion, spec_of(record), inversions
+            )
+            difference = np.abs(output["edit_images"][row][position].astype(int) - expected.image.numpy())
+            assert difference.max() <= 2, (row, record["target_prompt"], difference.max())
+    # A row's reconstruction is that of its first target prompt's inversion.
+    first, _ = reference_edit(tiny_sd, images[0], square_0, records[0][0], inversion, SPECS[0], inversions)
+    assert np.abs(output["recon"][0].astype(int) - first.reconstructions[0].numpy()).max() <= 2
+    assert (output["status"] == "ok").all() and np.isfinite(output["invert_seconds"]).all()
+
+
+def test_source_prompt_inversion_inverts_each_image_once_with_its_caption(
+    tiny_sd_path, tiny_sd, images, prompts, monkeypatch
+):
+    inversion = JobInversionConfig(method="null_text", num_steps=4, inner_steps=2, guidance_scale=3.0)
+    batch = source_batch(images, prompts)
+    output, calls = run_actor(tiny_sd_path, batch, inversion, monkeypatch)
+
+    assert calls == [list(batch["caption"])]
+    records = json.loads(output["edits_json"][0])
+    assert len(records) == 3
+    inversions = {}
+    for position, record in enumerate(records):
+        _, expected = reference_edit(
+            tiny_sd, images[0], prompts[0], record, inversion, spec_of(record), inversions
+        )
+        assert np.abs(output["edit_images"][0][position].astype(int) - expected.image.numpy()).max() <= 2
