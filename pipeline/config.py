@@ -139,18 +139,26 @@ class MetricsConfig:
         features:NAME (then feature_extractor is required).
     feature_extractor: for features:NAME, "package.module:factory" or "/path/file.py:factory"; the
         factory (no arguments) returns a module with features(images (B,3,H,W) in [0,1]) -> list of maps.
+    classifier: optional "package.module:factory" or "/path/file.py:factory"; the factory (no
+        arguments) returns a callable mapping images (B, 3, H, W) in [0, 1] to B class names. Each
+        edit's class as this classifier reads it is recorded in `classified_as` (e.g. a classifier of
+        the rare classes checks that an edit really shows its target class).
     device: auto | cpu | cuda.
     """
 
     clip: ClipMetricConfig = field(default_factory=ClipMetricConfig)
     perceptual: str = "lpips-alex"
     feature_extractor: str | None = None
+    classifier: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass(frozen=True)
 class FilterConfig:
-    """Thresholds; an edit passes when every threshold that is set holds (null = not checked)."""
+    """Thresholds; an edit passes when every threshold that is set holds (null = not checked).
+
+    require_target_class: the edit passes only when metrics.classifier reads it as its target class.
+    """
 
     min_clip_t: float | None = None
     min_clip_dir: float | None = None
@@ -158,6 +166,7 @@ class FilterConfig:
     max_lpips: float | None = None
     min_bg_psnr: float | None = None
     max_bg_lpips: float | None = None
+    require_target_class: bool = False
 
 
 @dataclass(frozen=True)
@@ -437,6 +446,13 @@ def _check(config: JobConfig, origin: str) -> None:
             origin,
             "metrics.feature_extractor",
             "is required for (and only for) a features:NAME perceptual backbone",
+        )
+    if config.filter.require_target_class and config.metrics.classifier is None:
+        raise _fail(
+            origin,
+            "filter.require_target_class",
+            "needs metrics.classifier (a 'package.module:factory' returning the classifier that reads "
+            "each edit's class); set one or drop the filter",
         )
     for name in ("read", "preprocess", "invert_edit", "score", "write"):
         stage = getattr(config.resources, name)

@@ -97,7 +97,7 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
     parts.append(
         _table(
             connection,
-            f"select target_class, method, count(*) as edits, avg(passed_filter::int) as pass_rate, {means} from edits group by 1, 2 order by 1, 2",
+            f"select target_class, method, count(*) as edits, avg(passed_filter::int) as pass_rate, avg((classified_as = target_class)::int) as classified_as_target, {means} from edits group by 1, 2 order by 1, 2",
         )
     )
     parts.append("<h2>Sources</h2>")
@@ -122,7 +122,7 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
     if sources:
         connection.register("_shown", pa.table({"source_id": [s[0] for s in sources]}))
         edit_rows = connection.sql(
-            f"select source_id, target_prompt, seed, image, passed_filter, filter_reason, {', '.join(METRICS)} "
+            f"select source_id, target_prompt, seed, image, classified_as, passed_filter, filter_reason, {', '.join(METRICS)} "
             "from edits where source_id in (select source_id from _shown) order by source_id, target_class, target_prompt, seed"
         ).fetchall()
         for row in edit_rows:
@@ -132,10 +132,14 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
             f'<div class="cell">{_image(image)}<br>source<br>{html.escape(caption or "")}<br><small>{html.escape(source_id)}</small></div>',
             f'<div class="cell">{_image(reconstruction)}<br>reconstruction<br>PSNR {_number(recon_psnr)} SSIM {_number(recon_ssim)} LPIPS {_number(recon_lpips)}</div>',
         ]
-        for _, prompt, seed, edit_image, passed, reason, *values in edits_by_source.get(source_id, []):
+        for _, prompt, seed, edit_image, classified_as, passed, reason, *values in edits_by_source.get(
+            source_id, []
+        ):
             metrics = " ".join(
                 f"{name} {_number(value)}" for name, value in zip(METRICS, values, strict=True)
             )
+            if classified_as is not None:
+                metrics += f"<br>classified as {html.escape(classified_as)}"
             verdict = "passed" if passed else f'<span class="fail">{html.escape(reason or "")}</span>'
             cells.append(
                 f'<div class="cell">{_image(edit_image)}<br>{html.escape(prompt)} (seed {seed})<br>{metrics}<br>{verdict}</div>'

@@ -103,6 +103,7 @@ def job_spec_data(assets: dict, output: Path) -> dict:
             },
             "perceptual": "features:tiny",
             "feature_extractor": f"{TESTS / 'job_data.py'}:tiny_features",
+            "classifier": f"{TESTS / 'job_data.py'}:tiny_classifier",
             "device": "cpu",
         },
         "filter": {"min_clip_t": 0.0},

@@ -57,6 +57,7 @@ def test_round_trip_through_to_dict():
         ({"edits": [{"source_classes": ["cat"]}]}, "edits.0.target_class", "required"),
         ({"resources": {"score": {"num_gpus": "one"}}}, "resources.score.num_gpus", "expected a number"),
         ({"metrics": {"perceptual": "features:mine"}}, "metrics.feature_extractor", "required"),
+        ({"filter": {"require_target_class": True}}, "filter.require_target_class", "metrics.classifier"),
         ({"surprise": 1}, "surprise", "unknown key"),
     ],
 )

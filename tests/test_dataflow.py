@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pyarrow.dataset as pds
 import pytest
+import torch
+from job_data import tiny_classifier
 from PIL import Image
 
 from pipeline.config import load_config
@@ -58,9 +60,14 @@ def test_job_tables_counts_and_images(clean_run, job_assets):
         per_source.setdefault(row["source_id"], []).append(row)
         assert row["target_class"] != row["source_class"]
         assert row["target_class"] in row["target_prompt"]
-    for row in edits.select(["image", "width", "height", "params", "clip_t", "clip_i", "lpips"]).to_pylist():
+    classify = tiny_classifier()
+    columns = ["image", "width", "height", "params", "clip_t", "clip_i", "lpips", "classified_as"]
+    for row in edits.select(columns).to_pylist():
         image = np.asarray(Image.open(io.BytesIO(row["image"])))
         assert image.shape == (row["height"], row["width"], 3) == (32, 32, 3)
+        # The stored class is the configured classifier's reading of the stored (lossless) PNG.
+        pixels = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255.0
+        assert row["classified_as"] == classify(pixels)[0]
         params = json.loads(row["params"])
         assert params["metrics"] == manifest["metrics_backbones"]
         assert -1.0 <= row["clip_t"] <= 1.0 and -1.0 <= row["clip_i"] <= 1.0 and row["lpips"] >= 0

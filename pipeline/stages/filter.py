@@ -1,4 +1,5 @@
-"""Filter flags: an edit passes when every configured threshold holds."""
+"""Filter flags: an edit passes when every configured threshold holds (and, with
+filter.require_target_class, when metrics.classifier reads it as its target class)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ _RULES = (
 def filter_reason(metrics: dict, thresholds: FilterConfig) -> str | None:
     """The failed thresholds of one edit joined by '; ', or None when it passes.
 
-    A metric that is undefined (None) fails any threshold set on it.
+    A metric that is undefined (None) fails any threshold set on it; with require_target_class the
+    edit fails unless its classified_as equals its target_class.
     """
     reasons = []
     for attribute, metric, kind in _RULES:
@@ -34,6 +36,8 @@ def filter_reason(metrics: dict, thresholds: FilterConfig) -> str | None:
             reasons.append(f"{metric}<{threshold:g}")
         elif kind == "max" and value > threshold:
             reasons.append(f"{metric}>{threshold:g}")
+    if thresholds.require_target_class and metrics.get("classified_as") != metrics.get("target_class"):
+        reasons.append(f"classified_as={metrics.get('classified_as')}")
     return "; ".join(reasons) if reasons else None
 
 

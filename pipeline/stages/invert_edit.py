@@ -39,7 +39,13 @@ def resolve_device(device: str) -> str:
 def backbone_names(metrics: MetricsConfig) -> dict[str, str]:
     """The metric backbones recorded with every edit and in the manifest."""
     clip = metrics.clip
-    return {"clip": f"{clip.model_name}/{clip.pretrained or 'random-init'}", "perceptual": metrics.perceptual}
+    names = {
+        "clip": f"{clip.model_name}/{clip.pretrained or 'random-init'}",
+        "perceptual": metrics.perceptual,
+    }
+    if metrics.classifier is not None:
+        names["classifier"] = metrics.classifier
+    return names
 
 
 @dataclass(frozen=True)

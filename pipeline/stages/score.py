@@ -5,7 +5,8 @@ recorded in every edit's params and in the manifest.
 Adds per row: recon_psnr, recon_ssim, recon_lpips (float32, NaN when not computed) and the metric
 values inside each entry of edits_json (clip_t, clip_i, clip_dir, lpips, bg_psnr, bg_lpips; null
 when undefined, e.g. bg_* when the edit mask covers the whole image; bg_psnr is +inf when the
-background is unchanged to the last bit).
+background is unchanged to the last bit), and classified_as: the class that metrics.classifier
+reads in the edited image (null when no classifier is configured).
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ from pipeline.config import MetricsConfig
 from pipeline.stages.invert_edit import resolve_device
 
 
-def load_factory(reference: str):
-    """Import "package.module:name" or "/path/file.py:name" and return `name`."""
+def load_factory(reference: str, key: str = "metrics.feature_extractor"):
+    """Import "package.module:name" or "/path/file.py:name" and return `name`; `key` names the setting."""
     location, _, name = reference.rpartition(":")
     if not location or not name:
-        raise ValueError(
-            f"metrics.feature_extractor {reference!r}: expected 'package.module:factory' or '/path/file.py:factory'"
-        )
+        raise ValueError(f"{key} {reference!r}: expected 'package.module:factory' or '/path/file.py:factory'")
     if location.endswith(".py"):
         module_name = f"_inversa_features_{Path(location).stem}"
         module = sys.modules.get(module_name)
@@ -75,6 +74,11 @@ class ScoreActor:
         self.perceptual = build_perceptual(
             metrics.perceptual, device=self.device, feature_extractor=extractor
         )
+        self.classifier = (
+            load_factory(metrics.classifier, "metrics.classifier")() if metrics.classifier else None
+        )
+        if isinstance(self.classifier, torch.nn.Module):
+            self.classifier = self.classifier.to(self.device).eval()
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -144,6 +148,7 @@ class ScoreActor:
             "lpips": _values(self.perceptual(edit, source)),
             "bg_psnr": _values(psnr(edit, source, mask=background)),
             "bg_lpips": _values(self.perceptual(edit, source, mask=background)),
+            "classified_as": self._classify(edit),
         }
         by_row: dict[int, list[dict]] = {}
         for position, (row, record) in enumerate(zip(owners, records, strict=True)):
@@ -154,3 +159,15 @@ class ScoreActor:
             by_row.setdefault(row, []).append(record)
         for row, row_records in by_row.items():
             edits_json[row] = json.dumps(row_records)
+
+    def _classify(self, images: torch.Tensor) -> list[str | None]:
+        """The class metrics.classifier reads in each of images (B, 3, H, W) in [0, 1]; None without one."""
+        if self.classifier is None:
+            return [None] * len(images)
+        names = list(self.classifier(images))
+        if len(names) != len(images) or not all(isinstance(name, str) for name in names):
+            raise TypeError(
+                f"metrics.classifier returned {names!r} for {len(images)} images; it must return one class "
+                "name (str) per image"
+            )
+        return names

@@ -90,6 +90,7 @@ def rows_for_sample(batch: dict, index: int) -> tuple[list[dict], list[dict], li
                         name: record[name]
                         for name in ("clip_t", "clip_i", "clip_dir", "lpips", "bg_psnr", "bg_lpips")
                     },
+                    "classified_as": record["classified_as"],
                     "passed_filter": record["passed_filter"],
                     "filter_reason": record["filter_reason"],
                     "invert_seconds": invert_seconds,

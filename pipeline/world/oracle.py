@@ -136,3 +136,20 @@ class OracleFeatures(nn.Module):
 def perceptual_features() -> OracleFeatures:
     """Factory for job specs: `metrics.feature_extractor: pipeline.world.oracle:perceptual_features`."""
     return OracleFeatures(load_oracle())
+
+
+class ShapeClassifier(nn.Module):
+    """The oracle's shape head as a metrics classifier: images (B, 3, H, W) in [0, 1] -> B shape names."""
+
+    def __init__(self, oracle: ShapesOracle) -> None:
+        super().__init__()
+        self.oracle = oracle.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[str]:
+        return self.oracle.predict(images * 2.0 - 1.0)["shape"]
+
+
+def shape_classifier() -> ShapeClassifier:
+    """Factory for job specs: `metrics.classifier: pipeline.world.oracle:shape_classifier`."""
+    return ShapeClassifier(load_oracle())

@@ -16,16 +16,20 @@ SIZE = 32
 TESTS = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def actor(job_assets):
+def metrics_config(job_assets, classifier: str | None = None) -> MetricsConfig:
     clip = job_assets["clip"]
-    metrics = MetricsConfig(
+    return MetricsConfig(
         clip=ClipMetricConfig(clip.model_name, str(clip.checkpoint_path), str(clip.config_path)),
         perceptual="features:tiny",
         feature_extractor=f"{TESTS / 'job_data.py'}:tiny_features",
+        classifier=classifier,
         device="cpu",
     )
-    return ScoreActor(metrics)
+
+
+@pytest.fixture(scope="module")
+def actor(job_assets):
+    return ScoreActor(metrics_config(job_assets, f"{TESTS / 'job_data.py'}:tiny_classifier"))
 
 
 def edit_batch(source: np.ndarray, edits: list[tuple[np.ndarray, np.ndarray, bool]]) -> dict:
@@ -80,3 +84,35 @@ def test_background_metrics_follow_the_mask(actor):
     # The edited region counts for LPIPS over the whole image, not for the background's.
     assert first["bg_lpips"] < first["lpips"]
     assert scored["recon_psnr"][0] == np.inf
+
+
+def solid(red: int, blue: int) -> np.ndarray:
+    image = np.full((SIZE, SIZE, 3), 100, dtype=np.uint8)
+    image[..., 0], image[..., 2] = red, blue
+    return image
+
+
+def test_classifier_reads_each_edited_image(actor):
+    """classified_as is the configured classifier's class of each edited image, in edit order."""
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    batch = edit_batch(solid(50, 50), [(solid(200, 10), mask, False), (solid(10, 200), mask, False)])
+    scored = actor(batch)
+    assert scored["status"][0] == "ok", scored["error"][0]
+    assert [e["classified_as"] for e in json.loads(scored["edits_json"][0])] == ["fox", "dog"]
+
+
+def test_without_classifier_classified_as_is_null(job_assets):
+    actor = ScoreActor(metrics_config(job_assets))
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    scored = actor(edit_batch(solid(50, 50), [(solid(200, 10), mask, False)]))
+    assert [e["classified_as"] for e in json.loads(scored["edits_json"][0])] == [None]
+
+
+def test_classifier_with_wrong_output_becomes_an_error_row(job_assets, tmp_path):
+    module = tmp_path / "bad_classifier.py"
+    module.write_text("def factory():\n    return lambda images: ['fox']\n")  # one name for any batch
+    actor = ScoreActor(metrics_config(job_assets, f"{module}:factory"))
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    scored = actor(edit_batch(solid(50, 50), [(solid(200, 10), mask, False)] * 2))
+    assert scored["status"][0] == "score_failed"
+    assert "metrics.classifier" in scored["error"][0] and "one class name" in scored["error"][0]

@@ -13,7 +13,7 @@ from pipeline.models.loading import load_diffusion_model
 from pipeline.world import generator
 from pipeline.world.clip_model import SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS, register_shapes_clip
 from pipeline.world.model_card import ASSETS, CARD_NAME, read_card_fingerprints
-from pipeline.world.oracle import images_to_tensor, load_oracle
+from pipeline.world.oracle import images_to_tensor, load_oracle, shape_classifier
 from pipeline.world.sampling import sample_images
 from pipeline.world.train import sha256_file, vae_psnr
 
@@ -124,6 +124,16 @@ def test_oracle_reads_fresh_scenes(fresh_scenes):
         truth = [r.attributes[attribute] for r in fresh_scenes]
         accuracy = np.mean(np.array(predicted[attribute]) == np.array(truth))
         assert accuracy > 0.9, attribute
+
+
+def test_shape_classifier_reads_unit_range_images_like_the_oracle(fresh_scenes):
+    """The metrics classifier of the demo takes [0, 1] images: same shapes as the oracle on [-1, 1]."""
+    images = np.stack([r.image for r in fresh_scenes[:64]])
+    unit = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    classified = shape_classifier()(unit)
+    assert classified == load_oracle().predict(images_to_tensor(images))["shape"]
+    truth = [r.attributes["shape"] for r in fresh_scenes[:64]]
+    assert np.mean(np.array(classified) == np.array(truth)) > 0.9
 
 
 def test_oracle_features_shapes():
