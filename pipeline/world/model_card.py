@@ -81,10 +81,10 @@ def _targets(benchmark: dict) -> list[str]:
     return [
         "**Targets not met** ("
         + "; ".join(missed)
-        + "): the models are under-trained for their time budget.",
-        "Continue training with more steps or time (`max_minutes` in the job file), e.g.",
-        "`python -m pipeline.world.train unet --resume` and `python -m pipeline.world.train vae-decoder`,",
-        "or run the job on a GPU.",
+        + ").",
+        "The levers are more training (`python -m pipeline.world.train unet --resume`,",
+        "`python -m pipeline.world.train vae-decoder`, `max_minutes` in the job file), more capacity",
+        "(`unet.channels`, the text encoder's width and layers) and a GPU.",
     ]
 
 

