@@ -60,7 +60,7 @@ def _targets(benchmark: dict) -> list[str]:
     reconstruction within 2 dB of the VAE's) are met, in words."""
     agreement = benchmark.get("oracle_agreement_heldout_captions", {})
     missed = [
-        f"{name} agreement {agreement[name]:.2f} < 0.90"
+        f"{name} agreement {agreement[name]:.3f} < 0.90"
         for name in ("shape", "color")
         if agreement.get(name, 0) < 0.9
     ]
@@ -79,9 +79,7 @@ def _targets(benchmark: dict) -> list[str]:
             + (", null-text reconstruction within 2 dB of the VAE's." if null_text else ".")
         ]
     return [
-        "**Targets not met** ("
-        + "; ".join(missed)
-        + ").",
+        "**Targets not met** (" + "; ".join(missed) + ").",
         "The levers are more training (`python -m pipeline.world.train unet --resume`,",
         "`python -m pipeline.world.train vae-decoder`, `max_minutes` in the job file), more capacity",
         "(`unet.channels`, the text encoder's width and layers) and a GPU.",

@@ -8,7 +8,15 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from pipeline.models.build import SDArchitecture, build_vae
 from pipeline.world import generator
-from pipeline.world.train import DEFAULT_CONFIG, Budget, load_config, load_in_memory, vae_psnr
+from pipeline.world.train import (
+    DEFAULT_CONFIG,
+    Budget,
+    blur_images,
+    load_config,
+    load_in_memory,
+    random_blur,
+    vae_psnr,
+)
 
 
 def test_shipped_job_config_loads_and_holds_valid_captions():
@@ -108,3 +116,23 @@ def test_model_loaded_in_memory_survives_its_folder_being_rewritten(tmp_path):
     before = [parameter.clone() for parameter in vae.parameters()]
     (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 64)
     assert all(torch.equal(a, b) for a, b in zip(before, vae.parameters(), strict=True))
+
+
+def test_oracle_blur_augmentation_blurs_about_half_and_keeps_the_rest():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.uniform(-1, 1, size=(64, 3, 16, 16)).astype(np.float32))
+    blurred = random_blur(images, 1.5, np.random.default_rng(1))
+    changed = (blurred != images).flatten(1).any(dim=1)
+    assert 16 <= int(changed.sum()) <= 48
+    # A blur averages neighbours: it lowers the pixel variance of noise, never raises it.
+    assert (blurred[changed].flatten(1).var(dim=1) < images[changed].flatten(1).var(dim=1)).all()
+    assert torch.equal(random_blur(images, 0.0, np.random.default_rng(1)), images)
+
+
+def test_blur_keeps_flat_images_and_softens_edges():
+    flat = np.full((1, 16, 16, 3), 77, dtype=np.uint8)
+    assert np.array_equal(blur_images(flat, 1.5), flat)
+    edge = np.zeros((1, 16, 16, 3), dtype=np.uint8)
+    edge[:, :, 8:] = 255
+    row = blur_images(edge, 1.5)[0, 8, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and 0 < row[7] < row[8] < 255
