@@ -305,13 +305,7 @@ def train_oracle(config: TrainConfig) -> ShapesOracle:
     oracle.cpu().eval()
     heldout = heldout_scenes(config, two_object_fraction=0.0)
     accuracy = oracle_accuracy(oracle, heldout)
-    blurred = SceneSet(
-        blur_images(heldout.images, 1.5),
-        heldout.captions,
-        heldout.labels,
-        heldout.n_objects,
-        heldout.object_masks,
-    )
+    blurred = dataclasses.replace(heldout, images=blur_images(heldout.images, 1.5))
     oracle.save(config.output)
     _record(
         config,
@@ -327,25 +321,27 @@ def train_oracle(config: TrainConfig) -> ShapesOracle:
     return oracle
 
 
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """torchvision's Gaussian blur of images (..., C, H, W) with a kernel covering +-3 sigma."""
+    from torchvision.transforms.functional import gaussian_blur as blur
+
+    return blur(images, kernel_size=2 * int(np.ceil(3 * sigma)) + 1, sigma=sigma)
+
+
 def random_blur(images: torch.Tensor, sigma_max: float, rng: np.random.Generator) -> torch.Tensor:
     """Blur a random half of images (B, 3, H, W), each with its own sigma ~ U(0, sigma_max)."""
-    from torchvision.transforms.functional import gaussian_blur
-
     if sigma_max <= 0:
         return images
     images = images.clone()
     for row in np.nonzero(rng.random(len(images)) < 0.5)[0]:
-        sigma = float(rng.uniform(1e-3, sigma_max))
-        images[row] = gaussian_blur(images[row], kernel_size=2 * int(np.ceil(3 * sigma)) + 1, sigma=sigma)
+        images[row] = gaussian_blur(images[row], float(rng.uniform(1e-3, sigma_max)))
     return images
 
 
 def blur_images(images: np.ndarray, sigma: float) -> np.ndarray:
     """uint8 (N, H, W, 3) images blurred with one sigma (the held-out check of the oracle's robustness)."""
-    from torchvision.transforms.functional import gaussian_blur
-
     tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    blurred = gaussian_blur(tensor, kernel_size=2 * int(np.ceil(3 * sigma)) + 1, sigma=sigma)
+    blurred = gaussian_blur(tensor, sigma)
     return blurred.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
