@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from pipeline.models.loading import load_diffusion_model
 from pipeline.world import generator
 from pipeline.world.model_card import ASSETS, write_model_card
-from pipeline.world.oracle import HEADS, load_oracle
+from pipeline.world.oracle import images_to_tensor, load_oracle
 from pipeline.world.sampling import sample_images
 from pipeline.world.train import (
     DEFAULT_CONFIG,
@@ -34,6 +35,7 @@ from pipeline.world.train import (
     clip_caption_accuracy,
     heldout_scenes,
     load_config,
+    oracle_accuracy,
     vae_psnr,
 )
 
@@ -63,13 +65,9 @@ def oracle_agreement(
 def oracle_on_vae_reconstructions(model, oracle, scenes) -> dict[str, float]:
     """Oracle accuracy per attribute on decode(encode(x)) of rendered one-object scenes: how well the judge
     reads decoded images at all, the ceiling of the sample agreement above."""
-    images = torch.from_numpy(np.ascontiguousarray(scenes.images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    decoded = model.vae.decode(model.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
-    predicted = oracle.predict(((decoded + 1) * 127.5).round() / 127.5 - 1.0)
-    return {
-        name: float(np.mean(np.array(predicted[name]) == np.array(HEADS[name])[scenes.labels[name]]))
-        for name in ("shape", "color", "background")
-    }
+    latents = model.vae.encode(images_to_tensor(scenes.images)).latent_dist.mode()
+    decoded = ((model.vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return oracle_accuracy(oracle, dataclasses.replace(scenes, images=decoded.permute(0, 2, 3, 1).numpy()))
 
 
 def in_distribution_captions(config, count: int, seed: int) -> list[str]:
