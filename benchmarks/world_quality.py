@@ -27,7 +27,7 @@ import torch
 from pipeline.models.loading import load_diffusion_model
 from pipeline.world import generator
 from pipeline.world.model_card import ASSETS, write_model_card
-from pipeline.world.oracle import images_to_tensor, load_oracle
+from pipeline.world.oracle import load_oracle
 from pipeline.world.sampling import sample_images
 from pipeline.world.train import (
     DEFAULT_CONFIG,
@@ -37,6 +37,7 @@ from pipeline.world.train import (
     load_config,
     oracle_accuracy,
     vae_psnr,
+    vae_reconstructions,
 )
 
 
@@ -61,13 +62,12 @@ def oracle_agreement(
     return {name: float(np.mean(np.array(predicted[name]) == np.array(expected[name]))) for name in expected}
 
 
-@torch.no_grad()
 def oracle_on_vae_reconstructions(model, oracle, scenes) -> dict[str, float]:
     """Oracle accuracy per attribute on decode(encode(x)) of rendered one-object scenes: how well the judge
     reads decoded images at all, the ceiling of the sample agreement above."""
-    latents = model.vae.encode(images_to_tensor(scenes.images)).latent_dist.mode()
-    decoded = ((model.vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return oracle_accuracy(oracle, dataclasses.replace(scenes, images=decoded.permute(0, 2, 3, 1).numpy()))
+    return oracle_accuracy(
+        oracle, dataclasses.replace(scenes, images=vae_reconstructions(model.vae, scenes.images))
+    )
 
 
 def in_distribution_captions(config, count: int, seed: int) -> list[str]:

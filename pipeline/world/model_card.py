@@ -121,7 +121,10 @@ def write_model_card(
         "Scenes are rendered in memory from seeds by the training job (`" + str(config_path) + "`): training",
         "seeds 0..N-1 with 15% two-object scenes and a list of held-out one-object captions never rendered for",
         "training; held-out scenes use seeds from 1,000,000. The oracle is trained and scored on one-object",
-        "scenes (in a two-object scene nothing in the pixels says which object is the primary one).",
+        "scenes (in a two-object scene nothing in the pixels says which object is the primary one). It judges",
+        "decoded samples and edits, so half of each training batch is the shipped VAE's reconstruction of the",
+        "batch's renders (same labels) and half is blurred; its record gives its held-out accuracy on renders,",
+        "blurred renders and VAE reconstructions.",
         "",
         "Sample shards (`jobs/data/shapes_sample/`, 48 scenes in 3 shards, star deliberately rare at ~5%):",
         "",
@@ -133,7 +136,7 @@ def write_model_card(
         "    python -m pipeline.world.train all --config jobs/train_shapes_world.yaml",
         "    python -m benchmarks.world_quality --write  # quality numbers below; rewrites this card",
         "",
-        "`all` runs oracle, vae, vae-decoder, clip, unet in turn; `vae-decoder` fine-tunes the decoder only",
+        "`all` runs vae, vae-decoder, clip, unet, oracle in turn; `vae-decoder` fine-tunes the decoder only",
         "(the encoder, hence the UNet's latent space, is kept; the unet stage saves the decoder that is in the",
         "cache when it finishes), and re-running `vae` drops its record. Each record's wall time is on 2 CPU",
         "cores (`--threads` torch threads, other work sometimes sharing them); on a GPU the same command uses it.",
@@ -143,7 +146,7 @@ def write_model_card(
         "| stage | steps | wall time (s) | metrics |",
         "| --- | --- | --- | --- |",
     ]
-    for stage in ("oracle", "vae", "vae_decoder", "clip", "unet"):
+    for stage in ("vae", "vae_decoder", "clip", "unet", "oracle"):
         record = dict(training.get(stage, {}))
         steps, wall = record.pop("steps", "-"), record.pop("wall_s", "-")
         lines.append(f"| {stage} | {steps} | {wall} | {_fmt(record) if record else 'not trained'} |")

@@ -1,6 +1,6 @@
-"""Train the shapes world's models: oracle, VAE, open_clip model, and UNet + CLIP text encoder.
+"""Train the shapes world's models: VAE, open_clip model, UNet + CLIP text encoder, and oracle.
 
-    python -m pipeline.world.train {oracle|vae|clip|unet|all|card} [--config jobs/train_shapes_world.yaml]
+    python -m pipeline.world.train {vae|vae-decoder|clip|unet|oracle|all|card} [--config jobs/train_shapes_world.yaml]
 
 Every stage is seeded, renders its scenes in memory with `pipeline.world.generator`, stops at its step
 count or its wall-time budget (whichever first), and records steps, wall time and held-out metrics in
@@ -45,8 +45,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OracleConfig:
-    """blur_sigma_max: half of every batch is Gaussian-blurred with sigma ~ U(0, blur_sigma_max), so the
-    judge reads decoded (slightly soft) images as it reads crisp renders."""
+    """The oracle judges decoded images, which are softer than renders and carry the decoder's artefacts:
+    decoded_fraction of each batch is replaced by the shipped VAE's reconstructions of the same scenes
+    (decode(encode(x).mode()), labels unchanged), and half of the batch is then Gaussian-blurred with
+    sigma ~ U(0, blur_sigma_max)."""
 
     widths: tuple[int, ...]
     steps: int
@@ -54,6 +56,7 @@ class OracleConfig:
     lr: float
     max_minutes: float
     blur_sigma_max: float = 0.0
+    decoded_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -278,18 +281,30 @@ def _log(stage: str, budget: Budget, loss: float, every: int = 50) -> None:
 
 # ----------------------------------------------------------------------------------------------- oracle
 def train_oracle(config: TrainConfig) -> ShapesOracle:
-    """Train the attribute classifier on one-object scenes; report held-out accuracy per head."""
+    """Train the attribute classifier on one-object scenes; report held-out accuracy per head.
+
+    With `oracle.decoded_fraction` > 0 it needs the shipped VAE (OUTPUT/shapes-sd/vae, written by the
+    unet stage): part of every batch is that VAE's reconstruction of the batch's scenes.
+    """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     data = training_scenes(config)
     one = np.nonzero(data.n_objects == 1)[0]
+    vae = shipped_vae(config) if config.oracle.decoded_fraction > 0 or _has_shipped_vae(config) else None
+    decoded = (
+        decoded_training_images(config, vae, data.images) if config.oracle.decoded_fraction > 0 else None
+    )
     device = training_device()
     oracle = ShapesOracle(config.oracle.widths).to(device)
     optimizer = torch.optim.AdamW(oracle.parameters(), lr=config.oracle.lr, weight_decay=1e-4)
     budget = Budget(config.oracle.steps, config.oracle.max_minutes)
     while budget.running():
         index = rng.choice(one, config.oracle.batch)
-        images = random_blur(images_to_tensor(data.images[index]), config.oracle.blur_sigma_max, rng)
+        images = images_to_tensor(data.images[index])
+        if decoded is not None:
+            swap = rng.random(len(index)) < config.oracle.decoded_fraction
+            images[swap] = images_to_tensor(decoded[index[swap]])
+        images = random_blur(images, config.oracle.blur_sigma_max, rng)
         logits = oracle(images.to(device))
         loss = sum(
             F.cross_entropy(logits[name], torch.as_tensor(data.labels[name][index], device=device))
@@ -304,21 +319,65 @@ def train_oracle(config: TrainConfig) -> ShapesOracle:
         _log("oracle", budget, loss.item())
     oracle.cpu().eval()
     heldout = heldout_scenes(config, two_object_fraction=0.0)
-    accuracy = oracle_accuracy(oracle, heldout)
-    blurred = dataclasses.replace(heldout, images=blur_images(heldout.images, 1.5))
+    metrics = {
+        "steps": budget.step,
+        "wall_s": round(budget.elapsed),
+        "blur_sigma_max": config.oracle.blur_sigma_max,
+        "decoded_fraction": config.oracle.decoded_fraction,
+        "heldout_accuracy": oracle_accuracy(oracle, heldout),
+        "heldout_accuracy_blur_sigma_1.5": oracle_accuracy(
+            oracle, dataclasses.replace(heldout, images=blur_images(heldout.images, 1.5))
+        ),
+    }
+    if vae is not None:
+        metrics["heldout_accuracy_vae_reconstructions"] = oracle_accuracy(
+            oracle, dataclasses.replace(heldout, images=vae_reconstructions(vae, heldout.images))
+        )
     oracle.save(config.output)
-    _record(
-        config,
-        "oracle",
-        {
-            "steps": budget.step,
-            "wall_s": round(budget.elapsed),
-            "blur_sigma_max": config.oracle.blur_sigma_max,
-            "heldout_accuracy": accuracy,
-            "heldout_accuracy_blur_sigma_1.5": oracle_accuracy(oracle, blurred),
-        },
-    )
+    _record(config, "oracle", metrics)
     return oracle
+
+
+def _has_shipped_vae(config: TrainConfig) -> bool:
+    return (Path(config.output) / SD_FOLDER_NAME / "vae").is_dir()
+
+
+def shipped_vae(config: TrainConfig):
+    """The VAE of the shipped diffusers folder (OUTPUT/shapes-sd/vae), in eval mode on the CPU."""
+    from diffusers import AutoencoderKL
+
+    if not _has_shipped_vae(config):
+        raise FileNotFoundError(
+            f"no VAE in {Path(config.output) / SD_FOLDER_NAME}: the oracle stage with "
+            "oracle.decoded_fraction > 0 reads the shipped VAE; run the vae, vae-decoder and unet stages "
+            "first, or set decoded_fraction: 0"
+        )
+    return load_in_memory(AutoencoderKL, Path(config.output) / SD_FOLDER_NAME / "vae").eval()
+
+
+@torch.no_grad()
+def vae_reconstructions(vae, images: np.ndarray) -> np.ndarray:
+    """decode(encode(x).mode()) of uint8 images (N, 64, 64, 3), as uint8 (N, 64, 64, 3)."""
+    decoded = []
+    for start in range(0, len(images), 256):
+        latents = vae.encode(images_to_tensor(images[start : start + 256])).latent_dist.mode()
+        pixels = (vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5
+        decoded.append(pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(decoded)
+
+
+def decoded_training_images(config: TrainConfig, vae, images: np.ndarray) -> np.ndarray:
+    """`vae_reconstructions` of the training images, cached under `cache_dir` (keyed by the VAE weights)."""
+    weights = Path(config.output) / SD_FOLDER_NAME / "vae" / "diffusion_pytorch_model.safetensors"
+    key = sha256_file(weights)[:16]
+    path = Path(config.cache_dir) / f"decoded_{key}_{len(images)}.npy"
+    if path.is_file():
+        return np.load(path)
+    decoded = vae_reconstructions(vae, images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path.with_suffix(".tmp.npy"), decoded)
+    path.with_suffix(".tmp.npy").replace(path)
+    return decoded
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -840,12 +899,13 @@ def main(argv: list[str] | None = None) -> None:
     if unet_overrides:
         config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, **unet_overrides))
     torch.set_num_threads(args.threads or config.threads)
+    # The oracle comes last: it learns to read images decoded by the VAE that the unet stage ships.
     stages = {
-        "oracle": train_oracle,
         "vae": train_vae,
         "vae-decoder": train_vae_decoder,
         "clip": train_clip,
         "unet": train_unet,
+        "oracle": train_oracle,
     }
     order = list(stages) if args.stage == "all" else [] if args.stage == "card" else [args.stage]
     for name in order:

@@ -15,7 +15,7 @@ from pipeline.world.clip_model import SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS, reg
 from pipeline.world.model_card import ASSETS, CARD_NAME, read_card_fingerprints
 from pipeline.world.oracle import images_to_tensor, load_oracle, shape_classifier
 from pipeline.world.sampling import sample_images
-from pipeline.world.train import sha256_file, vae_psnr
+from pipeline.world.train import sha256_file, vae_psnr, vae_reconstructions
 
 SD_FOLDER = ASSETS / "shapes-sd"
 CLIP_WEIGHTS = ASSETS / "shapes_clip.safetensors"
@@ -124,6 +124,17 @@ def test_oracle_reads_fresh_scenes(fresh_scenes):
         truth = [r.attributes[attribute] for r in fresh_scenes]
         accuracy = np.mean(np.array(predicted[attribute]) == np.array(truth))
         assert accuracy > 0.9, attribute
+
+
+@torch.no_grad()
+@needs_sd
+def test_oracle_reads_decoded_fresh_scenes(shapes_sd, fresh_scenes):
+    """The oracle judges decoded samples and edits: it reads the VAE's reconstructions of renders too."""
+    images = vae_reconstructions(shapes_sd.vae, np.stack([r.image for r in fresh_scenes]))
+    predicted = load_oracle().predict(images_to_tensor(images))
+    for attribute in ("shape", "color", "background"):
+        truth = [r.attributes[attribute] for r in fresh_scenes]
+        assert np.mean(np.array(predicted[attribute]) == np.array(truth)) > 0.95, attribute
 
 
 def test_shape_classifier_reads_unit_range_images_like_the_oracle(fresh_scenes):

@@ -1,5 +1,7 @@
 """Training-job pieces: strict config loading, the step/time budget, and the held-out PSNR."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,9 @@ from pipeline.world.train import (
     load_config,
     load_in_memory,
     random_blur,
+    shipped_vae,
     vae_psnr,
+    vae_reconstructions,
 )
 
 
@@ -67,6 +71,8 @@ def test_vae_psnr_agrees_with_skimage():
         [peak_signal_noise_ratio(a, b, data_range=255) for a, b in zip(images, pixels, strict=True)]
     )
     assert abs(ours - reference) < 1e-3
+    # The oracle's decoded training images are the same reconstructions, as uint8.
+    assert np.array_equal(vae_reconstructions(vae, images), pixels)
 
 
 def test_diffusion_loss_reduces_to_mse_and_follows_min_snr():
@@ -136,3 +142,9 @@ def test_blur_keeps_flat_images_and_softens_edges():
     edge[:, :, 8:] = 255
     row = blur_images(edge, 1.5)[0, 8, :, 0].astype(int)
     assert row[0] == 0 and row[-1] == 255 and 0 < row[7] < row[8] < 255
+
+
+def test_oracle_on_decoded_images_names_the_missing_vae(tmp_path):
+    config = dataclasses.replace(load_config(DEFAULT_CONFIG), output=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="decoded_fraction"):
+        shipped_vae(config)
