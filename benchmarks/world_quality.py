@@ -1,6 +1,6 @@
 """Quality of the trained shapes world: oracle accuracy of generated samples, VAE reconstruction PSNR.
 
-    python -m benchmarks.world_quality [--samples-per-caption 8] [--steps 30] [--guidance 5] [--write]
+    python -m benchmarks.world_quality [--samples-per-caption 32] [--steps 20] [--guidance 5] [--write]
 
 (a) For every held-out caption of the training job (one-object captions never rendered for training)
     and as many in-distribution captions, samples images with DDIM + CFG from the shipped diffusers
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--assets", default=str(ASSETS))
-    parser.add_argument("--samples-per-caption", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
+    parser.add_argument("--samples-per-caption", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", action="store_true", help="record the numbers in the model card")
