@@ -290,7 +290,9 @@ def train_oracle(config: TrainConfig) -> ShapesOracle:
     rng = np.random.default_rng(config.seed)
     data = training_scenes(config)
     one = np.nonzero(data.n_objects == 1)[0]
-    vae = shipped_vae(config) if config.oracle.decoded_fraction > 0 or _has_shipped_vae(config) else None
+    # The shipped VAE, when there is one, also gives the held-out check on its reconstructions.
+    has_vae = shipped_vae_folder(config).is_dir()
+    vae = shipped_vae(config) if has_vae or config.oracle.decoded_fraction > 0 else None
     decoded = (
         decoded_training_images(config, vae, data.images) if config.oracle.decoded_fraction > 0 else None
     )
@@ -338,21 +340,22 @@ def train_oracle(config: TrainConfig) -> ShapesOracle:
     return oracle
 
 
-def _has_shipped_vae(config: TrainConfig) -> bool:
-    return (Path(config.output) / SD_FOLDER_NAME / "vae").is_dir()
+def shipped_vae_folder(config: TrainConfig) -> Path:
+    """OUTPUT/shapes-sd/vae: the VAE that the unet stage ships with the diffusers folder."""
+    return Path(config.output) / SD_FOLDER_NAME / "vae"
 
 
 def shipped_vae(config: TrainConfig):
-    """The VAE of the shipped diffusers folder (OUTPUT/shapes-sd/vae), in eval mode on the CPU."""
+    """The VAE of the shipped diffusers folder, in eval mode on the CPU."""
     from diffusers import AutoencoderKL
 
-    if not _has_shipped_vae(config):
+    folder = shipped_vae_folder(config)
+    if not folder.is_dir():
         raise FileNotFoundError(
-            f"no VAE in {Path(config.output) / SD_FOLDER_NAME}: the oracle stage with "
-            "oracle.decoded_fraction > 0 reads the shipped VAE; run the vae, vae-decoder and unet stages "
-            "first, or set decoded_fraction: 0"
+            f"no VAE in {folder}: the oracle stage with oracle.decoded_fraction > 0 reads the shipped VAE; "
+            "run the vae, vae-decoder and unet stages first, or set decoded_fraction: 0"
         )
-    return load_in_memory(AutoencoderKL, Path(config.output) / SD_FOLDER_NAME / "vae").eval()
+    return load_in_memory(AutoencoderKL, folder).eval()
 
 
 @torch.no_grad()
@@ -368,8 +371,7 @@ def vae_reconstructions(vae, images: np.ndarray) -> np.ndarray:
 
 def decoded_training_images(config: TrainConfig, vae, images: np.ndarray) -> np.ndarray:
     """`vae_reconstructions` of the training images, cached under `cache_dir` (keyed by the VAE weights)."""
-    weights = Path(config.output) / SD_FOLDER_NAME / "vae" / "diffusion_pytorch_model.safetensors"
-    key = sha256_file(weights)[:16]
+    key = sha256_file(shipped_vae_folder(config) / "diffusion_pytorch_model.safetensors")[:16]
     path = Path(config.cache_dir) / f"decoded_{key}_{len(images)}.npy"
     if path.is_file():
         return np.load(path)
@@ -566,14 +568,12 @@ def latent_scaling_factor(vae, images: np.ndarray) -> float:
 @torch.no_grad()
 def vae_psnr(vae, images: np.ndarray) -> float:
     """Mean PSNR (dB, on 0..255 pixels) of decode(encode(x).mode()) over `images` (N, 64, 64, 3) uint8."""
-    values = []
-    for start in range(0, len(images), 128):
-        batch = images_to_tensor(images[start : start + 128])
-        reconstruction = vae.decode(vae.encode(batch).latent_dist.mode()).sample.clamp(-1, 1)
-        pixels = ((reconstruction + 1) * 127.5).round()
-        mse = ((pixels - (batch + 1) * 127.5) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
-        values.append(10 * torch.log10(255.0**2 / mse))
-    return float(torch.cat(values).mean())
+    from pipeline.metrics.pixel import psnr
+
+    def unit(pixels: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+
+    return float(psnr(unit(vae_reconstructions(vae, images)), unit(images)).mean())
 
 
 # ----------------------------------------------------------------------------------------------- CLIP
