@@ -31,7 +31,7 @@ def load_factory(reference: str, key: str = "metrics.feature_extractor"):
     if not location or not name:
         raise ValueError(f"{key} {reference!r}: expected 'package.module:factory' or '/path/file.py:factory'")
     if location.endswith(".py"):
-        module_name = f"_inversa_features_{Path(location).stem}"
+        module_name = f"_inversa_factory_{Path(location).stem}"
         module = sys.modules.get(module_name)
         if module is None:
             spec = importlib.util.spec_from_file_location(module_name, location)
