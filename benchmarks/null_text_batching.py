@@ -68,7 +68,7 @@ def main() -> None:
     images = _images(args.batch, model.image_size)
     prompts = [f"a photo of object number {index}" for index in range(args.batch)]
     # early_stop_epsilon=-1 makes every image run all inner steps, so both ways do equal work.
-    config = InversionConfig(
+    config = InversionConfig.of(
         method="null_text", num_steps=args.steps, inner_steps=args.inner_steps, early_stop_epsilon=-1.0
     )
     _timed(model, images[:1], prompts[:1], config)  # warm-up

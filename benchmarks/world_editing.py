@@ -63,7 +63,7 @@ def evaluate_method(
     images = torch.as_tensor(np.stack([case.source.image for case in edits]))
     source_prompts = [case.source.caption for case in edits]
     target_prompts = [case.target.caption for case in edits]
-    config = InversionConfig(
+    config = InversionConfig.of(
         method=method, num_steps=steps, guidance_scale=guidance, learning_rate=learning_rate
     )
     started = time.perf_counter()

@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.engine import INVERSION_METHODS, AttentionControl, InversionConfig
+from pipeline.diffusion.control import AttentionControl
+from pipeline.methods import InversionConfig, UnknownMethodError, get_method
 
 
 class ConfigError(ValueError):
@@ -214,14 +215,60 @@ class OutputConfig:
 class JobInversionConfig(InversionConfig):
     """The engine's inversion config, plus the prompt the job inverts each image with.
 
+    In YAML the method's parameters sit beside the common keys (`inversion.inner_steps`); which keys
+    are allowed depends on `inversion.method` (the registry in `pipeline.methods`).
+
     Attributes:
         prompt: source: the sample's caption; one inversion serves all of the image's edits.
             target: each edit's target prompt; one inversion per image and distinct target prompt.
-            Prompt Tuning Inversion (Algorithm 1) inverts with the target prompt only, so a
-            prompt_tuning job that follows the paper sets `target`.
+            null: the method's default (prompt_tuning: target, as Prompt Tuning Inversion's
+            Algorithm 1 inverts with the target prompt; the others: source).
     """
 
-    prompt: Literal["source", "target"] = "source"
+    prompt: Literal["source", "target"] | None = None
+
+    @property
+    def resolved_prompt(self) -> str:
+        return self.prompt if self.prompt is not None else self.info.default_prompt
+
+    def to_mapping(self) -> dict[str, Any]:
+        mapping = super().to_mapping()
+        mapping["prompt"] = self.resolved_prompt
+        return mapping
+
+    @classmethod
+    def from_mapping(cls, data: Any, origin: str, key: str) -> JobInversionConfig:
+        """Build from the YAML mapping, checking keys against the method's registered parameters."""
+        if not isinstance(data, dict):
+            raise _fail(origin, key, f"expected a mapping, got {type(data).__name__} {data!r}")
+        method = data.get("method", "null_text")
+        try:
+            info = get_method(method)
+        except UnknownMethodError as error:
+            raise _fail(origin, f"{key}.method", str(error)) from None
+        hints = typing.get_type_hints(cls)
+        common = set(cls.common_keys())
+        param_names = {f.name for f in dataclasses.fields(info.params)}
+        unknown = sorted(set(data) - common - param_names)
+        if unknown:
+            raise _fail(
+                origin,
+                f"{key}.{unknown[0]}",
+                f"unknown key for inversion.method {method!r}; allowed keys here are {sorted(common | param_names)}",
+            )
+        settings = {
+            name: _convert(data[name], hints[name], origin, f"{key}.{name}") for name in common & set(data)
+        }
+        params = build_dataclass(
+            info.params, {k: v for k, v in data.items() if k in param_names}, origin, key
+        )
+        # A spec's config is explicit: the method's defaults are written in, so the manifest and the
+        # edit ids record exactly what ran.
+        if settings.get("strength") is None:
+            settings["strength"] = info.default_strength
+        if settings.get("prompt") is None:
+            settings["prompt"] = info.default_prompt
+        return cls(params=params, **settings)
 
 
 @dataclass(frozen=True)
@@ -289,6 +336,8 @@ def _convert(value: Any, hint: Any, origin: str, key: str) -> Any:
             for i, (item, arg) in enumerate(zip(value, args, strict=True))
         )
     if dataclasses.is_dataclass(hint):
+        if hasattr(hint, "from_mapping"):
+            return hint.from_mapping(value, origin, key)
         return build_dataclass(hint, value, origin, key)
     if hint is bool:
         if not isinstance(value, bool):
@@ -331,10 +380,11 @@ def build_dataclass(cls: type, data: Any, origin: str, key: str = "") -> Any:
     kwargs = {}
     for yaml_key, dataclass_field in fields_by_key.items():
         child = f"{key}.{yaml_key}" if key else yaml_key
+        hint = hints[dataclass_field.name]
         if yaml_key in data:
-            kwargs[dataclass_field.name] = _convert(
-                data[yaml_key], hints[dataclass_field.name], origin, child
-            )
+            kwargs[dataclass_field.name] = _convert(data[yaml_key], hint, origin, child)
+        elif hasattr(hint, "from_mapping"):  # its defaults depend on the mapping: build them explicitly
+            kwargs[dataclass_field.name] = hint.from_mapping({}, origin, child)
         elif (
             dataclass_field.default is dataclasses.MISSING
             and dataclass_field.default_factory is dataclasses.MISSING
@@ -424,10 +474,6 @@ def _check(config: JobConfig, origin: str) -> None:
         raise _fail(origin, "input.shards", "needs at least one shard URL")
     if not config.edits:
         raise _fail(origin, "edits", "needs at least one edit")
-    if config.inversion.method not in INVERSION_METHODS:
-        raise _fail(
-            origin, "inversion.method", f"{config.inversion.method!r} is not one of {list(INVERSION_METHODS)}"
-        )
     for index, edit in enumerate(config.edits):
         if edit.prompt.mode == "template" and not edit.prompt.template:
             raise _fail(origin, f"edits.{index}.prompt.template", "is required when prompt.mode is template")
@@ -464,6 +510,8 @@ def _check(config: JobConfig, origin: str) -> None:
 
 def to_dict(config: Any) -> Any:
     """A JSON-ready mapping of a config (YAML key names), for the manifest."""
+    if hasattr(config, "to_mapping"):
+        return {name: to_dict(value) for name, value in config.to_mapping().items()}
     if dataclasses.is_dataclass(config):
         return {_yaml_key(f.name): to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
     if isinstance(config, tuple | list):

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, JobConfig, JobInversionConfig, load_config, parse_config, to_dict
-from pipeline.engine import AttentionControl, InversionConfig
+from pipeline.diffusion.control import AttentionControl
+from pipeline.methods import InversionConfig, NullTextParams, PromptTuningParams
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 MINIMAL = {
@@ -29,11 +30,30 @@ def test_minimal_spec_builds_typed_frozen_config(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
     assert isinstance(config, JobConfig)
     assert config.input.shards == ("data/shard-{000000..000003}.tar",)  # a single string becomes a list
-    assert config.inversion == JobInversionConfig()  # the engine defaults, inverting with the caption
+    # the engine defaults written out, inverting with the caption
+    assert to_dict(config.inversion) == to_dict(JobInversionConfig())
+    assert config.inversion.params == NullTextParams() and config.inversion.strength == 1.0
     assert isinstance(config.inversion, InversionConfig) and config.inversion.prompt == "source"
     assert config.edits[0].control == AttentionControl(mode="refine", reweight=(("fox", 2.0),))
     with pytest.raises(AttributeError):
         config.model.path = "other"  # frozen
+
+
+def test_prompt_tuning_defaults_are_the_papers(tmp_path):
+    """Prompt Tuning Inversion §4: N = 1, beta = 0.1, encoding ratio 0.8, plain gradient descent on the
+    squared error (Algorithm 1, line 9), c_T from the target prompt."""
+    config = load_config(write(tmp_path, {**MINIMAL, "inversion": {"method": "prompt_tuning"}}))
+    assert config.inversion.params == PromptTuningParams(inner_steps=1, learning_rate=0.1, optimizer="sgd")
+    assert config.inversion.strength == 0.8 and config.inversion.prompt == "target"
+    engine_side = InversionConfig(method="prompt_tuning")
+    assert engine_side.method_params == config.inversion.params and engine_side.resolved_strength == 0.8
+    explicit = load_config(
+        write(
+            tmp_path,
+            {**MINIMAL, "inversion": {"method": "prompt_tuning", "prompt": "source", "strength": 1.0}},
+        )
+    )
+    assert explicit.inversion.prompt == "source" and explicit.inversion.strength == 1.0
 
 
 def test_round_trip_through_to_dict():
@@ -45,7 +65,17 @@ def test_round_trip_through_to_dict():
     ("change", "key", "words"),
     [
         ({"inversion": {"methd": "ddim"}}, "inversion.methd", "unknown key"),
-        ({"inversion": {"method": "magic"}}, "inversion.method", "not one of"),
+        ({"inversion": {"method": "magic"}}, "inversion.method", "is unknown; choose one of"),
+        (
+            {"inversion": {"method": "ddim", "inner_steps": 3}},
+            "inversion.inner_steps",
+            "for inversion.method 'ddim'",
+        ),
+        (
+            {"inversion": {"method": "prompt_tuning", "optimizer": "lbfgs"}},
+            "inversion.optimizer",
+            "not one of",
+        ),
         ({"inversion": {"num_steps": "ten"}}, "inversion.num_steps", "expected an integer"),
         ({"inversion": {"prompt": "caption"}}, "inversion.prompt", "not one of"),
         ({"edits": [{"target_class": "fox", "seeds": [1, 1]}]}, "edits.0.seeds", "repeats"),

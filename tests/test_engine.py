@@ -3,7 +3,7 @@ import torch
 
 from pipeline.engine import AttentionControl, EditRequest, EngineInputError, InversionConfig, edit, invert
 
-CONFIG = InversionConfig(method="ddim", num_steps=2, guidance_scale=1.0)
+CONFIG = InversionConfig.of(method="ddim", num_steps=2, guidance_scale=1.0)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,10 @@ def test_nan_in_one_image_is_a_per_image_error_naming_image_and_step(tiny_sd, im
     handle = tiny_sd.unet.register_forward_hook(poison, with_kwargs=True)
     try:
         result = invert(
-            tiny_sd, images[:2], prompts[:2], InversionConfig(method="ddim", num_steps=2, guidance_scale=1.0)
+            tiny_sd,
+            images[:2],
+            prompts[:2],
+            InversionConfig.of(method="ddim", num_steps=2, guidance_scale=1.0),
         )
     finally:
         handle.remove()

@@ -1,15 +1,19 @@
 """Prompt-to-Prompt and P2Plus attention control through diffusers' attention-processor API.
 
-Legend (Prompt-to-Prompt, Hertz et al. §3.2; StyleDiffusion, Li et al. §3.4):
+Legend (Prompt-to-Prompt, Hertz et al. §3.2, and its reference controllers; StyleDiffusion §3.4):
 
     M_t, M*_t             cross-attention maps of the source row and of an edit row at step t
-    Edit(M_t, M*_t, t)    what an edit row uses instead of M*_t:
-        replace:          M_t @ mapper               while t < cross_replace_steps * T (word swap)
-        refine:           M_t[:, :, A] * alpha + M*_t * (1 - alpha)   (added/removed words)
-        reweight:         the result scaled per token by the equalizer c
-    self_replace_steps    self-attention maps of the conditional branch copied from the source row
-    tau_u                 P2Plus: self-attention maps of the *unconditional* branch copied too,
-                          for the first tau_u * T steps (`unconditional_self_replace_steps`)
+    mapped(M_t)           replace: M_t @ mapper (word swap); refine: M_t[:, A] * alpha + M*_t * (1 - alpha);
+                          none: M_t (P2P's AttentionReweight without a previous controller)
+    c                     equalizer, per target token (re-weighting; 1 = unchanged)
+    w_t[j]                cross window: 1 where target token j is injected at step t (tau_c, per word)
+    Edit(M_t, M*_t, t)    what an edit row uses:  w_t * (mapped(M_t) * c) + (1 - w_t) * M*_t
+                          (re-weighting acts only inside the window, as P2P's controllers compose)
+    self window           conditional self-attention of the edit row copied from the source row
+    tau_u window          P2Plus: unconditional self-attention copied too
+
+Recorded maps (local blend, edit masks) are the edit rows' maps *after* Edit(...), as P2P's attention
+store holds them (its controller edits the stored tensor in place).
 
 Batch layout seen by every attention layer (classifier-free guidance doubles the rows)::
 
@@ -39,12 +43,12 @@ class EditPlan:
         num_rows: N, rows per guidance branch.
         edit_rows: (E,) long, edit row indices.
         edit_sources: (E,) long, the source row of each edit.
-        cross_matrix: (E, L, L), source token -> target token map (identity rows for refine's copy).
-        cross_alpha: (E, L), weight of the mapped source map per target token (1 replace, 0/1 refine).
+        cross_matrix: (E, L, L), source token -> target token map (identity for refine's copy and none).
+        cross_alpha: (E, L), weight of the mapped source map per target token (refine: 0 for new tokens).
         equalizer: (E, L), re-weighting scale per target token.
-        cross_until: (E,) long, cross-attention is injected for steps < cross_until (0 = never).
-        self_until: (E,) long, conditional self-attention injected for steps < self_until.
-        uncond_self_until: (E,) long, P2Plus unconditional self-attention for steps < this.
+        cross_window: (E, S, L), 1 where target token j of edit e is injected at step i.
+        self_window: (E, 2) long, [first, last) steps of conditional self-attention injection.
+        uncond_self_window: (E, 2) long, [first, last) steps of P2Plus unconditional injection.
     """
 
     num_rows: int
@@ -53,16 +57,16 @@ class EditPlan:
     cross_matrix: torch.Tensor
     cross_alpha: torch.Tensor
     equalizer: torch.Tensor
-    cross_until: torch.Tensor
-    self_until: torch.Tensor
-    uncond_self_until: torch.Tensor
+    cross_window: torch.Tensor
+    self_window: torch.Tensor
+    uncond_self_window: torch.Tensor
 
 
 class AttentionController:
     """Edits attention maps of edit rows from their source rows and records cross-attention maps.
 
-    The sampler sets `step` before each UNet call. Recorded maps (cond branch, mean over heads,
-    summed over layers and steps at `mask_resolution`) feed local blend and the edit masks.
+    The sampler sets `step` before each UNet call. Recorded maps (cond branch, after editing, mean
+    over heads, summed over layers and steps at `mask_resolution`) feed local blend and the edit masks.
     """
 
     def __init__(self, plan: EditPlan, latent_size: int, mask_resolution: int):
@@ -73,8 +77,9 @@ class AttentionController:
         self.mask_resolution = mask_resolution
         self.cross_maps: torch.Tensor | None = None  # (N, mask_queries, L)
 
-    def _active(self, until: torch.Tensor) -> torch.Tensor:
-        return until > self.step
+    def _in_window(self, window: torch.Tensor) -> torch.Tensor:
+        """(E,) bool: edits whose [first, last) window holds the current step."""
+        return (window[:, 0] <= self.step) & (self.step < window[:, 1])
 
     def wants_probs(self, is_cross: bool, num_queries: int) -> bool:
         if is_cross:
@@ -82,7 +87,8 @@ class AttentionController:
         if num_queries > self.self_max_queries:
             return False
         return bool(
-            self._active(self.plan.self_until).any() or self._active(self.plan.uncond_self_until).any()
+            self._in_window(self.plan.self_window).any()
+            or self._in_window(self.plan.uncond_self_window).any()
         )
 
     def __call__(self, probs: torch.Tensor, is_cross: bool, heads: int) -> torch.Tensor:
@@ -90,11 +96,11 @@ class AttentionController:
         rows, queries, keys = 2 * self.plan.num_rows, probs.shape[1], probs.shape[2]
         probs = probs.view(2, self.plan.num_rows, heads, queries, keys).clone()
         if is_cross:
-            self._record(probs[1], queries)
             probs[1] = self._edit_cross(probs[1])
+            self._record(probs[1], queries)
         else:
-            probs[1] = self._copy_self(probs[1], self.plan.self_until)
-            probs[0] = self._copy_self(probs[0], self.plan.uncond_self_until)
+            probs[1] = self._copy_self(probs[1], self.plan.self_window)
+            probs[0] = self._copy_self(probs[0], self.plan.uncond_self_window)
         return probs.view(rows * heads, queries, keys)
 
     def _record(self, cond_probs: torch.Tensor, queries: int) -> None:
@@ -111,16 +117,17 @@ class AttentionController:
         source = cond_probs[plan.edit_sources]
         mapped = torch.einsum("ehqk,ekl->ehql", source, plan.cross_matrix.to(source.dtype))
         alpha = plan.cross_alpha.to(own.dtype)[:, None, None, :]
-        injected = mapped * alpha + own * (1.0 - alpha)
-        active = self._active(plan.cross_until)[:, None, None, None]
-        edited = torch.where(active, injected, own) * plan.equalizer.to(own.dtype)[:, None, None, :]
-        cond_probs[plan.edit_rows] = edited
+        injected = (mapped * alpha + own * (1.0 - alpha)) * plan.equalizer.to(own.dtype)[:, None, None, :]
+        window = plan.cross_window[:, self.step].to(own.dtype)[:, None, None, :]
+        cond_probs[plan.edit_rows] = window * injected + (1.0 - window) * own
         return cond_probs
 
-    def _copy_self(self, branch_probs: torch.Tensor, until: torch.Tensor) -> torch.Tensor:
+    def _copy_self(self, branch_probs: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         plan = self.plan
-        active = self._active(until)
-        if plan.edit_rows.numel() == 0 or not active.any():
+        if plan.edit_rows.numel() == 0:
+            return branch_probs
+        active = self._in_window(window)
+        if not active.any():
             return branch_probs
         rows, sources = plan.edit_rows[active], plan.edit_sources[active]
         branch_probs[rows] = branch_probs[sources]

@@ -1,21 +1,32 @@
-"""Edit masks from cross-attention maps (Prompt-to-Prompt's local blend, §3.2 "Local editing").
+"""Edit masks from cross-attention maps and Prompt-to-Prompt's local blend (§3.2 "Local editing").
 
-Legend:
+Legend (P2P's `LocalBlend` in the null-text notebook):
 
     M                 summed cross-attention maps of one row, (q, L) with q = r*r queries at resolution r
     alpha_w           indicator of the tokens of the chosen words
-    mask              maxpool3x3( sum_w M[:, alpha_w] ) resized to the latent, / its max, > threshold
-    local blend       z_edit <- z_source + (mask_source | mask_edit) * (z_edit - z_source)
+    word mask         maxpool3x3( sum_w M[:, alpha_w] ) resized to the latent, / its max, > th[0]
+    exclude mask      sum_w M[:, alpha_w] over `substruct_words` (no pooling), / its max, > th[1]
+    mask              (word mask of the source row | word mask of the edit row)
+                      & ~(exclude mask of the source row | exclude mask of the edit row)
+    local blend       z_edit <- z_source + mask * (z_edit - z_source), after each step i >= start_blend
+                      with start_blend = int(blend_start * S) (P2P's counter > int(0.2 * S))
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
 def word_mask(
-    maps: torch.Tensor, positions: list[int], resolution: int, size: int, threshold: float
+    maps: torch.Tensor,
+    positions: list[int],
+    resolution: int,
+    size: int,
+    threshold: float,
+    pool: bool = True,
 ) -> torch.Tensor:
     """Binary mask of where the tokens at `positions` attend.
 
@@ -25,6 +36,7 @@ def word_mask(
         resolution: r, side of the attention layer.
         size: side of the output mask (the latent's).
         threshold: on the max-normalised map.
+        pool: 3x3 max-pool before resizing (word masks: yes; exclude masks: no).
 
     Returns:
         (size, size) bool mask; all False when `positions` is empty.
@@ -32,7 +44,8 @@ def word_mask(
     if not positions:
         return torch.zeros(size, size, dtype=torch.bool, device=maps.device)
     word_map = maps[:, positions].sum(dim=-1).view(1, 1, resolution, resolution)
-    word_map = F.max_pool2d(word_map, kernel_size=3, stride=1, padding=1)
+    if pool:
+        word_map = F.max_pool2d(word_map, kernel_size=3, stride=1, padding=1)
     word_map = F.interpolate(word_map, size=(size, size), mode="nearest")[0, 0]
     word_map = word_map / word_map.max().clamp_min(1e-12)
     return word_map > threshold
@@ -41,3 +54,84 @@ def word_mask(
 def upsample_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
     """(h, w) bool latent mask -> (size, size) bool image mask (nearest)."""
     return F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].bool()
+
+
+@dataclass(frozen=True)
+class MaskWords:
+    """Token positions that define one edit's mask.
+
+    Attributes:
+        source: positions of the mask words in the source prompt.
+        target: positions of the mask words in the target prompt.
+        source_exclude: positions of the exclude words in the source prompt.
+        target_exclude: positions of the exclude words in the target prompt.
+        threshold: th[0], on the pooled word map.
+        exclude_threshold: th[1], on the unpooled exclude map.
+    """
+
+    source: list[int]
+    target: list[int]
+    source_exclude: list[int]
+    target_exclude: list[int]
+    threshold: float
+    exclude_threshold: float
+
+    @property
+    def empty(self) -> bool:
+        return not (self.source or self.target)
+
+
+def edit_mask(
+    maps: torch.Tensor,
+    source_row: int,
+    edit_row: int,
+    words: MaskWords,
+    resolution: int,
+    size: int,
+) -> torch.Tensor:
+    """(size, size) bool mask of one edit from the recorded maps (N, q, L) of its two rows."""
+    mask = word_mask(maps[source_row], words.source, resolution, size, words.threshold) | word_mask(
+        maps[edit_row], words.target, resolution, size, words.threshold
+    )
+    if words.source_exclude or words.target_exclude:
+        exclude = word_mask(
+            maps[source_row], words.source_exclude, resolution, size, words.exclude_threshold, pool=False
+        ) | word_mask(
+            maps[edit_row], words.target_exclude, resolution, size, words.exclude_threshold, pool=False
+        )
+        mask = mask & ~exclude
+    return mask
+
+
+@dataclass(frozen=True)
+class LocalBlend:
+    """P2P's local blend for the blended edits of one UNet batch.
+
+    Attributes:
+        edit_rows: rows of the blended edits.
+        source_rows: their source rows.
+        words: per blended edit, its mask words.
+        start_step: first step index after which blending is applied (int(blend_start * S)).
+        resolution: side of the recorded maps.
+        size: the latent's side.
+    """
+
+    edit_rows: list[int]
+    source_rows: list[int]
+    words: list[MaskWords]
+    start_step: list[int]
+    resolution: int
+    size: int
+
+    def __call__(self, step_index: int, latents: torch.Tensor, maps: torch.Tensor | None) -> torch.Tensor:
+        """Blend `latents` (N, C, h, w) after step `step_index` using the maps recorded so far."""
+        if maps is None:
+            return latents
+        for edit_row, source_row, words, start in zip(
+            self.edit_rows, self.source_rows, self.words, self.start_step, strict=True
+        ):
+            if step_index < start:
+                continue
+            mask = edit_mask(maps, source_row, edit_row, words, self.resolution, self.size).to(latents.dtype)
+            latents[edit_row] = latents[source_row] + mask * (latents[edit_row] - latents[source_row])
+        return latents

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from pipeline.diffusion.ddim import DDIMSchedule
-from pipeline.methods.result import nonfinite_errors
+from pipeline.diffusion.trajectory import nonfinite_errors
 
 
 @dataclass
@@ -57,6 +57,7 @@ def optimize_stepwise(
     reduction: Literal["mean", "sum"] = "mean",
     stop_threshold: Callable[[int], float] | None = None,
     errors: list[str | None] | None = None,
+    loop: str = "embedding optimisation",
 ) -> StepwiseEmbeddings:
     """Optimise one branch's embedding at every timestep so the guided step lands on the trajectory.
 
@@ -75,6 +76,7 @@ def optimize_stepwise(
         reduction: loss over latent elements: "mean" (MSE) or "sum" (squared L2 norm).
         stop_threshold: early stop: an image stops at step i once its loss < stop_threshold(i).
         errors: per-image error slots (images already failed are skipped).
+        loop: the loop's name in error messages (e.g. "null-text optimisation").
 
     Returns:
         StepwiseEmbeddings.
@@ -108,7 +110,7 @@ def optimize_stepwise(
             step_optimizer.step()
             iterations[step_index, index.cpu()] += 1
             active = _still_active(
-                active, losses.detach().tolist(), step_index, timestep, stop_threshold, errors
+                active, losses.detach().tolist(), step_index, timestep, stop_threshold, errors, loop
             )
         current = torch.stack(params).detach()
         per_step.append(current)
@@ -118,7 +120,7 @@ def optimize_stepwise(
             optimized_noise = unet(latents, timestep, encoder_hidden_states=current).sample
             noise = _guided(optimized_noise, fixed_noise, optimized_branch, guidance_scale)
             latents = schedule.step(noise, timestep, latents)
-        nonfinite_errors(latents, step_index, timestep, errors)
+        nonfinite_errors(latents, step_index, timestep, errors, f"{loop} (reconstruction step)")
     return StepwiseEmbeddings(torch.stack(per_step), latents, iterations, errors)
 
 
@@ -143,11 +145,14 @@ def _still_active(
     timestep: int,
     stop_threshold: Callable[[int], float] | None,
     errors: list[str | None],
+    loop: str,
 ) -> list[int]:
     still = []
     for image, loss in zip(active, losses, strict=True):
         if loss != loss or loss in (float("inf"), float("-inf")):
-            errors[image] = f"image {image}: non-finite loss at step {step_index} (timestep {timestep})"
+            errors[image] = (
+                f"image {image}: non-finite loss in {loop} at step {step_index} (timestep {timestep})"
+            )
         elif stop_threshold is None or loss >= stop_threshold(step_index):
             still.append(image)
     return still

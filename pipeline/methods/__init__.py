@@ -1,1 +1,242 @@
+"""The inversion-method registry: each method's parameters (with its paper's defaults) and the module
+that implements it. Imports no torch, so the job spec, `inversa --help` and `validate` can name and
+check methods without loading the maths.
 
+A method is one module under `pipeline/methods/` exposing
+
+    invert(inputs: InversionInputs, params) -> MethodResult
+
+(its MethodResult may carry an EditHook when the method changes how edits are conditioned or
+steered), plus one `register(MethodInfo(...))` line here with its parameter dataclass.
+
+`InversionConfig` is what the engine and the job spec share: the method's name, the settings every
+method has (steps, guidance, strength) and the method's own parameter dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class DDIMParams:
+    """DDIM inversion (Song et al.; DiffusionCLIP eq. 12).
+
+    Attributes:
+        inversion_guidance: w while DDIM-inverting (1 = source prompt only, 0 = unconditional only).
+    """
+
+    inversion_guidance: float = 1.0
+
+
+@dataclass(frozen=True)
+class NullTextParams:
+    """Null-text inversion (Mokady et al. §3.2-3.3; the reference notebook's defaults).
+
+    Attributes:
+        inversion_guidance: w of the pivotal DDIM inversion (paper: 1).
+        inner_steps: N iterations per timestep (paper: 10).
+        learning_rate: base Adam lr, decayed as lr * (1 - i / 100) at step i (paper: 1e-2).
+        early_stop_epsilon: a timestep stops once its loss < epsilon + i * 2e-5 (paper: 1e-5).
+    """
+
+    inversion_guidance: float = 1.0
+    inner_steps: int = 10
+    learning_rate: float = 1e-2
+    early_stop_epsilon: float = 1e-5
+
+
+@dataclass(frozen=True)
+class NegativePromptParams:
+    """Negative-prompt inversion (Miyake et al.): no parameters of its own."""
+
+
+@dataclass(frozen=True)
+class PromptTuningParams:
+    """Prompt Tuning Inversion (Dong et al., Algorithm 1 and §4 "Implementation details").
+
+    Attributes:
+        inner_steps: N iterations per timestep (paper: 1).
+        learning_rate: beta (paper: 0.1).
+        optimizer: "sgd", plain gradient descent on the squared L2 norm (Algorithm 1, line 9), or
+            "adam" on the mean squared error (null-text's optimiser).
+    """
+
+    inner_steps: int = 1
+    learning_rate: float = 0.1
+    optimizer: Literal["sgd", "adam"] = "sgd"
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One registered inversion method.
+
+    Attributes:
+        name: the value of `inversion.method`.
+        params: frozen dataclass of the method's own parameters; its defaults are the paper's.
+        module: import path of the module whose `invert(inputs, params)` implements it.
+        summary: one line for help texts.
+        optimizes: True when the method optimises with gradients (needs a float32 model).
+        default_strength: the fraction of the schedule inverted when the spec sets none.
+        default_prompt: which prompt a job inverts with when the spec sets none: the sample's caption
+            ("source") or each edit's target prompt ("target").
+    """
+
+    name: str
+    params: type
+    module: str
+    summary: str
+    optimizes: bool = False
+    default_strength: float = 1.0
+    default_prompt: Literal["source", "target"] = "source"
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+
+
+class UnknownMethodError(ValueError):
+    """An inversion method name that is not registered; the message lists the registered ones."""
+
+
+def register(info: MethodInfo) -> MethodInfo:
+    """Add (or replace) a method."""
+    if not dataclasses.is_dataclass(info.params):
+        raise TypeError(f"method {info.name!r}: params must be a dataclass, got {info.params!r}")
+    _REGISTRY[info.name] = info
+    return info
+
+
+def unregister(name: str) -> None:
+    """Remove a method (tests register temporary ones)."""
+    _REGISTRY.pop(name, None)
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> MethodInfo:
+    """The registered method `name`.
+
+    Raises:
+        UnknownMethodError: naming the method and the registered choices.
+    """
+    if name not in _REGISTRY:
+        raise UnknownMethodError(f"inversion.method {name!r} is unknown; choose one of {list(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def load_invert(name: str):
+    """The `invert(inputs, params)` function of method `name` (imports its module, and torch)."""
+    return importlib.import_module(get_method(name).module).invert
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """How images are inverted.
+
+    Attributes:
+        method: a registered method name (see `method_names()`).
+        num_steps: DDIM steps over the full schedule (S).
+        guidance_scale: classifier-free guidance w of reconstruction and editing.
+        strength: fraction of the schedule inverted; < 1 stops at the return step t0 (DiffusionCLIP,
+            Prompt Tuning Inversion's "encoding ratio"). None = the method's default.
+        params: the method's parameter dataclass; None = its paper defaults.
+    """
+
+    method: str = "null_text"
+    num_steps: int = 50
+    guidance_scale: float = 7.5
+    strength: float | None = None
+    params: Any = None
+
+    @classmethod
+    def of(cls, method: str = "null_text", **settings: Any) -> InversionConfig:
+        """Build from flat settings: common keys and the method's parameters side by side.
+
+        Raises:
+            UnknownMethodError: for an unregistered method.
+            TypeError: naming a setting that is neither common nor the method's.
+        """
+        info = get_method(method)
+        common_keys = cls.common_keys()
+        param_names = {f.name for f in dataclasses.fields(info.params)}
+        unknown = sorted(set(settings) - set(common_keys) - param_names)
+        if unknown:
+            raise TypeError(
+                f"{unknown[0]!r} is not a setting of inversion method {method!r}; "
+                f"allowed: {sorted(set(common_keys) | param_names)}"
+            )
+        common = {key: value for key, value in settings.items() if key in common_keys}
+        params = info.params(**{key: value for key, value in settings.items() if key in param_names})
+        return cls(method=method, params=params, **common)
+
+    @classmethod
+    def common_keys(cls) -> tuple[str, ...]:
+        """The settings every method has (all fields but `params`)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "params")
+
+    @property
+    def info(self) -> MethodInfo:
+        return get_method(self.method)
+
+    @property
+    def method_params(self) -> Any:
+        """`params`, or the method's defaults."""
+        return self.params if self.params is not None else self.info.params()
+
+    @property
+    def resolved_strength(self) -> float:
+        return self.strength if self.strength is not None else self.info.default_strength
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The flat YAML form: common keys and the method's parameters side by side."""
+        mapping = {name: getattr(self, name) for name in self.common_keys()}
+        mapping["strength"] = self.resolved_strength
+        mapping.update(dataclasses.asdict(self.method_params))
+        return mapping
+
+
+register(MethodInfo("ddim", DDIMParams, "pipeline.methods.ddim_inversion", "plain DDIM inversion"))
+register(
+    MethodInfo(
+        "null_text", NullTextParams, "pipeline.methods.null_text", "null-text inversion", optimizes=True
+    )
+)
+register(
+    MethodInfo(
+        "negative_prompt",
+        NegativePromptParams,
+        "pipeline.methods.negative_prompt",
+        "negative-prompt inversion",
+    )
+)
+register(
+    MethodInfo(
+        "prompt_tuning",
+        PromptTuningParams,
+        "pipeline.methods.prompt_tuning",
+        "prompt tuning inversion",
+        optimizes=True,
+        default_strength=0.8,
+        default_prompt="target",
+    )
+)
+
+__all__ = [
+    "DDIMParams",
+    "InversionConfig",
+    "MethodInfo",
+    "NegativePromptParams",
+    "NullTextParams",
+    "PromptTuningParams",
+    "UnknownMethodError",
+    "get_method",
+    "load_invert",
+    "method_names",
+    "register",
+    "unregister",
+]

@@ -7,6 +7,7 @@ Legend:
     eps_tilde                  classifier-free guided with w = `guidance_scale` during inversion:
                                w = 1 uses the source prompt only (null-text's default),
                                w = 0 the unconditional branch only (prompt tuning's Algorithm 1, line 2)
+    w                          `inversion_guidance` (DDIMParams)
     t0                         return step: a schedule cut with strength < 1 stops the inversion there
 """
 
@@ -16,7 +17,8 @@ import torch
 
 from pipeline.diffusion.ddim import DDIMSchedule
 from pipeline.diffusion.sampling import predict_noise
-from pipeline.methods.result import MethodResult, nonfinite_errors, per_step
+from pipeline.diffusion.trajectory import InversionInputs, MethodResult, nonfinite_errors, per_step
+from pipeline.methods import DDIMParams
 
 
 def ddim_trajectory(
@@ -50,29 +52,28 @@ def ddim_trajectory(
             timestep = timesteps[step_index]
             noise = predict_noise(unet, latents, timestep, cond_embeddings, uncond_embeddings, guidance_scale)
             latents = schedule.inverse_step(noise, timestep, latents)
-            nonfinite_errors(latents, step_index, timestep, errors)
+            nonfinite_errors(latents, step_index, timestep, errors, "DDIM inversion")
             trajectory.append(latents)
     return torch.stack(trajectory)
 
 
-def invert_ddim(
-    unet: torch.nn.Module,
-    schedule: DDIMSchedule,
-    clean_latents: torch.Tensor,
-    cond_embeddings: torch.Tensor,
-    uncond_embeddings: torch.Tensor,
-    inversion_guidance: float,
-) -> MethodResult:
+def invert(inputs: InversionInputs, params: DDIMParams) -> MethodResult:
     """Plain DDIM inversion; edits and reconstruction sample with the empty-prompt uncond embedding."""
-    errors: list[str | None] = [None] * clean_latents.shape[0]
+    errors: list[str | None] = [None] * inputs.batch_size
     trajectory = ddim_trajectory(
-        unet, schedule, clean_latents, cond_embeddings, uncond_embeddings, inversion_guidance, errors
+        inputs.unet,
+        inputs.schedule,
+        inputs.clean_latents,
+        inputs.cond_embeddings,
+        inputs.uncond_embeddings,
+        params.inversion_guidance,
+        errors,
     )
-    steps = schedule.num_steps
+    steps = inputs.schedule.num_steps
     return MethodResult(
         trajectory=trajectory,
-        uncond_embeddings=per_step(uncond_embeddings, steps),
-        cond_embeddings=per_step(cond_embeddings, steps),
+        uncond_embeddings=per_step(inputs.uncond_embeddings, steps),
+        cond_embeddings=per_step(inputs.cond_embeddings, steps),
         reconstruction=None,
         errors=errors,
     )

@@ -10,27 +10,22 @@ Legend:
 
 from __future__ import annotations
 
-import torch
-
-from pipeline.diffusion.ddim import DDIMSchedule
+from pipeline.diffusion.trajectory import InversionInputs, MethodResult, per_step
+from pipeline.methods import NegativePromptParams
 from pipeline.methods.ddim_inversion import ddim_trajectory
-from pipeline.methods.result import MethodResult, per_step
 
 
-def invert_negative_prompt(
-    unet: torch.nn.Module,
-    schedule: DDIMSchedule,
-    clean_latents: torch.Tensor,
-    cond_embeddings: torch.Tensor,
-) -> MethodResult:
+def invert(inputs: InversionInputs, params: NegativePromptParams) -> MethodResult:
     """DDIM inversion at w = 1 with the source prompt; the source prompt is also the negative prompt."""
-    errors: list[str | None] = [None] * clean_latents.shape[0]
-    trajectory = ddim_trajectory(unet, schedule, clean_latents, cond_embeddings, None, 1.0, errors)
-    steps = schedule.num_steps
+    del params  # the method has none
+    errors: list[str | None] = [None] * inputs.batch_size
+    cond = inputs.cond_embeddings
+    trajectory = ddim_trajectory(inputs.unet, inputs.schedule, inputs.clean_latents, cond, None, 1.0, errors)
+    steps = inputs.schedule.num_steps
     return MethodResult(
         trajectory=trajectory,
-        uncond_embeddings=per_step(cond_embeddings, steps),
-        cond_embeddings=per_step(cond_embeddings, steps),
+        uncond_embeddings=per_step(cond, steps),
+        cond_embeddings=per_step(cond, steps),
         reconstruction=None,
         errors=errors,
     )

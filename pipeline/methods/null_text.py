@@ -13,61 +13,58 @@ Legend:
 
 from __future__ import annotations
 
-import torch
-
-from pipeline.diffusion.ddim import DDIMSchedule
 from pipeline.diffusion.optimization import optimize_stepwise
+from pipeline.diffusion.trajectory import InversionInputs, MethodResult, per_step
+from pipeline.methods import NullTextParams
 from pipeline.methods.ddim_inversion import ddim_trajectory
-from pipeline.methods.result import MethodResult, per_step
 
 
-def invert_null_text(
-    unet: torch.nn.Module,
-    schedule: DDIMSchedule,
-    clean_latents: torch.Tensor,
-    cond_embeddings: torch.Tensor,
-    uncond_embeddings: torch.Tensor,
-    guidance_scale: float,
-    inversion_guidance: float = 1.0,
-    inner_steps: int = 10,
-    learning_rate: float = 1e-2,
-    early_stop_epsilon: float = 1e-5,
-) -> MethodResult:
+def learning_rate_at(base: float, step_index: int) -> float:
+    """The reference notebook's schedule: lr_i = base * (1 - i / 100)."""
+    return base * (1.0 - step_index / 100.0)
+
+
+def stop_threshold_at(epsilon: float, step_index: int) -> float:
+    """The reference notebook's early stop: step i ends once loss < epsilon + i * 2e-5."""
+    return epsilon + step_index * 2e-5
+
+
+def invert(inputs: InversionInputs, params: NullTextParams) -> MethodResult:
     """Pivotal DDIM inversion, then per-step null-text optimisation, all B images at once.
 
     Args:
-        unet: eps_theta.
-        schedule: the grid.
-        clean_latents: z*_0, (B, C, h, w).
-        cond_embeddings: C, (B, L, D) source prompt embeddings.
-        uncond_embeddings: (B, L, D) empty-prompt embeddings, the initial null_T.
-        guidance_scale: w of reconstruction and editing.
-        inversion_guidance: w of the pivotal inversion (paper: 1).
-        inner_steps: N.
-        learning_rate: base lr, decayed linearly with the step index.
-        early_stop_epsilon: epsilon of the early-stop threshold.
+        inputs: the batch; `cond_embeddings` is C, `uncond_embeddings` the initial null_T and
+            `guidance_scale` the w of reconstruction and editing.
+        params: inversion_guidance (w of the pivot), N, base lr and epsilon.
     """
-    errors: list[str | None] = [None] * clean_latents.shape[0]
+    errors: list[str | None] = [None] * inputs.batch_size
     trajectory = ddim_trajectory(
-        unet, schedule, clean_latents, cond_embeddings, uncond_embeddings, inversion_guidance, errors
+        inputs.unet,
+        inputs.schedule,
+        inputs.clean_latents,
+        inputs.cond_embeddings,
+        inputs.uncond_embeddings,
+        params.inversion_guidance,
+        errors,
     )
     optimized = optimize_stepwise(
-        unet,
-        schedule,
+        inputs.unet,
+        inputs.schedule,
         trajectory,
-        fixed_embeddings=cond_embeddings,
-        initial_embeddings=uncond_embeddings,
+        fixed_embeddings=inputs.cond_embeddings,
+        initial_embeddings=inputs.uncond_embeddings,
         optimized_branch="uncond",
-        guidance_scale=guidance_scale,
-        inner_steps=inner_steps,
-        learning_rate=lambda step_index: learning_rate * (1.0 - step_index / 100.0),
-        stop_threshold=lambda step_index: early_stop_epsilon + step_index * 2e-5,
+        guidance_scale=inputs.guidance_scale,
+        inner_steps=params.inner_steps,
+        learning_rate=lambda step_index: learning_rate_at(params.learning_rate, step_index),
+        stop_threshold=lambda step_index: stop_threshold_at(params.early_stop_epsilon, step_index),
         errors=errors,
+        loop="null-text optimisation",
     )
     return MethodResult(
         trajectory=trajectory,
         uncond_embeddings=optimized.embeddings,
-        cond_embeddings=per_step(cond_embeddings, schedule.num_steps),
+        cond_embeddings=per_step(inputs.cond_embeddings, inputs.schedule.num_steps),
         reconstruction=optimized.reconstruction,
         errors=optimized.errors,
         iterations=optimized.iterations,

@@ -151,7 +151,7 @@ class InvertEditActor:
                 self.inversion,
                 self.backbones,
             )
-            if self.inversion.prompt == "source" or not planned:
+            if self.inversion.resolved_prompt == "source" or not planned:
                 units.append(InversionUnit(row, caption, planned, failures))
                 continue
             prompts = list(dict.fromkeys(plan.target_prompt for plan in planned))

@@ -13,7 +13,8 @@ import string
 from dataclasses import dataclass
 
 from pipeline.config import EditSpec, to_dict
-from pipeline.engine import AttentionControl, InversionConfig
+from pipeline.diffusion.control import AttentionControl
+from pipeline.methods import InversionConfig
 
 
 class PlanError(ValueError):
@@ -84,7 +85,7 @@ def target_prompt(spec: EditSpec, caption: str, source_class: str, meta: dict) -
 
 
 def fill_control(control: AttentionControl, source_word: str, target_word: str) -> AttentionControl:
-    """Replace the words "{source}" / "{target}" in blend_words and reweight."""
+    """Replace the words "{source}" / "{target}" in every word list of the control."""
 
     def fill(word: str) -> str:
         return word.replace("{source}", source_word).replace("{target}", target_word)
@@ -92,7 +93,9 @@ def fill_control(control: AttentionControl, source_word: str, target_word: str) 
     return dataclasses.replace(
         control,
         blend_words=tuple(fill(word) for word in control.blend_words),
+        blend_exclude_words=tuple(fill(word) for word in control.blend_exclude_words),
         reweight=tuple((fill(word), scale) for word, scale in control.reweight),
+        cross_replace_words=tuple((fill(word), bounds) for word, bounds in control.cross_replace_words),
     )
 
 

@@ -7,7 +7,15 @@ from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit
 L = 77
 
 
-def _plan(cross_until=2, self_until=1, uncond_self_until=0, matrix=None, alpha=None, scales=None):
+STEPS = 4
+
+
+def _plan(
+    cross_until=2, self_until=1, uncond_self_until=0, matrix=None, alpha=None, scales=None, window=None
+):
+    if window is None:
+        window = torch.zeros(STEPS, L)
+        window[:cross_until] = 1.0
     return EditPlan(
         num_rows=2,
         edit_rows=torch.tensor([1]),
@@ -15,9 +23,9 @@ def _plan(cross_until=2, self_until=1, uncond_self_until=0, matrix=None, alpha=N
         cross_matrix=(torch.eye(L) if matrix is None else matrix)[None],
         cross_alpha=(torch.ones(L) if alpha is None else alpha)[None],
         equalizer=(torch.ones(L) if scales is None else scales)[None],
-        cross_until=torch.tensor([cross_until]),
-        self_until=torch.tensor([self_until]),
-        uncond_self_until=torch.tensor([uncond_self_until]),
+        cross_window=window[None],
+        self_window=torch.tensor([[0, self_until]]),
+        uncond_self_window=torch.tensor([[0, uncond_self_until]]),
     )
 
 
@@ -39,15 +47,64 @@ def test_cross_replace_copies_source_maps_through_the_mapper_within_the_window()
     torch.testing.assert_close(out[1, 1], original[1, 1])
 
 
-def test_reweight_scales_the_target_tokens():
+def test_reweight_scales_the_injected_maps_inside_the_window_only():
+    """P2P's AttentionReweight: (mapped source maps) * c within the cross window, the edit row's own
+    unscaled maps after it."""
     scales = torch.ones(L)
     scales[5] = 3.0
-    controller = AttentionController(_plan(scales=scales), latent_size=8, mask_resolution=2)
+    controller = AttentionController(_plan(cross_until=2, scales=scales), latent_size=8, mask_resolution=2)
     probs = _probs(L)
+    original = probs.view(2, 2, 2, 4, L)
     out = controller(probs.clone(), is_cross=True, heads=2).view(2, 2, 2, 4, L)
-    source = probs.view(2, 2, 2, 4, L)[1, 0]
+    source = original[1, 0]
     torch.testing.assert_close(out[1, 1, ..., 5], 3.0 * source[..., 5])
     torch.testing.assert_close(out[1, 1, ..., 6], source[..., 6])
+    controller.step = 2
+    out = controller(probs.clone(), is_cross=True, heads=2).view(2, 2, 2, 4, L)
+    torch.testing.assert_close(out[1, 1], original[1, 1])  # own maps, token 5 not scaled
+
+
+def test_per_token_windows_inject_each_token_for_its_own_steps():
+    window = torch.zeros(STEPS, L)
+    window[:3] = 1.0
+    window[:, 4] = 0.0
+    window[1:2, 4] = 1.0  # token 4 is injected at step 1 only
+    controller = AttentionController(_plan(window=window), latent_size=8, mask_resolution=2)
+    probs = _probs(L)
+    original = probs.view(2, 2, 2, 4, L)
+    for step, token_4_injected in ((0, False), (1, True), (2, False)):
+        controller.step = step
+        out = controller(probs.clone(), is_cross=True, heads=2).view(2, 2, 2, 4, L)
+        torch.testing.assert_close(out[1, 1, ..., 3], original[1, 0, ..., 3])
+        expected = original[1, 0 if token_4_injected else 1, ..., 4]
+        torch.testing.assert_close(out[1, 1, ..., 4], expected)
+
+
+def test_refine_mixes_source_maps_by_alpha():
+    alpha = torch.ones(L)
+    alpha[2] = 0.0  # a new token: keeps its own map
+    index = torch.arange(L)
+    index[3] = 2  # target token 3 copies source token 2
+    matrix = torch.zeros(L, L)
+    matrix[index, torch.arange(L)] = 1.0
+    controller = AttentionController(_plan(matrix=matrix, alpha=alpha), latent_size=8, mask_resolution=2)
+    probs = _probs(L)
+    original = probs.view(2, 2, 2, 4, L)
+    out = controller(probs.clone(), is_cross=True, heads=2).view(2, 2, 2, 4, L)
+    torch.testing.assert_close(out[1, 1, ..., 2], original[1, 1, ..., 2])
+    torch.testing.assert_close(out[1, 1, ..., 3], original[1, 0, ..., 2])
+    torch.testing.assert_close(out[1, 1, ..., 7], original[1, 0, ..., 7])
+
+
+def test_recorded_maps_are_the_injected_ones():
+    """P2P's attention store holds the edit rows' maps after injection (local blend reads those)."""
+    swap = torch.eye(L)
+    swap[[3, 4]] = swap[[4, 3]]
+    controller = AttentionController(_plan(matrix=swap), latent_size=8, mask_resolution=2)
+    probs = _probs(L)
+    out = controller(probs.clone(), is_cross=True, heads=2).view(2, 2, 2, 4, L)
+    torch.testing.assert_close(controller.cross_maps, out[1].mean(dim=1))
+    assert not torch.allclose(controller.cross_maps[1], probs.view(2, 2, 2, 4, L)[1, 1].mean(dim=0))
 
 
 def test_p2plus_injects_unconditional_self_attention_for_tau_u_steps():
@@ -68,7 +125,7 @@ def test_p2plus_injects_unconditional_self_attention_for_tau_u_steps():
 
 @pytest.fixture(scope="module")
 def null_text_inversion(tiny_sd, images, prompts):
-    config = InversionConfig(method="null_text", num_steps=5, guidance_scale=7.5, inner_steps=2)
+    config = InversionConfig.of(method="null_text", num_steps=5, guidance_scale=7.5, inner_steps=2)
     return invert(tiny_sd, images[:2], prompts[:2], config)
 
 

@@ -5,9 +5,9 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from pipeline.diffusion.ddim import DDIMSchedule
 from pipeline.diffusion.sampling import sample
 from pipeline.diffusion.tokens import encode_prompts
-from pipeline.engine import encode_images
+from pipeline.diffusion.trajectory import per_step
 from pipeline.methods.ddim_inversion import ddim_trajectory
-from pipeline.methods.result import per_step
+from pipeline.models.vae import encode_images
 
 
 def test_sd_grid_and_partial_strength(tiny_sd):

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
+from pipeline.diffusion.control import step_window
 from pipeline.diffusion.errors import EngineInputError
-from pipeline.diffusion.tokens import equalizer, refinement_mapper, replacement_mapper, word_positions
+from pipeline.diffusion.tokens import (
+    cross_window,
+    equalizer,
+    refinement_mapper,
+    replacement_mapper,
+    word_positions,
+)
 
 
 def test_word_positions_follow_clip_tokenization(tiny_sd):
@@ -65,3 +72,68 @@ def test_reweight_errors_name_the_word_or_index(tiny_sd):
         equalizer(tiny_sd.tokenizer, "a red circle", ((7, 2.0),))
     scales = equalizer(tiny_sd.tokenizer, "a red circle", ((1, 2.0),))
     assert scales[2] == 2.0 and scales.sum() == 77 + 1.0
+
+
+def test_swapped_words_of_equal_token_length_map_one_to_one(tiny_sd):
+    """P2P maps a swapped n-token word onto an n-token word token by token, not 1/n to each."""
+    tokenizer = tiny_sd.tokenizer
+    source, target = "a wheelchairxyz on a road", "a motorcyclexyz on a road"
+    source_span = word_positions(tokenizer, source, "wheelchairxyz")
+    target_span = word_positions(tokenizer, target, "motorcyclexyz")
+    assert len(source_span) == len(target_span) > 1
+    mapper = replacement_mapper(tokenizer, source, target)
+    block = mapper[source_span][:, target_span]
+    assert torch.equal(block, torch.eye(len(source_span)))
+
+
+def test_refinement_maps_padding_position_to_position(tiny_sd):
+    """A shorter target: its padding copies the source's maps at the same positions, alpha 1 (P2P)."""
+    tokenizer = tiny_sd.tokenizer
+    source, target = "a big red circle on a white background", "a red circle"
+    mapper, alphas = refinement_mapper(tokenizer, source, target)
+    target_length = len(tokenizer(target).input_ids)
+    assert torch.equal(mapper[target_length:], torch.arange(target_length, 77))
+    assert torch.equal(alphas, torch.ones(77))  # every target token is aligned to a source token
+    end_source, end_target = len(tokenizer(source).input_ids) - 1, target_length - 1
+    assert mapper[end_target] == end_source  # the end tokens align with each other
+    # "red" and "circle" skip the removed "big"
+    assert mapper[2] == 3 and mapper[3] == 4
+
+
+def test_refinement_of_a_longer_target_marks_only_its_new_tokens(tiny_sd):
+    tokenizer = tiny_sd.tokenizer
+    mapper, alphas = refinement_mapper(tokenizer, "a red circle", "a red circle on a striped background")
+    target_length = len(tokenizer("a red circle on a striped background").input_ids)
+    assert alphas[:4].tolist() == [1, 1, 1, 1] and mapper[:4].tolist() == [0, 1, 2, 3]
+    new = alphas[4 : target_length - 1]
+    assert (new == 0).all(), alphas[:target_length]
+    assert alphas[target_length - 1] == 1 and mapper[target_length - 1] == 4  # end token
+    assert torch.equal(mapper[target_length:], torch.arange(target_length, 77))
+
+
+def test_cross_window_spans_s_plus_one_entries_as_p2p_does(tiny_sd):
+    tokenizer = tiny_sd.tokenizer
+    steps = 10
+    window = cross_window(tokenizer, "a red circle", 0.75, (), steps)
+    assert window.shape == (steps, 77)
+    # int(0.75 * 11) = 8 steps injected; int(0.75 * 10) = 7 would be the off-by-one
+    assert window[:, 0].tolist() == [1.0] * 8 + [0.0] * 2
+    window = cross_window(tokenizer, "a red circle", (0.2, 0.5), (), steps)
+    assert window[:, 5].tolist() == [0.0] * 2 + [1.0] * 3 + [0.0] * 5
+
+
+def test_cross_window_per_word_overrides_the_default(tiny_sd):
+    tokenizer = tiny_sd.tokenizer
+    window = cross_window(tokenizer, "a red circle", 0.8, (("circle", (0.0, 0.3)),), 10)
+    circle = word_positions(tokenizer, "a red circle", "circle")
+    red = word_positions(tokenizer, "a red circle", "red")
+    assert window[:, circle[0]].tolist() == [1.0] * 3 + [0.0] * 7
+    assert window[:, red[0]].tolist() == [1.0] * 8 + [0.0] * 2
+    with pytest.raises(EngineInputError, match="'square' is not in the target prompt"):
+        cross_window(tokenizer, "a red circle", 0.8, (("square", 0.3),), 10)
+
+
+def test_self_windows_span_s_entries():
+    assert step_window(0.4, 10) == (0, 4)
+    assert step_window(0.75, 10) == (0, 7)
+    assert step_window((0.2, 0.5), 10) == (2, 5)

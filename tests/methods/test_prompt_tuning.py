@@ -3,15 +3,15 @@ import torch
 
 from pipeline.diffusion.sampling import sample
 from pipeline.diffusion.tokens import encode_prompts
+from pipeline.diffusion.trajectory import per_step
 from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
-from pipeline.methods.result import per_step
 
 NO_CONTROL = AttentionControl(mode="none")
 
 
 @pytest.fixture(scope="module")
 def tuned(tiny_sd, images, prompts):
-    config = InversionConfig(
+    config = InversionConfig.of(
         method="prompt_tuning", num_steps=5, guidance_scale=7.5, inner_steps=2, learning_rate=0.05
     )
     return invert(tiny_sd, images[:2], prompts[:2], config)
@@ -50,7 +50,10 @@ def test_latent_interpolation_eta_zero_follows_the_inversion_pivots(tiny_sd, tun
 
 def test_tuning_improves_on_untuned_ddim_reconstruction(tiny_sd, images, prompts, tuned):
     untuned = invert(
-        tiny_sd, images[:2], prompts[:2], InversionConfig(method="prompt_tuning", num_steps=5, inner_steps=0)
+        tiny_sd,
+        images[:2],
+        prompts[:2],
+        InversionConfig.of(method="prompt_tuning", num_steps=5, inner_steps=0),
     )
     clean = tuned.latents.trajectory[0]
     tuned_error = (tuned.latents.reconstruction - clean).norm()

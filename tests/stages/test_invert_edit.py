@@ -74,7 +74,7 @@ def spec_of(record) -> EditSpec:
 def test_target_prompt_inversion_inverts_each_image_once_per_target_prompt(
     tiny_sd_path, tiny_sd, images, prompts, method, monkeypatch
 ):
-    inversion = JobInversionConfig(
+    inversion = JobInversionConfig.of(
         method=method, num_steps=4, inner_steps=2, guidance_scale=3.0, prompt="target"
     )
     batch = source_batch(images, prompts)
@@ -104,7 +104,7 @@ def test_target_prompt_inversion_inverts_each_image_once_per_target_prompt(
 def test_source_prompt_inversion_inverts_each_image_once_with_its_caption(
     tiny_sd_path, tiny_sd, images, prompts, monkeypatch
 ):
-    inversion = JobInversionConfig(method="null_text", num_steps=4, inner_steps=2, guidance_scale=3.0)
+    inversion = JobInversionConfig.of(method="null_text", num_steps=4, inner_steps=2, guidance_scale=3.0)
     batch = source_batch(images, prompts)
     output, calls = run_actor(tiny_sd_path, batch, inversion, monkeypatch)
 

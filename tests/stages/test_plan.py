@@ -59,7 +59,7 @@ def test_edit_id_is_deterministic_and_sensitive_to_every_input():
     variants = {
         make_edit_id("s#2", FOX, InversionConfig(), "a fox", 0),
         make_edit_id("s#1", TEMPLATE, InversionConfig(), "a fox", 0),
-        make_edit_id("s#1", FOX, InversionConfig(method="ddim"), "a fox", 0),
+        make_edit_id("s#1", FOX, InversionConfig.of(method="ddim"), "a fox", 0),
         make_edit_id("s#1", FOX, InversionConfig(), "a red fox", 0),
         make_edit_id("s#1", FOX, InversionConfig(), "a fox", 1),
     }

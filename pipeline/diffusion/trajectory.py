@@ -1,0 +1,116 @@
+"""What every inversion method returns: the trajectory, the per-step embeddings to edit from, and how
+its edits are conditioned and steered (the method's edit hook).
+
+Legend:
+
+    trajectory[k]          z*_k on the DDIM grid, k = 0 (clean) .. S (noise end)
+    uncond_embeddings[i]   the unconditional embedding at sampling step i (null-text's null_t)
+    cond_embeddings[i]     the conditional embedding at sampling step i (prompt tuning's c_t)
+    EditHook               an edit row's conditional embedding (default: the target prompt c*) and
+                           its latent after each step (default: unchanged)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class EditHook:
+    """How a method's edit rows are conditioned and steered; this default is plain P2P editing."""
+
+    def edit_embeddings(
+        self, reconstruction_embeddings: torch.Tensor, target_embeddings: torch.Tensor, request: Any
+    ) -> torch.Tensor:
+        """The edit row's conditional embedding per step.
+
+        Args:
+            reconstruction_embeddings: (S, L, D) the image's reconstruction embeddings.
+            target_embeddings: (L, D) the target prompt's embedding c*.
+            request: the EditRequest.
+
+        Returns:
+            (S, L, D) or a tensor broadcastable to it.
+        """
+        del reconstruction_embeddings, request
+        return target_embeddings
+
+    def steer(self, latent: torch.Tensor, pivot: torch.Tensor, request: Any) -> torch.Tensor:
+        """The edit row's latent (C, h, w) after a step, given the inversion's pivot z*_t at that step."""
+        del pivot, request
+        return latent
+
+
+@dataclass
+class MethodResult:
+    """Latent-space output of one inversion method over a batch of B images.
+
+    Attributes:
+        trajectory: (S+1, B, C, h, w); trajectory[k] is z*_k, trajectory[0] the clean latent.
+        uncond_embeddings: (S, B, L, D) unconditional embedding per sampling step (sampling order).
+        cond_embeddings: (S, B, L, D) conditional embedding of the reconstruction per sampling step.
+        reconstruction: (B, C, h, w) z~_0 when the method computed it while optimising, else None.
+        errors: per image, None or a message naming the step where it failed.
+        edit_hook: how edits of this inversion are conditioned and steered.
+        iterations: (S, B) optimiser steps taken per timestep and image (optimising methods).
+    """
+
+    trajectory: torch.Tensor
+    uncond_embeddings: torch.Tensor
+    cond_embeddings: torch.Tensor
+    reconstruction: torch.Tensor | None
+    errors: list[str | None]
+    edit_hook: EditHook = field(default_factory=EditHook)
+    iterations: torch.Tensor | None = None
+
+
+def per_step(embeddings: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """(B, L, D) -> (S, B, L, D) view repeating the same embedding at every step."""
+    return embeddings.unsqueeze(0).expand(num_steps, *embeddings.shape)
+
+
+def nonfinite_errors(
+    latents: torch.Tensor, step_index: int, timestep: int, errors: list[str | None], loop: str
+) -> None:
+    """Record, per image, the first step at which its latents stopped being finite.
+
+    Args:
+        latents: (B, ...) latents after the step.
+        step_index: the step's index in sampling order.
+        timestep: the step's timestep.
+        errors: per-image error slots; an image's first error is kept.
+        loop: the loop the step belongs to, named in the message (e.g. "DDIM inversion").
+    """
+    finite = torch.isfinite(latents).flatten(1).all(dim=1).tolist()
+    for image, ok in enumerate(finite):
+        if not ok and errors[image] is None:
+            errors[image] = (
+                f"image {image}: non-finite latents in {loop} at step {step_index} (timestep {timestep})"
+            )
+
+
+@dataclass(frozen=True)
+class InversionInputs:
+    """What every inversion method receives for a batch of B images.
+
+    Attributes:
+        unet: eps_theta (weights frozen).
+        schedule: the DDIM grid (a DDIMSchedule).
+        clean_latents: z*_0 = ENC(x), (B, C, h, w).
+        cond_embeddings: (B, L, D) embedding of the prompt the images are inverted with.
+        uncond_embeddings: (B, L, D) empty-prompt embedding.
+        guidance_scale: w of reconstruction and editing.
+    """
+
+    unet: torch.nn.Module
+    schedule: Any
+    clean_latents: torch.Tensor
+    cond_embeddings: torch.Tensor
+    uncond_embeddings: torch.Tensor
+    guidance_scale: float
+
+    @property
+    def batch_size(self) -> int:
+        return self.clean_latents.shape[0]

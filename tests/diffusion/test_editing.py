@@ -1,0 +1,112 @@
+"""The Prompt-to-Prompt batch observed through an instrumented controller, on the tiny model."""
+
+import pytest
+import torch
+
+from pipeline.diffusion import editing
+from pipeline.diffusion.attention import AttentionController
+from pipeline.diffusion.tokens import word_positions
+from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
+
+STEPS = 5
+SOURCE = "a red circle on a white background"
+TARGET = "a red square on a white background"
+
+
+class RecordingController(AttentionController):
+    """Keeps every layer's edited probabilities: (step, is_cross, (2, N, heads, q, k) tensor)."""
+
+    calls: list
+
+    def __call__(self, probs, is_cross, heads):
+        out = super().__call__(probs, is_cross, heads)
+        record = out.view(2, self.plan.num_rows, heads, *out.shape[1:]).detach().clone()
+        RecordingController.calls.append((self.step, is_cross, record))
+        return out
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    RecordingController.calls = []
+    monkeypatch.setattr(editing, "AttentionController", RecordingController)
+    return RecordingController.calls
+
+
+@pytest.fixture(scope="module")
+def ddim_inversion(tiny_sd, images):
+    return invert(
+        tiny_sd, images[:1], [SOURCE], InversionConfig.of("ddim", num_steps=STEPS, guidance_scale=7.5)
+    )
+
+
+def test_word_swap_injects_source_maps_of_unchanged_words_and_self_attention_in_their_windows(
+    tiny_sd, ddim_inversion, recorded
+):
+    control = AttentionControl("replace", cross_replace_steps=0.5, self_replace_steps=0.4)
+    edit(tiny_sd, ddim_inversion, [EditRequest(0, TARGET, control)])
+    cross_steps, self_steps = int(0.5 * (STEPS + 1)), int(0.4 * STEPS)  # 3 and 2
+    unchanged = [
+        p for word in ("red", "white", "background") for p in word_positions(tiny_sd.tokenizer, TARGET, word)
+    ]
+    saw = {"cross_in": 0, "cross_out": 0, "self_in": 0, "self_out": 0}
+    for step, is_cross, probs in recorded:
+        source, edited = probs[1, 0], probs[1, 1]
+        if is_cross and step < cross_steps:
+            torch.testing.assert_close(edited[..., unchanged], source[..., unchanged])
+            saw["cross_in"] += 1
+        elif is_cross:
+            assert not torch.allclose(edited[..., unchanged], source[..., unchanged])
+            saw["cross_out"] += 1
+        elif step < self_steps:
+            torch.testing.assert_close(edited, source)
+            if step > 0:  # plain P2P leaves the unconditional branch alone once the latents differ
+                assert not torch.allclose(probs[0, 1], probs[0, 0])
+            saw["self_in"] += 1
+        else:
+            saw["self_out"] += 1
+    # self-attention maps are requested only while a self window is open
+    assert saw["cross_in"] > 0 and saw["cross_out"] > 0 and saw["self_in"] > 0 and saw["self_out"] == 0, saw
+
+
+def test_p2plus_with_mode_none_injects_unconditional_self_attention(tiny_sd, ddim_inversion, recorded):
+    control = AttentionControl("none", unconditional_self_replace_steps=0.6)
+    edit(tiny_sd, ddim_inversion, [EditRequest(0, TARGET, control)])
+    tau_u = int(0.6 * STEPS)
+    self_calls = [(step, probs) for step, is_cross, probs in recorded if not is_cross]
+    assert {step for step, _ in self_calls} == set(range(tau_u))  # layers asked for maps only in the window
+    for _, probs in self_calls:
+        torch.testing.assert_close(probs[0, 1], probs[0, 0])
+    cross = [(step, probs) for step, is_cross, probs in recorded if is_cross]
+    assert cross and not torch.allclose(cross[0][1][1, 1], cross[0][1][1, 0])  # no cross injection
+
+
+def test_reweight_with_mode_none_injects_scaled_source_maps_in_the_window(tiny_sd, ddim_inversion, recorded):
+    control = AttentionControl("none", cross_replace_steps=0.5, reweight=(("red", 2.0),))
+    edit(tiny_sd, ddim_inversion, [EditRequest(0, SOURCE, control)])
+    red = word_positions(tiny_sd.tokenizer, SOURCE, "red")
+    cross_steps = int(0.5 * (STEPS + 1))
+    for step, is_cross, probs in recorded:
+        if not is_cross:
+            continue
+        source, edited = probs[1, 0], probs[1, 1]
+        if step < cross_steps:
+            torch.testing.assert_close(edited[..., red], 2.0 * source[..., red])
+        else:  # own maps: still a distribution over tokens, not scaled
+            torch.testing.assert_close(edited.sum(-1), torch.ones_like(edited.sum(-1)))
+
+
+def test_blend_start_one_never_blends(tiny_sd, ddim_inversion):
+    blend = AttentionControl(
+        "replace", blend_words=("circle", "square"), blend_threshold=0.95, blend_start=1.0
+    )
+    plain = AttentionControl("replace")
+    blended, unblended = edit(
+        tiny_sd, ddim_inversion, [EditRequest(0, TARGET, blend), EditRequest(0, TARGET, plain)]
+    )
+    torch.testing.assert_close(blended.latents, unblended.latents, atol=1e-5, rtol=1e-4)
+    early = AttentionControl(
+        "replace", blend_words=("circle", "square"), blend_threshold=0.95, blend_start=0.2
+    )
+    assert not torch.allclose(
+        edit(tiny_sd, ddim_inversion, [EditRequest(0, TARGET, early)])[0].latents, unblended.latents
+    )
