@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from pipeline.training.fingerprints import sha256_file
 from pipeline.world import generator
 from pipeline.world.oracle import HEADS, ShapesOracle, images_to_tensor
 
@@ -858,22 +859,6 @@ def _update_ema(ema: dict, unet, text_encoder, decay: float) -> None:
                 ema[name][key].mul_(decay).add_(value.detach(), alpha=1 - decay)
             else:
                 ema[name][key].copy_(value)
-
-
-# ----------------------------------------------------------------------------------------------- card
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weight_fingerprints(assets: Path) -> dict[str, str]:
-    """sha256 of every *.safetensors under `assets`, keyed by path relative to it."""
-    return {
-        str(path.relative_to(assets)): sha256_file(path) for path in sorted(assets.rglob("*.safetensors"))
-    }
 
 
 def main(argv: list[str] | None = None) -> None:
