@@ -141,7 +141,7 @@ def write_model_card(
         "cache when it finishes), and re-running `vae` drops its record. Each record's wall time is on 2 CPU",
         "cores (`--threads` torch threads, other work sometimes sharing them); on a GPU the same command uses it.",
         "The UNet loss weights latent pixels covered by objects by 1 + object_loss_weight x coverage and uses",
-        "Min-SNR-gamma weighting (Hang et al. 2023); see `diffusion_loss` in `pipeline/world/train.py`.",
+        "Min-SNR-gamma weighting (Hang et al. 2023); see `diffusion_loss` in `pipeline/training/world_unet.py`.",
         "",
         "| stage | steps | wall time (s) | metrics |",
         "| --- | --- | --- | --- |",
