@@ -38,10 +38,10 @@ from pipeline.engine import (
 )
 from pipeline.metrics.pixel import psnr
 from pipeline.models.loading import load_diffusion_model
+from pipeline.training.world_data import HELDOUT_SEED_OFFSET, SD_FOLDER_NAME
 from pipeline.world.groundtruth import edit_error, shape_swap_edits
 from pipeline.world.model_card import ASSETS, write_model_card
 from pipeline.world.oracle import load_oracle
-from pipeline.world.train import HELDOUT_SEED_OFFSET, SD_FOLDER_NAME
 
 METHODS = ("ddim", "negative_prompt", "null_text", "prompt_tuning")
 OPTIMISED_METHODS = ("null_text", "prompt_tuning")  # the methods whose inner loop uses the learning rate

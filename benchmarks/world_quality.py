@@ -25,20 +25,15 @@ import numpy as np
 import torch
 
 from pipeline.models.loading import load_diffusion_model
+from pipeline.training.world_clip import clip_caption_accuracy
+from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
+from pipeline.training.world_data import SD_FOLDER_NAME, heldout_scenes
+from pipeline.training.world_oracle import oracle_accuracy
+from pipeline.training.world_vae import vae_psnr, vae_reconstructions
 from pipeline.world import generator
 from pipeline.world.model_card import ASSETS, write_model_card
 from pipeline.world.oracle import load_oracle
 from pipeline.world.sampling import sample_images
-from pipeline.world.train import (
-    DEFAULT_CONFIG,
-    SD_FOLDER_NAME,
-    clip_caption_accuracy,
-    heldout_scenes,
-    load_config,
-    oracle_accuracy,
-    vae_psnr,
-    vae_reconstructions,
-)
 
 
 def oracle_agreement(
@@ -98,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", action="store_true", help="record the numbers in the model card")
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    config = load_train_config(args.config)
     assets = Path(args.assets)
     start = time.time()
     model = load_diffusion_model(assets / SD_FOLDER_NAME)

@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from pipeline.training.fingerprints import weight_fingerprints
+
 ASSETS = Path(__file__).parent / "assets"
 CARD_NAME = "MODEL_CARD.md"
 _ROW = re.compile(r"^\| `([^`]+\.safetensors)` \| `([0-9a-f]{64})` \|")
@@ -90,8 +92,6 @@ def write_model_card(
     assets: str | os.PathLike = ASSETS, config_path: str | os.PathLike = "jobs/train_shapes_world.yaml"
 ) -> Path:
     """Write assets/MODEL_CARD.md from train_metrics.json, benchmark_metrics.json and the weight files."""
-    from pipeline.world.train import weight_fingerprints
-
     assets = Path(assets)
     repo = Path(__file__).resolve().parents[2]
     if Path(config_path).resolve().is_relative_to(repo):
@@ -141,7 +141,7 @@ def write_model_card(
         "cache when it finishes), and re-running `vae` drops its record. Each record's wall time is on 2 CPU",
         "cores (`--threads` torch threads, other work sometimes sharing them); on a GPU the same command uses it.",
         "The UNet loss weights latent pixels covered by objects by 1 + object_loss_weight x coverage and uses",
-        "Min-SNR-gamma weighting (Hang et al. 2023); see `diffusion_loss` in `pipeline/world/train.py`.",
+        "Min-SNR-gamma weighting (Hang et al. 2023); see `diffusion_loss` in `pipeline/training/world_unet.py`.",
         "",
         "| stage | steps | wall time (s) | metrics |",
         "| --- | --- | --- | --- |",

@@ -10,12 +10,13 @@ import torch
 from transformers import AutoTokenizer
 
 from pipeline.models.loading import load_diffusion_model
+from pipeline.training.fingerprints import sha256_file
+from pipeline.training.world_vae import vae_psnr, vae_reconstructions
 from pipeline.world import generator
 from pipeline.world.clip_model import SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS, register_shapes_clip
 from pipeline.world.model_card import ASSETS, CARD_NAME, read_card_fingerprints
 from pipeline.world.oracle import images_to_tensor, load_oracle, shape_classifier
 from pipeline.world.sampling import sample_images
-from pipeline.world.train import sha256_file, vae_psnr, vae_reconstructions
 
 SD_FOLDER = ASSETS / "shapes-sd"
 CLIP_WEIGHTS = ASSETS / "shapes_clip.safetensors"

@@ -1,0 +1,213 @@
+"""The shapes world's training job (`jobs/train_shapes_world.yaml`) as typed, frozen dataclasses.
+
+Read with the job spec's YAML machinery (`pipeline.config`): unknown keys, missing keys and wrong
+types raise `ConfigError` naming the file and the dotted key; `--set dotted.key=value` overrides any key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import ConfigError, apply_override, build_dataclass, load_raw
+from pipeline.world import generator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "train_shapes_world.yaml"
+
+
+# The class name is part of the scene cache key (`world_data.training_scenes` hashes its repr).
+@dataclass(frozen=True)
+class DataConfig:
+    """The rendered scenes.
+
+    Attributes:
+        train_scenes: training scenes, seeds 0..train_scenes-1.
+        heldout_scenes: held-out scenes, seeds from `world_data.HELDOUT_SEED_OFFSET`.
+        two_object_fraction: fraction of scenes with two objects.
+        heldout_captions: one-object captions never rendered for training.
+    """
+
+    train_scenes: int
+    heldout_scenes: int
+    two_object_fraction: float
+    heldout_captions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    """The attribute classifier.
+
+    The oracle judges decoded images, which are softer than renders and carry the decoder's artefacts:
+    decoded_fraction of each batch is replaced by the shipped VAE's reconstructions of the same scenes
+    (decode(encode(x).mode()), labels unchanged), and half of the batch is then Gaussian-blurred with
+    sigma ~ U(0, blur_sigma_max).
+
+    Attributes:
+        widths: channels of the four convolution blocks.
+        steps: step budget.
+        batch: scenes per step.
+        lr: peak learning rate.
+        max_minutes: wall-time budget.
+        blur_sigma_max: largest blur sigma of the augmentation (0: no blur).
+        decoded_fraction: fraction of each batch replaced by VAE reconstructions.
+    """
+
+    widths: tuple[int, ...]
+    steps: int
+    batch: int
+    lr: float
+    max_minutes: float
+    blur_sigma_max: float = 0.0
+    decoded_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The AutoencoderKL trained from scratch.
+
+    Attributes:
+        channels: block widths (64x64 pixels -> 16x16 latents with three blocks).
+        steps: step budget.
+        batch: scenes per step.
+        lr: peak learning rate.
+        kl_weight: weight of the KL term (per pixel).
+        max_minutes: wall-time budget.
+    """
+
+    channels: tuple[int, ...]
+    steps: int
+    batch: int
+    lr: float
+    kl_weight: float
+    max_minutes: float
+
+
+@dataclass(frozen=True)
+class VAEDecoderConfig:
+    """Decoder-only fine-tuning of the VAE.
+
+    Attributes:
+        steps: step budget.
+        batch: scenes per step.
+        lr: peak learning rate.
+        max_minutes: wall-time budget.
+    """
+
+    steps: int
+    batch: int
+    lr: float
+    max_minutes: float
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """The tiny open_clip model.
+
+    Attributes:
+        steps: step budget.
+        batch: scenes per step (drawn without replacement).
+        lr: peak learning rate.
+        max_minutes: wall-time budget.
+    """
+
+    steps: int
+    batch: int
+    lr: float
+    max_minutes: float
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The UNet and its CLIP text encoder.
+
+    Attributes:
+        channels: UNet block widths.
+        attention_head_dim: UNet attention head size.
+        text_width: text encoder hidden size.
+        text_layers: text encoder layers.
+        text_heads: text encoder attention heads.
+        text_intermediate: text encoder MLP size.
+        train_text_encoder: train the text encoder with the UNet (else it stays random).
+        steps: step budget.
+        batch: latents per step.
+        lr: peak learning rate.
+        caption_dropout: probability of replacing a caption by the empty one.
+        ema_decay: decay of the weights' exponential moving average (the saved weights).
+        max_minutes: wall-time budget.
+        scenes: the first `scenes` training scenes are encoded and trained on.
+        object_loss_weight: loss weight 1 + object_loss_weight * coverage on latent pixels.
+        min_snr_gamma: Min-SNR-gamma of the loss weighting; null for plain epsilon MSE.
+    """
+
+    channels: tuple[int, ...]
+    attention_head_dim: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    train_text_encoder: bool
+    steps: int
+    batch: int
+    lr: float
+    caption_dropout: float
+    ema_decay: float
+    max_minutes: float
+    scenes: int
+    object_loss_weight: float
+    min_snr_gamma: float | None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole job.
+
+    Attributes:
+        seed: base seed; each stage seeds torch and numpy with seed + its own offset.
+        output: folder of the shipped models and train_metrics.json.
+        cache_dir: rendered scenes, latents, the VAE between stages, the tokenizer.
+        threads: torch threads (the CLI's --threads overrides it).
+        data: the scenes.
+        oracle: the oracle stage.
+        vae: the vae stage.
+        vae_decoder: the vae-decoder stage.
+        clip: the clip stage.
+        unet: the unet stage.
+    """
+
+    seed: int
+    output: str
+    cache_dir: str
+    threads: int
+    data: DataConfig
+    oracle: OracleConfig
+    vae: VAEConfig
+    vae_decoder: VAEDecoderConfig
+    clip: ClipConfig
+    unet: UNetConfig
+
+
+def load_train_config(path: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read the training job YAML into a frozen TrainConfig.
+
+    Args:
+        path: the job file (or `env:NAME`, as for job specs).
+        overrides: `dotted.key=value` assignments applied before checking (values parsed as YAML).
+
+    Returns:
+        The checked config.
+
+    Raises:
+        ConfigError: unknown, missing or mistyped keys, or a held-out caption outside the world's grammar.
+    """
+    data = load_raw(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    origin = str(path)
+    config = build_dataclass(TrainConfig, data, origin)
+    for index, caption in enumerate(config.data.heldout_captions):
+        try:
+            generator.parse_caption(caption)
+        except ValueError as error:
+            raise ConfigError(f"{origin}: data.heldout_captions.{index}: {error}") from error
+    return config

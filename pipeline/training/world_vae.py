@@ -1,0 +1,195 @@
+"""The shapes world's VAE: AutoencoderKL 64x64x3 -> 16x16x4 trained from scratch (`vae` stage), and
+decoder-only fine-tuning that keeps the latent space (`vae-decoder` stage).
+
+Both stages keep the VAE in CACHE/vae; the unet stage ships it in OUTPUT/shapes-sd/vae.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from pipeline.models.build import SDArchitecture, build_vae
+from pipeline.training.loop import (
+    Budget,
+    MetricsLog,
+    load_in_memory,
+    optimize,
+    replace_folder,
+    seed_everything,
+    training_device,
+)
+from pipeline.training.world_config import TrainConfig
+from pipeline.training.world_data import heldout_scenes, shipped_vae_folder, training_scenes
+from pipeline.world import generator
+from pipeline.world.oracle import images_to_tensor
+
+VAE_SEED_OFFSET = 1
+VAE_DECODER_SEED_OFFSET = 4
+
+
+def sd_architecture(config: TrainConfig) -> SDArchitecture:
+    """The SD architecture (VAE, UNet, text encoder) the job describes, at the world's image size."""
+    unet = config.unet
+    return SDArchitecture(
+        image_size=generator.IMAGE_SIZE,
+        vae_channels=config.vae.channels,
+        unet_channels=unet.channels,
+        unet_attention_head_dim=unet.attention_head_dim,
+        text_width=unet.text_width,
+        text_layers=unet.text_layers,
+        text_heads=unet.text_heads,
+        text_intermediate=unet.text_intermediate,
+    )
+
+
+def cached_vae_folder(config: TrainConfig) -> Path:
+    """CACHE/vae: the VAE the vae and vae-decoder stages write and a fresh unet stage reads."""
+    return Path(config.cache_dir) / "vae"
+
+
+def train_vae(config: TrainConfig) -> AutoencoderKL:
+    """Train AutoencoderKL 64x64x3 -> 16x16x4 (MSE + L1 + small KL); set scaling_factor to unit latent std.
+
+    Saves CACHE/vae, records held-out PSNR and the scaling factor, and drops the vae_decoder record (that
+    decoder was fine-tuned for the previous encoder).
+
+    Args:
+        config: the training job.
+
+    Returns:
+        The trained VAE, on the CPU in eval mode.
+    """
+    rng = seed_everything(config.seed + VAE_SEED_OFFSET)
+    data = training_scenes(config)
+    device = training_device()
+    vae = build_vae(sd_architecture(config)).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae.lr, weight_decay=0.0)
+
+    def loss_step() -> torch.Tensor:
+        images = images_to_tensor(data.images[rng.choice(len(data.images), config.vae.batch)]).to(device)
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / images[0].numel()
+        return (
+            F.mse_loss(reconstruction, images) + F.l1_loss(reconstruction, images) + config.vae.kl_weight * kl
+        )
+
+    budget = Budget(config.vae.steps, config.vae.max_minutes)
+    optimize(loss_step, optimizer, budget, stage="vae", peak_lr=config.vae.lr)
+    vae.cpu().eval()
+    scaling = latent_scaling_factor(vae, data.images[:2048])
+    vae.register_to_config(scaling_factor=scaling)
+    psnr = vae_psnr(vae, heldout_scenes(config).images)
+    vae.save_pretrained(cached_vae_folder(config), safe_serialization=True)
+    log = MetricsLog(config.output)
+    log.forget("vae_decoder")
+    log.record(
+        "vae",
+        {
+            "steps": budget.step,
+            "wall_s": round(budget.elapsed),
+            "heldout_psnr_db": psnr,
+            "scaling_factor": scaling,
+        },
+    )
+    return vae
+
+
+def train_vae_decoder(config: TrainConfig) -> AutoencoderKL:
+    """Fine-tune only the VAE's decoder (post_quant_conv + decoder) for reconstruction.
+
+    The encoder, and so the latent space the UNet learns, is untouched: this stage may run before, during
+    or after the UNet stage, which saves whichever decoder is in the cache when it finishes.
+
+    Args:
+        config: the training job.
+
+    Returns:
+        The fine-tuned VAE, on the CPU in eval mode (also written over CACHE/vae).
+    """
+    device = training_device()
+    rng = seed_everything(config.seed + VAE_DECODER_SEED_OFFSET)
+    data = training_scenes(config)
+    folder = cached_vae_folder(config)
+    vae = AutoencoderKL.from_pretrained(folder).to(device)
+    vae.requires_grad_(False)
+    parameters = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=config.vae_decoder.lr, weight_decay=0.0)
+
+    def loss_step() -> torch.Tensor:
+        index = rng.choice(len(data.images), config.vae_decoder.batch)
+        images = images_to_tensor(data.images[index]).to(device)
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample()
+        reconstruction = vae.decode(latents).sample
+        return F.mse_loss(reconstruction, images) + F.l1_loss(reconstruction, images)
+
+    budget = Budget(config.vae_decoder.steps, config.vae_decoder.max_minutes)
+    optimize(loss_step, optimizer, budget, stage="vae-decoder", peak_lr=config.vae_decoder.lr)
+    vae.cpu().eval()
+    psnr = vae_psnr(vae, heldout_scenes(config).images)
+    replace_folder(folder, lambda staging: vae.save_pretrained(staging, safe_serialization=True))
+    MetricsLog(config.output).record(
+        "vae_decoder", {"steps": budget.step, "wall_s": round(budget.elapsed), "heldout_psnr_db": psnr}
+    )
+    return vae
+
+
+def shipped_vae(config: TrainConfig) -> AutoencoderKL:
+    """The VAE of the shipped diffusers folder (OUTPUT/shapes-sd/vae), in eval mode on the CPU.
+
+    Raises:
+        FileNotFoundError: no VAE was shipped yet (the message names the stages that write it).
+    """
+    folder = shipped_vae_folder(config)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no VAE in {folder}: the oracle stage with oracle.decoded_fraction > 0 reads the shipped VAE; "
+            "run the vae, vae-decoder and unet stages first, or set decoded_fraction: 0"
+        )
+    return load_in_memory(AutoencoderKL, folder).eval()
+
+
+@torch.no_grad()
+def vae_reconstructions(vae, images: np.ndarray) -> np.ndarray:
+    """decode(encode(x).mode()) of uint8 images (N, 64, 64, 3), as uint8 (N, 64, 64, 3)."""
+    decoded = []
+    for start in range(0, len(images), 256):
+        latents = vae.encode(images_to_tensor(images[start : start + 256])).latent_dist.mode()
+        pixels = (vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5
+        decoded.append(pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(decoded)
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, images: np.ndarray) -> float:
+    """1 / std of posterior samples: SD's convention that scaled latents have ~unit variance.
+
+    Reseeds torch's global generator with 0 (the posterior samples are drawn from it).
+    """
+    torch.manual_seed(0)
+    latents = torch.cat(
+        [
+            vae.encode(images_to_tensor(images[s : s + 256])).latent_dist.sample()
+            for s in range(0, len(images), 256)
+        ]
+    )
+    return float(1.0 / latents.std())
+
+
+@torch.no_grad()
+def vae_psnr(vae, images: np.ndarray) -> float:
+    """Mean PSNR (dB, on 0..255 pixels) of decode(encode(x).mode()) over `images` (N, 64, 64, 3) uint8."""
+    from pipeline.metrics.pixel import psnr
+
+    def unit(pixels: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+
+    return float(psnr(unit(vae_reconstructions(vae, images)), unit(images)).mean())
