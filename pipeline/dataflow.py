@@ -13,6 +13,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,8 +27,9 @@ import fsspec
 import ray
 
 from pipeline.config import JobConfig, ResourcesConfig, StageResources, spec_digest, to_dict
+from pipeline.metrics.backbones import backbone_names
 from pipeline.stages.filter import filter_batch
-from pipeline.stages.invert_edit import InvertEditActor, backbone_names
+from pipeline.stages.invert_edit import InvertEditActor
 from pipeline.stages.preprocess import preprocess_batch
 from pipeline.stages.read import expand_shards, read_shard
 from pipeline.stages.score import ScoreActor
@@ -35,6 +37,8 @@ from pipeline.stages.write import COUNTS, remove_shard_files, shard_key, write_b
 
 logger = logging.getLogger(__name__)
 
+# The stages run as actor pools (ActorPoolStrategy); the other stages of ResourcesConfig run as tasks.
+ACTOR_STAGES = ("invert_edit", "score")
 MARKERS = "_shards"
 PACKAGES = (
     "inversa",
@@ -70,14 +74,22 @@ def model_image_size(config: JobConfig) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def stage_resources(resources: ResourcesConfig) -> dict[str, StageResources]:
+    """Every stage's resources by stage name: the StageResources fields of ResourcesConfig."""
+    stages = {field.name: getattr(resources, field.name) for field in dataclasses.fields(resources)}
+    return {name: stage for name, stage in stages.items() if isinstance(stage, StageResources)}
+
+
 def resource_shortfall(resources: ResourcesConfig, cluster: dict[str, float]) -> str | None:
     """Why the job's stages cannot all run at once on `cluster` (ray.cluster_resources()), or None.
 
-    Actor pools hold their CPUs and GPUs for the whole job; the read, preprocess and write tasks need
-    what is left. If the pools take every CPU, no read task is ever scheduled and the job waits forever.
+    Actor pools (ACTOR_STAGES) hold their CPUs and GPUs for the whole job; the task stages (every other
+    stage of ResourcesConfig) need what is left. If the pools take every CPU, no read task is ever
+    scheduled and the job waits forever.
     """
-    pools = {"invert_edit": resources.invert_edit, "score": resources.score}
-    tasks = {"read": resources.read, "preprocess": resources.preprocess, "write": resources.write}
+    stages = stage_resources(resources)
+    pools = {name: stage for name, stage in stages.items() if name in ACTOR_STAGES}
+    tasks = {name: stage for name, stage in stages.items() if name not in ACTOR_STAGES}
     for unit, field_name in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
         held = sum(stage.actors * getattr(stage, field_name) for stage in pools.values())
         task_name, task = max(tasks.items(), key=lambda item: getattr(item[1], field_name))
