@@ -4,7 +4,8 @@ the schemas and write Parquet files named deterministically from the shard and t
 Files: OUTPUT/edits/target_class=CLASS/{shard_key}.{digest}.parquet, OUTPUT/sources/..., OUTPUT/errors/...
 A task retried on the same rows rewrites the same file names; files of a shard that never completed
 are removed before the shard is processed again (`remove_shard_files`). Completion markers are
-written by the driver (`pipeline.dataflow`) once all of a shard's rows have come back from here.
+written by the driver (`pipeline.output.ShardTracker`) once all of a shard's rows have come back
+from here.
 """
 
 from __future__ import annotations
