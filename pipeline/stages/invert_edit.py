@@ -201,7 +201,7 @@ class InvertEditActor:
         """
         try:
             result = engine.invert(self.model, images, prompts, self.inversion)
-        except Exception:
+        except Exception:  # retried image by image, where each image's failure is labelled
             if len(prompts) == 1:
                 raise
             return self._invert_one_by_one(images, prompts)
