@@ -500,8 +500,10 @@ def _check(config: JobConfig, origin: str) -> None:
             "needs metrics.classifier (a 'package.module:factory' returning the classifier that reads "
             "each edit's class); set one or drop the filter",
         )
-    for name in ("read", "preprocess", "invert_edit", "score", "write"):
+    for name in (f.name for f in dataclasses.fields(config.resources)):
         stage = getattr(config.resources, name)
+        if not isinstance(stage, StageResources):
+            continue
         if stage.batch_size < 1 or stage.actors < 1:
             raise _fail(origin, f"resources.{name}", "batch_size and actors must be >= 1")
         if stage.max_actors is not None and stage.max_actors < stage.actors:

@@ -6,52 +6,36 @@ order of the stages:
 
 Rows are one per input sample until the writer, which expands them into edits / sources / errors rows.
 The driver counts each shard's rows as the writer reports them and writes the shard's completion
-marker (OUTPUT/_shards/{shard_key}.json) once all of them are durable. A rerun skips shards with a
+marker (OUTPUT/_shards/{shard_key}.json) once all of them are durable (`pipeline.output`). A rerun skips shards with a
 marker and first deletes files left by shards without one, so it ends with the rows of an
 uninterrupted run.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
-from importlib import metadata
 
-import fsspec
 import ray
 
-from pipeline.config import JobConfig, ResourcesConfig, StageResources, spec_digest, to_dict
+from pipeline.config import JobConfig, ResourcesConfig, StageResources, spec_digest
+from pipeline.errors import JobError
+from pipeline.output import OutputStore, ShardTracker, write_manifest
 from pipeline.stages.filter import filter_batch
-from pipeline.stages.invert_edit import InvertEditActor, backbone_names
+from pipeline.stages.invert_edit import InvertEditActor
 from pipeline.stages.preprocess import preprocess_batch
 from pipeline.stages.read import expand_shards, read_shard
+from pipeline.stages.rows import SHARD
 from pipeline.stages.score import ScoreActor
-from pipeline.stages.write import COUNTS, remove_shard_files, shard_key, write_batch
+from pipeline.stages.write import remove_shard_files, shard_key, write_batch
 
 logger = logging.getLogger(__name__)
 
-MARKERS = "_shards"
-PACKAGES = (
-    "inversa",
-    "torch",
-    "diffusers",
-    "transformers",
-    "open_clip_torch",
-    "lpips",
-    "ray",
-    "pyarrow",
-    "webdataset",
-    "fsspec",
-)
-
-
-class JobError(RuntimeError):
-    """A job that cannot start; the message says why and what to do."""
+# The stages run as actor pools (ActorPoolStrategy); the other stages of ResourcesConfig run as tasks.
+ACTOR_STAGES = ("invert_edit", "score")
 
 
 def model_image_size(config: JobConfig) -> int:
@@ -70,14 +54,22 @@ def model_image_size(config: JobConfig) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def stage_resources(resources: ResourcesConfig) -> dict[str, StageResources]:
+    """Every stage's resources by stage name: the StageResources fields of ResourcesConfig."""
+    stages = {field.name: getattr(resources, field.name) for field in dataclasses.fields(resources)}
+    return {name: stage for name, stage in stages.items() if isinstance(stage, StageResources)}
+
+
 def resource_shortfall(resources: ResourcesConfig, cluster: dict[str, float]) -> str | None:
     """Why the job's stages cannot all run at once on `cluster` (ray.cluster_resources()), or None.
 
-    Actor pools hold their CPUs and GPUs for the whole job; the read, preprocess and write tasks need
-    what is left. If the pools take every CPU, no read task is ever scheduled and the job waits forever.
+    Actor pools (ACTOR_STAGES) hold their CPUs and GPUs for the whole job; the task stages (every other
+    stage of ResourcesConfig) need what is left. If the pools take every CPU, no read task is ever
+    scheduled and the job waits forever.
     """
-    pools = {"invert_edit": resources.invert_edit, "score": resources.score}
-    tasks = {"read": resources.read, "preprocess": resources.preprocess, "write": resources.write}
+    stages = stage_resources(resources)
+    pools = {name: stage for name, stage in stages.items() if name in ACTOR_STAGES}
+    tasks = {name: stage for name, stage in stages.items() if name not in ACTOR_STAGES}
     for unit, field_name in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
         held = sum(stage.actors * getattr(stage, field_name) for stage in pools.values())
         task_name, task = max(tasks.items(), key=lambda item: getattr(item[1], field_name))
@@ -117,7 +109,7 @@ def build_dataset(
     """The chain from shard URLs to per-shard write summaries (lazy; nothing runs yet)."""
     resources = config.resources
     dataset = ray.data.from_items(
-        [{"shard": shard} for shard in shards], override_num_blocks=max(1, len(shards))
+        [{SHARD: shard} for shard in shards], override_num_blocks=max(1, len(shards))
     )
     dataset = dataset.flat_map(
         read_shard, fn_kwargs={"fields": config.input.fields}, num_cpus=resources.read.num_cpus
@@ -163,98 +155,6 @@ def build_dataset(
         batch_format="numpy",
         **_task_args(resources.write),
     )
-
-
-class OutputStore:
-    """The output folder's bookkeeping: spec digest, completion markers, manifest."""
-
-    def __init__(self, output: str):
-        self.output = output
-        self.fs, self.root = fsspec.core.url_to_fs(output)
-
-    def path(self, relative: str) -> str:
-        return f"{self.root}/{relative}"
-
-    def reset(self) -> None:
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
-
-    def claim(self, digest: str) -> None:
-        """Record the spec digest, or refuse an output written by a different spec."""
-        path = self.path(f"{MARKERS}/_job.json")
-        if self.fs.exists(path):
-            recorded = json.loads(self.fs.cat_file(path))["spec_digest"]
-            if recorded != digest:
-                raise JobError(
-                    f"output {self.output} holds rows of a different job spec (digest {recorded[:12]} != {digest[:12]}); "
-                    "pass --overwrite to start afresh or choose another --output"
-                )
-            return
-        self.write_json(f"{MARKERS}/_job.json", {"spec_digest": digest})
-
-    def write_json(self, relative: str, data: dict) -> None:
-        path = self.path(relative)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with self.fs.open(f"{path}.tmp", "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-        self.fs.mv(f"{path}.tmp", path)
-
-    def markers(self) -> dict[str, dict]:
-        """shard URL -> its completion record."""
-        folder = self.path(MARKERS)
-        if not self.fs.exists(folder):
-            return {}
-        records = {}
-        for path in self.fs.ls(folder, detail=False):
-            name = path.rsplit("/", 1)[-1]
-            if name.endswith(".json") and not name.startswith("_"):
-                record = json.loads(self.fs.cat_file(path))
-                records[record["shard"]] = record
-        return records
-
-
-class ShardTracker:
-    """Adds up the writer's per-shard summaries; writes a shard's marker when all its rows are in."""
-
-    def __init__(self, store: OutputStore, on_complete: Callable[[str], None] | None = None):
-        self.store = store
-        self.totals: dict[str, dict] = {}
-        self.completed: list[str] = []
-        self.fingerprint = ""
-        self.on_complete = on_complete
-
-    def add(self, summary: dict) -> None:
-        shard = summary["shard"]
-        total = self.totals.setdefault(
-            shard,
-            {
-                "shard": shard,
-                "shard_rows": int(summary["shard_rows"]),
-                "files": [],
-                "compute_seconds": 0.0,
-                **dict.fromkeys(COUNTS, 0),
-            },
-        )
-        for name in COUNTS:
-            total[name] += int(summary[name])
-        total["compute_seconds"] += float(summary["compute_seconds"])
-        total["files"] += json.loads(summary["files"])
-        self.fingerprint = self.fingerprint or summary["model_fingerprint"]
-        if total["rows"] == total["shard_rows"]:
-            self.store.write_json(f"{MARKERS}/{shard_key(shard)}.json", total)
-            self.completed.append(shard)
-            if self.on_complete:
-                self.on_complete(shard)
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def run_job(
@@ -308,50 +208,3 @@ def run_job(
         finally:
             context.execution_options.preserve_order = preserve
     return write_manifest(config, store, shards, tracker, started, len(done_before))
-
-
-def write_manifest(
-    config: JobConfig,
-    store: OutputStore,
-    shards: list[str],
-    tracker: ShardTracker,
-    started: float,
-    skipped: int,
-) -> dict:
-    """Counts over every completed shard (this run's and earlier runs'), spec, versions, times."""
-    markers = store.markers()
-    previous = {}
-    if store.fs.exists(store.path("manifest.json")):
-        previous = json.loads(store.fs.cat_file(store.path("manifest.json")))
-    counts = {name: sum(markers[shard][name] for shard in markers) for name in COUNTS}
-    ended = time.time()
-    manifest = {
-        "name": config.name,
-        "spec": to_dict(config),
-        "spec_digest": spec_digest(config),
-        "versions": _versions(),
-        "model_id": config.model.path,
-        "model_fingerprint": tracker.fingerprint or previous.get("model_fingerprint", ""),
-        "metrics_backbones": backbone_names(config.metrics),
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "ended": datetime.fromtimestamp(ended, timezone.utc).isoformat(),
-        "wall_seconds": ended - started,
-        "compute_seconds": sum(total["compute_seconds"] for total in tracker.totals.values()),
-        "counts": {
-            "read": counts["rows"],
-            "ok": counts["ok"],
-            "failed": counts["failed"],
-            "sources": counts["sources"],
-            "edits": counts["edits"],
-            "passed": counts["passed"],
-            "errors": counts["errors"],
-        },
-        "shards": {
-            "total": len(shards),
-            "complete": sorted(shard for shard in shards if shard in markers),
-            "incomplete": sorted(shard for shard in shards if shard not in markers),
-            "skipped_as_complete": skipped,
-        },
-    }
-    store.write_json("manifest.json", manifest)
-    return manifest

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, JobConfig, JobInversionConfig, load_config, parse_config, to_dict
+from pipeline.config import (
+    ConfigError,
+    JobConfig,
+    JobInversionConfig,
+    ResourcesConfig,
+    StageResources,
+    _check,
+    load_config,
+    parse_config,
+    to_dict,
+)
 from pipeline.diffusion.control import AttentionControl
 from pipeline.methods import InversionConfig, NullTextParams, PromptTuningParams
 
@@ -142,3 +154,17 @@ def test_missing_file_and_non_mapping(tmp_path):
 def test_example_job_specs_are_valid(path):
     config = load_config(path)
     assert config.edits and config.input.shards and config.output.path
+
+
+@dataclass(frozen=True)
+class WithCaptioning(ResourcesConfig):
+    """The resources of a job with one more stage."""
+
+    caption: StageResources = field(default_factory=lambda: StageResources(batch_size=0))
+
+
+def test_every_stage_of_the_resources_is_checked():
+    config = dataclasses.replace(parse_config(MINIMAL), resources=WithCaptioning())
+    with pytest.raises(ConfigError, match="resources.caption: batch_size and actors must be >= 1"):
+        _check(config, "job.yaml")
+    _check(dataclasses.replace(config, resources=WithCaptioning(caption=StageResources())), "job.yaml")

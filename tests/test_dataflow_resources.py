@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from pipeline.config import ResourcesConfig, StageResources
 from pipeline.dataflow import resource_shortfall
 
@@ -30,3 +32,17 @@ def test_missing_gpus_are_named():
     message = resource_shortfall(resources(0.5, 0.5, invert_gpus=1.0), {"CPU": 8.0})
     assert message is not None and "GPU" in message and "num_gpus" in message
     assert resource_shortfall(resources(0.5, 0.5, invert_gpus=1.0), {"CPU": 8.0, "GPU": 1.0}) is None
+
+
+@dataclass(frozen=True)
+class WithCaptioning(ResourcesConfig):
+    """The resources of a job with one more task stage."""
+
+    caption: StageResources = field(default_factory=lambda: StageResources(num_cpus=1.5))
+
+
+def test_every_task_stage_of_the_resources_is_checked():
+    # The pools hold 0.5 + 0.5 CPUs; the added stage's 1.5-CPU tasks no longer fit beside them.
+    message = resource_shortfall(WithCaptioning(), {"CPU": 2.0})
+    assert message is not None and "resources.caption.num_cpus needs 1.5 more" in message
+    assert resource_shortfall(WithCaptioning(), {"CPU": 2.5}) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from pipeline.config import FilterConfig
+from pipeline.stages.rows import EDITS_JSON
 
 # (config attribute, metric, comparison): "min" requires value >= threshold, "max" value <= threshold.
 _RULES = (
@@ -43,11 +44,11 @@ def filter_reason(metrics: dict, thresholds: FilterConfig) -> str | None:
 
 def filter_batch(batch: dict, thresholds: FilterConfig) -> dict:
     """Ray Data map_batches function: set passed_filter / filter_reason on every edit in edits_json."""
-    edits_json = batch["edits_json"].astype(object).copy()
+    edits_json = batch[EDITS_JSON].astype(object).copy()
     for row, text in enumerate(edits_json):
         records = json.loads(text)
         for record in records:
             record["filter_reason"] = filter_reason(record, thresholds)
             record["passed_filter"] = record["filter_reason"] is None
         edits_json[row] = json.dumps(records)
-    return {**batch, "edits_json": edits_json}
+    return {**batch, EDITS_JSON: edits_json}

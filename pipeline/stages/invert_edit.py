@@ -1,21 +1,24 @@
 """GPU actor: invert every image of a batch once, then fan out all of its edits from that inversion
 (with `inversion.prompt: target`, once per distinct target prompt, each serving the edits that use it).
 
-Rows stay one per source sample. The actor adds:
+Rows stay one per source sample. The actor adds (names in `pipeline.stages.rows`):
     recon (B, S, S, 3) uint8, invert_seconds (B,), model_id, model_fingerprint,
     edits_json: per row a JSON list of the row's edits (edit_id, target_class, target_prompt, seed,
-        sample_index, params, edit_seconds, ok, has_mask),
+        sample_index, params, edit_seconds, has_mask),
     edit_images: per row (E, S, S, 3) uint8, edit_masks: per row (E, S, S) bool (True = edited),
-    failures_json: per row a JSON list of [edit_id | null, stage, error_type, message].
-Rows whose inversion fails get status "invert_failed" and an invert error; when only some of a row's
-target-prompt inversions fail, their edits become "invert" failures of the row.
+and records failures in the row's failures (`mark_failed`): a row whose inversion fails gets status
+"invert_failed" and an invert failure; when only some of a row's target-prompt inversions fail, their
+edits get "invert" failures; edits that cannot be planned get "plan" failures, edits the engine
+rejects "edit" failures.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,29 +26,33 @@ import torch
 from pipeline import engine
 from pipeline.config import EditSpec, JobInversionConfig, MetricsConfig
 from pipeline.engine import EditRequest
+from pipeline.metrics.backbones import backbone_names
+from pipeline.models.device import resolve_device
 from pipeline.models.loading import load_diffusion_model
 from pipeline.stages.plan import PlannedEdit, plan_edits
+from pipeline.stages.rows import (
+    CAPTION,
+    EDIT_IMAGES,
+    EDIT_MASKS,
+    EDITS_JSON,
+    FAILURES,
+    IMAGE,
+    INVERT_SECONDS,
+    META,
+    MODEL_FINGERPRINT,
+    MODEL_ID,
+    OK,
+    RECON,
+    SOURCE_CLASS,
+    SOURCE_ID,
+    STAGE_SECONDS,
+    STATUS,
+    BatchRow,
+    Failure,
+    mark_failed,
+)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> str:
-    """auto -> cuda when this process sees a GPU, else cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def backbone_names(metrics: MetricsConfig) -> dict[str, str]:
-    """The metric backbones recorded with every edit and in the manifest."""
-    clip = metrics.clip
-    names = {
-        "clip": f"{clip.model_name}/{clip.pretrained or 'random-init'}",
-        "perceptual": metrics.perceptual,
-    }
-    if metrics.classifier is not None:
-        names["classifier"] = metrics.classifier
-    return names
 
 
 @dataclass(frozen=True)
@@ -56,13 +63,102 @@ class InversionUnit:
         row: index of the source sample in the batch.
         prompt: the prompt the image is inverted with.
         plans: the edits sampled from this inversion.
-        plan_failures: (error_type, message) of edits that could not be planned for the row.
+        plan_failures: "plan" failures of edits that could not be planned for the row.
     """
 
     row: int
     prompt: str
     plans: list[PlannedEdit]
-    plan_failures: list[tuple[str, str]]
+    plan_failures: list[Failure]
+
+
+@dataclass(frozen=True)
+class InvertedImage:
+    """Where one unit's inversion is held: image `index` of the `call`-th engine result of the batch.
+
+    Attributes:
+        call: position of the engine result in the list `InvertEditActor._invert` returns.
+        index: the image's index in that result.
+    """
+
+    call: int
+    index: int
+
+
+@dataclass(frozen=True)
+class EditJob:
+    """One planned edit of `row`, sampled from image `image_index` of an engine result."""
+
+    row: int
+    image_index: int
+    plan: PlannedEdit
+
+
+@dataclass
+class RowOutput:
+    """What the actor accumulates for one row of the batch over its inversions and edit calls.
+
+    Attributes:
+        row: the row in the batch; its status and failures are recorded there with `mark_failed`.
+        size: the model's image side.
+        recon: the reconstruction of the row's first successful inversion, or None.
+        invert_seconds: inversion time spent on the row (NaN when not inverted).
+        records: one edits_json entry per successful edit, in edit order.
+        images: the edited images (S, S, 3) uint8, in the order of records.
+        masks: the edit masks (S, S) bool (all True when the engine gives none), same order.
+    """
+
+    row: BatchRow
+    size: int
+    recon: np.ndarray | None = None
+    invert_seconds: float = float("nan")
+    records: list[dict] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+
+    def fail(self, failure: Failure, *, fails_row: bool = False) -> None:
+        """Record a failure of one of the row's edits, or with fails_row of the row itself."""
+        mark_failed(self.row, failure, fails_row=fails_row)
+
+    def add_edit(self, plan: PlannedEdit, outcome: Any) -> None:
+        """Keep one successful engine edit of `plan`."""
+        has_mask = outcome.mask is not None
+        self.images.append(outcome.image.cpu().numpy().astype(np.uint8))
+        self.masks.append(
+            outcome.mask.cpu().numpy().astype(bool)
+            if has_mask
+            else np.ones((self.size, self.size), dtype=bool)
+        )
+        self.records.append(
+            {
+                "edit_id": plan.edit_id,
+                "target_class": plan.target_class,
+                "target_prompt": plan.target_prompt,
+                "seed": plan.seed,
+                "sample_index": plan.sample_index,
+                "params": plan.params,
+                "edit_seconds": float(outcome.seconds),
+                "has_mask": has_mask,
+            }
+        )
+
+    def edit_images(self) -> np.ndarray:
+        """(E, S, S, 3) uint8."""
+        return (
+            np.stack(self.images) if self.images else np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
+        )
+
+    def edit_masks(self) -> np.ndarray:
+        """(E, S, S) bool."""
+        return np.stack(self.masks) if self.masks else np.zeros((0, self.size, self.size), dtype=bool)
+
+
+def _inversion_failure(message: str) -> Failure:
+    return Failure("invert", "InversionError", message)
+
+
+def _edit_failure(message: str, edit_id: str) -> Failure:
+    return Failure("edit", "EditError", message, edit_id)
 
 
 class InvertEditActor:
@@ -94,45 +190,73 @@ class InvertEditActor:
         self.backbones = backbone_names(metrics)
         self.edit_batch_size = edit_batch_size
 
-    def _invert(self, images: torch.Tensor, prompts: list[str]) -> tuple[list, list[str | None], float]:
-        """Invert a batch; when the engine rejects the whole batch, invert images one by one so
-        only the offending image fails. Returns (per-image inversion handles, errors, seconds per image)."""
+    def _invert(
+        self, images: torch.Tensor, prompts: list[str]
+    ) -> tuple[list, list[InvertedImage | Failure], float]:
+        """Invert a batch; when the engine rejects the whole batch, invert images one by one so only
+        the offending image fails.
+
+        Returns:
+            (engine results, per image where its inversion is held or its failure, seconds per image).
+        """
         try:
             result = engine.invert(self.model, images, prompts, self.inversion)
-            per_image = result.seconds / len(prompts)
-            return [(result, i) for i in range(len(prompts))], list(result.errors), per_image
-        except Exception:  # isolate the failing image below
+        except Exception:  # retried image by image, where each image's failure is labelled
             if len(prompts) == 1:
                 raise
-        handles, errors, seconds = [], [], []
+            return self._invert_one_by_one(images, prompts)
+        inverted = [
+            InvertedImage(0, index) if error is None else _inversion_failure(str(error))
+            for index, error in enumerate(result.errors)
+        ]
+        return [result], inverted, result.seconds / len(prompts)
+
+    def _invert_one_by_one(
+        self, images: torch.Tensor, prompts: list[str]
+    ) -> tuple[list, list[InvertedImage | Failure], float]:
+        """`_invert` with one engine call per image; an image the engine raises on gets its failure."""
+        results, inverted, seconds = [], [], []
         for index, prompt in enumerate(prompts):
             try:
                 result = engine.invert(self.model, images[index : index + 1], [prompt], self.inversion)
-                handles.append((result, 0))
-                errors.append(result.errors[0])
-                seconds.append(result.seconds)
-            except Exception as error:
-                handles.append(None)
-                errors.append(f"{type(error).__name__}: {error}")
-        return handles, errors, float(np.mean(seconds)) if seconds else float("nan")
+            except Exception as error:  # this image's inversion failure
+                inverted.append(_inversion_failure(f"{type(error).__name__}: {error}"))
+                continue
+            results.append(result)
+            seconds.append(result.seconds)
+            error = result.errors[0]
+            inverted.append(
+                InvertedImage(len(results) - 1, 0) if error is None else _inversion_failure(str(error))
+            )
+        return results, inverted, float(np.mean(seconds)) if seconds else float("nan")
 
-    def _edit(self, result, requests: list[EditRequest]) -> list:
-        """Edit in chunks; a chunk the engine rejects is retried request by request."""
+    def _edit(self, result, requests: list[EditRequest], edit_ids: list[str]) -> list:
+        """Edit in chunks; a chunk the engine rejects is retried request by request.
+
+        Returns:
+            Per request, the engine's edit outcome or the "edit" failure of a request it raised on.
+        """
         outcomes = []
         for start in range(0, len(requests), self.edit_batch_size):
             chunk = requests[start : start + self.edit_batch_size]
+            chunk_ids = edit_ids[start : start + self.edit_batch_size]
             try:
                 outcomes.extend(engine.edit(self.model, result, chunk))
-                continue
             except Exception as error:
                 if len(chunk) == 1:
-                    outcomes.append(f"{type(error).__name__}: {error}")
-                    continue
-            for request in chunk:
-                try:
-                    outcomes.extend(engine.edit(self.model, result, [request]))
-                except Exception as error:
-                    outcomes.append(f"{type(error).__name__}: {error}")
+                    outcomes.append(_edit_failure(f"{type(error).__name__}: {error}", chunk_ids[0]))
+                else:
+                    outcomes.extend(self._edit_one_by_one(result, chunk, chunk_ids))
+        return outcomes
+
+    def _edit_one_by_one(self, result, requests: list[EditRequest], edit_ids: list[str]) -> list:
+        """`_edit` with one engine call per request."""
+        outcomes = []
+        for request, edit_id in zip(requests, edit_ids, strict=True):
+            try:
+                outcomes.extend(engine.edit(self.model, result, [request]))
+            except Exception as error:  # this edit's failure
+                outcomes.append(_edit_failure(f"{type(error).__name__}: {error}", edit_id))
         return outcomes
 
     def _inversion_units(self, batch: dict[str, np.ndarray], rows: list[int]) -> list[InversionUnit]:
@@ -141,12 +265,12 @@ class InvertEditActor:
         inverted with its caption, for its reconstruction)."""
         units = []
         for row in rows:
-            caption = str(batch["caption"][row])
+            caption = str(batch[CAPTION][row])
             planned, failures = plan_edits(
-                str(batch["source_id"][row]),
-                batch["source_class"][row],
+                str(batch[SOURCE_ID][row]),
+                batch[SOURCE_CLASS][row],
                 caption,
-                json.loads(batch["meta"][row]),
+                json.loads(batch[META][row]),
                 self.edits,
                 self.inversion,
                 self.backbones,
@@ -164,122 +288,98 @@ class InvertEditActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         size = self.model.image_size
-        count = len(batch["status"])
+        count = len(batch[STATUS])
         batch = dict(batch)
-        status = batch["status"].astype(object).copy()
-        error_stage, error_type, error = (
-            batch[k].astype(object).copy() for k in ("error_stage", "error_type", "error")
-        )
-        recon = np.zeros((count, size, size, 3), dtype=np.uint8)
-        invert_seconds = np.full(count, np.nan, dtype=np.float32)
-        edits_json = np.array(["[]"] * count, dtype=object)
-        failures_json = np.array(["[]"] * count, dtype=object)
-        edit_images = [np.zeros((0, size, size, 3), dtype=np.uint8) for _ in range(count)]
-        edit_masks = [np.zeros((0, size, size), dtype=bool) for _ in range(count)]
+        batch[STATUS] = batch[STATUS].astype(object).copy()
+        batch[FAILURES] = batch[FAILURES].astype(object).copy()
+        outputs = [RowOutput(BatchRow(batch, row), size) for row in range(count)]
 
-        ok_rows = [i for i in range(count) if status[i] == "ok"]
-        if batch["image"].shape[1:3] != (size, size):
+        ok_rows = [row for row in range(count) if batch[STATUS][row] == OK]
+        if batch[IMAGE].shape[1:3] != (size, size):
             raise ValueError(
-                f"preprocessed images are {batch['image'].shape[1:3]} but model {self.model.model_id} takes {size}x{size}; "
+                f"preprocessed images are {batch[IMAGE].shape[1:3]} but model {self.model.model_id} takes {size}x{size}; "
                 "fix model.image_size in the job spec (or leave it null to read it from the model)"
             )
         if ok_rows:
             units = self._inversion_units(batch, ok_rows)
-            images = torch.from_numpy(np.ascontiguousarray(batch["image"][[unit.row for unit in units]]))
-            handles, errors, per_image = self._invert(images, [unit.prompt for unit in units])
-            # Group requests by inversion result so each image's edits share its inversion.
-            by_result: dict[int, tuple] = {}
+            images = torch.from_numpy(np.ascontiguousarray(batch[IMAGE][[unit.row for unit in units]]))
+            results, inverted, per_image = self._invert(images, [unit.prompt for unit in units])
+            # The edits of each engine result, so each image's edits share its inversion.
+            jobs: dict[int, list[EditJob]] = {}
             for row in ok_rows:
-                row_units = [(u, handles[i], errors[i]) for i, u in enumerate(units) if u.row == row]
-                inverted = [(u, h) for u, h, e in row_units if e is None and h is not None]
-                if not inverted:
-                    status[row], error_stage[row] = "invert_failed", "invert"
-                    error_type[row], error[row] = "InversionError", str(row_units[0][2])
-                    continue
-                first_result, first_index = inverted[0][1]
-                invert_seconds[row] = per_image * len(inverted)
-                recon[row] = first_result.reconstructions[first_index].cpu().numpy()
-                failures = [[None, "plan", kind, message] for kind, message in row_units[0][0].plan_failures]
-                for unit, handle, unit_error in row_units:
-                    if handle is None or unit_error is not None:
-                        failures += [
-                            [plan.edit_id, "invert", "InversionError", str(unit_error)] for plan in unit.plans
-                        ]
-                        continue
-                    result, image_index = handle
-                    entry = by_result.setdefault(id(result), (result, []))
-                    entry[1].extend((row, image_index, plan) for plan in unit.plans)
-                failures_json[row] = json.dumps(failures)
-            for result, jobs in by_result.values():
-                self._run_edits(result, jobs, edits_json, failures_json, edit_images, edit_masks, size)
+                row_units = [(unit, inverted[i]) for i, unit in enumerate(units) if unit.row == row]
+                self._collect_row(outputs[row], row_units, results, per_image, jobs)
+            for call, call_jobs in jobs.items():
+                self._run_edits(results[call], call_jobs, outputs)
 
+        recon = np.zeros((count, size, size, 3), dtype=np.uint8)
+        for row, output in enumerate(outputs):
+            if output.recon is not None:
+                recon[row] = output.recon
         batch.update(
-            status=status,
-            error_stage=error_stage,
-            error_type=error_type,
-            error=error,
-            recon=recon,
-            invert_seconds=invert_seconds,
-            edits_json=edits_json,
-            failures_json=failures_json,
-            edit_images=_object_column(edit_images),
-            edit_masks=_object_column(edit_masks),
-            model_id=np.array([self.model.model_id] * count, dtype=object),
-            model_fingerprint=np.array([self.model.fingerprint] * count, dtype=object),
+            {
+                RECON: recon,
+                INVERT_SECONDS: np.array([output.invert_seconds for output in outputs], dtype=np.float32),
+                EDITS_JSON: np.array([json.dumps(output.records) for output in outputs], dtype=object),
+                EDIT_IMAGES: _object_column([output.edit_images() for output in outputs]),
+                EDIT_MASKS: _object_column([output.edit_masks() for output in outputs]),
+                MODEL_ID: np.array([self.model.model_id] * count, dtype=object),
+                MODEL_FINGERPRINT: np.array([self.model.fingerprint] * count, dtype=object),
+            }
         )
-        batch["stage_seconds"] = batch["stage_seconds"] + (time.perf_counter() - started) / count
+        batch[STAGE_SECONDS] = batch[STAGE_SECONDS] + (time.perf_counter() - started) / count
         return batch
 
-    def _run_edits(
-        self,
-        result,
-        jobs: list[tuple[int, int, PlannedEdit]],
-        edits_json,
-        failures_json,
-        edit_images,
-        edit_masks,
-        size,
+    @staticmethod
+    def _collect_row(
+        output: RowOutput,
+        row_units: list[tuple[InversionUnit, InvertedImage | Failure]],
+        results: list,
+        per_image: float,
+        jobs: dict[int, list[EditJob]],
     ) -> None:
+        """Record one row's inversions: its failure when none succeeded, else its reconstruction,
+        inversion time, plan and invert failures, and its edits (added to `jobs` by engine result)."""
+        inverted = [image for _, image in row_units if isinstance(image, InvertedImage)]
+        if not inverted:
+            output.fail(row_units[0][1], fails_row=True)
+            return
+        first = inverted[0]
+        output.invert_seconds = per_image * len(inverted)
+        output.recon = results[first.call].reconstructions[first.index].cpu().numpy()
+        for failure in row_units[0][0].plan_failures:
+            output.fail(failure)
+        for unit, image in row_units:
+            if isinstance(image, Failure):
+                for plan in unit.plans:
+                    output.fail(dataclasses.replace(image, edit_id=plan.edit_id))
+                continue
+            jobs.setdefault(image.call, []).extend(
+                EditJob(output.row.index, image.index, plan) for plan in unit.plans
+            )
+
+    def _run_edits(self, result, jobs: list[EditJob], outputs: list[RowOutput]) -> None:
+        """Run the edits of one engine result and add each outcome to its row's output."""
         requests = [
             EditRequest(
-                image_index, plan.target_prompt, plan.control, plan.eta, plan.latent_interpolation, plan.seed
+                job.image_index,
+                job.plan.target_prompt,
+                job.plan.control,
+                job.plan.eta,
+                job.plan.latent_interpolation,
+                job.plan.seed,
             )
-            for _, image_index, plan in jobs
+            for job in jobs
         ]
-        outcomes = self._edit(result, requests)
-        per_row: dict[int, tuple[list, list, list]] = {}
-        for (row, _, plan), outcome in zip(jobs, outcomes, strict=True):
-            records, images, masks = per_row.setdefault(row, ([], [], []))
-            failed = outcome if isinstance(outcome, str) else outcome.error
-            if failed is not None or outcome.image is None:
-                failures = json.loads(failures_json[row])
-                failures.append(
-                    [plan.edit_id, "edit", "EditError", str(failed or "engine returned no image")]
-                )
-                failures_json[row] = json.dumps(failures)
-                continue
-            has_mask = outcome.mask is not None
-            images.append(outcome.image.cpu().numpy().astype(np.uint8))
-            masks.append(
-                outcome.mask.cpu().numpy().astype(bool) if has_mask else np.ones((size, size), dtype=bool)
-            )
-            records.append(
-                {
-                    "edit_id": plan.edit_id,
-                    "target_class": plan.target_class,
-                    "target_prompt": plan.target_prompt,
-                    "seed": plan.seed,
-                    "sample_index": plan.sample_index,
-                    "params": plan.params,
-                    "edit_seconds": float(outcome.seconds),
-                    "has_mask": has_mask,
-                }
-            )
-        for row, (records, images, masks) in per_row.items():
-            edits_json[row] = json.dumps(records)
-            if images:
-                edit_images[row] = np.stack(images)
-                edit_masks[row] = np.stack(masks)
+        outcomes = self._edit(result, requests, [job.plan.edit_id for job in jobs])
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            output = outputs[job.row]
+            if isinstance(outcome, Failure):
+                output.fail(outcome)
+            elif outcome.error is not None or outcome.image is None:
+                output.fail(_edit_failure(str(outcome.error or "engine returned no image"), job.plan.edit_id))
+            else:
+                output.add_edit(job.plan, outcome)
 
 
 def _object_column(arrays: list[np.ndarray]) -> np.ndarray:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pipeline.config import EditSpec, to_dict
 from pipeline.diffusion.control import AttentionControl
 from pipeline.methods import InversionConfig
+from pipeline.stages.rows import Failure
 
 
 class PlanError(ValueError):
@@ -122,11 +123,11 @@ def plan_edits(
     specs: tuple[EditSpec, ...],
     inversion: InversionConfig,
     backbones: dict[str, str],
-) -> tuple[list[PlannedEdit], list[tuple[str, str]]]:
+) -> tuple[list[PlannedEdit], list[Failure]]:
     """All edits of one sample.
 
     Returns:
-        (planned edits, [(error_type, message)] for specs that apply but cannot be planned).
+        (planned edits, one "plan" failure (edit_id None) per spec that applies but cannot be planned).
     """
     planned, failures = [], []
     for spec in specs:
@@ -135,7 +136,7 @@ def plan_edits(
         try:
             prompt, source_word, target_word = target_prompt(spec, caption, source_class, meta)
         except PlanError as error:
-            failures.append(("PlanError", f"edit {spec.name or spec.target_class}: {error}"))
+            failures.append(Failure("plan", "PlanError", f"edit {spec.name or spec.target_class}: {error}"))
             continue
         control = fill_control(spec.control, source_word, target_word)
         params = {

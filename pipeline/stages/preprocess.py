@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from pipeline.stages.rows import IMAGE, OK, ORIG_HEIGHT, ORIG_WIDTH, STATUS
+
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     """Resize (bicubic, shorter side -> size) then center-crop to size x size.
@@ -30,17 +32,17 @@ def preprocess_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str,
     Replaces the variable-size `image` column with a (B, image_size, image_size, 3) uint8 array
     (zeros for error rows) and adds orig_width / orig_height.
     """
-    images = batch["image"]
+    images = batch[IMAGE]
     out = np.zeros((len(images), image_size, image_size, 3), dtype=np.uint8)
     widths = np.zeros(len(images), dtype=np.int32)
     heights = np.zeros(len(images), dtype=np.int32)
-    for index, (image, status) in enumerate(zip(images, batch["status"], strict=True)):
-        if status != "ok":
+    for index, (image, status) in enumerate(zip(images, batch[STATUS], strict=True)):
+        if status != OK:
             continue
         heights[index], widths[index] = image.shape[:2]
         out[index] = resize_center_crop(image, image_size)
     batch = dict(batch)
-    batch["image"] = out
-    batch["orig_width"] = widths
-    batch["orig_height"] = heights
+    batch[IMAGE] = out
+    batch[ORIG_WIDTH] = widths
+    batch[ORIG_HEIGHT] = heights
     return batch

@@ -2,9 +2,9 @@
 
 A sample is the run of consecutive tar members sharing a key (the member path up to the first dot of
 its file name, as in webdataset). Every sample becomes one row: either `status="ok"` with the decoded
-RGB image, caption and class, or `status="error"` with the stage, error type and message. A shard that
-cannot be opened or ends early (truncated tar) adds one error row whose source_id is the shard URL;
-the samples read before the damage are kept. The job never fails because of one bad sample.
+RGB image, caption and class, or `status="error"` with its read failure (`pipeline.stages.rows`). A
+shard that cannot be opened or ends early (truncated tar) adds one error row whose source_id is the
+shard URL; the samples read before the damage are kept. The job never fails because of one bad sample.
 
 Every row of a shard carries `shard_rows`, the number of rows that shard produced: the writer uses it
 to know when all of a shard's rows are durable.
@@ -24,6 +24,22 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.config import InputFields
+from pipeline.stages.rows import (
+    CAPTION,
+    FAILURES,
+    IMAGE,
+    META,
+    NO_FAILURES,
+    OK,
+    SHARD,
+    SHARD_ROWS,
+    SOURCE_CLASS,
+    SOURCE_ID,
+    STAGE_SECONDS,
+    STATUS,
+    Failure,
+    mark_failed,
+)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -119,10 +135,10 @@ def parse_sample(key: str, members: dict[str, bytes], fields: InputFields) -> di
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise SampleError("BadMeta", f"member {key}.{fields.meta} is not JSON: {error}") from error
     return {
-        "image": image,
-        "caption": caption,
-        "source_class": _read_class(members, fields.class_, key),
-        "meta": meta,
+        IMAGE: image,
+        CAPTION: caption,
+        SOURCE_CLASS: _read_class(members, fields.class_, key),
+        META: meta,
     }
 
 
@@ -158,24 +174,24 @@ def iter_tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
 def _row(shard: str, key: str | None, **values) -> dict:
     source_id = f"{shard}#{key}" if key is not None else shard
     row = {
-        "shard": shard,
-        "source_id": source_id,
-        "status": "ok",
-        "error_stage": None,
-        "error_type": None,
-        "error": None,
-        "image": EMPTY_IMAGE,
-        "caption": None,
-        "source_class": None,
-        "meta": "{}",
-        "stage_seconds": 0.0,
+        SHARD: shard,
+        SOURCE_ID: source_id,
+        STATUS: OK,
+        FAILURES: NO_FAILURES,
+        IMAGE: EMPTY_IMAGE,
+        CAPTION: None,
+        SOURCE_CLASS: None,
+        META: "{}",
+        STAGE_SECONDS: 0.0,
     }
     row.update(values)
     return row
 
 
 def _error_row(shard: str, key: str | None, kind: str, message: str) -> dict:
-    return _row(shard, key, status="error", error_stage="read", error_type=kind, error=message)
+    row = _row(shard, key)
+    mark_failed(row, Failure("read", kind, message))
+    return row
 
 
 def read_shard(item: dict, fields: InputFields) -> list[dict]:
@@ -186,10 +202,11 @@ def read_shard(item: dict, fields: InputFields) -> list[dict]:
         fields: sample member names.
 
     Returns:
-        Rows with columns shard, shard_rows, source_id, status, error_stage, error_type, error,
-        image (uint8 (H, W, 3); (0, 0, 3) for error rows), caption, source_class, meta (JSON string).
+        Rows with the reader's columns (`pipeline.stages.rows`): shard, shard_rows, source_id, status,
+        failures, image (uint8 (H, W, 3); (0, 0, 3) for error rows), caption, source_class, meta (JSON
+        string), stage_seconds.
     """
-    shard = item["shard"]
+    shard = item[SHARD]
     rows: list[dict] = []
     seen: set[str] = set()
     try:
@@ -217,5 +234,5 @@ def read_shard(item: dict, fields: InputFields) -> list[dict]:
     if not rows:
         rows.append(_error_row(shard, None, "EmptyShard", f"shard {shard} holds no samples"))
     for row in rows:
-        row["shard_rows"] = len(rows)
+        row[SHARD_ROWS] = len(rows)
     return rows

@@ -6,7 +6,8 @@ Adds per row: recon_psnr, recon_ssim, recon_lpips (float32, NaN when not compute
 values inside each entry of edits_json (clip_t, clip_i, clip_dir, lpips, bg_psnr, bg_lpips; null
 when undefined, e.g. bg_* when the edit mask covers the whole image; bg_psnr is +inf when the
 background is unchanged to the last bit), and classified_as: the class that metrics.classifier
-reads in the edited image (null when no classifier is configured).
+reads in the edited image (null when no classifier is configured). When a batch cannot be scored,
+its ok rows become "score_failed" with a score failure (`pipeline.stages.rows.mark_failed`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,25 @@ import numpy as np
 import torch
 
 from pipeline.config import MetricsConfig
-from pipeline.stages.invert_edit import resolve_device
+from pipeline.models.device import resolve_device
+from pipeline.stages.rows import (
+    CAPTION,
+    EDIT_IMAGES,
+    EDIT_MASKS,
+    EDITS_JSON,
+    FAILURES,
+    IMAGE,
+    OK,
+    RECON,
+    RECON_LPIPS,
+    RECON_PSNR,
+    RECON_SSIM,
+    STAGE_SECONDS,
+    STATUS,
+    BatchRow,
+    Failure,
+    mark_failed,
+)
 
 
 def load_factory(reference: str, key: str = "metrics.feature_extractor"):
@@ -86,39 +105,29 @@ class ScoreActor:
 
         started = time.perf_counter()
         batch = dict(batch)
-        count = len(batch["status"])
-        status = batch["status"].astype(object).copy()
-        error_stage, error_type, error = (
-            batch[k].astype(object).copy() for k in ("error_stage", "error_type", "error")
-        )
+        count = len(batch[STATUS])
+        batch[STATUS] = batch[STATUS].astype(object).copy()
+        batch[FAILURES] = batch[FAILURES].astype(object).copy()
         recon_metrics = {
-            name: np.full(count, np.nan, dtype=np.float32)
-            for name in ("recon_psnr", "recon_ssim", "recon_lpips")
+            name: np.full(count, np.nan, dtype=np.float32) for name in (RECON_PSNR, RECON_SSIM, RECON_LPIPS)
         }
-        edits_json = batch["edits_json"].astype(object).copy()
+        edits_json = batch[EDITS_JSON].astype(object).copy()
 
-        rows = [i for i in range(count) if status[i] == "ok"]
+        rows = [i for i in range(count) if batch[STATUS][i] == OK]
         if rows:
             try:
-                source = to_unit_float(batch["image"][rows], self.device)
-                recon = to_unit_float(batch["recon"][rows], self.device)
-                recon_metrics["recon_psnr"][rows] = psnr(recon, source).float().cpu().numpy()
-                recon_metrics["recon_ssim"][rows] = ssim(recon, source).float().cpu().numpy()
-                recon_metrics["recon_lpips"][rows] = self.perceptual(recon, source).float().cpu().numpy()
+                source = to_unit_float(batch[IMAGE][rows], self.device)
+                recon = to_unit_float(batch[RECON][rows], self.device)
+                recon_metrics[RECON_PSNR][rows] = psnr(recon, source).float().cpu().numpy()
+                recon_metrics[RECON_SSIM][rows] = ssim(recon, source).float().cpu().numpy()
+                recon_metrics[RECON_LPIPS][rows] = self.perceptual(recon, source).float().cpu().numpy()
                 self._score_edits(batch, rows, edits_json)
-            except Exception as failure:  # one bad batch must not fail the job: mark its rows
+            except Exception as error:  # one bad batch must not fail the job: its rows fail scoring
                 for row in rows:
-                    status[row], error_stage[row] = "score_failed", "score"
-                    error_type[row], error[row] = type(failure).__name__, str(failure)
-        batch.update(
-            status=status,
-            error_stage=error_stage,
-            error_type=error_type,
-            error=error,
-            edits_json=edits_json,
-            **recon_metrics,
-        )
-        batch["stage_seconds"] = batch["stage_seconds"] + (time.perf_counter() - started) / count
+                    mark_failed(BatchRow(batch, row), Failure.from_error("score", error))
+        batch.update(recon_metrics)
+        batch[EDITS_JSON] = edits_json
+        batch[STAGE_SECONDS] = batch[STAGE_SECONDS] + (time.perf_counter() - started) / count
         return batch
 
     def _score_edits(self, batch: dict, rows: list[int], edits_json: np.ndarray) -> None:
@@ -130,10 +139,10 @@ class ScoreActor:
             for index, record in enumerate(json.loads(edits_json[row])):
                 owners.append(row)
                 records.append(record)
-                sources.append(batch["image"][row])
-                edited.append(batch["edit_images"][row][index])
-                masks.append(batch["edit_masks"][row][index])
-                source_texts.append(str(batch["caption"][row]))
+                sources.append(batch[IMAGE][row])
+                edited.append(batch[EDIT_IMAGES][row][index])
+                masks.append(batch[EDIT_MASKS][row][index])
+                source_texts.append(str(batch[CAPTION][row]))
         if not records:
             return
         target_texts = [record["target_prompt"] for record in records]

@@ -4,7 +4,8 @@ the schemas and write Parquet files named deterministically from the shard and t
 Files: OUTPUT/edits/target_class=CLASS/{shard_key}.{digest}.parquet, OUTPUT/sources/..., OUTPUT/errors/...
 A task retried on the same rows rewrites the same file names; files of a shard that never completed
 are removed before the shard is processed again (`remove_shard_files`). Completion markers are
-written by the driver (`pipeline.dataflow`) once all of a shard's rows have come back from here.
+written by the driver (`pipeline.output.ShardTracker`) once all of a shard's rows have come back
+from here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,32 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.schemas import TABLES, load_schema, to_table
+from pipeline.stages.rows import (
+    CAPTION,
+    EDIT_IMAGES,
+    EDITS_JSON,
+    FAILURES,
+    IMAGE,
+    INVERT_FAILED,
+    INVERT_SECONDS,
+    MODEL_FINGERPRINT,
+    MODEL_ID,
+    OK,
+    ORIG_HEIGHT,
+    ORIG_WIDTH,
+    READ_FAILED,
+    RECON,
+    RECON_LPIPS,
+    RECON_PSNR,
+    RECON_SSIM,
+    SHARD,
+    SHARD_ROWS,
+    SOURCE_CLASS,
+    SOURCE_ID,
+    STAGE_SECONDS,
+    STATUS,
+    decode_failures,
+)
 
 COUNTS = ("rows", "read_failed", "sources", "ok", "failed", "edits", "passed", "errors")
 
@@ -47,43 +74,39 @@ def _finite(value) -> float | None:
 
 def rows_for_sample(batch: dict, index: int) -> tuple[list[dict], list[dict], list[dict]]:
     """(edits rows, sources rows, errors rows) of one processed sample row."""
-    source_id, status = str(batch["source_id"][index]), str(batch["status"][index])
-    errors = []
-    if status != "ok":
-        errors.append(
-            {
-                "source_id": source_id,
-                "stage": str(batch["error_stage"][index]),
-                "error_type": str(batch["error_type"][index]),
-                "error": str(batch["error"][index]),
-                "edit_id": None,
-            }
-        )
-    if status == "error":
+    source_id, status = str(batch[SOURCE_ID][index]), str(batch[STATUS][index])
+    # A failed row's own failure leads its list (mark_failed); a row that failed reading has no other.
+    errors = [
+        {
+            "source_id": source_id,
+            "stage": failure.stage,
+            "error_type": failure.error_type,
+            "error": failure.message,
+            "edit_id": failure.edit_id,
+        }
+        for failure in decode_failures(batch[FAILURES][index])
+    ]
+    if status == READ_FAILED:
         return [], [], errors
-    for edit_id, stage, kind, message in json.loads(batch["failures_json"][index]):
-        errors.append(
-            {"source_id": source_id, "stage": stage, "error_type": kind, "error": message, "edit_id": edit_id}
-        )
-    model_id = str(batch["model_id"][index])
-    invert_seconds = _finite(batch["invert_seconds"][index])
+    model_id = str(batch[MODEL_ID][index])
+    invert_seconds = _finite(batch[INVERT_SECONDS][index])
     edits = []
-    if status == "ok":
-        size = batch["image"][index].shape
-        for position, record in enumerate(json.loads(batch["edits_json"][index])):
+    if status == OK:
+        size = batch[IMAGE][index].shape
+        for position, record in enumerate(json.loads(batch[EDITS_JSON][index])):
             edits.append(
                 {
                     "edit_id": record["edit_id"],
                     "source_id": source_id,
-                    "source_class": batch["source_class"][index],
+                    "source_class": batch[SOURCE_CLASS][index],
                     "target_class": record["target_class"],
                     "method": json.loads(record["params"])["inversion"]["method"],
-                    "source_prompt": str(batch["caption"][index]),
+                    "source_prompt": str(batch[CAPTION][index]),
                     "target_prompt": record["target_prompt"],
                     "seed": record["seed"],
                     "sample_index": record["sample_index"],
                     "params": record["params"],
-                    "image": encode_png(batch["edit_images"][index][position]),
+                    "image": encode_png(batch[EDIT_IMAGES][index][position]),
                     "width": size[1],
                     "height": size[0],
                     **{
@@ -101,15 +124,15 @@ def rows_for_sample(batch: dict, index: int) -> tuple[list[dict], list[dict], li
     source = {
         "source_id": source_id,
         "status": status,
-        "source_class": batch["source_class"][index],
-        "caption": batch["caption"][index],
-        "orig_width": int(batch["orig_width"][index]),
-        "orig_height": int(batch["orig_height"][index]),
-        "image": encode_png(batch["image"][index]),
-        "reconstruction": None if status == "invert_failed" else encode_png(batch["recon"][index]),
-        "recon_psnr": _finite(batch["recon_psnr"][index]),
-        "recon_ssim": _finite(batch["recon_ssim"][index]),
-        "recon_lpips": _finite(batch["recon_lpips"][index]),
+        "source_class": batch[SOURCE_CLASS][index],
+        "caption": batch[CAPTION][index],
+        "orig_width": int(batch[ORIG_WIDTH][index]),
+        "orig_height": int(batch[ORIG_HEIGHT][index]),
+        "image": encode_png(batch[IMAGE][index]),
+        "reconstruction": None if status == INVERT_FAILED else encode_png(batch[RECON][index]),
+        "recon_psnr": _finite(batch[RECON_PSNR][index]),
+        "recon_ssim": _finite(batch[RECON_SSIM][index]),
+        "recon_lpips": _finite(batch[RECON_LPIPS][index]),
         "invert_seconds": invert_seconds,
         "edits": len(edits),
         "model_id": model_id,
@@ -160,7 +183,7 @@ def write_batch(batch: dict, output: str) -> dict:
         counts in COUNTS.
     """
     by_shard: dict[str, list[int]] = defaultdict(list)
-    for index, shard in enumerate(batch["shard"]):
+    for index, shard in enumerate(batch[SHARD]):
         by_shard[str(shard)].append(index)
     summary: dict[str, list] = defaultdict(list)
     for shard, indices in by_shard.items():
@@ -171,25 +194,25 @@ def write_batch(batch: dict, output: str) -> dict:
             tables["sources"] += sources
             tables["errors"] += errors
         digest = hashlib.sha256(
-            "\n".join(sorted(str(batch["source_id"][i]) for i in indices)).encode()
+            "\n".join(sorted(str(batch[SOURCE_ID][i]) for i in indices)).encode()
         ).hexdigest()[:16]
         files = write_tables(output, shard_key(shard), digest, tables)
-        statuses = [str(batch["status"][i]) for i in indices]
+        statuses = [str(batch[STATUS][i]) for i in indices]
         counts = {
             "rows": len(indices),
-            "read_failed": statuses.count("error"),
+            "read_failed": statuses.count(READ_FAILED),
             "sources": len(tables["sources"]),
-            "ok": statuses.count("ok"),
-            "failed": len(indices) - statuses.count("ok"),
+            "ok": statuses.count(OK),
+            "failed": len(indices) - statuses.count(OK),
             "edits": len(tables["edits"]),
             "passed": sum(row["passed_filter"] for row in tables["edits"]),
             "errors": len(tables["errors"]),
         }
         summary["shard"].append(shard)
-        summary["shard_rows"].append(int(batch["shard_rows"][indices[0]]))
-        fingerprints = [str(batch["model_fingerprint"][i]) for i in indices if batch["model_fingerprint"][i]]
+        summary["shard_rows"].append(int(batch[SHARD_ROWS][indices[0]]))
+        fingerprints = [str(batch[MODEL_FINGERPRINT][i]) for i in indices if batch[MODEL_FINGERPRINT][i]]
         summary["model_fingerprint"].append(fingerprints[0] if fingerprints else "")
-        summary["compute_seconds"].append(float(np.sum(batch["stage_seconds"][indices])))
+        summary["compute_seconds"].append(float(np.sum(batch[STAGE_SECONDS][indices])))
         summary["files"].append(json.dumps(files))
         for name in COUNTS:
             summary[name].append(counts[name])

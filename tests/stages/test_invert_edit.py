@@ -10,9 +10,10 @@ import pytest
 
 from pipeline import engine
 from pipeline.config import EditSpec, JobInversionConfig, MetricsConfig
-from pipeline.engine import EditRequest
+from pipeline.engine import EditRequest, EngineInputError
 from pipeline.stages import invert_edit
 from pipeline.stages.invert_edit import InvertEditActor
+from pipeline.stages.rows import NO_FAILURES, Failure, decode_failures
 
 SPECS = (
     EditSpec(target_class="square", source_classes=("circle", "star"), seeds=(0, 1), eta=0.8),
@@ -31,9 +32,7 @@ def source_batch(images, prompts) -> dict[str, np.ndarray]:
 
     return {
         "status": objects(["ok"] * count),
-        "error_stage": objects([None] * count),
-        "error_type": objects([None] * count),
-        "error": objects([None] * count),
+        "failures": objects([NO_FAILURES] * count),
         "image": images[:count].numpy(),
         "caption": objects([prompts[0], prompts[2], prompts[1]]),
         "source_id": objects([f"shard.tar#{index}" for index in range(count)]),
@@ -86,7 +85,7 @@ def test_target_prompt_inversion_inverts_each_image_once_per_target_prompt(
     assert calls == [[square_0, triangle_0, square_1, prompts[1]]]
     records = [json.loads(output["edits_json"][row]) for row in range(3)]
     assert [len(row_records) for row_records in records] == [3, 2, 0]
-    assert all(json.loads(failures) == [] for failures in output["failures_json"])
+    assert all(decode_failures(failures) == [] for failures in output["failures"])
     inversions = {}
     for row, row_records in enumerate(records[:2]):
         for position, record in enumerate(row_records):
@@ -117,3 +116,50 @@ def test_source_prompt_inversion_inverts_each_image_once_with_its_caption(
             tiny_sd, images[0], prompts[0], record, inversion, spec_of(record), inversions
         )
         assert np.abs(output["edit_images"][0][position].astype(int) - expected.image.numpy()).max() <= 2
+
+
+def rejecting(prompt: str, monkeypatch) -> str:
+    """Make the engine raise on any inversion call holding `prompt`; returns the failure's message."""
+    original = engine.invert
+
+    def invert(model, images, prompts, config):
+        if prompt in prompts:
+            raise EngineInputError(f"prompt {prompt!r} rejected")
+        return original(model, images, prompts, config)
+
+    monkeypatch.setattr(invert_edit.engine, "invert", invert)
+    return f"EngineInputError: prompt {prompt!r} rejected"
+
+
+TARGET_DDIM = JobInversionConfig(method="ddim", num_steps=4, guidance_scale=3.0, prompt="target")
+
+
+def test_a_rejected_image_fails_alone_and_the_others_keep_every_edit(
+    tiny_sd_path, images, prompts, monkeypatch
+):
+    """The engine rejects the batch for row 1's prompt: images are inverted one by one, row 1 fails and
+    row 0 keeps the edits of both its target prompts, which now live in two engine results."""
+    message = rejecting(prompts[2].replace("star", "square"), monkeypatch)
+    actor = InvertEditActor(tiny_sd_path, "cpu", "float32", TARGET_DDIM, SPECS, MetricsConfig(), 8)
+    output = actor(source_batch(images, prompts))
+
+    assert list(output["status"]) == ["ok", "invert_failed", "ok"]
+    assert decode_failures(output["failures"][1]) == [Failure("invert", "InversionError", message)]
+    records = json.loads(output["edits_json"][0])
+    assert sorted(record["target_class"] for record in records) == ["square", "square", "triangle"]
+    assert output["edit_images"][0].shape == (3, 32, 32, 3) and output["edit_masks"][0].shape == (3, 32, 32)
+    assert decode_failures(output["failures"][0]) == [] and json.loads(output["edits_json"][1]) == []
+    assert np.isnan(output["invert_seconds"][1]) and not output["recon"][1].any()
+
+
+def test_a_rejected_target_prompt_fails_the_edits_it_serves(tiny_sd_path, images, prompts, monkeypatch):
+    message = rejecting(prompts[0].replace("circle", "triangle"), monkeypatch)
+    actor = InvertEditActor(tiny_sd_path, "cpu", "float32", TARGET_DDIM, SPECS, MetricsConfig(), 8)
+    output = actor(source_batch(images, prompts))
+
+    assert list(output["status"]) == ["ok", "ok", "ok"]
+    [failure] = decode_failures(output["failures"][0])
+    records = json.loads(output["edits_json"][0])
+    assert [record["target_class"] for record in records] == ["square", "square"]
+    assert (failure.stage, failure.error_type, failure.message) == ("invert", "InversionError", message)
+    assert failure.edit_id is not None and failure.edit_id not in {record["edit_id"] for record in records}

@@ -46,7 +46,8 @@ def test_plan_edits_fans_out_seeds_and_fills_control_words():
     planned, failures = plan_edits(
         "s#1", "cat", "a photo of a cat", {}, (FOX, TEMPLATE), InversionConfig(), BACKBONES
     )
-    assert failures == [("PlanError", failures[0][1])] and "color" in failures[0][1]
+    assert [(f.stage, f.error_type, f.edit_id) for f in failures] == [("plan", "PlanError", None)]
+    assert "color" in failures[0].message
     assert [(p.target_class, p.seed, p.sample_index) for p in planned] == [("fox", 0, 0), ("fox", 1, 1)]
     assert planned[0].control.blend_words == ("cat", "fox")
     params = json.loads(planned[0].params)

@@ -10,6 +10,14 @@ from PIL import Image
 
 from pipeline.config import InputFields
 from pipeline.stages.read import decode_image, expand_shards, read_shard
+from pipeline.stages.rows import Failure, decode_failures
+
+
+def read_failure(row: dict) -> Failure:
+    """The one failure of a row that failed reading."""
+    [failure] = decode_failures(row["failures"])
+    assert failure.stage == "read" and failure.edit_id is None
+    return failure
 
 
 def test_expand_shards_brace_ranges_keep_order():
@@ -34,7 +42,9 @@ def test_rows_match_what_was_written(tmp_path):
         ok = {row["source_id"]: row for row in rows if row["status"] == "ok"}
         errors = [row for row in rows if row["status"] == "error"]
         assert sorted(ok) == sorted(f"{path}#{s.key}" for s in written if s.bad is None)
-        assert sorted(row["error_type"] for row in errors) == sorted(s.bad for s in written if s.bad)
+        assert sorted(read_failure(row).error_type for row in errors) == sorted(
+            s.bad for s in written if s.bad
+        )
         for sample in written:
             if sample.bad is None:
                 row = ok[f"{path}#{sample.key}"]
@@ -47,7 +57,7 @@ def test_truncated_tar_keeps_samples_before_the_damage(tmp_path):
     paths, samples = job_shards(tmp_path)
     rows = read_shard({"shard": str(paths[2])}, InputFields())
     assert [row["status"] for row in rows] == ["ok", "ok", "error"]
-    assert rows[-1]["source_id"] == str(paths[2]) and rows[-1]["error_type"] == "TruncatedTar"
+    assert rows[-1]["source_id"] == str(paths[2]) and read_failure(rows[-1]).error_type == "TruncatedTar"
 
 
 def test_missing_shard_and_empty_shard_give_one_error_row(tmp_path):
@@ -55,7 +65,7 @@ def test_missing_shard_and_empty_shard_give_one_error_row(tmp_path):
     assert len(rows) == 1 and rows[0]["status"] == "error" and rows[0]["shard_rows"] == 1
     empty = write_tar(tmp_path / "empty.tar", [])
     rows = read_shard({"shard": str(empty)}, InputFields())
-    assert [row["error_type"] for row in rows] == ["EmptyShard"]
+    assert [read_failure(row).error_type for row in rows] == ["EmptyShard"]
 
 
 def test_exif_orientation_is_applied():
@@ -83,4 +93,4 @@ def test_class_from_json_field(tmp_path):
     rows = read_shard({"shard": str(path)}, InputFields(class_="json.label"))
     assert rows[0]["source_class"] == "tiger"
     rows = read_shard({"shard": str(path)}, InputFields(class_="json.missing"))
-    assert rows[0]["status"] == "error" and "missing" in rows[0]["error"]
+    assert rows[0]["status"] == "error" and "missing" in read_failure(rows[0]).message

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ClipMetricConfig, MetricsConfig
+from pipeline.stages.rows import NO_FAILURES, decode_failures
 from pipeline.stages.score import ScoreActor
 
 SIZE = 32
@@ -46,9 +47,7 @@ def edit_batch(source: np.ndarray, edits: list[tuple[np.ndarray, np.ndarray, boo
 
     return {
         "status": np.array(["ok"], dtype=object),
-        "error_stage": np.array([None], dtype=object),
-        "error_type": np.array([None], dtype=object),
-        "error": np.array([None], dtype=object),
+        "failures": np.array([NO_FAILURES], dtype=object),
         "image": source[None],
         "recon": source[None],
         "caption": np.array(["a photo of a cat"], dtype=object),
@@ -74,7 +73,7 @@ def test_background_metrics_follow_the_mask(actor):
         [(inside_only, mask, True), (offset_outside, mask, True), (inside_only, full_mask, True)],
     )
     scored = actor(batch)
-    assert scored["status"][0] == "ok", scored["error"][0]
+    assert scored["status"][0] == "ok", scored["failures"][0]
     first, second, third = json.loads(scored["edits_json"][0])
     # Unchanged background: identical pixels, infinite PSNR (not "undefined").
     assert first["bg_psnr"] == math.inf
@@ -97,7 +96,7 @@ def test_classifier_reads_each_edited_image(actor):
     mask = np.zeros((SIZE, SIZE), dtype=bool)
     batch = edit_batch(solid(50, 50), [(solid(200, 10), mask, False), (solid(10, 200), mask, False)])
     scored = actor(batch)
-    assert scored["status"][0] == "ok", scored["error"][0]
+    assert scored["status"][0] == "ok", scored["failures"][0]
     assert [e["classified_as"] for e in json.loads(scored["edits_json"][0])] == ["fox", "dog"]
 
 
@@ -115,4 +114,6 @@ def test_classifier_with_wrong_output_becomes_an_error_row(job_assets, tmp_path)
     mask = np.zeros((SIZE, SIZE), dtype=bool)
     scored = actor(edit_batch(solid(50, 50), [(solid(200, 10), mask, False)] * 2))
     assert scored["status"][0] == "score_failed"
-    assert "metrics.classifier" in scored["error"][0] and "one class name" in scored["error"][0]
+    [failure] = decode_failures(scored["failures"][0])
+    assert (failure.stage, failure.error_type, failure.edit_id) == ("score", "TypeError", None)
+    assert "metrics.classifier" in failure.message and "one class name" in failure.message
