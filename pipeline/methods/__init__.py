@@ -7,7 +7,10 @@ A method is one module under `pipeline/methods/` exposing
     invert(inputs: InversionInputs, params) -> MethodResult
 
 (its MethodResult may carry an EditHook when the method changes how edits are conditioned or
-steered), plus one `register(MethodInfo(...))` line here with its parameter dataclass.
+steered), plus one `register(MethodInfo(...))` line here with its parameter dataclass. A method kept
+outside this package registers itself when its module is imported; a job names it as
+`package.module:name`, which imports the module (on the driver and in every Ray worker) before the
+name is looked up.
 
 `InversionConfig` is what the engine and the job spec share: the method's name, the settings every
 method has (steps, guidance, strength) and the method's own parameter dataclass.
@@ -124,6 +127,15 @@ def get_method(name: str) -> MethodInfo:
     Raises:
         UnknownMethodError: naming the method and the registered choices.
     """
+    if name not in _REGISTRY and ":" in name:
+        module = name.split(":", 1)[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise UnknownMethodError(
+                f"inversion.method {name!r}: module {module!r} cannot be imported ({error}); "
+                "make it importable (PYTHONPATH or an installed package) or choose a registered method."
+            ) from None
     if name not in _REGISTRY:
         raise UnknownMethodError(f"inversion.method {name!r} is unknown; choose one of {list(_REGISTRY)}.")
     return _REGISTRY[name]
