@@ -32,7 +32,9 @@ def test_word_swap_keeps_the_object_where_it_was():
     requests = []
     for index, case in enumerate(cases):
         words = (case.source.scene.objects[0].shape, case.value)
-        requests.append(EditRequest(index, case.target.caption, AttentionControl("replace", blend_words=words)))
+        requests.append(
+            EditRequest(index, case.target.caption, AttentionControl("replace", blend_words=words))
+        )
     results = edit(model, inversion, requests)
     shifts = []
     for index, (case, result) in enumerate(zip(cases, results, strict=True)):
