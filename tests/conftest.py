@@ -15,7 +15,8 @@ import yaml
 from pipeline.models.build import SDArchitecture, build_random_sd
 from pipeline.models.loading import DiffusionModel, load_diffusion_model
 
-torch.set_num_threads(2)
+# INVERSA_TEST_THREADS=1 lets mutation testing fork the test process safely (no OpenMP pool).
+torch.set_num_threads(int(os.environ.get("INVERSA_TEST_THREADS", "2")))
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
