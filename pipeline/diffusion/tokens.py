@@ -187,6 +187,22 @@ def _global_alignment(source: list[int], target: list[int]) -> list[int]:
     return aligned
 
 
+def target_word_positions(
+    tokenizer: PreTrainedTokenizerBase, target: str, word: str | int, what: str
+) -> list[int]:
+    """`word_positions` of a word the caller requires in the target prompt.
+
+    Raises:
+        EngineInputError: naming `what`, the word and the prompt's words.
+    """
+    positions = word_positions(tokenizer, target, word)
+    if not positions:
+        raise EngineInputError(
+            f"{what} {word!r} is not in the target prompt {target!r}; choose one of its words: {split_words(target)}."
+        )
+    return positions
+
+
 def cross_window(
     tokenizer: PreTrainedTokenizerBase,
     target: str,
@@ -205,12 +221,7 @@ def cross_window(
     first, last = step_window(default, num_steps + 1)
     windows[first:last] = 1.0
     for word, bounds in per_word:
-        positions = word_positions(tokenizer, target, word)
-        if not positions:
-            raise EngineInputError(
-                f"cross_replace_words: {word!r} is not in the target prompt {target!r}; "
-                f"choose one of its words: {split_words(target)}."
-            )
+        positions = target_word_positions(tokenizer, target, word, "cross_replace_words")
         first, last = step_window(bounds, num_steps + 1)
         windows[:, positions] = 0.0
         windows[first:last, positions] = 1.0
@@ -227,11 +238,6 @@ def equalizer(
     """
     scales = torch.ones(tokenizer.model_max_length)
     for word, scale in reweight:
-        positions = word_positions(tokenizer, prompt, word)
-        if not positions:
-            raise EngineInputError(
-                f"reweight word {word!r} is not in the target prompt {prompt!r}; "
-                f"choose one of its words: {split_words(prompt)}."
-            )
+        positions = target_word_positions(tokenizer, prompt, word, "reweight word")
         scales[positions] = float(scale)
     return scales
