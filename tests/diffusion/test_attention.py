@@ -172,3 +172,32 @@ def test_batched_edits_equal_edits_run_one_by_one(tiny_sd, null_text_inversion):
         alone = edit(tiny_sd, null_text_inversion, [request])[0]
         torch.testing.assert_close(batched.latents, alone.latents, atol=1e-4, rtol=1e-4)
         assert batched.mask is not None and torch.equal(batched.mask, alone.mask)
+
+
+def test_windows_end_before_their_last_step():
+    controller = AttentionController(
+        _plan(self_until=1, uncond_self_until=3), latent_size=8, mask_resolution=2
+    )
+    probs = _probs(keys=4)
+    original = probs.view(2, 2, 2, 4, 4)
+    controller.step = 3  # [0, 3) is over
+    out = controller(probs.clone(), is_cross=False, heads=2).view(2, 2, 2, 4, 4)
+    torch.testing.assert_close(out, original)
+    assert not controller.wants_probs(is_cross=False, num_queries=4)
+
+
+def test_self_attention_is_controlled_only_up_to_a_quarter_of_the_latent_positions():
+    controller = AttentionController(_plan(self_until=2), latent_size=8, mask_resolution=2)
+    assert controller.wants_probs(is_cross=False, num_queries=16)  # (8 / 2)^2
+    assert not controller.wants_probs(is_cross=False, num_queries=17)
+    assert controller.wants_probs(is_cross=True, num_queries=64)
+
+
+def test_recorded_maps_sum_over_layers_at_the_mask_resolution_only():
+    controller = AttentionController(_plan(cross_until=0), latent_size=8, mask_resolution=2)
+    first, second, other = _probs(L), _probs(L), _probs(L, queries=16)
+    controller(first.clone(), is_cross=True, heads=2)
+    controller(other.clone(), is_cross=True, heads=2)  # 4x4 layer: not the mask resolution
+    controller(second.clone(), is_cross=True, heads=2)
+    expected = first.view(2, 2, 2, 4, L)[1].mean(dim=1) + second.view(2, 2, 2, 4, L)[1].mean(dim=1)
+    torch.testing.assert_close(controller.cross_maps, expected)

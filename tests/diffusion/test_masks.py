@@ -74,3 +74,34 @@ def test_local_blend_starts_at_its_start_step_and_keeps_the_source_outside_the_m
     torch.testing.assert_close(blended[1][:, ~inside], latents[0][:, ~inside])
     torch.testing.assert_close(blended[1][:, inside], latents[1][:, inside])
     torch.testing.assert_close(blended[0], latents[0])
+
+
+def test_word_maps_are_normalised_by_their_maximum_and_thresholded_strictly():
+    maps = _maps({(0, 2): [(0, 0)]}) * 4.0  # peak 4, background 4e-3
+    maps[0, 1 * R + 1, 2] = 4.0 * 0.3  # exactly the threshold after normalisation: not in the mask
+    mask = word_mask(maps[0], [2], R, SIZE, 0.3, pool=False)
+    assert torch.equal(mask, _latent_region([(0, 0)], pool=False))
+
+
+def test_source_exclude_words_are_unpooled_too():
+    maps = _maps({(0, 2): [(0, 0), (0, 1), (1, 0), (1, 1)], (0, 5): [(0, 0)]})
+    words = MaskWords(
+        source=[2], target=[], source_exclude=[5], target_exclude=[], threshold=0.3, exclude_threshold=0.3
+    )
+    mask = edit_mask(maps, 0, 1, words, R, SIZE)
+    expected = _latent_region([(0, 0), (0, 1), (1, 0), (1, 1)], pool=True) & ~_latent_region(
+        [(0, 0)], pool=False
+    )
+    assert torch.equal(mask, expected)
+
+
+def test_each_blended_edit_starts_at_its_own_step():
+    maps = torch.cat([_maps({(0, 2): [(0, 0)], (1, 3): [(0, 0)]})] * 2)  # rows: src, edit, src, edit
+    blend = LocalBlend(
+        edit_rows=[1, 3], source_rows=[0, 2], words=[WORDS, WORDS], start_step=[5, 1], resolution=R, size=SIZE
+    )
+    latents = torch.randn(4, 4, SIZE, SIZE)
+    blended = blend(2, latents.clone(), maps)
+    torch.testing.assert_close(blended[1], latents[1])  # not started
+    outside = ~_latent_region([(0, 0)], pool=True)
+    torch.testing.assert_close(blended[3][:, outside], latents[2][:, outside])  # started

@@ -124,10 +124,10 @@ def test_cross_window_spans_s_plus_one_entries_as_p2p_does(tiny_sd):
 
 def test_cross_window_per_word_overrides_the_default(tiny_sd):
     tokenizer = tiny_sd.tokenizer
-    window = cross_window(tokenizer, "a red circle", 0.8, (("circle", (0.0, 0.3)),), 10)
+    window = cross_window(tokenizer, "a red circle", 0.8, (("circle", (0.0, 0.35)),), 10)
     circle = word_positions(tokenizer, "a red circle", "circle")
     red = word_positions(tokenizer, "a red circle", "red")
-    assert window[:, circle[0]].tolist() == [1.0] * 3 + [0.0] * 7
+    assert window[:, circle[0]].tolist() == [1.0] * 3 + [0.0] * 7  # int(0.35 * 11) = 3
     assert window[:, red[0]].tolist() == [1.0] * 8 + [0.0] * 2
     with pytest.raises(EngineInputError, match="'square' is not in the target prompt"):
         cross_window(tokenizer, "a red circle", 0.8, (("square", 0.3),), 10)
@@ -137,3 +137,26 @@ def test_self_windows_span_s_entries():
     assert step_window(0.4, 10) == (0, 4)
     assert step_window(0.75, 10) == (0, 7)
     assert step_window((0.2, 0.5), 10) == (2, 5)
+
+
+def test_word_indices_run_from_zero_to_the_last_word(tiny_sd):
+    tokenizer = tiny_sd.tokenizer
+    assert word_positions(tokenizer, "a red circle", 0) == [1]
+    assert word_positions(tokenizer, "a red circle", 2) == [3]
+    with pytest.raises(EngineInputError, match=r"has 3 words \(0\.\.2\)"):
+        word_positions(tokenizer, "a red circle", 3)
+
+
+def test_refinement_with_an_odd_number_of_inserted_tokens(tiny_sd):
+    """Target-only moves one token at a time: three new tokens in the middle of the prompt."""
+    tokenizer = tiny_sd.tokenizer
+    source, target = "a circle on a gray background", "a circle in front of a gray background"
+    mapper, alphas = refinement_mapper(tokenizer, source, target)
+    source_ids, target_ids = tokenizer(source).input_ids, tokenizer(target).input_ids
+    aligned = [j for j in range(len(target_ids)) if alphas[j] == 1]
+    # every aligned target token copies an equal source token, in order, and the tokens left unaligned
+    # are exactly the ones the source lacks
+    assert [source_ids[mapper[j]] for j in aligned] == [target_ids[j] for j in aligned]
+    assert [mapper[j] for j in aligned] == sorted(mapper[j] for j in aligned)
+    new = [tokenizer.decode([target_ids[j]]).strip() for j in range(len(target_ids)) if alphas[j] == 0]
+    assert new == ["in", "front", "of"] and len(aligned) == len(source_ids) - 1  # "on" dropped
