@@ -74,7 +74,6 @@ class AttentionController:
         self.step = 0
         self.self_max_queries = (latent_size // 2) ** 2
         self.mask_queries = mask_resolution**2
-        self.mask_resolution = mask_resolution
         self.cross_maps: torch.Tensor | None = None  # (N, mask_queries, L)
 
     def _in_window(self, window: torch.Tensor) -> torch.Tensor:

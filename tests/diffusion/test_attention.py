@@ -194,10 +194,10 @@ def test_self_attention_is_controlled_only_up_to_a_quarter_of_the_latent_positio
 
 
 def test_recorded_maps_sum_over_layers_at_the_mask_resolution_only():
-    controller = AttentionController(_plan(cross_until=0), latent_size=8, mask_resolution=2)
-    first, second, other = _probs(L), _probs(L), _probs(L, queries=16)
+    controller = AttentionController(_plan(cross_until=0), latent_size=8, mask_resolution=4)
+    first, second, other = _probs(L, queries=16), _probs(L, queries=16), _probs(L, queries=4)
     controller(first.clone(), is_cross=True, heads=2)
-    controller(other.clone(), is_cross=True, heads=2)  # 4x4 layer: not the mask resolution
+    controller(other.clone(), is_cross=True, heads=2)  # 2x2 layer: not the mask resolution
     controller(second.clone(), is_cross=True, heads=2)
-    expected = first.view(2, 2, 2, 4, L)[1].mean(dim=1) + second.view(2, 2, 2, 4, L)[1].mean(dim=1)
+    expected = first.view(2, 2, 2, 16, L)[1].mean(dim=1) + second.view(2, 2, 2, 16, L)[1].mean(dim=1)
     torch.testing.assert_close(controller.cross_maps, expected)

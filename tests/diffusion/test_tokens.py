@@ -66,7 +66,7 @@ def test_replace_needs_equal_word_counts(tiny_sd):
 
 
 def test_reweight_errors_name_the_word_or_index(tiny_sd):
-    with pytest.raises(EngineInputError, match="'blue'"):
+    with pytest.raises(EngineInputError, match="reweight word 'blue' is not in the target prompt"):
         equalizer(tiny_sd.tokenizer, "a red circle", (("blue", 2.0),))
     with pytest.raises(EngineInputError, match="word index 7"):
         equalizer(tiny_sd.tokenizer, "a red circle", ((7, 2.0),))
@@ -124,12 +124,14 @@ def test_cross_window_spans_s_plus_one_entries_as_p2p_does(tiny_sd):
 
 def test_cross_window_per_word_overrides_the_default(tiny_sd):
     tokenizer = tiny_sd.tokenizer
-    window = cross_window(tokenizer, "a red circle", 0.8, (("circle", (0.0, 0.35)),), 10)
+    window = cross_window(tokenizer, "a red circle", 0.8, (("circle", (0.0, 0.35)), ("red", 0.28)), 10)
     circle = word_positions(tokenizer, "a red circle", "circle")
     red = word_positions(tokenizer, "a red circle", "red")
     assert window[:, circle[0]].tolist() == [1.0] * 3 + [0.0] * 7  # int(0.35 * 11) = 3
-    assert window[:, red[0]].tolist() == [1.0] * 8 + [0.0] * 2
-    with pytest.raises(EngineInputError, match="'square' is not in the target prompt"):
+    assert window[:, red[0]].tolist() == [1.0] * 3 + [0.0] * 7  # int(0.28 * 11) = 3, int(0.28 * 10) = 2
+    other = word_positions(tokenizer, "a red circle", "a")
+    assert window[:, other[0]].tolist() == [1.0] * 8 + [0.0] * 2
+    with pytest.raises(EngineInputError, match="cross_replace_words 'square' is not in the target prompt"):
         cross_window(tokenizer, "a red circle", 0.8, (("square", 0.3),), 10)
 
 
