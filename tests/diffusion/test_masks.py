@@ -105,3 +105,10 @@ def test_each_blended_edit_starts_at_its_own_step():
     torch.testing.assert_close(blended[1], latents[1])  # not started
     outside = ~_latent_region([(0, 0)], pool=True)
     torch.testing.assert_close(blended[3][:, outside], latents[2][:, outside])  # started
+
+
+def test_a_faint_word_map_is_normalised_up_to_its_peak():
+    maps = _maps({(0, 2): [(0, 0)]}) * 0.5  # peak 0.5
+    maps[0, 1 * R + 1, 2] = 0.2  # 0.4 of the peak: inside the mask at threshold 0.3
+    mask = word_mask(maps[0], [2], R, SIZE, 0.3, pool=False)
+    assert torch.equal(mask, _latent_region([(0, 0), (1, 1)], pool=False))
