@@ -241,7 +241,7 @@ class JobInversionConfig(InversionConfig):
         """Build from the YAML mapping, checking keys against the method's registered parameters."""
         if not isinstance(data, dict):
             raise _fail(origin, key, f"expected a mapping, got {type(data).__name__} {data!r}")
-        method = data.get("method", "null_text")
+        method = data.get("method", cls.method)  # the dataclass default
         try:
             info = get_method(method)
         except UnknownMethodError as error:
