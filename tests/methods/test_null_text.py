@@ -34,8 +34,10 @@ def test_batched_equals_separate_runs_with_different_early_stops(tiny_sd, images
     with torch.no_grad():
         noise = predict_noise(tiny_sd.unet, trajectory[-1], timestep, cond, uncond, 7.5)
     first_losses = (schedule.step(noise, timestep, trajectory[-1]) - trajectory[-2]).pow(2).flatten(1).mean(1)
-    # An epsilon between the images' first losses stops some images at step 0 and not others.
-    epsilon = float(first_losses.sort().values[1])
+    # An epsilon halfway between two images' first losses stops some images at step 0 and not others,
+    # and no image's loss lies within rounding of it (batched and single-image passes differ in ulps).
+    sorted_losses = first_losses.sort().values
+    epsilon = float(sorted_losses[:2].mean())
     params = NullTextParams(inner_steps=3, learning_rate=1e-2, early_stop_epsilon=epsilon)
     batched = invert_null_text(InversionInputs(tiny_sd.unet, schedule, clean, cond, uncond, 7.5), params)
     separate = [
