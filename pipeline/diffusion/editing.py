@@ -310,8 +310,12 @@ def run_edits(
         size=model.latent_size,
     )
 
+    source_rows = sorted(set(layout.edit_sources))
+
     def after_step(step_index: int, z: torch.Tensor) -> torch.Tensor:
         pivot = latents.trajectory[steps - step_index - 1][rows]
+        for row in source_rows:
+            z[row] = hook.steer_source(z[row], pivot[row])
         for row, request in zip(layout.edit_rows, edit_requests, strict=True):
             z[row] = hook.steer(z[row], pivot[row], request)
         return blend(step_index, z, controller.cross_maps)

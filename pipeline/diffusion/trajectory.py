@@ -6,8 +6,9 @@ Legend:
     trajectory[k]          z*_k on the DDIM grid, k = 0 (clean) .. S (noise end)
     uncond_embeddings[i]   the unconditional embedding at sampling step i (null-text's null_t)
     cond_embeddings[i]     the conditional embedding at sampling step i (prompt tuning's c_t)
-    EditHook               an edit row's conditional embedding (default: the target prompt c*) and
-                           its latent after each step (default: unchanged)
+    EditHook               an edit row's conditional embedding (default: the target prompt c*), its
+                           latent after each step and its source row's latent after each step
+                           (defaults: unchanged)
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ class EditHook:
     def steer(self, latent: torch.Tensor, pivot: torch.Tensor, request: Any) -> torch.Tensor:
         """The edit row's latent (C, h, w) after a step, given the inversion's pivot z*_t at that step."""
         del pivot, request
+        return latent
+
+    def steer_source(self, latent: torch.Tensor, pivot: torch.Tensor) -> torch.Tensor:
+        """A source row's latent (C, h, w) after a step, given the pivot z*_t at that step."""
+        del pivot
         return latent
 
 

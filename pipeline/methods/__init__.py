@@ -58,6 +58,18 @@ class NegativePromptParams:
 
 
 @dataclass(frozen=True)
+class DirectParams:
+    """Direct inversion (Ju et al., PnP Inversion, Algorithm 1).
+
+    Attributes:
+        inversion_guidance: w of the DDIM inversion whose path the source branch is held on (the
+            reference code inverts with the source prompt alone: 1).
+    """
+
+    inversion_guidance: float = 1.0
+
+
+@dataclass(frozen=True)
 class PromptTuningParams:
     """Prompt Tuning Inversion (Dong et al., Algorithm 1 and §4 "Implementation details").
 
@@ -237,9 +249,18 @@ register(
         default_prompt="target",
     )
 )
+register(
+    MethodInfo(
+        "direct",
+        DirectParams,
+        "pipeline.methods.direct",
+        "direct inversion (PnP Inversion): the source branch held on the inversion path",
+    )
+)
 
 __all__ = [
     "DDIMParams",
+    "DirectParams",
     "InversionConfig",
     "MethodInfo",
     "NegativePromptParams",

@@ -13,7 +13,7 @@ from pipeline.models.vae import encode_images
 
 
 def test_builtin_methods_are_registered_with_their_modules():
-    assert {"ddim", "null_text", "negative_prompt", "prompt_tuning"} <= set(method_names())
+    assert {"ddim", "null_text", "negative_prompt", "prompt_tuning", "direct"} <= set(method_names())
     assert get_method("null_text").module == "pipeline.methods.null_text"
 
 
