@@ -4,6 +4,7 @@ and bounded retries of transient errors."""
 from __future__ import annotations
 
 import errno
+import json
 
 import fsspec
 import pyarrow.parquet as pq
@@ -119,6 +120,16 @@ def test_a_writer_dying_mid_file_leaves_no_file(s3_bucket, tmp_path, monkeypatch
     fs, root = fsspec.core.url_to_fs(output)
     left = fs.find(root) if fs.exists(root) else []
     assert left == []
+
+
+def test_markers_written_by_another_process_are_seen(s3_bucket):
+    store = OutputStore(f"{s3_bucket}/out")
+    store.write_json("_shards/one.json", {"shard": "s3://in/one.tar"})
+    assert set(store.markers()) == {"s3://in/one.tar"}
+    # A second driver writes through its own filesystem instance.
+    other = fsspec.filesystem("s3", skip_instance_cache=True)
+    other.pipe_file(store.path("_shards/two.json"), json.dumps({"shard": "s3://in/two.tar"}).encode())
+    assert set(OutputStore(store.output).markers()) == {"s3://in/one.tar", "s3://in/two.tar"}
 
 
 class FullDisk(LocalFileSystem):

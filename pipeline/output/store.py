@@ -59,7 +59,8 @@ class OutputStore:
         if not self.fs.exists(folder):
             return {}
         records = {}
-        for path in self.fs.ls(folder, detail=False):
+        # refresh: fsspec shares filesystem instances, and a cached listing misses other processes' markers.
+        for path in self.fs.ls(folder, detail=False, refresh=True):
             name = path.rsplit("/", 1)[-1]
             if name.endswith(".json") and not name.startswith("_"):
                 record = json.loads(self.fs.cat_file(path))
