@@ -13,6 +13,7 @@ from fsspec.implementations.local import LocalFileSystem
 from job_rows import read_table
 
 from pipeline.output import OutputStore
+from pipeline.report import connect
 from pipeline.stages.write import write_tables
 from pipeline.storage import ATTEMPTS, write_bytes
 
@@ -130,6 +131,16 @@ def test_markers_written_by_another_process_are_seen(s3_bucket):
     other = fsspec.filesystem("s3", skip_instance_cache=True)
     other.pipe_file(store.path("_shards/two.json"), json.dumps({"shard": "s3://in/two.tar"}).encode())
     assert set(OutputStore(store.output).markers()) == {"s3://in/one.tar", "s3://in/two.tar"}
+
+
+def test_duckdb_reads_the_tables_on_s3(s3_bucket):
+    output = f"{s3_bucket}/out"
+    write_tables(output, "a", "digest", {"edits": [], "sources": [], "errors": error_rows(3)})
+    write_tables(output, "b", "digest", {"edits": [], "sources": [], "errors": error_rows(2)})
+    expected = sorted(read_table(output, "errors").column("source_id").to_pylist())
+    assert len(expected) == 5
+    rows = connect(output).sql("select source_id from errors order by source_id").fetchall()
+    assert [row[0] for row in rows] == expected
 
 
 class FullDisk(LocalFileSystem):
