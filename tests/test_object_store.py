@@ -1,17 +1,22 @@
-"""Input shards and outputs on s3:// (an S3-compatible server started by the tests): whole-object writes
-and bounded retries of transient errors."""
+"""Input shards and outputs on s3:// (an S3-compatible server started by the tests): whole-object writes,
+bounded retries of transient errors, markers other processes wrote, DuckDB over s3, and a real job that
+reads its shards from s3:// and writes and resumes its output there."""
 
 from __future__ import annotations
 
 import errno
 import json
+import os
+import subprocess
+import sys
 
 import fsspec
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
-from job_rows import read_table
+from job_rows import actual_rows, expected_rows, read_table
 
+from pipeline.config import load_config
 from pipeline.output import OutputStore
 from pipeline.report import connect
 from pipeline.stages.write import write_tables
@@ -163,3 +168,48 @@ def test_a_local_write_failing_half_way_leaves_no_partial_file(tmp_path):
     with pytest.raises(OSError, match="No space"):
         write_bytes(fs, str(tmp_path / "table" / "file.parquet"), b"0123456789", attempts=2, first_delay=0.0)
     assert list((tmp_path / "table").iterdir()) == []
+
+
+def inversa(*arguments: str) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process: its local Ray's workers inherit this environment (the AWS_* variables)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "tests")])}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_job_reads_shards_from_s3_writes_and_resumes_there(s3_bucket, job_assets, write_job_spec, tmp_path):
+    fs = fsspec.filesystem("s3")
+    shard_urls = {}
+    for path in job_assets["shards"]:
+        shard_urls[path.name] = f"{s3_bucket}/shards/{path.name}"
+        fs.put_file(str(path), shard_urls[path.name].removeprefix("s3://"))
+    output = f"{s3_bucket}/job/out"
+    spec = write_job_spec(
+        tmp_path / "s3-job", input={"shards": [f"{s3_bucket}/shards/shard-{{000000..000002}}.tar"]}
+    )
+    # 5 samples: the first shard complete, one row of the second written, the third not started.
+    first = inversa("run", str(spec), "--output", output, "--limit", "5")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    first_manifest = json.loads(fs.cat_file(f"{output}/manifest.json"))
+    assert first_manifest["shards"]["complete"] == [shard_urls["shard-000000.tar"]]
+
+    second = inversa("run", str(spec), "--output", output)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    manifest = json.loads(fs.cat_file(f"{output}/manifest.json"))
+    assert manifest["shards"]["skipped_as_complete"] == 1 and manifest["shards"]["incomplete"] == []
+
+    config = load_config(spec, [f"output.path={output}"])
+    expected = expected_rows(job_assets["samples"], shard_urls, config)
+    actual = actual_rows(output)
+    assert len(set(actual.pop("edit_ids"))) == len(expected["edits"])  # no edit_id twice, none missing
+    assert actual == expected
+    assert not [path for path in fs.find(output.removeprefix("s3://")) if path.endswith(".tmp")]
+    ((count,),) = connect(output).sql("select count(*) from edits").fetchall()
+    assert count == len(expected["edits"]) == manifest["counts"]["edits"]
