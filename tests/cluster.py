@@ -8,6 +8,7 @@ the machine, other users' included).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -89,14 +90,17 @@ class RayNode:
     def tree(self) -> list[psutil.Process]:
         return process_tree(self.process.pid)
 
-    def actor_pids(self, class_name: str) -> list[int]:
-        """Worker processes of this node whose title names `class_name` (Ray titles actor workers
-        `ray::ClassName...`)."""
+    def actor_pids(self, class_name: str, busy: bool = False) -> list[int]:
+        """Worker processes of this node whose title names `class_name` (Ray titles an actor's worker
+        `ray::ClassName...`, and `ray::ClassName...).method` while it runs a method); with `busy`, only
+        those running a method other than the constructor now."""
         found = []
         for process in self.tree():
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 title = " ".join(process.cmdline())
-                if title.startswith("ray::") and class_name in title:
+                method = title.rsplit(")", 1)[-1]
+                running = method.startswith(".") and method != ".__init__"
+                if title.startswith("ray::") and class_name in title and (running or not busy):
                     found.append(process.pid)
         return found
 
@@ -124,10 +128,19 @@ class TwoNodeCluster:
     temp_dir: Path
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, even by SIGKILL (Linux), so that
+    `ray start --block` stops its node instead of outliving the tests."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _ray_start(name: str, arguments: list[str], env: dict[str, str], log: Path) -> RayNode:
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *arguments]
     with log.open("w") as handle:
-        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=env, stdout=handle, stderr=subprocess.STDOUT, preexec_fn=_terminate_with_parent
+        )
     return RayNode(name, process, log)
 
 
