@@ -24,6 +24,10 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     prefix = "" if protocol in ("file", "local") else f"{protocol}://"
     connection = duckdb.connect()
+    if prefix:
+        # DuckDB reads remote files through the same fsspec filesystem (credentials, endpoint) as the
+        # job, instead of its own httpfs extension with separate settings.
+        connection.register_filesystem(fs)
     for name in TABLES:
         table_schema = load_schema(name)
         files = (

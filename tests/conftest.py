@@ -154,3 +154,32 @@ def clean_run(ray_local, write_job_spec, tmp_path_factory) -> dict:
     spec = write_job_spec(output)
     manifest = run_job(load_config(spec))
     return {"output": output, "manifest": manifest, "spec": spec}
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """An S3-compatible server (moto) for the session, its address and credentials in os.environ (the
+    standard AWS_* variables, which s3fs, pyarrow and any process started from here read)."""
+    import logging
+
+    from cluster import s3_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    with s3_server() as env, pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        yield env
+
+
+@pytest.fixture()
+def s3_bucket(s3_env, request) -> str:
+    """A new, empty bucket on the session's S3 server; returns its s3:// URL."""
+    import re
+    import uuid
+
+    import fsspec
+
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{stem}-{uuid.uuid4().hex[:8]}"
+    fsspec.filesystem("s3").mkdir(name)
+    return f"s3://{name}"

@@ -7,6 +7,7 @@ import json
 import fsspec
 
 from pipeline.errors import JobError
+from pipeline.storage import write_bytes
 
 MARKERS = "_shards"
 
@@ -49,12 +50,8 @@ class OutputStore:
         self.write_json(f"{MARKERS}/_job.json", {"spec_digest": digest})
 
     def write_json(self, relative: str, data: dict) -> None:
-        """Write `data` to `relative` through a temporary name, so the file is either whole or absent."""
-        path = self.path(relative)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with self.fs.open(f"{path}.tmp", "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-        self.fs.mv(f"{path}.tmp", path)
+        """Write `data` to `relative` whole (`pipeline.storage`): readers never see part of it."""
+        write_bytes(self.fs, self.path(relative), json.dumps(data, indent=2, sort_keys=True).encode())
 
     def markers(self) -> dict[str, dict]:
         """shard URL -> its completion record."""
@@ -62,7 +59,8 @@ class OutputStore:
         if not self.fs.exists(folder):
             return {}
         records = {}
-        for path in self.fs.ls(folder, detail=False):
+        # refresh: fsspec shares filesystem instances, and a cached listing misses other processes' markers.
+        for path in self.fs.ls(folder, detail=False, refresh=True):
             name = path.rsplit("/", 1)[-1]
             if name.endswith(".json") and not name.startswith("_"):
                 record = json.loads(self.fs.cat_file(path))

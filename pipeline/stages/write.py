@@ -51,6 +51,7 @@ from pipeline.stages.rows import (
     STATUS,
     decode_failures,
 )
+from pipeline.storage import write_bytes
 
 COUNTS = ("rows", "read_failed", "sources", "ok", "failed", "edits", "passed", "errors")
 
@@ -141,12 +142,10 @@ def rows_for_sample(batch: dict, index: int) -> tuple[list[dict], list[dict], li
 
 
 def _write_parquet(fs, path: str, table: pa.Table) -> None:
-    """Write to a temporary name then move, so a file is either whole or absent."""
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    temporary = f"{path}.tmp"
-    with fs.open(temporary, "wb") as handle:
-        pq.write_table(table, handle)
-    fs.mv(temporary, path)
+    """Write the whole file in one go (`pipeline.storage`), so it is either complete or absent."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(fs, path, sink.getvalue().to_pybytes())
 
 
 def write_tables(output: str, key: str, digest: str, tables: dict[str, list[dict]]) -> list[str]:
