@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import csv
+import decimal
 import html
 import json
+import math
+from typing import TextIO
 
 import duckdb
 import fsspec
@@ -41,6 +45,72 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
             connection.register(f"_{name}_empty", pa.Table.from_pylist([], schema=table_schema.schema))
             connection.sql(f"create view {name} as select * from _{name}_empty")
     return connection
+
+
+def open_table(output: str, name: str) -> duckdb.DuckDBPyRelation:
+    """A lazy DuckDB relation over table `name` (edits | sources | errors) of OUTPUT.
+
+    Example: `open_table("out/", "edits").filter("passed_filter").select("edit_id, image").fetchall()`.
+    """
+    if name not in TABLES:
+        raise ValueError(f"unknown table {name!r}; tables are {', '.join(TABLES)}")
+    return connect(output).table(name)
+
+
+QUERY_FORMATS = ("table", "csv", "json")
+BINARY_RENDERINGS = ("omit", "base64")
+FETCH_ROWS = 1000
+
+
+def _plain(value, binary: str):
+    """A cell as a CSV/JSON value: bytes as base64 text, decimals as floats, NaN and infinities as null."""
+    if isinstance(value, decimal.Decimal):
+        value = float(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode() if binary == "base64" else None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _rows(reader: pa.RecordBatchReader, kept: list[int], binary: str):
+    """The kept columns' values row by row, one Arrow batch in memory at a time."""
+    for batch in reader:
+        columns = [batch.column(index).to_pylist() for index in kept]
+        for row in zip(*columns, strict=True):
+            yield [_plain(value, binary) for value in row]
+
+
+def write_result(result: duckdb.DuckDBPyRelation, fmt: str, stream: TextIO, binary: str = "omit") -> None:
+    """Write a query's result to `stream` as CSV (header row first) or JSON (an array of objects).
+
+    Args:
+        result: the query's relation.
+        fmt: "csv" or "json".
+        stream: where to write (stdout for the CLI).
+        binary: "omit" leaves binary columns (the PNG images) out; "base64" writes them base64-encoded.
+    """
+    if fmt not in ("csv", "json") or binary not in BINARY_RENDERINGS:
+        raise ValueError(
+            f"format {fmt!r} / binary {binary!r}: use csv|json and {'|'.join(BINARY_RENDERINGS)}"
+        )
+    reader = result.to_arrow_reader(FETCH_ROWS)
+    fields = list(reader.schema)
+    is_binary = [pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) for f in fields]
+    kept = [index for index in range(len(fields)) if binary == "base64" or not is_binary[index]]
+    names = [fields[index].name for index in kept]
+    rows = _rows(reader, kept, binary)
+    if fmt == "csv":
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(names)
+        writer.writerows(rows)
+        return
+    stream.write("[")
+    for position, row in enumerate(rows):
+        stream.write(
+            ("," if position else "") + "\n" + json.dumps(dict(zip(names, row, strict=True)), default=str)
+        )
+    stream.write("\n]\n")
 
 
 def _image(data: bytes | None, title: str = "") -> str:
