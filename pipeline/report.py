@@ -139,13 +139,80 @@ def _table(connection: duckdb.DuckDBPyConnection, sql: str) -> str:
 STYLE = """body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px} img{width:128px;height:128px;image-rendering:pixelated}
 .row{display:flex;gap:12px;align-items:flex-start;border-top:1px solid #ddd;padding:8px 0}
-.cell{font-size:12px;width:140px} .fail{color:#b00} .missing{width:128px;height:128px;background:#eee}"""
+.cell{font-size:12px;width:140px} .fail{color:#b00} .missing{width:128px;height:128px;background:#eee}
+img.plot{width:auto;height:auto;max-width:100%;image-rendering:auto} .message{font-family:monospace}"""
+
+MESSAGES_PER_TYPE = 20
+
+
+def _svg_image(data: bytes, title: str) -> str:
+    encoded = base64.b64encode(data).decode()
+    return f'<img class="plot" src="data:image/svg+xml;base64,{encoded}" alt="{html.escape(title)}">'
+
+
+def plots_section(connection: duckdb.DuckDBPyConnection) -> str:
+    """Figures: each metric's distribution per target class; success rates per source class."""
+    from pipeline.plots import metric_distributions, success_rates
+
+    parts = ["<h2>Plots</h2>"]
+    if not connection.sql("select count(*) from edits").fetchall()[0][0]:
+        return "".join(parts) + "<p>no edits to plot</p>"
+    rows = connection.sql(f"select target_class, {', '.join(METRICS)} from edits").fetchall()
+    values: dict[str, dict[str, list[float]]] = {metric: {} for metric in METRICS}
+    for target_class, *metrics in rows:
+        for metric, value in zip(METRICS, metrics, strict=True):
+            defined = values[metric].setdefault(target_class, [])
+            if value is not None and math.isfinite(value):
+                defined.append(value)
+    parts.append(_svg_image(metric_distributions(values), "metric distributions per target class"))
+    rates = connection.sql(
+        "select coalesce(source_class, '(none)'), count(*), avg(passed_filter::int), "
+        "avg((classified_as = target_class)::int) from edits group by 1 order by 1"
+    ).fetchall()
+    series = {"passed the filter": [row[2] for row in rates]}
+    if any(row[3] is not None for row in rates):  # only with a classifier configured
+        series["read as the target class"] = [row[3] for row in rates]
+    figure = success_rates([row[0] for row in rates], [row[1] for row in rates], series)
+    parts.append(_svg_image(figure, "success rate per source class"))
+    return "".join(parts)
+
+
+def errors_section(connection: duckdb.DuckDBPyConnection) -> str:
+    """Errors per stage and type, then each type's distinct messages with their counts and an example."""
+    parts = [
+        "<h2>Errors</h2>",
+        _table(
+            connection,
+            "select stage, error_type, count(*) as n, count(distinct error) as messages, min(source_id) as example "
+            "from errors group by 1, 2 order by 1, 2",
+        ),
+    ]
+    messages = connection.sql(
+        "select stage, error_type, error, count(*) as n, min(source_id) as example from errors "
+        "group by 1, 2, 3 order by 1, 2, n desc, error"
+    ).fetchall()
+    grouped: dict[tuple[str, str], list] = {}
+    for stage, error_type, *rest in messages:
+        grouped.setdefault((stage, error_type), []).append(rest)
+    for (stage, error_type), rows in grouped.items():
+        shown = rows[:MESSAGES_PER_TYPE]
+        body = "".join(
+            f'<tr><td class="message">{html.escape(message)}</td><td>{n}</td><td>{html.escape(example)}</td></tr>'
+            for message, n, example in shown
+        )
+        more = f"<p>and {len(rows) - len(shown)} more distinct messages</p>" if len(rows) > len(shown) else ""
+        parts.append(
+            f"<h3>{html.escape(stage)}: {html.escape(error_type)}</h3>"
+            f"<table><tr><th>message</th><th>n</th><th>example</th></tr>{body}</table>{more}"
+        )
+    return "".join(parts)
 
 
 def write_report(output: str, path: str | None = None, max_sources: int = 200) -> str:
     """Write OUTPUT/report.html (or `path`); returns where it went.
 
-    Sections: manifest counts; per-target-class metric means; errors by stage and type; a gallery with,
+    Sections: manifest counts; per-target-class metric means; sources; plots (metric distributions per
+    target class, success rates per source class); errors by stage and type with their messages; a gallery with,
     per source, the source image, its reconstruction (with PSNR/SSIM/LPIPS) and every edit with its metrics.
     """
     fs, root = fsspec.core.url_to_fs(output)
@@ -177,13 +244,8 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
             "select status, count(*) as sources, avg(recon_psnr) as recon_psnr, avg(recon_ssim) as recon_ssim, avg(recon_lpips) as recon_lpips from sources group by 1 order by 1",
         )
     )
-    parts.append("<h2>Errors</h2>")
-    parts.append(
-        _table(
-            connection,
-            "select stage, error_type, count(*) as n, min(source_id) as example from errors group by 1, 2 order by 1, 2",
-        )
-    )
+    parts.append(plots_section(connection))
+    parts.append(errors_section(connection))
     parts.append("<h2>Gallery</h2>")
     sources = connection.sql(
         f"select source_id, caption, image, reconstruction, recon_psnr, recon_ssim, recon_lpips from sources order by source_id limit {int(max_sources)}"

@@ -193,3 +193,23 @@ def test_export_reads_a_non_local_output(tmp_path):
     rows = write_output(output)
     export(output, str(tmp_path / "wds"), "webdataset", originals_ratio=0.5)
     check_samples(read_webdataset(tmp_path / "wds"), rows, 0.5)
+
+
+@pytest.mark.slow
+def test_export_of_a_real_job_round_trips(clean_run, tmp_path):
+    from test_dataflow import read_table
+
+    rows = {name: read_table(clean_run["output"], name).to_pylist() for name in ("edits", "sources")}
+    passed = sum(row["passed_filter"] for row in rows["edits"])
+    assert 0 < passed == clean_run["manifest"]["counts"]["passed"]
+    with_class = sum(row["source_class"] is not None for row in rows["sources"])
+    ratio = round(with_class / passed, 2) if with_class < passed else 1.0
+    output = str(clean_run["output"])
+    export(output, str(tmp_path / "hf"), "datasets", originals_ratio=ratio, seed=5)
+    export(output, str(tmp_path / "wds"), "webdataset", originals_ratio=ratio, seed=5, shard_size=3)
+    from_datasets, from_webdataset = read_datasets(tmp_path / "hf"), read_webdataset(tmp_path / "wds")
+    check_samples(from_datasets, rows, ratio)
+    check_samples(from_webdataset, rows, ratio)
+    assert [s["id"] for s in from_datasets] == [s["id"] for s in from_webdataset]
+    for sample in from_datasets:
+        assert sample["pixels"].shape == (32, 32, 3)
