@@ -71,7 +71,7 @@ def edit_row(source: dict, target_class: str, seed: int, passed: bool, rng: np.r
 
 ERRORS = [
     ("read", "CorruptImage", "cannot identify image file"),
-    ("read", "CorruptImage", "cannot identify image file"),
+    ("read", "CorruptImage", "image file is truncated (3 bytes not processed)"),
     ("read", "MissingField", "sample has no caption (txt)"),
     ("edit", "EditError", "NaN in the edited latent at step 3"),
 ]
