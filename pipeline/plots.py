@@ -61,5 +61,5 @@ def success_rates(classes: list[str], edits: list[int], rates: dict[str, list[fl
     axis.set_ylim(0, 1)
     axis.set_ylabel("rate of edits")
     axis.set_title("success rate per source class")
-    axis.legend(fontsize=8, loc="upper right")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not over, the bars
     return _svg(figure)

@@ -179,6 +179,8 @@ def plots_section(connection: duckdb.DuckDBPyConnection) -> str:
 
 def errors_section(connection: duckdb.DuckDBPyConnection) -> str:
     """Errors per stage and type, then each type's distinct messages with their counts and an example."""
+    if not connection.sql("select count(*) from errors").fetchall()[0][0]:
+        return "<h2>Errors</h2><p>no errors</p>"
     parts = [
         "<h2>Errors</h2>",
         _table(
