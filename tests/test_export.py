@@ -187,11 +187,51 @@ def test_an_output_where_nothing_passed_is_refused(tmp_path):
     assert rows["edits"]
 
 
-def test_export_reads_a_non_local_output(tmp_path):
-    """The output is read through fsspec: an in-memory filesystem stands in for s3://."""
-    output = "memory://inversa-export-test/out"
-    rows = write_output(output)
-    export(output, str(tmp_path / "wds"), "webdataset", originals_ratio=0.5)
+@pytest.fixture()
+def s3_endpoint(monkeypatch):
+    """A moto S3 server on a free port; s3:// URLs reach it through AWS_ENDPOINT_URL."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("inversa")
+    yield "s3://inversa"
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_export_from_and_to_s3(s3_endpoint, tmp_path):
+    """The output is read, and both exports written, through fsspec; load_from_disk reads from s3 too."""
+    rows = write_output(f"{s3_endpoint}/out")
+    export(f"{s3_endpoint}/out", f"{s3_endpoint}/hf", "datasets", originals_ratio=0.5)
+    export(f"{s3_endpoint}/out", f"{s3_endpoint}/wds", "webdataset", originals_ratio=0.5)
+    loaded = datasets.load_from_disk(f"{s3_endpoint}/hf").cast_column("image", datasets.Image(decode=False))
+    names = loaded.features["label"].names
+    check_samples(
+        [
+            {"id": r["id"], "kind": r["kind"], "image": r["image"]["bytes"], "label": names[r["label"]]}
+            for r in loaded
+        ],
+        rows,
+        0.5,
+    )
+    import s3fs
+
+    s3fs.S3FileSystem().get(f"{s3_endpoint}/wds/", str(tmp_path / "wds"), recursive=True)
     check_samples(read_webdataset(tmp_path / "wds"), rows, 0.5)
 
 
