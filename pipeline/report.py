@@ -28,6 +28,10 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     prefix = "" if protocol in ("file", "local") else f"{protocol}://"
     connection = duckdb.connect()
+    if prefix:
+        # DuckDB reads remote files through the same fsspec filesystem as the rest of inversa, not
+        # through its httpfs extension (which it would download at run time and configure apart).
+        connection.register_filesystem(fs)
     for name in TABLES:
         table_schema = load_schema(name)
         files = (
