@@ -5,7 +5,7 @@ Reading a job's output from Python (imported on first use, so `import pipeline` 
     import pipeline
     edits = pipeline.open_table("out/", "edits")      # a DuckDB relation
     pipeline.connect("out/").sql("select ...")         # views edits, sources, errors
-    pipeline.export("out/", "train/", "webdataset", originals_ratio=0.5, seed=0)
+    pipeline.export_output("out/", "train/", "webdataset", originals_ratio=0.5, seed=0)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-_LAZY = {"connect": "pipeline.report", "open_table": "pipeline.report", "export": "pipeline.export"}
+_LAZY = {"connect": "pipeline.report", "open_table": "pipeline.report", "export_output": "pipeline.export"}
 
 __all__ = ["__version__", *_LAZY]
 

@@ -203,8 +203,7 @@ def export(
 ) -> None:
     """Export the edits that passed the filter (label: target class), optionally mixed with original
     images (label: source class), as WebDataset shards or a Hugging Face dataset (save_to_disk)."""
-    from pipeline.export import ExportError
-    from pipeline.export import export as export_output
+    from pipeline.export import ExportError, export_output
 
     try:
         summary = export_output(output, destination, format_, originals_ratio, seed, shard_size, overwrite)

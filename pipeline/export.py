@@ -283,7 +283,7 @@ def _refuse_non_empty(destination: str, overwrite: bool) -> None:
         fs.rm(root, recursive=True)
 
 
-def export(
+def export_output(
     output: str,
     destination: str,
     fmt: str,

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from pipeline.cli import app
-from pipeline.export import ExportError, export, plan_export
+from pipeline.export import ExportError, plan_export
 
 runner = CliRunner()
 
@@ -95,7 +95,7 @@ def check_samples(samples: list[dict], rows: dict, ratio: float) -> None:
 
 
 def test_datasets_export_reads_back_the_passed_edits(written, tmp_path):
-    export(written["output"], str(tmp_path / "hf"), "datasets", shard_size=7)
+    pipeline.export_output(written["output"], str(tmp_path / "hf"), "datasets", shard_size=7)
     samples = read_datasets(tmp_path / "hf")
     check_samples(samples, written["rows"], 0.0)
     for sample in samples:  # the pixels, not just the bytes
@@ -105,7 +105,7 @@ def test_datasets_export_reads_back_the_passed_edits(written, tmp_path):
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 def test_webdataset_export_mixes_originals_at_the_ratio(written, tmp_path, ratio):
-    summary = export(
+    summary = pipeline.export_output(
         written["output"], str(tmp_path / "wds"), "webdataset", originals_ratio=ratio, shard_size=5
     )
     samples = read_webdataset(tmp_path / "wds")
@@ -117,8 +117,10 @@ def test_webdataset_export_mixes_originals_at_the_ratio(written, tmp_path, ratio
 
 
 def test_both_formats_hold_the_same_samples_in_the_same_order(written, tmp_path):
-    export(written["output"], str(tmp_path / "hf"), "datasets", originals_ratio=0.5, seed=3)
-    export(written["output"], str(tmp_path / "wds"), "webdataset", originals_ratio=0.5, seed=3)
+    pipeline.export_output(written["output"], str(tmp_path / "hf"), "datasets", originals_ratio=0.5, seed=3)
+    pipeline.export_output(
+        written["output"], str(tmp_path / "wds"), "webdataset", originals_ratio=0.5, seed=3
+    )
     from_datasets = [(s["id"], s["image"], s["label"]) for s in read_datasets(tmp_path / "hf")]
     from_webdataset = [(s["id"], s["image"], s["label"]) for s in read_webdataset(tmp_path / "wds")]
     assert from_datasets == from_webdataset
@@ -126,7 +128,7 @@ def test_both_formats_hold_the_same_samples_in_the_same_order(written, tmp_path)
 
 def test_export_is_deterministic_in_the_seed(written, tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        export(
+        pipeline.export_output(
             written["output"],
             str(tmp_path / name),
             "webdataset",
@@ -221,8 +223,8 @@ def s3_endpoint(monkeypatch):
 def test_export_from_and_to_s3(s3_endpoint, tmp_path):
     """The output is read, and both exports written, through fsspec; load_from_disk reads from s3 too."""
     rows = write_output(f"{s3_endpoint}/out")
-    export(f"{s3_endpoint}/out", f"{s3_endpoint}/hf", "datasets", originals_ratio=0.5)
-    export(f"{s3_endpoint}/out", f"{s3_endpoint}/wds", "webdataset", originals_ratio=0.5)
+    pipeline.export_output(f"{s3_endpoint}/out", f"{s3_endpoint}/hf", "datasets", originals_ratio=0.5)
+    pipeline.export_output(f"{s3_endpoint}/out", f"{s3_endpoint}/wds", "webdataset", originals_ratio=0.5)
     loaded = datasets.load_from_disk(f"{s3_endpoint}/hf").cast_column("image", datasets.Image(decode=False))
     names = loaded.features["label"].names
     check_samples(
@@ -249,8 +251,10 @@ def test_export_of_a_real_job_round_trips(clean_run, tmp_path):
     with_class = sum(row["source_class"] is not None for row in rows["sources"])
     ratio = round(with_class / passed, 2) if with_class < passed else 1.0
     output = str(clean_run["output"])
-    export(output, str(tmp_path / "hf"), "datasets", originals_ratio=ratio, seed=5)
-    export(output, str(tmp_path / "wds"), "webdataset", originals_ratio=ratio, seed=5, shard_size=3)
+    pipeline.export_output(output, str(tmp_path / "hf"), "datasets", originals_ratio=ratio, seed=5)
+    pipeline.export_output(
+        output, str(tmp_path / "wds"), "webdataset", originals_ratio=ratio, seed=5, shard_size=3
+    )
     from_datasets, from_webdataset = read_datasets(tmp_path / "hf"), read_webdataset(tmp_path / "wds")
     check_samples(from_datasets, rows, ratio)
     check_samples(from_webdataset, rows, ratio)
