@@ -218,8 +218,9 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
     """Write OUTPUT/report.html (or `path`); returns where it went.
 
     Sections: manifest counts; per-target-class metric means; sources; plots (metric distributions per
-    target class, success rates per source class); errors by stage and type with their messages; a gallery with,
-    per source, the source image, its reconstruction (with PSNR/SSIM/LPIPS) and every edit with its metrics.
+    target class, success rates per source class); errors by stage and type with their messages; a
+    gallery with, per source, the source image, its reconstruction (with PSNR/SSIM/LPIPS) and every edit
+    with its metrics.
     """
     fs, root = fsspec.core.url_to_fs(output)
     connection = connect(output)
