@@ -1,11 +1,13 @@
-"""`inversa` command line: run | validate | submit | status | logs | query | report.
+"""`inversa` command line: run | validate | submit | status | logs | query | report | export.
 
     inversa run jobs/example_local.yaml --output out/ --set inversion.num_steps=10
     inversa validate jobs/example_sd15_cluster.yaml
     inversa submit jobs/example_sd15_cluster.yaml --address http://HEAD:8265
     inversa status raysubmit_XXXX --address http://HEAD:8265
     inversa query out/ "select target_class, avg(clip_t) from edits group by 1"
+    inversa query out/ "select edit_id, clip_t from edits" --format csv > metrics.csv
     inversa report out/
+    inversa export out/ train-shards/ --format webdataset --originals-ratio 0.5 --seed 0
 
 Clusters started with RAY_AUTH_MODE=token need the token on the submitting machine: Ray's client reads
 RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (export RAY_AUTH_MODE=token as well).
@@ -147,18 +149,72 @@ def logs(submission_id: str, address: str = typer.Option(..., help="Ray dashboar
     print(_client(address).get_job_logs(submission_id))
 
 
-@app.command()
-def query(output: str = typer.Argument(...), sql: str = typer.Argument(...)) -> None:
-    """Run DuckDB SQL over the output's tables (views edits, sources, errors)."""
-    from pipeline.report import connect
-
-    result = connect(output).sql(sql)
+def print_table(result) -> None:
+    """A query's result as a rich table; binary cells (the images) shown as their size."""
     table = Table()
     for column in result.columns:
         table.add_column(column)
     for row in result.fetchall():
         table.add_row(*(f"<{len(v)} bytes>" if isinstance(v, bytes) else str(v) for v in row))
     console.print(table)
+
+
+@app.command()
+def query(
+    output: str = typer.Argument(...),
+    sql: str = typer.Argument(...),
+    format_: str = typer.Option(
+        "table", "--format", help="table (for reading), csv or json (machine-readable, to stdout)."
+    ),
+    binary: str = typer.Option(
+        "omit", help="csv/json only: omit binary columns (the PNG images) or write them as base64."
+    ),
+) -> None:
+    """Run DuckDB SQL over the output's tables (views edits, sources, errors)."""
+    import sys
+
+    from pipeline.report import BINARY_RENDERINGS, QUERY_FORMATS, connect, write_result
+
+    if format_ not in QUERY_FORMATS or binary not in BINARY_RENDERINGS:
+        console.print(
+            f"[red]--format {format_} --binary {binary}: use --format {'|'.join(QUERY_FORMATS)} "
+            f"and --binary {'|'.join(BINARY_RENDERINGS)}[/red]",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    result = connect(output).sql(sql)
+    if format_ == "table":
+        print_table(result)
+    else:
+        write_result(result, format_, sys.stdout, binary)
+
+
+@app.command()
+def export(
+    output: str = typer.Argument(..., help="The job's output (local folder or URL, e.g. s3://...)."),
+    destination: str = typer.Argument(..., help="Folder (or URL) to write the export to."),
+    format_: str = typer.Option("webdataset", "--format", help="webdataset (tar shards) or datasets."),
+    originals_ratio: float = typer.Option(
+        0.0, help="Originals per exported edit (originals:edits), drawn from the sources with a class."
+    ),
+    seed: int = typer.Option(0, help="Seeds the choice of originals and the sample order."),
+    shard_size: int = typer.Option(1000, help="Samples per shard (tar file or Arrow file)."),
+    overwrite: bool = typer.Option(False, help="Replace DEST if it is not empty."),
+) -> None:
+    """Export the edits that passed the filter (label: target class), optionally mixed with original
+    images (label: source class), as WebDataset shards or a Hugging Face dataset (save_to_disk)."""
+    from pipeline.export import ExportError, export_output
+
+    try:
+        summary = export_output(output, destination, format_, originals_ratio, seed, shard_size, overwrite)
+    except ExportError as error:
+        console.print(f"[red]export: {error}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from error
+    counts = summary["counts"]
+    console.print(
+        f"{destination}: {counts['samples']} samples ({counts['edits_passed']} of {counts['edits']} edits "
+        f"passed the filter, {counts['originals']} originals), classes {', '.join(summary['classes'])}"
+    )
 
 
 @app.command()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import csv
+import decimal
 import html
 import json
+import math
+from typing import TextIO
 
 import duckdb
 import fsspec
@@ -47,6 +51,72 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
     return connection
 
 
+def open_table(output: str, name: str) -> duckdb.DuckDBPyRelation:
+    """A lazy DuckDB relation over table `name` (edits | sources | errors) of OUTPUT.
+
+    Example: `open_table("out/", "edits").filter("passed_filter").select("edit_id, image").fetchall()`.
+    """
+    if name not in TABLES:
+        raise ValueError(f"unknown table {name!r}; tables are {', '.join(TABLES)}")
+    return connect(output).table(name)
+
+
+QUERY_FORMATS = ("table", "csv", "json")
+BINARY_RENDERINGS = ("omit", "base64")
+FETCH_ROWS = 1000
+
+
+def _plain(value, binary: str):
+    """A cell as a CSV/JSON value: bytes as base64 text, decimals as floats, NaN and infinities as null."""
+    if isinstance(value, decimal.Decimal):
+        value = float(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode() if binary == "base64" else None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _rows(reader: pa.RecordBatchReader, kept: list[int], binary: str):
+    """The kept columns' values row by row, one Arrow batch in memory at a time."""
+    for batch in reader:
+        columns = [batch.column(index).to_pylist() for index in kept]
+        for row in zip(*columns, strict=True):
+            yield [_plain(value, binary) for value in row]
+
+
+def write_result(result: duckdb.DuckDBPyRelation, fmt: str, stream: TextIO, binary: str = "omit") -> None:
+    """Write a query's result to `stream` as CSV (header row first) or JSON (an array of objects).
+
+    Args:
+        result: the query's relation.
+        fmt: "csv" or "json".
+        stream: where to write (stdout for the CLI).
+        binary: "omit" leaves binary columns (the PNG images) out; "base64" writes them base64-encoded.
+    """
+    if fmt not in ("csv", "json") or binary not in BINARY_RENDERINGS:
+        raise ValueError(
+            f"format {fmt!r} / binary {binary!r}: use csv|json and {'|'.join(BINARY_RENDERINGS)}"
+        )
+    reader = result.to_arrow_reader(FETCH_ROWS)
+    fields = list(reader.schema)
+    is_binary = [pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) for f in fields]
+    kept = [index for index in range(len(fields)) if binary == "base64" or not is_binary[index]]
+    names = [fields[index].name for index in kept]
+    rows = _rows(reader, kept, binary)
+    if fmt == "csv":
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(names)
+        writer.writerows(rows)
+        return
+    stream.write("[")
+    for position, row in enumerate(rows):
+        stream.write(
+            ("," if position else "") + "\n" + json.dumps(dict(zip(names, row, strict=True)), default=str)
+        )
+    stream.write("\n]\n")
+
+
 def _image(data: bytes | None, title: str = "") -> str:
     if data is None:
         return '<div class="missing">none</div>'
@@ -73,14 +143,84 @@ def _table(connection: duckdb.DuckDBPyConnection, sql: str) -> str:
 STYLE = """body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px} img{width:128px;height:128px;image-rendering:pixelated}
 .row{display:flex;gap:12px;align-items:flex-start;border-top:1px solid #ddd;padding:8px 0}
-.cell{font-size:12px;width:140px} .fail{color:#b00} .missing{width:128px;height:128px;background:#eee}"""
+.cell{font-size:12px;width:140px} .fail{color:#b00} .missing{width:128px;height:128px;background:#eee}
+img.plot{width:auto;height:auto;max-width:100%;image-rendering:auto} .message{font-family:monospace}"""
+
+MESSAGES_PER_TYPE = 20
+
+
+def _svg_image(data: bytes, title: str) -> str:
+    encoded = base64.b64encode(data).decode()
+    return f'<img class="plot" src="data:image/svg+xml;base64,{encoded}" alt="{html.escape(title)}">'
+
+
+def plots_section(connection: duckdb.DuckDBPyConnection) -> str:
+    """Figures: each metric's distribution per target class; success rates per source class."""
+    from pipeline.plots import metric_distributions, success_rates
+
+    parts = ["<h2>Plots</h2>"]
+    if not connection.sql("select count(*) from edits").fetchall()[0][0]:
+        return "".join(parts) + "<p>no edits to plot</p>"
+    rows = connection.sql(f"select target_class, {', '.join(METRICS)} from edits").fetchall()
+    values: dict[str, dict[str, list[float]]] = {metric: {} for metric in METRICS}
+    for target_class, *metrics in rows:
+        for metric, value in zip(METRICS, metrics, strict=True):
+            defined = values[metric].setdefault(target_class, [])
+            if value is not None and math.isfinite(value):
+                defined.append(value)
+    parts.append(_svg_image(metric_distributions(values), "metric distributions per target class"))
+    rates = connection.sql(
+        "select coalesce(source_class, '(none)'), count(*), avg(passed_filter::int), "
+        "avg((classified_as = target_class)::int) from edits group by 1 order by 1"
+    ).fetchall()
+    series = {"passed the filter": [row[2] for row in rates]}
+    if any(row[3] is not None for row in rates):  # only with a classifier configured
+        series["read as the target class"] = [row[3] for row in rates]
+    figure = success_rates([row[0] for row in rates], [row[1] for row in rates], series)
+    parts.append(_svg_image(figure, "success rate per source class"))
+    return "".join(parts)
+
+
+def errors_section(connection: duckdb.DuckDBPyConnection) -> str:
+    """Errors per stage and type, then each type's distinct messages with their counts and an example."""
+    if not connection.sql("select count(*) from errors").fetchall()[0][0]:
+        return "<h2>Errors</h2><p>no errors</p>"
+    parts = [
+        "<h2>Errors</h2>",
+        _table(
+            connection,
+            "select stage, error_type, count(*) as n, count(distinct error) as messages, min(source_id) as example "
+            "from errors group by 1, 2 order by 1, 2",
+        ),
+    ]
+    messages = connection.sql(
+        "select stage, error_type, error, count(*) as n, min(source_id) as example from errors "
+        "group by 1, 2, 3 order by 1, 2, n desc, error"
+    ).fetchall()
+    grouped: dict[tuple[str, str], list] = {}
+    for stage, error_type, *rest in messages:
+        grouped.setdefault((stage, error_type), []).append(rest)
+    for (stage, error_type), rows in grouped.items():
+        shown = rows[:MESSAGES_PER_TYPE]
+        body = "".join(
+            f'<tr><td class="message">{html.escape(message)}</td><td>{n}</td><td>{html.escape(example)}</td></tr>'
+            for message, n, example in shown
+        )
+        more = f"<p>and {len(rows) - len(shown)} more distinct messages</p>" if len(rows) > len(shown) else ""
+        parts.append(
+            f"<h3>{html.escape(stage)}: {html.escape(error_type)}</h3>"
+            f"<table><tr><th>message</th><th>n</th><th>example</th></tr>{body}</table>{more}"
+        )
+    return "".join(parts)
 
 
 def write_report(output: str, path: str | None = None, max_sources: int = 200) -> str:
     """Write OUTPUT/report.html (or `path`); returns where it went.
 
-    Sections: manifest counts; per-target-class metric means; errors by stage and type; a gallery with,
-    per source, the source image, its reconstruction (with PSNR/SSIM/LPIPS) and every edit with its metrics.
+    Sections: manifest counts; per-target-class metric means; sources; plots (metric distributions per
+    target class, success rates per source class); errors by stage and type with their messages; a
+    gallery with, per source, the source image, its reconstruction (with PSNR/SSIM/LPIPS) and every edit
+    with its metrics.
     """
     fs, root = fsspec.core.url_to_fs(output)
     connection = connect(output)
@@ -111,13 +251,8 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
             "select status, count(*) as sources, avg(recon_psnr) as recon_psnr, avg(recon_ssim) as recon_ssim, avg(recon_lpips) as recon_lpips from sources group by 1 order by 1",
         )
     )
-    parts.append("<h2>Errors</h2>")
-    parts.append(
-        _table(
-            connection,
-            "select stage, error_type, count(*) as n, min(source_id) as example from errors group by 1, 2 order by 1, 2",
-        )
-    )
+    parts.append(plots_section(connection))
+    parts.append(errors_section(connection))
     parts.append("<h2>Gallery</h2>")
     sources = connection.sql(
         f"select source_id, caption, image, reconstruction, recon_psnr, recon_ssim, recon_lpips from sources order by source_id limit {int(max_sources)}"
