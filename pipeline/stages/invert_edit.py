@@ -36,6 +36,7 @@ from pipeline.stages.rows import (
     EDIT_MASKS,
     EDITS_JSON,
     FAILURES,
+    GPU_PEAK_BYTES,
     IMAGE,
     INVERT_SECONDS,
     META,
@@ -325,6 +326,7 @@ class InvertEditActor:
                 EDIT_MASKS: _object_column([output.edit_masks() for output in outputs]),
                 MODEL_ID: np.array([self.model.model_id] * count, dtype=object),
                 MODEL_FINGERPRINT: np.array([self.model.fingerprint] * count, dtype=object),
+                GPU_PEAK_BYTES: np.full(count, _gpu_peak_bytes(self.model.device), dtype=np.float64),
             }
         )
         batch[STAGE_SECONDS] = batch[STAGE_SECONDS] + (time.perf_counter() - started) / count
@@ -380,6 +382,13 @@ class InvertEditActor:
                 output.fail(_edit_failure(str(outcome.error or "engine returned no image"), job.plan.edit_id))
             else:
                 output.add_edit(job.plan, outcome)
+
+
+def _gpu_peak_bytes(device: torch.device) -> float:
+    """torch.cuda.max_memory_allocated of the actor's GPU so far; NaN on a CPU (no GPU memory to report)."""
+    if device.type != "cuda":
+        return float("nan")
+    return float(torch.cuda.max_memory_allocated(device))
 
 
 def _object_column(arrays: list[np.ndarray]) -> np.ndarray:
