@@ -180,20 +180,9 @@ def _hub_cached(repo_id: str) -> bool:
 
 
 def backbone_problems(metrics: MetricsConfig) -> list[str]:
-    """Why the metric backbones of the spec cannot load (checkpoint and config files, cached trunk
-    weights; the factories are `factory_problems`)."""
-    problems = []
-    clip = metrics.clip
-    if clip.config_file is not None and not Path(clip.config_file).is_file():
-        problems.append(f"metrics.clip.config_file {clip.config_file!r}: no such file")
-    if (
-        clip.pretrained is not None
-        and _looks_like_path(clip.pretrained)
-        and not Path(clip.pretrained).is_file()
-    ):
-        problems.append(f"metrics.clip.pretrained {clip.pretrained!r}: no such checkpoint file")
-    elif clip.pretrained is not None and not _looks_like_path(clip.pretrained):
-        problems += _clip_tag_problems(clip.model_name, clip.pretrained)
+    """Why the metric backbones of the spec cannot load (CLIP model name, checkpoint and config files,
+    cached trunk weights; the factories are `factory_problems`)."""
+    problems = _clip_problems(metrics.clip)
     if metrics.perceptual in LPIPS_TRUNKS:
         problems += _lpips_problems(metrics.perceptual)
     return problems
@@ -203,17 +192,30 @@ def _looks_like_path(value: str) -> bool:
     return "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
-def _clip_tag_problems(model_name: str, tag: str) -> list[str]:
+def _clip_problems(clip) -> list[str]:
+    problems = []
+    if clip.config_file is not None and not Path(clip.config_file).is_file():
+        problems.append(f"metrics.clip.config_file {clip.config_file!r}: no such file")
+    tag = clip.pretrained if clip.pretrained and not _looks_like_path(clip.pretrained) else None
+    if clip.pretrained and tag is None and not Path(clip.pretrained).is_file():
+        problems.append(f"metrics.clip.pretrained {clip.pretrained!r}: no such checkpoint file")
     try:
         import open_clip
     except ImportError:
-        return []  # the submitting machine may lack the GPU stack; the workers check it
-    if (model_name, tag) not in {tuple(pair) for pair in open_clip.list_pretrained()}:
-        return [
-            f"metrics.clip: ({model_name!r}, pretrained {tag!r}) is not an open_clip pair; "
+        return problems  # the submitting machine may lack the GPU stack; the workers check the rest
+    if clip.config_file is None and clip.model_name not in open_clip.list_models():
+        problems.append(
+            f"metrics.clip.model_name {clip.model_name!r} is not an open_clip model; choose one of "
+            "open_clip.list_models() or give its config as metrics.clip.config_file"
+        )
+    elif tag is not None and (clip.model_name, tag) not in {
+        tuple(pair) for pair in open_clip.list_pretrained()
+    }:
+        problems.append(
+            f"metrics.clip: ({clip.model_name!r}, pretrained {tag!r}) is not an open_clip pair; "
             "see open_clip.list_pretrained(), or give a checkpoint path"
-        ]
-    return []
+        )
+    return problems
 
 
 def _lpips_problems(backbone: str) -> list[str]:
@@ -260,7 +262,9 @@ def job_problems(config: JobConfig, cluster: dict[str, float] | None) -> tuple[l
     problems = []
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        problems.append(f"input.shards: {len(missing)} of {len(shards)} shards not found: {shown}")
+        problems.append(
+            f"input.shards: {len(missing)} not found ({len(shards)} shard URLs resolved): {shown}"
+        )
     problems += model_problems(config.model.path, config.model.image_size)
     problems += backbone_problems(config.metrics)
     problems += factory_problems(config)

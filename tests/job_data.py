@@ -175,12 +175,17 @@ def spec(tmp_path: Path, **changes) -> Path:
     write_small_shards(tmp_path / "data", 3)
     clip = tmp_path / "clip.safetensors"
     clip.write_bytes(b"clip")
+    (tmp_path / "tiny.json").write_text("{}")
     data = {
         "input": {"shards": [str(tmp_path / "data/shard-{000000..000002}.tar")]},
         "model": {"path": str(fake_model(tmp_path / "model")), "device": "cpu"},
         "edits": [{"target_class": "fox"}],
         "metrics": {
-            "clip": {"model_name": "tiny", "pretrained": str(clip)},
+            "clip": {
+                "model_name": "tiny",
+                "pretrained": str(clip),
+                "config_file": str(tmp_path / "tiny.json"),
+            },
             "perceptual": "features:tiny",
             "feature_extractor": f"{Path(__file__)}:tiny_features",
             "classifier": f"{Path(__file__)}:tiny_classifier",

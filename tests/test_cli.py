@@ -49,8 +49,10 @@ def test_run_resumes_completed_output_and_prints_summary(clean_run, tmp_path):
     output = tmp_path / "copy"
     shutil.copytree(clean_run["output"], output)
     result = runner.invoke(app, ["run", str(clean_run["spec"]), "--output", str(output)])
-    assert result.exit_code == 0, result.output
-    assert "shards complete" in result.output and "3/3" in result.output
+    # The two complete shards are skipped; the truncated one is read again, fails again: exit 1.
+    assert result.exit_code == 1, result.output
+    assert re.search(r"shards complete\s+│\s+2/3", result.output), result.output
+    assert "partial" in result.output and "shard-000002.tar" in result.output
 
 
 @pytest.mark.slow
@@ -146,9 +148,19 @@ def test_submit_to_token_cluster_matches_local_run(clean_run, token_cluster, tmp
     from test_dataflow import edit_rows
 
     address, env = token_cluster
-    unauthenticated = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
-    unauthenticated["RAY_AUTH_TOKEN"] = "wrong-token"
-    assert inversa("status", "nothing", "--address", address, env=unauthenticated).returncode != 0
+    wrong_token = {**env, "RAY_AUTH_TOKEN": "wrong-token"}
+    # Without RAY_AUTH_TOKEN the client reads ~/.ray/auth_token: an empty HOME has none.
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(tmp_path)}
+    for client_env, said in (
+        (wrong_token, "Invalid authentication token"),
+        (no_token, "Missing authentication token"),
+    ):
+        refused = inversa("status", "raysubmit_x", "--address", address, env=client_env)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        [line] = refused.stdout.strip().splitlines()
+        assert said in line and "RAY_AUTH_TOKEN" in line and address in line
+    unknown = inversa("status", "raysubmit_nothing", "--address", address, env=env)
+    assert unknown.returncode == 2 and "no job with submission id 'raysubmit_nothing'" in unknown.stdout
 
     output = tmp_path / "submitted"
     submitted = inversa(
@@ -164,8 +176,9 @@ def test_submit_to_token_cluster_matches_local_run(clean_run, token_cluster, tmp
             break
         time.sleep(5)
     logs = inversa("logs", submission_id, "--address", address, env=env).stdout
-    assert status == "SUCCEEDED", logs[-3000:]
-    assert "shards complete" in logs
+    # The test shards include a truncated one: the job is partial and exits 1, so Ray reports FAILED.
+    assert status == "FAILED" and "partial:" in logs, logs[-3000:]
+    assert "shards complete" in logs and "shards done 2/3, 1 failed" in logs
     assert edit_rows(output) == edit_rows(clean_run["output"])
 
 

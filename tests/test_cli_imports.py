@@ -81,7 +81,9 @@ def test_validate_imports_no_gpu_stack(spec):
     # each, without needing torch or open_clip.
     result = _run(["validate", str(spec)])
     assert result.returncode == 2, result.stderr
-    assert "input.shards: 2 of 2 shards not found" in result.stdout and "model.path" in result.stdout
+    assert (
+        "input.shards: 2 not found (2 shard URLs resolved)" in result.stdout and "model.path" in result.stdout
+    )
     assert "blocked import" not in result.stderr + result.stdout and "Traceback" not in result.stderr
 
 

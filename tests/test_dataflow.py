@@ -121,8 +121,8 @@ def test_resume_after_interruption_equals_clean_run(clean_run, write_job_spec, t
     shards = [str(config.input.shards[0]).replace("{000000..000002}", f"00000{i}") for i in range(3)]
     # 5 samples: all 4 rows of the first shard and one of the second, which stays incomplete.
     first = run_job(config, limit=5)
-    assert first["shards"]["complete"] == shards[:1] and first["status"] == "partial"
     assert first["counts"]["read"] == 5 == first["counts"]["ok"] + first["counts"]["failed"]
+    assert first["shards"]["complete"] == shards[:1] and first["status"] == "partial"
     written = {path: path.stat().st_mtime_ns for path in output.glob("*/**/*.parquet")}
     assert any(path.name.startswith(shard_key(shards[1])) for path in written)  # shard 1's first row
     assert read_table(output, "sources").num_rows + read_table(output, "errors").num_rows == 5

@@ -66,10 +66,12 @@ def test_validate_counts_shards_and_passes_a_job_that_can_run(tmp_path):
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ({"input.shards": ["data/none-{0..1}.tar"]}, "input.shards: 2 of 2 shards not found"),
+        ({"input.shards": ["data/none-{0..1}.tar"]}, "input.shards: 2 not found (2 shard URLs resolved)"),
         ({"model.path": "models/absent"}, "model.path 'models/absent'"),
         ({"metrics.classifier": f"{TESTS / 'job_data.py'}:tiny_clasifier"}, "metrics.classifier"),
         ({"metrics.clip.pretrained": "/no/clip.pt"}, "metrics.clip.pretrained"),
+        ({"metrics.clip.config_file": None}, "metrics.clip.model_name 'tiny' is not an open_clip model"),
+        ({"metrics.clip.pretrained": "laion9000"}, "metrics.clip: ('tiny', pretrained 'laion9000')"),
         ({"resources.invert_edit.num_gpus": 1.0}, "resources: "),
         ({"output.path": "memory://out"}, "output.path"),
     ],

@@ -6,6 +6,7 @@ Rows stay one per source sample. The actor adds (names in `pipeline.stages.rows`
     edits_json: per row a JSON list of the row's edits (edit_id, target_class, target_prompt, seed,
         sample_index, params, edit_seconds, has_mask),
     edit_images: per row (E, S, S, 3) uint8, edit_masks: per row (E, S, S) bool (True = edited),
+    gpu_peak_bytes (B,): torch.cuda.max_memory_allocated of the actor so far (NaN on a CPU),
 and records failures in the row's failures (`mark_failed`): a row whose inversion fails gets status
 "invert_failed" and an invert failure; when only some of a row's target-prompt inversions fail, their
 edits get "invert" failures; edits that cannot be planned get "plan" failures, edits the engine
