@@ -196,32 +196,28 @@ def _jobs_api(address: str, submission_id: str, call):
 
     try:
         return call()
-    except AuthenticationError as error:
-        raise fail(
-            f"the Ray dashboard at {address} refused the request ({_first_line(str(error))}); {TOKEN_FIX}"
-        ) from error
-    except ConnectionError as error:
-        message = str(error)
-        if _is_auth_error(message):
-            raise fail(
-                f"the Ray dashboard at {address} refused the request ({_first_line(message)}); {TOKEN_FIX}"
-            ) from error
-        raise fail(
-            f"cannot reach the Ray dashboard at {address} ({_first_line(message)}); check --address "
+    except (AuthenticationError, ConnectionError, RuntimeError) as error:
+        raise fail(_jobs_api_problem(address, submission_id, error)) from error
+
+
+def _jobs_api_problem(address: str, submission_id: str, error: Exception) -> str:
+    """One line for an expected Jobs API failure: token, unreachable address, unknown id."""
+    from ray.exceptions import AuthenticationError
+
+    message = _first_line(str(error))
+    if isinstance(error, AuthenticationError) or _is_auth_error(str(error)):
+        return f"the Ray dashboard at {address} did not accept this client's token ({message}); {TOKEN_FIX}"
+    if isinstance(error, ConnectionError):
+        return (
+            f"cannot reach the Ray dashboard at {address} ({message}); check --address "
             "(http://HEAD:8265) and that the cluster is up"
-        ) from error
-    except RuntimeError as error:
-        message = str(error)
-        if _is_auth_error(message):
-            raise fail(
-                f"the Ray dashboard at {address} refused the request ({_first_line(message)}); {TOKEN_FIX}"
-            ) from error
-        if "404" in message or "does not exist" in message:
-            raise fail(
-                f"no job with submission id {submission_id!r} at {address}; `ray job list --address "
-                f"{address}` lists the ids"
-            ) from error
-        raise fail(f"the Ray Jobs API at {address} failed: {_first_line(message)}") from error
+        )
+    if "404" in str(error) or "does not exist" in str(error):
+        return (
+            f"no job with submission id {submission_id!r} at {address}; `ray job list --address {address}` "
+            "lists the ids"
+        )
+    return f"the Ray Jobs API at {address} failed: {message}"
 
 
 def _is_auth_error(message: str) -> bool:

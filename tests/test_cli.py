@@ -153,7 +153,7 @@ def test_submit_to_token_cluster_matches_local_run(clean_run, token_cluster, tmp
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(tmp_path)}
     for client_env, said in (
         (wrong_token, "Invalid authentication token"),
-        (no_token, "Missing authentication token"),
+        (no_token, "Token authentication is enabled"),
     ):
         refused = inversa("status", "raysubmit_x", "--address", address, env=client_env)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
@@ -285,3 +285,23 @@ def test_overwrite_refuses_a_folder_that_is_not_an_output(ray_local, tmp_path):
     [line] = error_lines(result.output)
     assert str(own) in line and "not an inversa output" in line
     assert (own / "notes.txt").read_text() == "keep me"
+
+
+def test_jobs_api_failures_as_ray_raises_them_become_one_line_with_the_fix():
+    from ray.exceptions import AuthenticationError
+
+    from pipeline.cli import _jobs_api_problem
+
+    address = "http://head:8265"
+    # The exceptions and messages Ray 2.60's JobSubmissionClient raises for each case.
+    cases = [
+        (
+            AuthenticationError("Authentication failed: Forbidden: Invalid authentication token"),
+            "RAY_AUTH_TOKEN",
+        ),
+        (RuntimeError("Request failed with status code 404: Job raysubmit_x does not exist."), "no job with"),
+        (ConnectionError(f"Failed to connect to Ray at address: {address}."), "cannot reach"),
+    ]
+    for error, fix in cases:
+        line = _jobs_api_problem(address, "raysubmit_x", error)
+        assert fix in line and address in line and "\n" not in line
