@@ -12,12 +12,12 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-import braceexpand
 import fsspec
 
 from pipeline.config import JobConfig, MetricsConfig, ResourcesConfig, StageResources
 from pipeline.errors import JobError
 from pipeline.factories import factory_problem
+from pipeline.stages.read import expand_shards
 
 # The stages run as actor pools (ActorPoolStrategy); the other stages of ResourcesConfig run as tasks.
 ACTOR_STAGES = ("invert_edit", "score")
@@ -84,17 +84,16 @@ def resolve_shards(patterns: tuple[str, ...] | list[str]) -> tuple[list[str], li
     """
     urls: list[str] = []
     missing: list[str] = []
-    for pattern in patterns:
-        for url in braceexpand.braceexpand(pattern):
-            if any(character in url.rsplit("/", 1)[-1] for character in GLOB_CHARACTERS):
-                try:
-                    matches = _glob(url)
-                except Exception as error:  # credentials, network, permissions: say which
-                    matches, url = [], f"{url} (cannot list: {type(error).__name__}: {error})"
-                missing += [] if matches else [url]
-            else:
-                matches = [url]
-            urls += [match for match in matches if match not in urls]
+    for url in expand_shards(patterns):
+        if any(character in url.rsplit("/", 1)[-1] for character in GLOB_CHARACTERS):
+            try:
+                matches = _glob(url)
+            except Exception as error:  # credentials, network, permissions: say which
+                matches, url = [], f"{url} (cannot list: {type(error).__name__}: {error})"
+            missing += [] if matches else [url]
+        else:
+            matches = [url]
+        urls += [match for match in matches if match not in urls]
     found, unlisted = _existing(urls)
     missing += [unlisted.get(url, url) for url in urls if url not in found]
     return urls, missing
