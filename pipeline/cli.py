@@ -34,12 +34,40 @@ SetOption = typer.Option(
 )
 
 
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one line saying what is wrong and how to fix it; the Exit to raise (code 2: bad input)."""
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
+    return typer.Exit(code)
+
+
 def _load(job: Path | str, overrides: list[str] | None, output: str | None = None):
     try:
         return load_config(job, overrides or (), output)
     except ConfigError as error:
-        console.print(f"[red]invalid job spec:[/red] {error}")
+        console.print(f"[red]invalid job spec:[/red] {error}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from error
+
+
+def _durable(config, *, where: str):
+    """The config with output.path absolute (a relative one said so), or exit: memory:// is refused."""
+    import dataclasses
+
+    from pipeline.config import OutputConfig
+    from pipeline.errors import JobError
+    from pipeline.preflight import durable_output
+
+    try:
+        resolved = durable_output(config.output.path)
+    except JobError as error:
+        raise fail(f"output.path: {error}") from error
+    if resolved != config.output.path and where == "submit":
+        console.print(
+            f"output: relative path {config.output.path!r} resolved to {resolved!r}; the cluster writes "
+            "there, so it must be a path the cluster's nodes share (prefer an absolute path or s3:// URL)",
+            soft_wrap=True,
+            highlight=False,
+        )
+    return dataclasses.replace(config, output=OutputConfig(resolved))
 
 
 def summary_table(manifest: dict) -> Table:
@@ -50,7 +78,9 @@ def summary_table(manifest: dict) -> Table:
     for name, value in manifest["counts"].items():
         table.add_row(name, str(value))
     shards = manifest["shards"]
+    table.add_row("status", manifest["status"])
     table.add_row("shards complete", f"{len(shards['complete'])}/{shards['total']}")
+    table.add_row("shards failed", str(len(shards["failed"])))
     table.add_row("wall seconds", f"{manifest['wall_seconds']:.1f}")
     table.add_row("in-actor compute seconds", f"{manifest['compute_seconds']:.1f}")
     return table
@@ -67,33 +97,141 @@ def run(
     set_: list[str] | None = SetOption,
     overwrite: bool = typer.Option(False, help="Delete the output first instead of resuming."),
 ) -> None:
-    """Run a job; reruns resume, skipping completed shards."""
-    from pipeline.dataflow import JobError, run_job
+    """Run a job; reruns resume, skipping completed shards and retrying failed ones.
 
-    config = _load(job, set_, output)
-    try:
-        manifest = run_job(config, limit=limit, overwrite=overwrite, address=address)
-    except JobError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(1) from error
+    Exit code 0: every shard complete (or a --limit reached); 1: partial, shards failed after their
+    retries (named in manifest.json; a rerun retries them); 2: the job could not start (bad input).
+    """
+    config = _durable(_load(job, set_, output), where="run")
+    manifest = _run(config, limit, overwrite, address)
     console.print(summary_table(manifest))
-    console.print(f"output: {config.output.path}")
+    console.print(f"output: {config.output.path}", soft_wrap=True, highlight=False)
+    _exit_for(manifest, limit)
+
+
+def _run(config, limit: int | None, overwrite: bool, address: str | None) -> dict:
+    """run_job with the pre-flight factory checks; a job that cannot start is one line, exit 2."""
+    import sys
+
+    from pipeline.dataflow import JobError, run_job
+    from pipeline.preflight import factory_problems
+
+    problems = factory_problems(config)
+    if problems:
+        raise fail("; ".join(problems))
+    # Without a terminal (logs, CI) one progress line per interval replaces Ray's progress bars.
+    progress = None if sys.stdout.isatty() else (lambda line: print(line, flush=True))
+    try:
+        return run_job(config, limit=limit, overwrite=overwrite, address=address, progress=progress)
+    except JobError as error:
+        raise fail(str(error)) from error
+
+
+def _exit_for(manifest: dict, limit: int | None) -> None:
+    """Exit 1 when shards failed (status partial); a limit that left shards to do is said, exit 0."""
+    failed = manifest["shards"]["failed"]
+    if failed:
+        first = next(iter(failed))
+        console.print(
+            f"[red]partial:[/red] {len(failed)} shard(s) failed after their retries (e.g. {first}: "
+            f"{failed[first][0]}); they are listed in manifest.json and a rerun retries them",
+            soft_wrap=True,
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    if manifest["status"] == "partial" and limit is not None:
+        console.print(f"limit {limit} reached: rerun without --limit to process the rest (it resumes)")
 
 
 @app.command()
-def validate(job: Path = typer.Argument(...), set_: list[str] | None = SetOption) -> None:
-    """Parse and check a job spec; print the resolved spec."""
+def validate(
+    job: Path = typer.Argument(...),
+    set_: list[str] | None = SetOption,
+    spec_only: bool = typer.Option(
+        False,
+        help="Check only the spec, not its shards, model, backbones, factories or resources "
+        "(for a cluster spec checked on a machine that cannot see the cluster's data).",
+    ),
+) -> None:
+    """Check a job before running it: the spec, then that its shards resolve (and how many), the model
+    folder's configs and weight files, the metric backbones, the factories it names, and that its
+    resources fit this machine. Prints the resolved spec; exit 2 with one line per problem."""
     import yaml
 
     config = _load(job, set_)
-    console.print(yaml.safe_dump(to_dict(config), sort_keys=False))
+    console.print(yaml.safe_dump(to_dict(config), sort_keys=False), highlight=False)
+    if not spec_only:
+        _validate_deep(config)
     console.print(f"[green]{job}: valid[/green]")
+
+
+def _validate_deep(config) -> None:
+    """Print the shard count and every problem of the job's pre-flight checks; exit 2 on any."""
+    from pipeline.preflight import job_problems, local_resources
+
+    cluster = local_resources()
+    shards, problems = job_problems(config, cluster)
+    console.print(f"shards: {len(shards)} found for {list(config.input.shards)}", highlight=False)
+    console.print(f"resources checked against this machine: {cluster['CPU']:g} CPU, {cluster['GPU']:g} GPU")
+    for problem in problems:
+        console.print(f"[red]error:[/red] {problem}", soft_wrap=True, highlight=False)
+    if problems:
+        console.print(f"{len(problems)} problem(s); fix them, or pass --spec-only to check only the spec")
+        raise typer.Exit(2)
 
 
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    return _jobs_api(address, "", lambda: JobSubmissionClient(address))
+
+
+TOKEN_FIX = (
+    "the cluster uses token auth: export RAY_AUTH_MODE=token and its token as RAY_AUTH_TOKEN (or the "
+    "file RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token); on the head node `ray get-auth-token` prints it"
+)
+
+
+def _jobs_api(address: str, submission_id: str, call):
+    """call() against the Jobs API, with its expected failures as one line (exit 2)."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return call()
+    except (AuthenticationError, ConnectionError, RuntimeError) as error:
+        raise fail(_jobs_api_problem(address, submission_id, error)) from error
+
+
+def _jobs_api_problem(address: str, submission_id: str, error: Exception) -> str:
+    """One line for an expected Jobs API failure: token, unreachable address, unknown id."""
+    from ray.exceptions import AuthenticationError
+
+    message = _first_line(str(error))
+    if isinstance(error, AuthenticationError) or _is_auth_error(str(error)):
+        return f"the Ray dashboard at {address} did not accept this client's token ({message}); {TOKEN_FIX}"
+    if isinstance(error, ConnectionError):
+        return (
+            f"cannot reach the Ray dashboard at {address} ({message}); check --address "
+            "(http://HEAD:8265) and that the cluster is up"
+        )
+    if "404" in str(error) or "does not exist" in str(error):
+        return (
+            f"no job with submission id {submission_id!r} at {address}; `ray job list --address {address}` "
+            "lists the ids"
+        )
+    return f"the Ray Jobs API at {address} failed: {message}"
+
+
+def _is_auth_error(message: str) -> bool:
+    lowered = message.lower()
+    return any(
+        word in lowered
+        for word in ("401", "403", "unauthorized", "unauthenticated", "auth token", "authentication")
+    )
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0][:300] if message.strip() else "no message"
 
 
 def project_root() -> Path:
@@ -124,7 +262,7 @@ def submit(
     """
     import yaml
 
-    config = _load(job, set_, output)  # fail here, not on the cluster
+    config = _durable(_load(job, set_, output), where="submit")  # fail here, not on the cluster
     arguments = ["python", "-m", "pipeline.cli", "run", f"env:{SPEC_VARIABLE}"]
     arguments += ["--limit", str(limit)] if limit is not None else []
     arguments += ["--overwrite"] if overwrite else []
@@ -133,20 +271,25 @@ def submit(
         "excludes": [".git", "**/__pycache__", "out", ".cache", "*.egg-info"],
         "env_vars": {SPEC_VARIABLE: yaml.safe_dump(to_dict(config), sort_keys=False)},
     }
-    submission_id = _client(address).submit_job(entrypoint=shlex.join(arguments), runtime_env=runtime_env)
+    client = _client(address)
+    submission_id = _jobs_api(
+        address, "", lambda: client.submit_job(entrypoint=shlex.join(arguments), runtime_env=runtime_env)
+    )
     print(submission_id)
 
 
 @app.command()
 def status(submission_id: str, address: str = typer.Option(..., help="Ray dashboard address.")) -> None:
     """Print a submitted job's status."""
-    print(_client(address).get_job_status(submission_id).value)
+    client = _client(address)
+    print(_jobs_api(address, submission_id, lambda: client.get_job_status(submission_id)).value)
 
 
 @app.command()
 def logs(submission_id: str, address: str = typer.Option(..., help="Ray dashboard address.")) -> None:
     """Print a submitted job's logs."""
-    print(_client(address).get_job_logs(submission_id))
+    client = _client(address)
+    print(_jobs_api(address, submission_id, lambda: client.get_job_logs(submission_id)))
 
 
 def print_table(result) -> None:
@@ -173,16 +316,20 @@ def query(
     """Run DuckDB SQL over the output's tables (views edits, sources, errors)."""
     import sys
 
+    import duckdb
+
     from pipeline.report import BINARY_RENDERINGS, QUERY_FORMATS, connect, write_result
 
     if format_ not in QUERY_FORMATS or binary not in BINARY_RENDERINGS:
-        console.print(
-            f"[red]--format {format_} --binary {binary}: use --format {'|'.join(QUERY_FORMATS)} "
-            f"and --binary {'|'.join(BINARY_RENDERINGS)}[/red]",
-            soft_wrap=True,
+        raise fail(
+            f"--format {format_} --binary {binary}: use --format {'|'.join(QUERY_FORMATS)} "
+            f"and --binary {'|'.join(BINARY_RENDERINGS)}"
         )
-        raise typer.Exit(2)
-    result = connect(output).sql(sql)
+    _require_output(output)
+    try:
+        result = connect(output).sql(sql)
+    except duckdb.Error as error:
+        raise fail(f"query failed: {_first_line(str(error))} (tables: edits, sources, errors)") from error
     if format_ == "table":
         print_table(result)
     else:
@@ -208,8 +355,7 @@ def export(
     try:
         summary = export_output(output, destination, format_, originals_ratio, seed, shard_size, overwrite)
     except ExportError as error:
-        console.print(f"[red]export: {error}[/red]", soft_wrap=True)
-        raise typer.Exit(2) from error
+        raise fail(f"export: {error}") from error
     counts = summary["counts"]
     console.print(
         f"{destination}: {counts['samples']} samples ({counts['edits_passed']} of {counts['edits']} edits "
@@ -226,7 +372,23 @@ def report(
     """Write a self-contained HTML report: per source, source | reconstruction | edits with metrics."""
     from pipeline.report import write_report
 
+    _require_output(output)
     print(write_report(output, path, max_sources))
+
+
+def _require_output(output: str) -> None:
+    """Exit 2 unless `output` is a folder an inversa job wrote (its manifest or shard markers)."""
+    from pipeline.output import OutputStore
+
+    try:
+        found = OutputStore(output).is_inversa_output()
+    except (OSError, ValueError) as error:
+        raise fail(f"cannot read {output}: {_first_line(str(error))}") from error
+    if not found:
+        raise fail(
+            f"{output} is not an inversa output (no manifest.json or _shards/); give the output.path "
+            "of a job that `inversa run` has written"
+        )
 
 
 if __name__ == "__main__":

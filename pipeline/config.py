@@ -48,14 +48,33 @@ class InputFields:
 
 
 @dataclass(frozen=True)
+class ReadRetry:
+    """How often a shard that cannot be read whole (missing, unreadable, truncated, a transient store
+    error) is read again before the job records it as failed.
+
+    Attributes:
+        attempts: reads of a shard in all (1 = no retry).
+        backoff_seconds: wait before the second read; doubled before each later one.
+        max_backoff_seconds: cap on one wait.
+    """
+
+    attempts: int = 3
+    backoff_seconds: float = 1.0
+    max_backoff_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class InputConfig:
     """Attributes:
-    shards: fsspec URLs (file://, s3://, gs://, local paths); brace ranges `{000000..000127}` expand.
+    shards: fsspec URLs (file://, s3://, gs://, local paths); brace ranges `{000000..000127}` expand,
+        and a name with * ? or [ is globbed.
     fields: sample member names.
+    retry: re-reads of a shard that fails as a whole (it changes no row, so it is not in the digest).
     """
 
     shards: tuple[str, ...]
     fields: InputFields = field(default_factory=InputFields)
+    retry: ReadRetry = field(default_factory=ReadRetry)
 
 
 @dataclass(frozen=True)
@@ -508,6 +527,9 @@ def _check(config: JobConfig, origin: str) -> None:
             raise _fail(origin, f"resources.{name}", "batch_size and actors must be >= 1")
         if stage.max_actors is not None and stage.max_actors < stage.actors:
             raise _fail(origin, f"resources.{name}.max_actors", "must be >= actors")
+    retry = config.input.retry
+    if retry.attempts < 1 or retry.backoff_seconds < 0 or retry.max_backoff_seconds < 0:
+        raise _fail(origin, "input.retry", "attempts must be >= 1 and the backoff seconds >= 0")
 
 
 def to_dict(config: Any) -> Any:
@@ -527,4 +549,5 @@ def spec_digest(config: JobConfig) -> str:
     data.pop("output")
     data.pop("resources")
     data.pop("name")
+    data["input"].pop("retry")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

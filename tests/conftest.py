@@ -84,7 +84,10 @@ def job_spec_data(assets: dict, output: Path) -> dict:
     """A small job: cats and dogs -> fox (two seeds, word swap), cats -> dog (template, refine + blend)."""
     return {
         "name": "test-job",
-        "input": {"shards": [str(assets["folder"] / "shards" / "shard-{000000..000002}.tar")]},
+        "input": {
+            "shards": [str(assets["folder"] / "shards" / "shard-{000000..000002}.tar")],
+            "retry": {"attempts": 2, "backoff_seconds": 0.1},  # the truncated shard fails fast
+        },
         "model": {"path": str(assets["model"]), "device": "cpu"},
         "inversion": {"method": "null_text", "num_steps": 4, "inner_steps": 2, "guidance_scale": 3.0},
         "edits": [

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 
@@ -148,3 +149,56 @@ def tiny_classifier():
         return ["fox" if red >= blue else "dog" for red, blue in channel_means[:, [0, 2]].tolist()]
 
     return classify
+
+
+def fake_model(folder: Path, weights: bool = True) -> Path:
+    """A diffusers-layout folder with configs (and, if asked, placeholder weight files)."""
+    configs = {"unet": {"sample_size": 4}, "vae": {"block_out_channels": [8, 8, 8, 8]}, "text_encoder": {}}
+    for part, config in configs.items():
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text(json.dumps(config))
+        if weights:
+            (folder / part / "model.safetensors").write_bytes(b"weights")
+    (folder / "tokenizer").mkdir()
+    return folder
+
+
+def write_small_shards(folder: Path, count: int) -> list[Path]:
+    """`count` shards shard-000000.tar, ... of one good cat sample each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_tar(folder / f"shard-{i:06d}.tar", [good(f"k{i}", "cat", i)]) for i in range(count)]
+
+
+def spec(tmp_path: Path, **changes) -> Path:
+    """A job spec (tmp_path/job.yaml) that passes every pre-flight check: three one-sample shards, a
+    configs-only model folder, a checkpoint file, the tiny factories; `changes` set dotted keys."""
+    write_small_shards(tmp_path / "data", 3)
+    clip = tmp_path / "clip.safetensors"
+    clip.write_bytes(b"clip")
+    (tmp_path / "tiny.json").write_text("{}")
+    data = {
+        "input": {"shards": [str(tmp_path / "data/shard-{000000..000002}.tar")]},
+        "model": {"path": str(fake_model(tmp_path / "model")), "device": "cpu"},
+        "edits": [{"target_class": "fox"}],
+        "metrics": {
+            "clip": {
+                "model_name": "tiny",
+                "pretrained": str(clip),
+                "config_file": str(tmp_path / "tiny.json"),
+            },
+            "perceptual": "features:tiny",
+            "feature_extractor": f"{Path(__file__)}:tiny_features",
+            "classifier": f"{Path(__file__)}:tiny_classifier",
+        },
+        "resources": {"invert_edit": {"num_cpus": 0.25}, "score": {"num_cpus": 0.25}},
+        "output": {"path": str(tmp_path / "out")},
+    }
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -74,9 +74,17 @@ def test_help_imports_no_gpu_stack():
 
 
 def test_validate_imports_no_gpu_stack(spec):
-    result = _run(["validate", str(spec)])
+    result = _run(["validate", str(spec), "--spec-only"])
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout and "learning_rate: 0.1" in result.stdout  # the method's defaults
+    # The deep checks too: the spec's shards and model are absent here, which they report in one line
+    # each, without needing torch or open_clip.
+    result = _run(["validate", str(spec)])
+    assert result.returncode == 2, result.stderr
+    assert (
+        "input.shards: 2 not found (2 shard URLs resolved)" in result.stdout and "model.path" in result.stdout
+    )
+    assert "blocked import" not in result.stderr + result.stdout and "Traceback" not in result.stderr
 
 
 def test_submit_imports_no_gpu_stack(spec):

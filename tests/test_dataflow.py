@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
 
 import numpy as np
 import pyarrow.dataset as pds
 import pytest
 import torch
-from job_data import tiny_classifier
+import yaml
+from job_data import good, tiny_classifier, write_tar
 from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.dataflow import JobError, run_job
 from pipeline.schemas import load_schema, validate_table
 from pipeline.stages.plan import applies_to
+from pipeline.stages.write import shard_key
 
 pytestmark = pytest.mark.slow
 
@@ -86,9 +90,22 @@ def test_job_tables_counts_and_images(clean_run, job_assets):
         expected["ok"],
     )
     assert counts["read"] == expected["ok"] + expected["errors"]
-    assert manifest["shards"]["incomplete"] == [] and len(manifest["shards"]["complete"]) == 3
+    # The truncated shard's rows are written and counted, but it failed as a whole: it is not complete,
+    # so the job is partial and a rerun reads it again. The corrupt image of shard 0 does not fail it.
+    shards = sorted(str(config.input.shards[0]).replace("{000000..000002}", f"00000{i}") for i in range(3))
+    assert manifest["status"] == "partial"
+    assert manifest["shards"]["complete"] == shards[:2] and manifest["shards"]["incomplete"] == shards[2:]
+    [(failed, messages)] = manifest["shards"]["failed"].items()
+    assert failed == shards[2] and "unreadable after 2 samples (2 reads)" in messages[0]
     assert manifest["model_fingerprint"] and manifest["versions"]["ray"]
     assert json.loads((output / "manifest.json").read_text()) == manifest
+
+    # Observability: Ray Data's stats beside the output, per-stage figures, no GPU peak on a CPU.
+    assert "InvertEditActor" in (output / "ray_data_stats.txt").read_text()
+    [invert] = [stage for stage in manifest["stages"] if "InvertEditActor" in stage["operator"]]
+    assert invert["output_rows"] == counts["read"] and invert["rows_per_second"] > 0
+    assert invert["actors"] == 1 and 0 < invert["actor_utilisation"] <= 1.05
+    assert manifest["gpu_memory_peak_bytes"] is None
 
 
 def edit_rows(output) -> dict[str, tuple]:
@@ -101,14 +118,20 @@ def edit_rows(output) -> dict[str, tuple]:
 def test_resume_after_interruption_equals_clean_run(clean_run, write_job_spec, tmp_path):
     output = tmp_path / "resumed"
     config = load_config(write_job_spec(output))
+    shards = [str(config.input.shards[0]).replace("{000000..000002}", f"00000{i}") for i in range(3)]
     # 5 samples: all 4 rows of the first shard and one of the second, which stays incomplete.
     first = run_job(config, limit=5)
-    assert first["shards"]["complete"] == [str(config.input.shards[0]).replace("{000000..000002}", "000000")]
-    partial_files = list((output / "sources").glob("*.parquet"))
-    assert len({path.name.split(".")[0] for path in partial_files}) == 2  # shard 1's partial rows are on disk
+    assert first["counts"]["read"] == 5 == first["counts"]["ok"] + first["counts"]["failed"]
+    assert first["shards"]["complete"] == shards[:1] and first["status"] == "partial"
+    written = {path: path.stat().st_mtime_ns for path in output.glob("*/**/*.parquet")}
+    assert any(path.name.startswith(shard_key(shards[1])) for path in written)  # shard 1's first row
+    assert read_table(output, "sources").num_rows + read_table(output, "errors").num_rows == 5
 
     second = run_job(config)
-    assert second["shards"]["skipped_as_complete"] == 1 and second["shards"]["incomplete"] == []
+    assert second["shards"]["skipped_as_complete"] == 1 and second["shards"]["incomplete"] == shards[2:]
+    assert list(second["shards"]["failed"]) == shards[2:]  # truncated: read again, failed again
+    # The rows written by the first run were kept, not recomputed.
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in written.items())
     resumed, clean = edit_rows(output), edit_rows(clean_run["output"])
     assert resumed == clean
     assert read_table(output, "edits").num_rows == len(clean)  # no edit_id twice
@@ -118,8 +141,48 @@ def test_resume_after_interruption_equals_clean_run(clean_run, write_job_spec, t
         )
     assert second["counts"] == clean_run["manifest"]["counts"]
 
-    third = run_job(config)  # nothing left to do
-    assert third["shards"]["skipped_as_complete"] == 3 and edit_rows(output) == clean
+    third = run_job(config)  # only the truncated shard is left: it is read again and fails again
+    assert third["shards"]["skipped_as_complete"] == 2 and edit_rows(output) == clean
+    assert third["counts"] == clean_run["manifest"]["counts"]
+
+
+def test_a_failed_shard_is_retried_by_the_next_run(job_assets, ray_local, write_job_spec, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shutil.copy(job_assets["shards"][0], folder / "shard-000000.tar")
+    output = tmp_path / "retried"
+    spec = write_job_spec(output)
+    data = yaml.safe_load(spec.read_text())
+    data["input"]["shards"] = [str(folder / "shard-{000000..000001}.tar")]
+    spec.write_text(yaml.safe_dump(data))
+    missing = str(folder / "shard-000001.tar")
+
+    first = CliRunner().invoke(app, ["run", str(spec)])
+    assert first.exit_code == 1, first.output
+    assert "partial" in first.output and missing in first.output
+    assert re.search(r"shards done 1/2, 1 failed, samples \d+, [\d.]+ images/s", first.output), first.output
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["status"] == "partial" and list(manifest["shards"]["failed"]) == [missing]
+    assert missing in read_table(output, "errors").column("source_id").to_pylist()
+
+    samples = [good("s1/fox-b", "fox", 21), good("s1/cat-e", "cat", 22)]
+    write_tar(folder / "shard-000001.tar", samples)
+    second = CliRunner().invoke(app, ["run", str(spec)])
+    assert second.exit_code == 0, second.output
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["shards"]["failed"] == {}
+    expected = expected_counts(
+        {"shard-000000.tar": job_assets["samples"]["shard-000000.tar"], "shard-000001.tar": samples},
+        load_config(spec),
+    )
+    errors = read_table(output, "errors").column("source_id").to_pylist()
+    assert missing not in errors and len(errors) == expected["errors"]  # the failure row is gone
+    assert read_table(output, "sources").num_rows == expected["ok"] == manifest["counts"]["ok"]
+    assert read_table(output, "edits").num_rows == expected["edits"] == manifest["counts"]["edits"]
 
 
 def test_other_spec_into_same_output_is_refused(clean_run, write_job_spec, tmp_path):

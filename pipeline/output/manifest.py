@@ -1,4 +1,5 @@
-"""OUTPUT/manifest.json: counts over every completed shard, the spec, package versions and times."""
+"""OUTPUT/manifest.json: the run's status, counts of every written row, failed shards, per-stage figures,
+the spec, package versions and times."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from importlib import metadata
 
 from pipeline.config import JobConfig, spec_digest, to_dict
 from pipeline.metrics.backbones import backbone_names
-from pipeline.output.store import OutputStore
+from pipeline.output.store import MANIFEST, OutputStore
 from pipeline.output.tracker import ShardTracker
 from pipeline.stages.write import COUNTS
 
@@ -39,6 +40,13 @@ def versions() -> dict[str, str]:
     return found
 
 
+def written_counts(shards: list[str], markers: dict[str, dict], tracker: ShardTracker) -> dict[str, int]:
+    """COUNTS summed over every row that is written: complete shards (this run's and earlier runs'),
+    and the rows of this run's failed shards and of shards cut short by a limit."""
+    records = [markers.get(shard) or tracker.totals.get(shard) for shard in shards]
+    return {name: sum(record[name] for record in records if record) for name in COUNTS}
+
+
 def write_manifest(
     config: JobConfig,
     store: OutputStore,
@@ -46,28 +54,33 @@ def write_manifest(
     tracker: ShardTracker,
     started: float,
     skipped: int,
+    stages: list[dict] | None = None,
 ) -> dict:
-    """Counts over every completed shard (this run's and earlier runs'), spec, versions, times.
+    """Status, counts of every written row, shards, per-stage throughput, spec, versions, times.
 
     Args:
         config: the job spec.
         store: the job's output.
         shards: every shard URL of the job.
-        tracker: this run's shard tracker (compute time, model fingerprint).
+        tracker: this run's shard tracker (compute time, model fingerprint, failed shards).
         started: when the run started (time.time()).
         skipped: shards skipped as complete by an earlier run.
+        stages: per-stage execution figures of this run (`pipeline.dataflow.stage_figures`).
 
     Returns:
-        The manifest, also written to OUTPUT/manifest.json.
+        The manifest, also written to OUTPUT/manifest.json. `status` is "complete" when every shard
+        is complete, else "partial" (shards failed, or a limit left some for the next run).
     """
     markers = store.markers()
     previous = {}
-    if store.fs.exists(store.path("manifest.json")):
-        previous = json.loads(store.fs.cat_file(store.path("manifest.json")))
-    counts = {name: sum(markers[shard][name] for shard in markers) for name in COUNTS}
+    if store.fs.exists(store.path(MANIFEST)):
+        previous = json.loads(store.fs.cat_file(store.path(MANIFEST)))
+    counts = written_counts(shards, markers, tracker)
+    complete = sorted(shard for shard in shards if shard in markers)
     ended = time.time()
     manifest = {
         "name": config.name,
+        "status": "complete" if len(complete) == len(shards) else "partial",
         "spec": to_dict(config),
         "spec_digest": spec_digest(config),
         "versions": versions(),
@@ -77,7 +90,9 @@ def write_manifest(
         "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "ended": datetime.fromtimestamp(ended, timezone.utc).isoformat(),
         "wall_seconds": ended - started,
-        "compute_seconds": sum(total["compute_seconds"] for total in tracker.totals.values()),
+        "compute_seconds": tracker.compute_seconds,
+        "gpu_memory_peak_bytes": tracker.gpu_peak_bytes,
+        "stages": stages or [],
         "counts": {
             "read": counts["rows"],
             "ok": counts["ok"],
@@ -89,10 +104,11 @@ def write_manifest(
         },
         "shards": {
             "total": len(shards),
-            "complete": sorted(shard for shard in shards if shard in markers),
+            "complete": complete,
             "incomplete": sorted(shard for shard in shards if shard not in markers),
+            "failed": {shard: tracker.failed[shard] for shard in sorted(tracker.failed)},
             "skipped_as_complete": skipped,
         },
     }
-    store.write_json("manifest.json", manifest)
+    store.write_json(MANIFEST, manifest)
     return manifest

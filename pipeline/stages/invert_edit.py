@@ -6,6 +6,7 @@ Rows stay one per source sample. The actor adds (names in `pipeline.stages.rows`
     edits_json: per row a JSON list of the row's edits (edit_id, target_class, target_prompt, seed,
         sample_index, params, edit_seconds, has_mask),
     edit_images: per row (E, S, S, 3) uint8, edit_masks: per row (E, S, S) bool (True = edited),
+    gpu_peak_bytes (B,): torch.cuda.max_memory_allocated of the actor so far (NaN on a CPU),
 and records failures in the row's failures (`mark_failed`): a row whose inversion fails gets status
 "invert_failed" and an invert failure; when only some of a row's target-prompt inversions fail, their
 edits get "invert" failures; edits that cannot be planned get "plan" failures, edits the engine
@@ -36,6 +37,7 @@ from pipeline.stages.rows import (
     EDIT_MASKS,
     EDITS_JSON,
     FAILURES,
+    GPU_PEAK_BYTES,
     IMAGE,
     INVERT_SECONDS,
     META,
@@ -325,6 +327,7 @@ class InvertEditActor:
                 EDIT_MASKS: _object_column([output.edit_masks() for output in outputs]),
                 MODEL_ID: np.array([self.model.model_id] * count, dtype=object),
                 MODEL_FINGERPRINT: np.array([self.model.fingerprint] * count, dtype=object),
+                GPU_PEAK_BYTES: np.full(count, _gpu_peak_bytes(self.model.device), dtype=np.float64),
             }
         )
         batch[STAGE_SECONDS] = batch[STAGE_SECONDS] + (time.perf_counter() - started) / count
@@ -380,6 +383,13 @@ class InvertEditActor:
                 output.fail(_edit_failure(str(outcome.error or "engine returned no image"), job.plan.edit_id))
             else:
                 output.add_edit(job.plan, outcome)
+
+
+def _gpu_peak_bytes(device: torch.device) -> float:
+    """torch.cuda.max_memory_allocated of the actor's GPU so far; NaN on a CPU (no GPU memory to report)."""
+    if device.type != "cuda":
+        return float("nan")
+    return float(torch.cuda.max_memory_allocated(device))
 
 
 def _object_column(arrays: list[np.ndarray]) -> np.ndarray:

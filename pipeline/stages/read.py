@@ -4,7 +4,9 @@ A sample is the run of consecutive tar members sharing a key (the member path up
 its file name, as in webdataset). Every sample becomes one row: either `status="ok"` with the decoded
 RGB image, caption and class, or `status="error"` with its read failure (`pipeline.stages.rows`). A
 shard that cannot be opened or ends early (truncated tar) adds one error row whose source_id is the
-shard URL; the samples read before the damage are kept. The job never fails because of one bad sample.
+shard URL; the samples read before the damage are kept. Such a shard is read again a few times first
+(`input.retry`), and if it still fails it is recorded as failed, not complete, so a rerun reads it
+again. One bad sample never fails a shard or the job.
 
 Every row of a shard carries `shard_rows`, the number of rows that shard produced: the writer uses it
 to know when all of a shard's rows are durable.
@@ -16,6 +18,7 @@ import io
 import json
 import re
 import tarfile
+import time
 from collections.abc import Iterator
 
 import braceexpand
@@ -23,9 +26,10 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.config import InputFields
+from pipeline.config import InputFields, ReadRetry
 from pipeline.stages.rows import (
     CAPTION,
+    EMPTY_SHARD,
     FAILURES,
     IMAGE,
     META,
@@ -194,19 +198,8 @@ def _error_row(shard: str, key: str | None, kind: str, message: str) -> dict:
     return row
 
 
-def read_shard(item: dict, fields: InputFields) -> list[dict]:
-    """Ray Data flat_map function: one shard URL -> one row per sample (plus a shard error row).
-
-    Args:
-        item: {"shard": URL}.
-        fields: sample member names.
-
-    Returns:
-        Rows with the reader's columns (`pipeline.stages.rows`): shard, shard_rows, source_id, status,
-        failures, image (uint8 (H, W, 3); (0, 0, 3) for error rows), caption, source_class, meta (JSON
-        string), stage_seconds.
-    """
-    shard = item[SHARD]
+def _read_once(shard: str, fields: InputFields) -> tuple[list[dict], BaseException | None]:
+    """One read of a shard: (rows of the samples read, the error that stopped the read or None)."""
     rows: list[dict] = []
     seen: set[str] = set()
     try:
@@ -223,16 +216,55 @@ def read_shard(item: dict, fields: InputFields) -> list[dict]:
                 except SampleError as error:
                     rows.append(_error_row(shard, key, error.kind, str(error)))
     except (tarfile.TarError, OSError, EOFError) as error:
+        return rows, error
+    return rows, None
+
+
+def _backoff(retry: ReadRetry, attempt: int) -> float:
+    """Seconds to wait after failed read number `attempt` (0-based): doubling, capped."""
+    return min(retry.backoff_seconds * 2**attempt, retry.max_backoff_seconds)
+
+
+def read_shard(
+    item: dict, fields: InputFields, retry: ReadRetry | None = None, written: dict | None = None
+) -> list[dict]:
+    """Ray Data flat_map function: one shard URL -> one row per sample (plus a shard error row).
+
+    A read that fails as a whole (the shard is missing, unreadable or ends early) is retried
+    `retry.attempts` times in all with backoff; if the last read fails too, the samples it read are
+    kept and one row for the shard's failure is added (`pipeline.stages.rows.is_shard_failure`).
+
+    Args:
+        item: {"shard": URL}.
+        fields: sample member names.
+        retry: re-reads of a failing shard (default ReadRetry()).
+        written: shard URL -> source_ids already durable from an earlier run cut short by a limit;
+            their rows are left out (they still count in shard_rows).
+
+    Returns:
+        Rows with the reader's columns (`pipeline.stages.rows`): shard, shard_rows, source_id, status,
+        failures, image (uint8 (H, W, 3); (0, 0, 3) for error rows), caption, source_class, meta (JSON
+        string), stage_seconds.
+    """
+    shard = item[SHARD]
+    retry = retry or ReadRetry()
+    for attempt in range(retry.attempts):
+        rows, error = _read_once(shard, fields)
+        if error is None:
+            break
+        if attempt + 1 < retry.attempts:
+            time.sleep(_backoff(retry, attempt))
+    if error is not None:
         kind = (
             "TruncatedTar"
             if rows or isinstance(error, tarfile.ReadError | EOFError)
             else type(error).__name__
         )
-        rows.append(
-            _error_row(shard, None, kind, f"shard {shard} unreadable after {len(rows)} samples: {error}")
-        )
+        message = f"shard {shard} unreadable after {len(rows)} samples ({retry.attempts} reads): {error}"
+        rows.append(_error_row(shard, None, kind, message))
     if not rows:
-        rows.append(_error_row(shard, None, "EmptyShard", f"shard {shard} holds no samples"))
+        rows.append(_error_row(shard, None, EMPTY_SHARD, f"shard {shard} holds no samples"))
     for row in rows:
         row[SHARD_ROWS] = len(rows)
-    return rows
+    done = set((written or {}).get(shard, ()))
+    return [row for row in rows if row[SOURCE_ID] not in done]

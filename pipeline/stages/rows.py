@@ -5,7 +5,8 @@ Rows are one per input sample from the reader to the writer. Each stage adds col
     read        shard, shard_rows, source_id, status, failures, image, caption, source_class, meta,
                 stage_seconds
     preprocess  image (resized), orig_width, orig_height
-    invert_edit recon, invert_seconds, edits_json, edit_images, edit_masks, model_id, model_fingerprint
+    invert_edit recon, invert_seconds, edits_json, edit_images, edit_masks, model_id, model_fingerprint,
+                gpu_peak_bytes (the actor's torch.cuda.max_memory_allocated; NaN without a GPU)
     score       recon_psnr, recon_ssim, recon_lpips (and metric values inside edits_json)
     filter      passed_filter / filter_reason inside edits_json
 
@@ -46,6 +47,7 @@ EDIT_IMAGES = "edit_images"
 EDIT_MASKS = "edit_masks"
 MODEL_ID = "model_id"
 MODEL_FINGERPRINT = "model_fingerprint"
+GPU_PEAK_BYTES = "gpu_peak_bytes"
 # Columns added by the score actor.
 RECON_PSNR = "recon_psnr"
 RECON_SSIM = "recon_ssim"
@@ -92,6 +94,21 @@ def decode_failures(text: str) -> list[Failure]:
 
 
 NO_FAILURES = encode_failures([])
+
+# A readable shard without samples: its one error row completes it (reading it again finds nothing more).
+EMPTY_SHARD = "EmptyShard"
+
+
+def is_shard_failure(source_id: str, shard: str, failures: str) -> bool:
+    """Whether a row stands for its whole shard failing to read (missing, unreadable, truncated).
+
+    The reader gives such a row the shard URL as source_id. The shard is not complete: the job records
+    it as failed and a rerun reads it again.
+    """
+    if source_id != shard:
+        return False
+    recorded = decode_failures(failures)
+    return bool(recorded) and recorded[0].stage == "read" and recorded[0].error_type != EMPTY_SHARD
 
 
 def mark_failed(row: MutableMapping[str, Any], failure: Failure, *, fails_row: bool = True) -> None:

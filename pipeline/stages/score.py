@@ -12,17 +12,14 @@ its ok rows become "score_failed" with a score failure (`pipeline.stages.rows.ma
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.config import MetricsConfig
+from pipeline.factories import load_factory
 from pipeline.models.device import resolve_device
 from pipeline.stages.rows import (
     CAPTION,
@@ -42,24 +39,6 @@ from pipeline.stages.rows import (
     Failure,
     mark_failed,
 )
-
-
-def load_factory(reference: str, key: str = "metrics.feature_extractor"):
-    """Import "package.module:name" or "/path/file.py:name" and return `name`; `key` names the setting."""
-    location, _, name = reference.rpartition(":")
-    if not location or not name:
-        raise ValueError(f"{key} {reference!r}: expected 'package.module:factory' or '/path/file.py:factory'")
-    if location.endswith(".py"):
-        module_name = f"_inversa_factory_{Path(location).stem}"
-        module = sys.modules.get(module_name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(module_name, location)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module  # dataclasses and pickling look modules up here
-            spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(location)
-    return getattr(module, name)
 
 
 def to_unit_float(images: np.ndarray, device: str) -> torch.Tensor:

@@ -30,6 +30,7 @@ from pipeline.stages.rows import (
     EDIT_IMAGES,
     EDITS_JSON,
     FAILURES,
+    GPU_PEAK_BYTES,
     IMAGE,
     INVERT_FAILED,
     INVERT_SECONDS,
@@ -50,10 +51,12 @@ from pipeline.stages.rows import (
     STAGE_SECONDS,
     STATUS,
     decode_failures,
+    is_shard_failure,
 )
 from pipeline.storage import write_bytes
 
 COUNTS = ("rows", "read_failed", "sources", "ok", "failed", "edits", "passed", "errors")
+TEXT_SUMMARY_COLUMNS = ("shard", "model_fingerprint", "files", "source_ids", "shard_errors")
 
 
 def shard_key(shard: str) -> str:
@@ -174,12 +177,30 @@ def write_tables(output: str, key: str, digest: str, tables: dict[str, list[dict
     return written
 
 
+def _shard_errors(batch: dict, shard: str, indices: list[int]) -> list[str]:
+    """The messages of the rows that stand for the shard failing as a whole (not complete)."""
+    return [
+        decode_failures(batch[FAILURES][i])[0].message
+        for i in indices
+        if is_shard_failure(str(batch[SOURCE_ID][i]), shard, batch[FAILURES][i])
+    ]
+
+
+def _peak(batch: dict, indices: list[int]) -> float:
+    """The largest GPU memory peak reported by the rows' invert/edit actor; NaN without a GPU."""
+    if GPU_PEAK_BYTES not in batch:
+        return float("nan")
+    values = np.asarray(batch[GPU_PEAK_BYTES][indices], dtype=np.float64)
+    return float(np.nanmax(values)) if np.isfinite(values).any() else float("nan")
+
+
 def write_batch(batch: dict, output: str) -> dict:
     """Ray Data map_batches function: write the batch's rows, return one summary row per shard.
 
     Returns:
-        Columns shard, shard_rows, model_fingerprint, compute_seconds, files (JSON list) and the
-        counts in COUNTS.
+        Columns shard, shard_rows, model_fingerprint, compute_seconds, files and source_ids (JSON lists),
+        shard_errors (JSON list of the shard's own read failures: the shard is not complete),
+        gpu_peak_bytes (NaN without a GPU) and the counts in COUNTS.
     """
     by_shard: dict[str, list[int]] = defaultdict(list)
     for index, shard in enumerate(batch[SHARD]):
@@ -213,23 +234,28 @@ def write_batch(batch: dict, output: str) -> dict:
         summary["model_fingerprint"].append(fingerprints[0] if fingerprints else "")
         summary["compute_seconds"].append(float(np.sum(batch[STAGE_SECONDS][indices])))
         summary["files"].append(json.dumps(files))
+        summary["source_ids"].append(json.dumps([str(batch[SOURCE_ID][i]) for i in indices]))
+        summary["shard_errors"].append(json.dumps(_shard_errors(batch, shard, indices)))
+        summary["gpu_peak_bytes"].append(_peak(batch, indices))
         for name in COUNTS:
             summary[name].append(counts[name])
     return {
-        name: np.array(values, dtype=object if name in ("shard", "model_fingerprint", "files") else None)
+        name: np.array(values, dtype=object if name in TEXT_SUMMARY_COLUMNS else None)
         for name, values in summary.items()
     }
 
 
-def remove_shard_files(output: str, key: str) -> int:
-    """Delete every table file of shard `key` (left by an interrupted run). Returns how many."""
+def remove_shard_files(output: str, key: str, keep: frozenset[str] = frozenset()) -> int:
+    """Delete the table files of shard `key` left by an interrupted run, except `keep` (paths relative to
+    the output: the files an earlier run cut short by a limit recorded as durable). Returns how many."""
     fs, root = fsspec.core.url_to_fs(output)
     removed = 0
     for name in TABLES:
         if not fs.exists(f"{root}/{name}"):
             continue
         for path in fs.find(f"{root}/{name}"):
-            if path.rsplit("/", 1)[-1].startswith(f"{key}."):
+            relative = path[len(root) :].lstrip("/")
+            if path.rsplit("/", 1)[-1].startswith(f"{key}.") and relative not in keep:
                 fs.rm(path)
                 removed += 1
     return removed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import JobError
-from pipeline.output import MARKERS, OutputStore
+from pipeline.output import MARKERS, PARTIAL, OutputStore
 
 
 def test_an_output_belongs_to_the_spec_that_claimed_it_first(tmp_path):
@@ -36,3 +36,34 @@ def test_markers_are_the_shard_records_only(tmp_path):
         "s1.json",
         "s2.json.tmp",
     ]
+
+
+def test_overwrite_deletes_only_an_inversa_output(tmp_path):
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "notes.txt").write_text("a person's own file")
+    with pytest.raises(JobError, match=f"{own}.*not an inversa output.*nothing was deleted"):
+        OutputStore(str(own)).reset()
+    assert (own / "notes.txt").read_text() == "a person's own file"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    OutputStore(str(empty)).reset()  # nothing to lose: allowed, kept
+    OutputStore(str(tmp_path / "absent")).reset()
+
+    output = tmp_path / "out"
+    store = OutputStore(str(output))
+    store.claim("a" * 64)
+    (output / "edits").mkdir()
+    (output / "edits" / "x.parquet").write_bytes(b"rows")
+    assert store.is_inversa_output()
+    store.reset()
+    assert not output.exists()
+
+
+def test_partial_records_skip_shards_that_failed_to_read(tmp_path):
+    store = OutputStore(str(tmp_path))
+    store.write_json(f"{MARKERS}/{PARTIAL}/a.json", {"shard": "a.tar", "rows": 2, "shard_errors": []})
+    store.write_json(f"{MARKERS}/{PARTIAL}/b.json", {"shard": "b.tar", "rows": 1, "shard_errors": ["gone"]})
+    assert list(store.partials()) == ["a.tar"]
+    assert store.markers() == {}  # partial records are not completion markers

@@ -47,3 +47,40 @@ def test_the_first_fingerprint_is_kept(tmp_path):
     tracker.add(summary(1, [], fingerprint="f1"))
     tracker.add(summary(1, [], fingerprint="f2", shard="other.tar"))
     assert tracker.fingerprint == "f1" and tracker.completed == []
+
+
+def test_a_shard_that_could_not_be_read_whole_gets_no_marker(tmp_path):
+    store = OutputStore(str(tmp_path))
+    tracker = ShardTracker(store)
+    failed = summary(5, ["errors/a.parquet"]) | {"shard_errors": json.dumps(["shard unreadable: timeout"])}
+    tracker.add(failed)
+    assert store.markers() == {} and tracker.completed == []
+    assert tracker.failed == {SHARD: ["shard unreadable: timeout"]}
+    assert store.partials() == {}  # read again whole by the next run
+
+
+def test_a_shard_cut_short_resumes_from_its_partial_record(tmp_path):
+    store = OutputStore(str(tmp_path))
+    first = ShardTracker(store)
+    first.add(summary(3, ["edits/a.parquet"]) | {"source_ids": json.dumps(["s#0", "s#1", "s#2"])})
+    assert store.markers() == {}
+    record = store.partials()[SHARD]
+    assert record["rows"] == 3 and record["files"] == ["edits/a.parquet"]
+    assert record["source_ids"] == ["s#0", "s#1", "s#2"]
+
+    second = ShardTracker(store, resumed=store.partials())
+    second.add(summary(2, ["edits/b.parquet"]) | {"source_ids": json.dumps(["s#3", "s#4"])})
+    marker = store.markers()[SHARD]
+    assert marker["rows"] == marker["shard_rows"] == 5 and marker["edits"] == 5
+    assert marker["files"] == ["edits/a.parquet", "edits/b.parquet"]
+    assert store.partials() == {} and second.completed == [SHARD]
+    assert second.compute_seconds == 1.0  # this run's two rows only
+
+
+def test_gpu_peak_is_the_largest_reported_and_none_without_a_gpu(tmp_path):
+    tracker = ShardTracker(OutputStore(str(tmp_path)))
+    tracker.add(summary(1, []) | {"gpu_peak_bytes": float("nan")})
+    assert tracker.gpu_peak_bytes is None
+    tracker.add(summary(1, []) | {"gpu_peak_bytes": 3e9})
+    tracker.add(summary(1, []) | {"gpu_peak_bytes": 2e9})
+    assert tracker.gpu_peak_bytes == 3e9

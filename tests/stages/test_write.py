@@ -74,3 +74,31 @@ def test_filter_reason():
         == "clip_t<0.25; lpips>0.5; bg_psnr undefined"
     )
     assert filter_reason({"clip_t": None}, FilterConfig()) is None
+
+
+def test_write_summary_names_the_shards_own_failures_only(tmp_path):
+    import numpy as np
+    from job_data import job_shards, write_tar
+
+    from pipeline.config import InputFields, ReadRetry
+    from pipeline.stages.read import read_shard
+    from pipeline.stages.write import write_batch
+
+    paths, _ = job_shards(tmp_path / "shards")
+    empty = write_tar(tmp_path / "empty.tar", [])
+    retry = ReadRetry(attempts=2, backoff_seconds=0.0)
+    rows = [
+        row
+        for shard in (str(paths[0]), str(tmp_path / "absent.tar"), str(empty))
+        for row in read_shard({"shard": shard}, InputFields(), retry)
+        if row["status"] != "ok"  # the writer's read-failed rows need no model columns
+    ]
+    batch = {name: np.array([row[name] for row in rows], dtype=object) for name in rows[0] if name != "image"}
+    batch["model_fingerprint"] = np.array([""] * len(rows), dtype=object)
+    batch["stage_seconds"] = np.zeros(len(rows))
+    summary = write_batch(batch, str(tmp_path / "out"))
+    errors = dict(zip(summary["shard"], (json.loads(text) for text in summary["shard_errors"]), strict=True))
+    assert errors[str(paths[0])] == [] and errors[str(empty)] == []  # a corrupt image, an empty tar
+    [message] = errors[str(tmp_path / "absent.tar")]
+    assert "absent.tar" in message and "2 reads" in message
+    assert all(np.isnan(summary["gpu_peak_bytes"]))
