@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import fsspec
 import pyarrow.dataset as pds
 
@@ -56,3 +58,26 @@ def actual_rows(output: str) -> dict[str, list]:
         "edits": sorted((row["source_id"], row["target_class"], row["seed"]) for row in edits),
         "edit_ids": [row["edit_id"] for row in edits],
     }
+
+
+def truncated_shards(samples_by_shard: dict, shard_urls: dict[str, str]) -> set[str]:
+    """URLs of the shards built truncated: no run can complete them (`job_data.job_shards`)."""
+    return {
+        shard_urls[name]
+        for name, samples in samples_by_shard.items()
+        if any(sample.bad == "TruncatedTar" for sample in samples)
+    }
+
+
+def ended_as_an_uninterrupted_run(output: str, exit_code: int, truncated: set[str]) -> bool:
+    """Whether a run ended as one without faults does: every shard complete except the truncated ones,
+    which are recorded as failed, status `partial` and exit code 1 (0 when there are none)."""
+    fs, root = fsspec.core.url_to_fs(str(output))
+    if not fs.exists(f"{root}/manifest.json"):
+        return False
+    shards = json.loads(fs.cat_file(f"{root}/manifest.json"))["shards"]
+    return (
+        exit_code == (1 if truncated else 0)
+        and set(shards["incomplete"]) == truncated
+        and set(shards["failed"]) == truncated
+    )
