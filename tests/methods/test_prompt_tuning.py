@@ -1,10 +1,14 @@
 import pytest
 import torch
 
+from pipeline.diffusion.ddim import DDIMSchedule
 from pipeline.diffusion.sampling import sample
 from pipeline.diffusion.tokens import encode_prompts
-from pipeline.diffusion.trajectory import per_step
+from pipeline.diffusion.trajectory import InversionInputs, per_step
 from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
+from pipeline.methods import PromptTuningParams
+from pipeline.methods.prompt_tuning import invert as invert_prompt_tuning
+from pipeline.models.vae import encode_images
 
 NO_CONTROL = AttentionControl(mode="none")
 
@@ -59,3 +63,56 @@ def test_tuning_improves_on_untuned_ddim_reconstruction(tiny_sd, images, prompts
     tuned_error = (tuned.latents.reconstruction - clean).norm()
     untuned_error = (untuned.latents.reconstruction - clean).norm()
     assert tuned_error < untuned_error, (tuned_error, untuned_error)
+
+
+def _reference_prompt_tuning(unet, schedule, clean, cond, uncond, guidance, inner_steps, lr, optimizer_name):
+    """Prompt Tuning Inversion's Algorithm 1 for one image, written out: unconditional DDIM inversion
+    (w = 0), then from z_T per step N updates of c_t (plain gradient descent with step beta on the
+    squared L2 norm, lines 7-9; or Adam on the MSE), c_t initialising c_{t-1}, z_{t-1} from the tuned c_t."""
+    steps = schedule.num_steps
+    latent, trajectory = clean, [clean]
+    with torch.no_grad():
+        for t in reversed(schedule.timesteps.tolist()):
+            latent = schedule.inverse_step(unet(latent, t, encoder_hidden_states=uncond).sample, t, latent)
+            trajectory.append(latent)
+    latent, embedding, embeddings = trajectory[steps], cond.clone(), []
+    for i, t in enumerate(schedule.timesteps.tolist()):
+        embedding = embedding.detach().clone().requires_grad_(True)
+        adam = torch.optim.Adam([embedding], lr=lr) if optimizer_name == "adam" else None
+        with torch.no_grad():
+            eps_uncond = unet(latent, t, encoder_hidden_states=uncond).sample
+        for _ in range(inner_steps):
+            eps_cond = unet(latent, t, encoder_hidden_states=embedding).sample
+            landed = schedule.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, latent)
+            difference = landed - trajectory[steps - i - 1]
+            if adam is None:
+                (gradient,) = torch.autograd.grad(difference.pow(2).sum(), embedding)
+                embedding = (embedding - lr * gradient).detach().requires_grad_(True)
+            else:
+                adam.zero_grad()
+                difference.pow(2).mean().backward()
+                adam.step()
+        embeddings.append(embedding.detach())
+        with torch.no_grad():
+            eps_cond = unet(latent, t, encoder_hidden_states=embedding).sample
+            latent = schedule.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, latent)
+    return torch.stack(trajectory), torch.stack(embeddings), latent
+
+
+@pytest.mark.parametrize(("optimizer_name", "lr"), [("sgd", 0.1), ("adam", 0.05)])
+def test_prompt_tuning_follows_algorithm_1_step_by_step(tiny_sd, images, prompts, optimizer_name, lr):
+    schedule = DDIMSchedule.from_scheduler(tiny_sd.scheduler, 4)
+    cond = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, prompts[:1])
+    uncond = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, [""])
+    clean = encode_images(tiny_sd, images[:1])
+    trajectory, embeddings, reconstruction = _reference_prompt_tuning(
+        tiny_sd.unet, schedule, clean, cond, uncond, 7.5, 2, lr, optimizer_name
+    )
+    params = PromptTuningParams(inner_steps=2, learning_rate=lr, optimizer=optimizer_name)
+    result = invert_prompt_tuning(InversionInputs(tiny_sd.unet, schedule, clean, cond, uncond, 7.5), params)
+    torch.testing.assert_close(result.trajectory, trajectory, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.cond_embeddings, embeddings, atol=1e-4, rtol=0)
+    torch.testing.assert_close(result.reconstruction, reconstruction, atol=1e-4, rtol=0)
+    assert result.iterations.eq(2).all()
+    # The tuning moved c_t: a test of the steps, not of an identity.
+    assert (embeddings[-1] - cond).abs().max() > 1e-3
