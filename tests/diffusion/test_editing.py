@@ -110,3 +110,32 @@ def test_blend_start_one_never_blends(tiny_sd, ddim_inversion):
     assert not torch.allclose(
         edit(tiny_sd, ddim_inversion, [EditRequest(0, TARGET, early)])[0].latents, unblended.latents
     )
+
+
+def test_changed_words_are_exactly_the_words_that_differ():
+    assert editing.changed_words(SOURCE, TARGET) == ([2], [2])
+    assert editing.changed_words("a circle on a white background", "a red circle on a white background") == (
+        [],
+        [1],
+    )
+    assert editing.changed_words(
+        "a red circle on a white background", "a red circle on a black background and a star"
+    ) == ([5], [5, 7, 8, 9])
+
+
+def test_mask_words_take_blend_words_from_each_prompt_and_exclude_words_apart(tiny_sd):
+    tokenizer = tiny_sd.tokenizer
+    control = AttentionControl("replace", blend_words=("circle", "square"), blend_exclude_words=("white",))
+    words = editing.mask_words(tokenizer, SOURCE, EditRequest(0, TARGET, control))
+    ids = {prompt: tokenizer(prompt).input_ids for prompt in (SOURCE, TARGET)}
+
+    def at(prompt, word):  # the single-token word's position, read off the token ids
+        return [ids[prompt].index(tokenizer.convert_tokens_to_ids(f"{word}</w>"))]
+
+    assert list(words.source) == at(SOURCE, "circle")
+    assert list(words.target) == at(TARGET, "square")
+    assert list(words.source_exclude) == at(SOURCE, "white") and list(words.target_exclude) == at(
+        TARGET, "white"
+    )
+    changed = editing.mask_words(tokenizer, SOURCE, EditRequest(0, TARGET, AttentionControl("replace")))
+    assert list(changed.source) == at(SOURCE, "circle") and list(changed.target) == at(TARGET, "square")
