@@ -15,6 +15,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -257,24 +258,33 @@ def stage_figures(dataset: ray.data.Dataset, resources: ResourcesConfig) -> list
     return figures
 
 
-def _execute(
-    dataset: ray.data.Dataset, tracker: ShardTracker, limit: int | None, progress: ProgressLine | None
-) -> None:
-    """Run the chain, adding each writer summary to the tracker."""
+@contextlib.contextmanager
+def _execution_context(limit: int | None, quiet: bool):
+    """Ray Data settings for the job's dataset, in force while it is built and run.
+
+    A Dataset copies the current DataContext when it is created, so these are set before
+    `build_dataset`: the order is kept when a limit asks for "the first N samples", and with `quiet`
+    (a progress callback replaces them) Ray Data's progress bars and their multi-line non-TTY logging
+    are off.
+    """
     context = ray.data.DataContext.get_current()
     preserve = context.execution_options.preserve_order
-    # "the first N samples" must be well defined
     context.execution_options.preserve_order = limit is not None
-    bars = _quiet_progress_bars(context) if progress is not None else {}
+    bars = _quiet_progress_bars(context) if quiet else {}
     try:
-        for summary in dataset.iter_rows():
-            tracker.add(summary)
-            if progress is not None:
-                progress.update(tracker)
+        yield
     finally:
         context.execution_options.preserve_order = preserve
         for name, value in bars.items():
             setattr(context, name, value)
+
+
+def _execute(dataset: ray.data.Dataset, tracker: ShardTracker, progress: ProgressLine | None) -> None:
+    """Run the chain, adding each writer summary to the tracker."""
+    for summary in dataset.iter_rows():
+        tracker.add(summary)
+        if progress is not None:
+            progress.update(tracker)
 
 
 def run_job(
@@ -317,8 +327,9 @@ def run_job(
     line = ProgressLine(len(shards), len(done_before), progress, progress_seconds) if progress else None
     figures = []
     if pending:
-        dataset = build_dataset(config, pending, image_size, limit, resumed)
-        _execute(dataset, tracker, limit, line)
+        with _execution_context(limit, quiet=line is not None):
+            dataset = build_dataset(config, pending, image_size, limit, resumed)
+            _execute(dataset, tracker, line)
         store.write_text("ray_data_stats.txt", dataset.stats())
         figures = stage_figures(dataset, config.resources)
     if line is not None:

@@ -215,6 +215,9 @@ def test_job_reads_shards_from_s3_writes_and_resumes_there(s3_bucket, job_assets
     )
     manifest = json.loads(fs.cat_file(f"{output}/manifest.json"))
     assert manifest["shards"]["skipped_as_complete"] == 1
+    # Without a terminal, progress is inversa's one line, not Ray Data's multi-line log block.
+    assert "shards done 3/3" not in second.stdout and "shards done 2/3, 1 failed" in second.stdout
+    assert "Total Progress" not in second.stdout + second.stderr, second.stderr[-3000:]
 
     config = load_config(spec, [f"output.path={output}"])
     expected = expected_rows(job_assets["samples"], shard_urls, config)

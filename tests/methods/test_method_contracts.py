@@ -36,7 +36,7 @@ def test_a_nan_in_the_pivotal_inversion_is_named_as_ddim_inversion(tiny_sd, imag
     assert error is not None and "non-finite latents in DDIM inversion at step" in error, error
 
 
-@pytest.mark.parametrize("method", ["ddim", "direct"])
+@pytest.mark.parametrize("method", ["ddim", "direct", "null_text"])
 def test_inversion_guidance_zero_inverts_with_the_unconditional_branch_alone(
     tiny_sd, images, prompts, method
 ):
