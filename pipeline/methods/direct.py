@@ -17,11 +17,12 @@ Legend:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from pipeline.diffusion.trajectory import EditHook, InversionInputs, MethodResult, per_step
-from pipeline.methods import DirectParams
-from pipeline.methods.ddim_inversion import ddim_trajectory
+from pipeline.diffusion.trajectory import EditHook, InversionInputs, MethodResult
+from pipeline.methods import DDIMParams, DirectParams, ddim_inversion
 
 
 class DirectInversionEditHook(EditHook):
@@ -34,23 +35,8 @@ class DirectInversionEditHook(EditHook):
 
 def invert(inputs: InversionInputs, params: DirectParams) -> MethodResult:
     """DDIM inversion; the source branch of every edit is then held on its trajectory."""
-    errors: list[str | None] = [None] * inputs.batch_size
-    trajectory = ddim_trajectory(
-        inputs.unet,
-        inputs.schedule,
-        inputs.clean_latents,
-        inputs.cond_embeddings,
-        inputs.uncond_embeddings,
-        params.inversion_guidance,
-        errors,
-    )
-    steps = inputs.schedule.num_steps
-    return MethodResult(
-        trajectory=trajectory,
-        uncond_embeddings=per_step(inputs.uncond_embeddings, steps),
-        cond_embeddings=per_step(inputs.cond_embeddings, steps),
-        # The corrected source branch ends on z*_0 by construction: no sampling pass is needed for it.
-        reconstruction=trajectory[0].clone(),
-        errors=errors,
-        edit_hook=DirectInversionEditHook(),
+    result = ddim_inversion.invert(inputs, DDIMParams(inversion_guidance=params.inversion_guidance))
+    # The corrected source branch ends on z*_0 by construction: no sampling pass is needed for it.
+    return dataclasses.replace(
+        result, reconstruction=result.trajectory[0].clone(), edit_hook=DirectInversionEditHook()
     )
