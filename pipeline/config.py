@@ -83,6 +83,9 @@ class ModelConfig:
     path: diffusers folder or hub id.
     device: auto (cuda when the actor has a GPU) | cpu | cuda.
     dtype: float32 | float16 | bfloat16 (inversion optimises in float32; keep float32 unless sampling).
+    precision: fp32 (IEEE float32 throughout) | tf32 (float32 on TF32 matrix units) | mixed (tf32, and
+        bf16 autocast for the UNet calls no gradient flows through) | bf16 (mixed, and the optimised
+        branch under bf16 autocast with float32 embeddings and optimiser); see pipeline/diffusion/precision.py.
     image_size: pixels per side the images are resized/cropped to; null = read from the model's
         unet/vae configs (set it when the driver cannot read model.path, e.g. a path on GPU nodes only).
     """
@@ -90,6 +93,7 @@ class ModelConfig:
     path: str
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    precision: Literal["fp32", "tf32", "mixed", "bf16"] = "fp32"
     image_size: int | None = None
 
 

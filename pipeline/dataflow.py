@@ -70,6 +70,20 @@ def _task_args(stage: StageResources) -> dict:
     return {"batch_size": stage.batch_size, "num_gpus": stage.num_gpus, "num_cpus": stage.num_cpus}
 
 
+def invert_edit_arguments(config: JobConfig) -> dict:
+    """The invert/edit actor's constructor arguments, from the job spec."""
+    return {
+        "model_path": config.model.path,
+        "device": config.model.device,
+        "dtype": config.model.dtype,
+        "precision": config.model.precision,
+        "inversion": config.inversion,
+        "edits": config.edits,
+        "metrics": config.metrics,
+        "edit_batch_size": config.resources.edit_batch_size,
+    }
+
+
 def build_dataset(
     config: JobConfig,
     shards: list[str],
@@ -104,15 +118,7 @@ def build_dataset(
     )
     dataset = dataset.map_batches(
         InvertEditActor,
-        fn_constructor_kwargs={
-            "model_path": config.model.path,
-            "device": config.model.device,
-            "dtype": config.model.dtype,
-            "inversion": config.inversion,
-            "edits": config.edits,
-            "metrics": config.metrics,
-            "edit_batch_size": resources.edit_batch_size,
-        },
+        fn_constructor_kwargs=invert_edit_arguments(config),
         batch_format="numpy",
         **_actor_args(resources.invert_edit),
     )

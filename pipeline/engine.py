@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.diffusion import precision
 from pipeline.diffusion.control import AttentionControl
 from pipeline.diffusion.ddim import DDIMSchedule
 from pipeline.diffusion.editing import EditLayout, EditRequest, EditResult, run_edits, validate_request
@@ -144,16 +145,17 @@ def invert(
         uncond_embeddings=encode_prompts(model.tokenizer, model.text_encoder, [""] * len(source_prompts)),
         guidance_scale=config.guidance_scale,
     )
-    result = load_invert(config.method)(inputs, params)
-    if result.reconstruction is None:
-        result.reconstruction, _ = sample(
-            model.unet,
-            schedule,
-            result.trajectory[-1],
-            result.cond_embeddings,
-            result.uncond_embeddings,
-            config.guidance_scale,
-        )
+    with precision.using(model.precision):
+        result = load_invert(config.method)(inputs, params)
+        if result.reconstruction is None:
+            result.reconstruction, _ = sample(
+                model.unet,
+                schedule,
+                result.trajectory[-1],
+                result.cond_embeddings,
+                result.uncond_embeddings,
+                config.guidance_scale,
+            )
     return InversionResult(
         config=config,
         schedule=schedule,
@@ -187,8 +189,8 @@ def edit(model: DiffusionModel, inversion: InversionResult, requests: list[EditR
             results[position] = EditResult(request, None, None, f"inversion failed: {error}", 0.0)
     layout = EditLayout.build(requests, [error is None for error in inversion.errors])
     if layout.row_images:
-        results.update(
-            run_edits(
+        with precision.using(model.precision):
+            edited = run_edits(
                 model,
                 inversion.schedule,
                 inversion.latents,
@@ -197,7 +199,7 @@ def edit(model: DiffusionModel, inversion: InversionResult, requests: list[EditR
                 requests,
                 layout,
             )
-        )
+        results.update(edited)
     share = (time.perf_counter() - started) / max(1, len(requests))
     ordered = [results[position] for position in range(len(requests))]
     for result in ordered:

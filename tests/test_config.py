@@ -89,6 +89,7 @@ def test_round_trip_through_to_dict():
             "not one of",
         ),
         ({"inversion": {"num_steps": "ten"}}, "inversion.num_steps", "expected an integer"),
+        ({"model": {"path": "m", "precision": "fp16"}}, "model.precision", "not one of"),
         ({"inversion": {"prompt": "caption"}}, "inversion.prompt", "not one of"),
         ({"edits": [{"target_class": "fox", "seeds": [1, 1]}]}, "edits.0.seeds", "repeats"),
         (

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from pipeline.diffusion.ddim import DDIMSchedule
+from pipeline.diffusion.precision import fixed_branch_noise, optimised_branch_noise
 from pipeline.diffusion.trajectory import nonfinite_errors
 
 
@@ -92,15 +93,15 @@ def optimize_stepwise(
         params = [current[image].clone().requires_grad_(True) for image in range(batch)]
         step_optimizer = optimizer_class(params, lr=learning_rate(step_index))
         with torch.no_grad():
-            fixed_noise = unet(latents, timestep, encoder_hidden_states=fixed_embeddings).sample
+            fixed_noise = fixed_branch_noise(unet, latents, timestep, fixed_embeddings)
         active = [image for image in range(batch) if errors[image] is None]
         for _ in range(inner_steps):
             if not active:
                 break
             index = torch.tensor(active, device=latents.device)
-            optimized_noise = unet(
-                latents[index], timestep, encoder_hidden_states=torch.stack([params[i] for i in active])
-            ).sample
+            optimized_noise = optimised_branch_noise(
+                unet, latents[index], timestep, torch.stack([params[i] for i in active])
+            )
             noise = _guided(optimized_noise, fixed_noise[index], optimized_branch, guidance_scale)
             landed = schedule.step(noise, timestep, latents[index])
             squared = (landed - target[index]).pow(2).flatten(1)
@@ -117,7 +118,7 @@ def optimize_stepwise(
         with torch.no_grad():
             # The fixed branch's prediction does not depend on the optimised embedding: reuse it and
             # run the UNet only for the optimised branch (one batch-B call instead of a 2B one).
-            optimized_noise = unet(latents, timestep, encoder_hidden_states=current).sample
+            optimized_noise = fixed_branch_noise(unet, latents, timestep, current)
             noise = _guided(optimized_noise, fixed_noise, optimized_branch, guidance_scale)
             latents = schedule.step(noise, timestep, latents)
         nonfinite_errors(latents, step_index, timestep, errors, f"{loop} (reconstruction step)")

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.diffusion.attention import AttentionController
 from pipeline.diffusion.ddim import DDIMSchedule
+from pipeline.diffusion.precision import fixed_branch_noise
 
 
 def predict_noise(
@@ -29,7 +30,7 @@ def predict_noise(
     guidance_scale: float,
     force_both_branches: bool = False,
 ) -> torch.Tensor:
-    """eps_tilde for a batch, both guidance branches in one UNet call.
+    """eps_tilde for a batch, both guidance branches in one UNet call (a fixed branch: no gradient).
 
     Args:
         unet: the noise predictor.
@@ -44,16 +45,14 @@ def predict_noise(
         (N, C, h, w) guided noise prediction.
     """
     if not force_both_branches and guidance_scale == 1.0:
-        return unet(latents, timestep, encoder_hidden_states=cond_embeddings).sample
+        return fixed_branch_noise(unet, latents, timestep, cond_embeddings)
     if uncond_embeddings is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs unconditional embeddings")
     if not force_both_branches and guidance_scale == 0.0:
-        return unet(latents, timestep, encoder_hidden_states=uncond_embeddings).sample
-    noise = unet(
-        torch.cat([latents, latents]),
-        timestep,
-        encoder_hidden_states=torch.cat([uncond_embeddings, cond_embeddings]),
-    ).sample
+        return fixed_branch_noise(unet, latents, timestep, uncond_embeddings)
+    noise = fixed_branch_noise(
+        unet, torch.cat([latents, latents]), timestep, torch.cat([uncond_embeddings, cond_embeddings])
+    )
     noise_uncond, noise_cond = noise.chunk(2)
     return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 

@@ -71,12 +71,16 @@ class SDArchitecture:
         image_size: RGB side in pixels; latents are image_size / 2**(len(vae_channels)-1).
         latent_channels: channels of z (SD: 4).
         unet_channels: block_out_channels of the UNet.
+        unet_layers_per_block: resnet (+ transformer) layers per UNet level.
         unet_attention_head_dim: heads' width in the UNet's transformer blocks.
         vae_channels: block_out_channels of the VAE.
+        vae_layers_per_block: resnet layers per VAE level.
         text_width: hidden size of the CLIP text encoder (= UNet cross_attention_dim).
         text_layers: transformer layers in the text encoder.
         text_heads: attention heads in the text encoder.
         max_length: tokenizer's padded prompt length L.
+        norm_groups: GroupNorm groups in UNet and VAE.
+        scheduler: DDIM scheduler config written to the folder.
     """
 
     image_size: int = 32
@@ -85,6 +89,7 @@ class SDArchitecture:
     unet_layers_per_block: int = 1
     unet_attention_head_dim: int = 8
     vae_channels: tuple[int, ...] = (32, 64)
+    vae_layers_per_block: int = 1
     text_width: int = 32
     text_layers: int = 2
     text_heads: int = 4
@@ -96,6 +101,23 @@ class SDArchitecture:
     @property
     def latent_size(self) -> int:
         return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+
+# Stable Diffusion 1.5's sizes (its unet/, vae/ and text_encoder/ configs): 859,520,964 UNet,
+# 83,653,863 VAE and 123,060,480 text-encoder parameters, 512x512 pixels, 64x64x4 latents.
+SD15_ARCHITECTURE = SDArchitecture(
+    image_size=512,
+    unet_channels=(320, 640, 1280, 1280),
+    unet_layers_per_block=2,
+    unet_attention_head_dim=8,
+    vae_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    text_width=768,
+    text_layers=12,
+    text_heads=12,
+    text_intermediate=3072,
+    norm_groups=32,
+)
 
 
 def build_unet(arch: SDArchitecture) -> UNet2DConditionModel:
@@ -123,7 +145,7 @@ def build_vae(arch: SDArchitecture) -> AutoencoderKL:
         block_out_channels=arch.vae_channels,
         down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels,
-        layers_per_block=1,
+        layers_per_block=arch.vae_layers_per_block,
         norm_num_groups=arch.norm_groups,
         sample_size=arch.image_size,
     )

@@ -25,6 +25,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
+from pipeline.diffusion.precision import PRECISIONS
+
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # Stable Diffusion's DDIM defaults; a model folder's scheduler config may only override the beta table.
@@ -55,6 +57,8 @@ class DiffusionModel:
         scheduler: DDIM scheduler holding the alpha-bar table.
         model_id: the path or hub id it was loaded from.
         fingerprint: sha256 over the weights' bytes, recorded in job outputs.
+        precision: fp32 | tf32 | mixed | bf16, the numeric policy of its UNet calls
+            (`pipeline.diffusion.precision`); the engine makes it current while it inverts or edits.
     """
 
     unet: UNet2DConditionModel
@@ -64,6 +68,7 @@ class DiffusionModel:
     scheduler: DDIMScheduler
     model_id: str
     fingerprint: str
+    precision: str = "fp32"
 
     @property
     def device(self) -> torch.device:
@@ -141,6 +146,7 @@ def load_diffusion_model(
     source: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    precision: str = "fp32",
 ) -> DiffusionModel:
     """Load UNet, VAE, text encoder, tokenizer and a DDIM scheduler.
 
@@ -148,10 +154,13 @@ def load_diffusion_model(
         source: a diffusers-format folder or a hub id (read from the local hub cache when offline).
         device: where the modules go.
         dtype: parameter dtype. Inversion optimises in float32; keep the default unless only sampling.
+        precision: fp32 | tf32 | mixed | bf16 (`pipeline.diffusion.precision`): how float32 weights compute.
 
     Returns:
         The loaded model in eval mode with gradients disabled on all weights.
     """
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"model.precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
     location, is_local = _resolve(source)
     kwargs = {"local_files_only": is_local or os.environ.get("HF_HUB_OFFLINE") == "1"}
     try:
@@ -185,6 +194,7 @@ def load_diffusion_model(
         scheduler=scheduler,
         model_id=str(source),
         fingerprint=fingerprint_modules(unet, vae, text_encoder),
+        precision=precision,
     )
 
 

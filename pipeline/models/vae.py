@@ -9,7 +9,11 @@ from pipeline.models.loading import DiffusionModel
 
 def encode_images(model: DiffusionModel, images: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> z_0 = ENC(x) * scaling_factor, (B, C, h, w); the posterior mean."""
-    pixels = images.permute(0, 3, 1, 2).to(model.device, model.vae.dtype) / 127.5 - 1.0
+    pixels = images.permute(0, 3, 1, 2)
+    if model.device.type == "cuda":
+        # uint8 from page-locked memory: a quarter of float32's bytes, copied without a staging buffer.
+        pixels = pixels.pin_memory()
+    pixels = pixels.to(model.device, non_blocking=True).to(model.vae.dtype) / 127.5 - 1.0
     with torch.no_grad():
         latents = model.vae.encode(pixels).latent_dist.mean
     shift = getattr(model.vae.config, "shift_factor", None) or 0.0

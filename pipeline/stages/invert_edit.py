@@ -170,6 +170,7 @@ class InvertEditActor:
         model_path: diffusers folder or hub id.
         device: auto | cpu | cuda.
         dtype: float32 | float16 | bfloat16.
+        precision: fp32 | tf32 | mixed | bf16, the UNet's numeric policy.
         inversion: the job's inversion config (engine config + which prompt to invert with).
         edits: the job's edit plan.
         metrics: metrics config (only the backbone names are recorded here).
@@ -185,8 +186,9 @@ class InvertEditActor:
         edits: tuple[EditSpec, ...],
         metrics: MetricsConfig,
         edit_batch_size: int,
+        precision: str = "fp32",
     ):
-        self.model = load_diffusion_model(model_path, resolve_device(device), _DTYPES[dtype])
+        self.model = load_diffusion_model(model_path, resolve_device(device), _DTYPES[dtype], precision)
         self.inversion = inversion
         self.edits = edits
         self.backbones = backbone_names(metrics)

@@ -163,3 +163,20 @@ def test_a_rejected_target_prompt_fails_the_edits_it_serves(tiny_sd_path, images
     assert [record["target_class"] for record in records] == ["square", "square"]
     assert (failure.stage, failure.error_type, failure.message) == ("invert", "InversionError", message)
     assert failure.edit_id is not None and failure.edit_id not in {record["edit_id"] for record in records}
+
+
+def test_the_job_specs_model_precision_reaches_the_actors_model(tiny_sd_path, tmp_path):
+    """Every key the dataflow hands the actor is one of its parameters, and model.precision arrives."""
+    from pipeline.config import load_config
+    from pipeline.dataflow import invert_edit_arguments
+
+    spec = {
+        "input": {"shards": "data/shard-000000.tar"},
+        "model": {"path": tiny_sd_path, "device": "cpu", "precision": "mixed"},
+        "edits": [{"target_class": "square"}],
+        "output": {"path": str(tmp_path / "out")},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(spec))
+    actor = InvertEditActor(**invert_edit_arguments(load_config(path)))
+    assert actor.model.precision == "mixed"
