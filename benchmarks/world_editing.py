@@ -45,7 +45,7 @@ from pipeline.world.groundtruth import edit_error, shape_swap_edits
 from pipeline.world.model_card import ASSETS, write_model_card
 from pipeline.world.oracle import load_oracle
 
-METHODS = ("ddim", "negative_prompt", "null_text", "prompt_tuning")
+METHODS = ("ddim", "negative_prompt", "null_text", "prompt_tuning", "direct")
 OPTIMISED_METHODS = ("null_text", "prompt_tuning")  # the methods whose inner loop uses the learning rate
 
 
