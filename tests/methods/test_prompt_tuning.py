@@ -116,3 +116,22 @@ def test_prompt_tuning_follows_algorithm_1_step_by_step(tiny_sd, images, prompts
     assert result.iterations.eq(2).all()
     # The tuning moved c_t: a test of the steps, not of an identity.
     assert (embeddings[-1] - cond).abs().max() > 1e-3
+
+
+def test_a_nan_in_the_tuning_names_prompt_tunings_loop(tiny_sd, images, prompts):
+    poisoned = []
+
+    def poison(module, args, kwargs, output):
+        if torch.is_grad_enabled() and not poisoned:  # the first call that is optimised
+            poisoned.append(True)
+            output.sample[:] = float("nan")
+        return output
+
+    handle = tiny_sd.unet.register_forward_hook(poison, with_kwargs=True)
+    try:
+        config = InversionConfig.of("prompt_tuning", num_steps=5, guidance_scale=7.5)
+        result = invert(tiny_sd, images[:1], prompts[:1], config)
+    finally:
+        handle.remove()
+    assert poisoned
+    assert "non-finite loss in prompt tuning optimisation at step 0" in result.errors[0], result.errors

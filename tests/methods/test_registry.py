@@ -8,7 +8,7 @@ from dummy_method import NAME, DummyParams
 
 from pipeline.config import ConfigError, parse_config
 from pipeline.engine import EditRequest, EngineInputError, InversionConfig, edit, invert
-from pipeline.methods import UnknownMethodError, get_method, method_names
+from pipeline.methods import NullTextParams, UnknownMethodError, get_method, method_names
 from pipeline.models.vae import encode_images
 
 
@@ -71,3 +71,9 @@ def test_a_method_in_its_own_file_runs_as_a_job(ray_local, write_job_spec, clean
     assert manifest["counts"] == clean_run["manifest"]["counts"]
     edits = pq.read_table(output / "edits").to_pylist()
     assert edits and all(NAME in row["params"] for row in edits)
+
+
+def test_settings_without_a_method_are_null_texts_with_the_papers_defaults():
+    config = InversionConfig.of(num_steps=7)
+    assert config.method == "null_text" and config.num_steps == 7
+    assert config.method_params == NullTextParams()
