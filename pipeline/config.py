@@ -130,6 +130,11 @@ class EditSpec:
         seeds: one edit per seed (sample_index = position in this list).
         eta: prompt tuning's interpolation weight.
         latent_interpolation: prompt tuning's eq. 10 variant.
+        samples: K stochastic samples per seed (needs `stochastic`); sample k of seed s draws its
+            embeddings with sample_seed = s * K + k and has sample_index = (position of s) * K + k.
+        stochastic: null (deterministic edits) or null_text_vae (sampled null-text embeddings; needs
+            inversion.method null_text_vae).
+        temperature: the sampling temperature (scales the VAE's sigma; 0 = the mean decode).
     """
 
     target_class: str
@@ -140,6 +145,30 @@ class EditSpec:
     seeds: tuple[int, ...] = (0,)
     eta: float = 0.9
     latent_interpolation: bool = False
+    samples: int = 1
+    stochastic: Literal["null_text_vae"] | None = None
+    temperature: float = 1.0
+
+    # Keys that a deterministic edit leaves out of its mapping, so its edit ids and spec digest stay as
+    # they were before stochastic edits existed.
+    STOCHASTIC_KEYS = ("samples", "stochastic", "temperature")
+
+    def to_mapping(self) -> dict[str, Any]:
+        mapping = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.stochastic is None and self.samples == 1:
+            for key in self.STOCHASTIC_KEYS:
+                mapping.pop(key)
+        return mapping
+
+    def sample_seeds(self) -> list[tuple[int, int, int | None]]:
+        """(seed, sample_index, sample_seed) of every edit of this spec; sample_seed None when deterministic."""
+        if self.stochastic is None:
+            return [(seed, index, None) for index, seed in enumerate(self.seeds)]
+        return [
+            (seed, position * self.samples + k, seed * self.samples + k)
+            for position, seed in enumerate(self.seeds)
+            for k in range(self.samples)
+        ]
 
 
 @dataclass(frozen=True)
@@ -504,6 +533,7 @@ def _check(config: JobConfig, origin: str) -> None:
             raise _fail(origin, f"edits.{index}.seeds", "needs at least one seed")
         if len(set(edit.seeds)) != len(edit.seeds):
             raise _fail(origin, f"edits.{index}.seeds", f"{list(edit.seeds)} repeats a seed")
+        _check_samples(edit, config.inversion, origin, f"edits.{index}")
         if edit in config.edits[:index]:
             raise _fail(
                 origin,
@@ -534,6 +564,26 @@ def _check(config: JobConfig, origin: str) -> None:
     retry = config.input.retry
     if retry.attempts < 1 or retry.backoff_seconds < 0 or retry.max_backoff_seconds < 0:
         raise _fail(origin, "input.retry", "attempts must be >= 1 and the backoff seconds >= 0")
+
+
+def _check_samples(edit: EditSpec, inversion: InversionConfig, origin: str, key: str) -> None:
+    if edit.samples < 1:
+        raise _fail(origin, f"{key}.samples", f"{edit.samples} must be >= 1")
+    if edit.samples > 1 and edit.stochastic is None:
+        raise _fail(
+            origin,
+            f"{key}.samples",
+            "K > 1 samples need stochastic: null_text_vae (deterministic samples would all be equal)",
+        )
+    if edit.stochastic is not None and inversion.method != edit.stochastic:
+        raise _fail(
+            origin,
+            f"{key}.stochastic",
+            f"{edit.stochastic} samples need inversion.method: {edit.stochastic} "
+            f"(it is {inversion.method!r})",
+        )
+    if not edit.temperature >= 0:
+        raise _fail(origin, f"{key}.temperature", f"{edit.temperature} must be >= 0")
 
 
 def to_dict(config: Any) -> Any:

@@ -182,6 +182,11 @@ def edit(model: DiffusionModel, inversion: InversionResult, requests: list[EditR
     started = time.perf_counter()
     for position, request in enumerate(requests):
         validate_request(model.tokenizer, inversion.batch_size, inversion.source_prompts, position, request)
+        if request.sample_temperature is not None and not inversion.latents.edit_hook.stochastic:
+            raise EngineInputError(
+                f"requests[{position}] asks for a stochastic sample (sample_temperature), but inversion "
+                f"method {inversion.config.method!r} has none; invert with method 'null_text_vae'."
+            )
     results: dict[int, EditResult] = {}
     for position, request in enumerate(requests):
         error = inversion.errors[request.image_index]

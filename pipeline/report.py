@@ -41,14 +41,36 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
         )
         if files:
             hive = "true" if table_schema.partition_by else "false"
-            columns = ", ".join(f'"{column}"' for column in table_schema.names)
-            connection.sql(
-                f"create view {name} as select {columns} from read_parquet('{prefix}{root}/{name}/**/*.parquet', hive_partitioning={hive})"
+            source = (
+                f"read_parquet('{prefix}{root}/{name}/**/*.parquet', hive_partitioning={hive}, "
+                "union_by_name=true)"
             )
+            stored = {row[0] for row in connection.sql(f"describe select * from {source}").fetchall()}
+            columns = ", ".join(_column(field, stored) for field in table_schema.schema)
+            connection.sql(f"create view {name} as select {columns} from {source}")
         else:
             connection.register(f"_{name}_empty", pa.Table.from_pylist([], schema=table_schema.schema))
             connection.sql(f"create view {name} as select * from _{name}_empty")
     return connection
+
+
+_DUCKDB_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.binary(): "BLOB",
+    pa.bool_(): "BOOLEAN",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float32(): "FLOAT",
+    pa.float64(): "DOUBLE",
+}
+
+
+def _column(field: pa.Field, stored: set[str]) -> str:
+    """A view column: the stored one, or null for a column added to the schema after the files were
+    written (outputs of older versions stay readable, and files of both versions read together)."""
+    if field.name in stored:
+        return f'"{field.name}"'
+    return f'cast(null as {_DUCKDB_TYPES[field.type]}) as "{field.name}"'
 
 
 def open_table(output: str, name: str) -> duckdb.DuckDBPyRelation:

@@ -71,6 +71,14 @@ def test_prompt_tuning_defaults_are_the_papers(tmp_path):
 def test_round_trip_through_to_dict():
     config = parse_config(MINIMAL)
     assert parse_config(to_dict(config)) == config
+    stochastic = {
+        **MINIMAL,
+        "inversion": {"method": "null_text_vae", "epochs": 3},
+        "edits": [{"target_class": "fox", "samples": 4, "stochastic": "null_text_vae", "temperature": 0.5}],
+    }
+    config = parse_config(stochastic)
+    assert (config.edits[0].samples, config.edits[0].temperature) == (4, 0.5)
+    assert parse_config(to_dict(config)) == config
 
 
 @pytest.mark.parametrize(
@@ -102,6 +110,22 @@ def test_round_trip_through_to_dict():
         ({"metrics": {"perceptual": "features:mine"}}, "metrics.feature_extractor", "required"),
         ({"filter": {"require_target_class": True}}, "filter.require_target_class", "metrics.classifier"),
         ({"surprise": 1}, "surprise", "unknown key"),
+        ({"edits": [{"target_class": "fox", "samples": 4}]}, "edits.0.samples", "need stochastic"),
+        ({"edits": [{"target_class": "fox", "samples": 0}]}, "edits.0.samples", "must be >= 1"),
+        (
+            {"edits": [{"target_class": "fox", "stochastic": "null_text_vae"}]},
+            "edits.0.stochastic",
+            "need inversion.method: null_text_vae",
+        ),
+        (
+            {
+                "inversion": {"method": "null_text_vae"},
+                "edits": [{"target_class": "fox", "stochastic": "null_text_vae", "temperature": -0.5}],
+            },
+            "edits.0.temperature",
+            "must be >= 0",
+        ),
+        ({"edits": [{"target_class": "fox", "stochastic": "cond_vae"}]}, "edits.0.stochastic", "not one of"),
     ],
 )
 def test_bad_specs_name_file_and_key(tmp_path, change, key, words):

@@ -194,3 +194,26 @@ def test_other_spec_into_same_output_is_refused(clean_run, write_job_spec, tmp_p
         run_job(changed)
     manifest = run_job(changed, overwrite=True, limit=1)
     assert manifest["counts"]["read"] <= 1
+
+
+def test_stochastic_samples_become_k_rows_with_their_diversity(ray_local, write_job_spec, tmp_path):
+    """samples: 3 with stochastic: null_text_vae: three rows per edited source, each with its own
+    sample_index, sample_seed and edit_id, sharing one sample_group and its diversity."""
+    output = tmp_path / "out"
+    inversion = {"method": "null_text_vae", "num_steps": 3, "inner_steps": 1, "guidance_scale": 3.0}
+    inversion |= {"epochs": 1, "hidden_dim": 8}
+    edits = [{"target_class": "fox", "source_classes": ["cat", "dog"], "samples": 3}]
+    edits[0] |= {"stochastic": "null_text_vae", "temperature": 1.0}
+    run_job(load_config(write_job_spec(output, inversion=inversion, edits=edits)), limit=2)
+    rows = read_table(output, "edits").to_pylist()
+    assert rows and len(rows) % 3 == 0
+    assert len({row["edit_id"] for row in rows}) == len(rows)
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(row["source_id"], []).append(row)
+    for samples in by_source.values():
+        assert sorted(row["sample_index"] for row in samples) == [0, 1, 2]
+        assert sorted(row["sample_seed"] for row in samples) == [0, 1, 2]
+        assert len({row["sample_group"] for row in samples}) == 1
+        assert len({row["diversity"] for row in samples}) == 1 and samples[0]["diversity"] is not None
+        assert samples[0]["diversity_bound"] is not None

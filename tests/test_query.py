@@ -8,6 +8,8 @@ import csv
 import io
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from output_tables import write_output
 from typer.testing import CliRunner
@@ -73,3 +75,33 @@ def test_open_table_is_a_relation_over_the_table(written):
     assert classes == {row["target_class"] for row in written["rows"]["edits"]}  # "red panda" decoded
     with pytest.raises(ValueError, match="unknown table"):
         pipeline.open_table(written["output"], "edit")
+
+
+def test_outputs_written_before_the_sample_columns_read_with_them_null(tmp_path):
+    """Files of an older writer (no sample or diversity columns) read as before, alone and beside new
+    files; the new columns are null for them."""
+
+    output = tmp_path / "out"
+    rows = write_output(str(output))
+    added = ("sample_seed", "sample_group", "diversity", "diversity_bound")
+    files = sorted((output / "edits").rglob("*.parquet"))
+    first = pq.read_table(files[0])
+    pq.write_table(first.drop_columns(list(added)), files[0])  # as an older version wrote it
+    new_rows = 0
+    for new in files[1:]:  # the newer files hold sample seeds
+        table = pq.read_table(new)
+        seeds = pa.array([7] * table.num_rows, type=pa.int64())
+        index = table.column_names.index("sample_seed")
+        pq.write_table(table.set_column(index, "sample_seed", seeds), new)
+        new_rows += table.num_rows
+    relation = pipeline.open_table(str(output), "edits")
+    assert relation.count("*").fetchall()[0][0] == len(rows["edits"])
+    assert set(added) <= set(relation.columns)
+    assert relation.filter("sample_seed = 7").count("*").fetchall()[0][0] == new_rows > 0
+    assert relation.filter("diversity is not null").count("*").fetchall()[0][0] == 0
+    for old in files:
+        table = pq.read_table(old)
+        pq.write_table(table.drop_columns([c for c in added if c in table.column_names]), old)
+    only_old = pipeline.open_table(str(output), "edits")
+    assert only_old.count("*").fetchall()[0][0] == len(rows["edits"])
+    assert only_old.filter("sample_group is null").count("*").fetchall()[0][0] == len(rows["edits"])

@@ -61,7 +61,9 @@ class EditRequest:
         control: attention control.
         eta: prompt tuning's interpolation weight (eq. 9/10); ignored by other methods.
         latent_interpolation: prompt tuning's eq. 10 variant instead of eq. 9.
-        seed: recorded for reproducibility; deterministic methods do not draw noise.
+        seed: the seed of a stochastic edit's sample; recorded (and unused) for deterministic edits.
+        sample_temperature: None for a deterministic edit; else the method samples the edit's
+            unconditional embeddings with `seed` at this temperature (0 = the mean decode).
     """
 
     image_index: int
@@ -70,6 +72,7 @@ class EditRequest:
     eta: float = 0.9
     latent_interpolation: bool = False
     seed: int = 0
+    sample_temperature: float | None = None
 
 
 @dataclass
@@ -188,6 +191,10 @@ def validate_request(tokenizer, batch_size: int, source_prompts: list[str], posi
             f"{where}.target_prompt is empty; give the prompt the image should be edited towards."
         )
     prompt_token_ids(tokenizer, request.target_prompt, f"{where}.target_prompt")
+    if request.sample_temperature is not None and not request.sample_temperature >= 0.0:
+        raise EngineInputError(
+            f"{where}.sample_temperature={request.sample_temperature} must be >= 0 (0 samples the mean)."
+        )
     if not 0.0 <= request.eta <= 1.0:
         raise EngineInputError(
             f"{where}.eta={request.eta} must be in [0, 1] (eq. 9 of prompt tuning inversion)."
@@ -289,10 +296,17 @@ def run_edits(
     targets = encode_prompts(model.tokenizer, model.text_encoder, [r.target_prompt for r in edit_requests])
     hook = latents.edit_hook
     cond = latents.cond_embeddings[:, rows].clone()
+    uncond = latents.uncond_embeddings[:, rows]
+    if any(request.sample_temperature is not None for request in edit_requests):
+        uncond = uncond.clone()
     for slot, (row, request) in enumerate(zip(layout.edit_rows, edit_requests, strict=True)):
         cond[:, row] = hook.edit_embeddings(
             latents.cond_embeddings[:, request.image_index], targets[slot], request
         )
+        if request.sample_temperature is not None:
+            uncond[:, row] = hook.edit_uncond_embeddings(
+                latents.uncond_embeddings[:, request.image_index], request
+            )
     sources = [source_prompts[r.image_index] for r in edit_requests]
     controls = [
         edit_controls(model.tokenizer, s, r, steps) for s, r in zip(sources, edit_requests, strict=True)
@@ -326,7 +340,7 @@ def run_edits(
             schedule,
             latents.trajectory[-1][rows],
             cond,
-            latents.uncond_embeddings[:, rows],
+            uncond,
             guidance_scale,
             controller=controller,
             after_step=after_step,

@@ -36,12 +36,14 @@ class StepwiseEmbeddings:
         reconstruction: (B, C, h, w) z~_0 reached with those embeddings.
         iterations: (S, B) optimiser steps taken per timestep and image.
         errors: per image, None or where it failed.
+        path: (S, B, C, h, w) z~_t, the reconstruction's latent at the start of each sampling step.
     """
 
     embeddings: torch.Tensor
     reconstruction: torch.Tensor
     iterations: torch.Tensor
     errors: list[str | None]
+    path: torch.Tensor | None = None
 
 
 def optimize_stepwise(
@@ -86,10 +88,11 @@ def optimize_stepwise(
     errors = list(errors) if errors is not None else [None] * batch
     current = initial_embeddings.detach().clone()
     latents = trajectory[steps]
-    per_step, iterations = [], torch.zeros(steps, batch, dtype=torch.long)
+    per_step, path, iterations = [], [], torch.zeros(steps, batch, dtype=torch.long)
     optimizer_class = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
     for step_index, timestep in enumerate(schedule.timesteps.tolist()):
         target = trajectory[steps - step_index - 1]
+        path.append(latents)
         params = [current[image].clone().requires_grad_(True) for image in range(batch)]
         step_optimizer = optimizer_class(params, lr=learning_rate(step_index))
         with torch.no_grad():
@@ -122,7 +125,7 @@ def optimize_stepwise(
             noise = _guided(optimized_noise, fixed_noise, optimized_branch, guidance_scale)
             latents = schedule.step(noise, timestep, latents)
         nonfinite_errors(latents, step_index, timestep, errors, f"{loop} (reconstruction step)")
-    return StepwiseEmbeddings(torch.stack(per_step), latents, iterations, errors)
+    return StepwiseEmbeddings(torch.stack(per_step), latents, iterations, errors, torch.stack(path))
 
 
 def _guided(

@@ -7,6 +7,7 @@ Legend:
     uncond_embeddings[i]   the unconditional embedding at sampling step i (null-text's null_t)
     cond_embeddings[i]     the conditional embedding at sampling step i (prompt tuning's c_t)
     EditHook               an edit row's conditional embedding (default: the target prompt c*), its
+                           unconditional embedding (default: the image's uncond_embeddings), its
                            latent after each step and its source row's latent after each step
                            (defaults: unchanged)
 """
@@ -20,7 +21,13 @@ import torch
 
 
 class EditHook:
-    """How a method's edit rows are conditioned and steered; this default is plain P2P editing."""
+    """How a method's edit rows are conditioned and steered; this default is plain P2P editing.
+
+    Attributes:
+        stochastic: whether edits may ask for a sampled unconditional embedding (`sample_temperature`).
+    """
+
+    stochastic = False
 
     def edit_embeddings(
         self, reconstruction_embeddings: torch.Tensor, target_embeddings: torch.Tensor, request: Any
@@ -37,6 +44,19 @@ class EditHook:
         """
         del reconstruction_embeddings, request
         return target_embeddings
+
+    def edit_uncond_embeddings(self, reconstruction_embeddings: torch.Tensor, request: Any) -> torch.Tensor:
+        """The edit row's unconditional embedding per step.
+
+        Args:
+            reconstruction_embeddings: (S, L, D) the image's unconditional embeddings (null-text's null_t).
+            request: the EditRequest.
+
+        Returns:
+            (S, L, D); this default keeps the reconstruction's.
+        """
+        del request
+        return reconstruction_embeddings
 
     def steer(self, latent: torch.Tensor, pivot: torch.Tensor, request: Any) -> torch.Tensor:
         """The edit row's latent (C, h, w) after a step, given the inversion's pivot z*_t at that step."""

@@ -53,6 +53,48 @@ class NullTextParams:
 
 
 @dataclass(frozen=True)
+class NullTextVAEParams:
+    """Stochastic null-text embeddings (Park et al., "Adding stochastic features in DDIM inversion based
+    image editing", §3.1): null-text inversion, then a per-image VAE over its null-text embeddings.
+
+    The paper gives the loss (eq. 1), a sequence-level MLP and cyclical KL annealing (its ref. [8], Fu
+    et al.) but no sizes or weights; the sizes, beta and the number of epochs here are inversa's choices.
+
+    Attributes:
+        inversion_guidance: w of the pivotal DDIM inversion (null-text: 1).
+        inner_steps: null-text's N (10).
+        learning_rate: null-text's base Adam lr (1e-2).
+        early_stop_epsilon: null-text's epsilon (1e-5).
+        latent_dim: size of the VAE's latent space (16).
+        reduced_channels: channels per token after the 1x1 reduction of the embedding (4).
+        hidden_dim: width of the encoder's and decoder's hidden layer (256).
+        epochs: VAE training passes over the S steps of the trajectory, one step per iteration (10).
+        vae_learning_rate: Adam lr of the VAE (1e-3).
+        alpha: weight of the reconstruction loss (eq. 1's alpha_phi; 1).
+        beta: largest weight of the KL loss (eq. 1's beta_phi; 1e-5, the KL of a few nats then
+            weighs about as much as the latent MSE of a null-text step).
+        kl_cycles: cycles of the annealing schedule over training (Fu et al.: 4).
+        kl_ramp: fraction of each cycle over which beta rises linearly from 0 (Fu et al.: 0.5).
+        seed: seed of the VAE's initial weights and training noise (every image uses it).
+    """
+
+    inversion_guidance: float = 1.0
+    inner_steps: int = 10
+    learning_rate: float = 1e-2
+    early_stop_epsilon: float = 1e-5
+    latent_dim: int = 16
+    reduced_channels: int = 4
+    hidden_dim: int = 256
+    epochs: int = 10
+    vae_learning_rate: float = 1e-3
+    alpha: float = 1.0
+    beta: float = 1e-5
+    kl_cycles: int = 4
+    kl_ramp: float = 0.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class NegativePromptParams:
     """Negative-prompt inversion (Miyake et al.): no parameters of its own."""
 
@@ -232,6 +274,15 @@ register(
 )
 register(
     MethodInfo(
+        "null_text_vae",
+        NullTextVAEParams,
+        "pipeline.methods.null_text_vae",
+        "null-text inversion with a VAE over its null-text embeddings: stochastic edits",
+        optimizes=True,
+    )
+)
+register(
+    MethodInfo(
         "negative_prompt",
         NegativePromptParams,
         "pipeline.methods.negative_prompt",
@@ -265,6 +316,7 @@ __all__ = [
     "MethodInfo",
     "NegativePromptParams",
     "NullTextParams",
+    "NullTextVAEParams",
     "PromptTuningParams",
     "UnknownMethodError",
     "get_method",

@@ -4,7 +4,7 @@
 Rows stay one per source sample. The actor adds (names in `pipeline.stages.rows`):
     recon (B, S, S, 3) uint8, invert_seconds (B,), model_id, model_fingerprint,
     edits_json: per row a JSON list of the row's edits (edit_id, target_class, target_prompt, seed,
-        sample_index, params, edit_seconds, has_mask),
+        sample_index, sample_seed, sample_group, params, edit_seconds, has_mask),
     edit_images: per row (E, S, S, 3) uint8, edit_masks: per row (E, S, S) bool (True = edited),
     gpu_peak_bytes (B,): torch.cuda.max_memory_allocated of the actor so far (NaN on a CPU),
 and records failures in the row's failures (`mark_failed`): a row whose inversion fails gets status
@@ -138,6 +138,8 @@ class RowOutput:
                 "target_prompt": plan.target_prompt,
                 "seed": plan.seed,
                 "sample_index": plan.sample_index,
+                "sample_seed": plan.sample_seed,
+                "sample_group": plan.sample_group,
                 "params": plan.params,
                 "edit_seconds": float(outcome.seconds),
                 "has_mask": has_mask,
@@ -372,7 +374,8 @@ class InvertEditActor:
                 job.plan.control,
                 job.plan.eta,
                 job.plan.latent_interpolation,
-                job.plan.seed,
+                job.plan.seed if job.plan.sample_seed is None else job.plan.sample_seed,
+                job.plan.sample_temperature,
             )
             for job in jobs
         ]

@@ -36,6 +36,9 @@ class PlannedEdit:
         eta: prompt tuning's eta.
         latent_interpolation: prompt tuning's eq. 10 variant.
         params: JSON string recorded in the edits table.
+        sample_seed: the seed of a stochastic sample's embeddings; None for a deterministic edit.
+        sample_temperature: the stochastic sample's temperature; None for a deterministic edit.
+        sample_group: id shared by all samples of one edit spec of one source (None when deterministic).
     """
 
     edit_id: str
@@ -47,6 +50,9 @@ class PlannedEdit:
     eta: float
     latent_interpolation: bool
     params: str
+    sample_seed: int | None = None
+    sample_temperature: float | None = None
+    sample_group: str | None = None
 
 
 def applies_to(spec: EditSpec, source_class: str | None) -> bool:
@@ -100,18 +106,26 @@ def fill_control(control: AttentionControl, source_word: str, target_word: str) 
     )
 
 
-def make_edit_id(source_id: str, spec: EditSpec, inversion: InversionConfig, prompt: str, seed: int) -> str:
-    """sha256 (first 32 hex digits) of source_id, the canonical edit spec, inversion config, prompt and seed."""
-    canonical = json.dumps(
-        {
-            "source_id": source_id,
-            "spec": to_dict(spec),
-            "inversion": to_dict(inversion),
-            "prompt": prompt,
-            "seed": seed,
-        },
-        sort_keys=True,
-    )
+def make_edit_id(
+    source_id: str,
+    spec: EditSpec,
+    inversion: InversionConfig,
+    prompt: str,
+    seed: int | None,
+    sample_seed: int | None = None,
+) -> str:
+    """sha256 (first 32 hex digits) of source_id, the canonical edit spec, inversion config, prompt, seed
+    and (for a stochastic sample only, so deterministic ids are unchanged) the sample seed."""
+    record = {
+        "source_id": source_id,
+        "spec": to_dict(spec),
+        "inversion": to_dict(inversion),
+        "prompt": prompt,
+        "seed": seed,
+    }
+    if sample_seed is not None:
+        record["sample_seed"] = sample_seed
+    canonical = json.dumps(record, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -147,10 +161,18 @@ def plan_edits(
             "latent_interpolation": spec.latent_interpolation,
             "metrics": backbones,
         }
-        for sample_index, seed in enumerate(spec.seeds):
+        if spec.stochastic is not None:
+            params["stochastic"] = {
+                "method": spec.stochastic,
+                "samples": spec.samples,
+                "temperature": spec.temperature,
+            }
+        stochastic = spec.stochastic is not None
+        group = make_edit_id(source_id, spec, inversion, prompt, None) if stochastic else None
+        for seed, sample_index, sample_seed in spec.sample_seeds():
             planned.append(
                 PlannedEdit(
-                    edit_id=make_edit_id(source_id, spec, inversion, prompt, seed),
+                    edit_id=make_edit_id(source_id, spec, inversion, prompt, seed, sample_seed),
                     target_class=spec.target_class,
                     target_prompt=prompt,
                     seed=seed,
@@ -159,6 +181,9 @@ def plan_edits(
                     eta=spec.eta,
                     latent_interpolation=spec.latent_interpolation,
                     params=json.dumps(params, sort_keys=True),
+                    sample_seed=sample_seed,
+                    sample_temperature=spec.temperature if stochastic else None,
+                    sample_group=group,
                 )
             )
     return planned, failures

@@ -5,7 +5,9 @@ recorded in every edit's params and in the manifest.
 Adds per row: recon_psnr, recon_ssim, recon_lpips (float32, NaN when not computed) and the metric
 values inside each entry of edits_json (clip_t, clip_i, clip_dir, lpips, bg_psnr, bg_lpips; null
 when undefined, e.g. bg_* when the edit mask covers the whole image; bg_psnr is +inf when the
-background is unchanged to the last bit), and classified_as: the class that metrics.classifier
+background is unchanged to the last bit), diversity and diversity_bound (eq. 5 of Park et al.: the
+mean pairwise perceptual distance among the stochastic samples of the edit's sample_group, and their
+mean distance to the source; null for deterministic edits), and classified_as: the class that metrics.classifier
 reads in the edited image (null when no classifier is configured). When a batch cannot be scored,
 its ok rows become "score_failed" with a score failure (`pipeline.stages.rows.mark_failed`).
 """
@@ -138,6 +140,9 @@ class ScoreActor:
             "bg_lpips": _values(self.perceptual(edit, source, mask=background)),
             "classified_as": self._classify(edit),
         }
+        diversity = self._diversity(owners, records, edit, scores["lpips"])
+        scores["diversity"] = [value for value, _ in diversity]
+        scores["diversity_bound"] = [bound for _, bound in diversity]
         by_row: dict[int, list[dict]] = {}
         for position, (row, record) in enumerate(zip(owners, records, strict=True)):
             for name, values in scores.items():
@@ -147,6 +152,29 @@ class ScoreActor:
             by_row.setdefault(row, []).append(record)
         for row, row_records in by_row.items():
             edits_json[row] = json.dumps(row_records)
+
+    def _diversity(
+        self, owners: list[int], records: list[dict], edit: torch.Tensor, lpips: list[float | None]
+    ) -> list[tuple[float | None, float | None]]:
+        """Per edit: (diversity, bound) of its sample group (eq. 5); None for deterministic edits and
+        groups of one sample."""
+        from pipeline.metrics.diversity import mean_pairwise_distance
+
+        groups: dict[tuple[int, str], list[int]] = {}
+        for position, (row, record) in enumerate(zip(owners, records, strict=True)):
+            if record.get("sample_group") is not None:
+                groups.setdefault((row, record["sample_group"]), []).append(position)
+        values: list[tuple[float | None, float | None]] = [(None, None)] * len(records)
+        for positions in groups.values():
+            if len(positions) < 2:
+                continue
+            index = torch.tensor(positions, device=edit.device)
+            diversity = mean_pairwise_distance(edit[index], self.perceptual)
+            distances = [lpips[p] for p in positions]
+            bound = None if None in distances else sum(distances) / len(distances)
+            for position in positions:
+                values[position] = (None if diversity != diversity else diversity, bound)
+        return values
 
     def _classify(self, images: torch.Tensor) -> list[str | None]:
         """The class metrics.classifier reads in each of images (B, 3, H, W) in [0, 1]; None without one."""

@@ -109,6 +109,8 @@ def rows_for_sample(batch: dict, index: int) -> tuple[list[dict], list[dict], li
                     "target_prompt": record["target_prompt"],
                     "seed": record["seed"],
                     "sample_index": record["sample_index"],
+                    "sample_seed": record.get("sample_seed"),
+                    "sample_group": record.get("sample_group"),
                     "params": record["params"],
                     "image": encode_png(batch[EDIT_IMAGES][index][position]),
                     "width": size[1],
@@ -117,6 +119,7 @@ def rows_for_sample(batch: dict, index: int) -> tuple[list[dict], list[dict], li
                         name: record[name]
                         for name in ("clip_t", "clip_i", "clip_dir", "lpips", "bg_psnr", "bg_lpips")
                     },
+                    **{name: record.get(name) for name in ("diversity", "diversity_bound")},
                     "classified_as": record["classified_as"],
                     "passed_filter": record["passed_filter"],
                     "filter_reason": record["filter_reason"],

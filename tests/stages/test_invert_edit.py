@@ -180,3 +180,50 @@ def test_the_job_specs_model_precision_reaches_the_actors_model(tiny_sd_path, tm
     path.write_text(json.dumps(spec))
     actor = InvertEditActor(**invert_edit_arguments(load_config(path)))
     assert actor.model.precision == "mixed"
+
+
+def test_stochastic_samples_are_rows_of_one_edit_call_and_equal_the_engines_samples(
+    tiny_sd_path, tiny_sd, images, prompts, monkeypatch
+):
+    """samples: K gives K edits per image with distinct sample_index and edit_id, all of both images in
+    one engine.edit call, each equal to the engine's edit drawn with its sample_seed."""
+    spec = EditSpec(
+        target_class="square",
+        source_classes=("circle", "star"),
+        seeds=(4,),
+        samples=3,
+        stochastic="null_text_vae",
+        temperature=30.0,  # the tiny model's noise depends weakly on the embedding: make it show in uint8
+    )
+    inversion = JobInversionConfig.of(
+        method="null_text_vae", num_steps=3, inner_steps=1, guidance_scale=7.5, epochs=1, hidden_dim=8
+    )
+    edit_calls = []
+    original_edit = engine.edit
+
+    def recording_edit(model, result, requests):
+        edit_calls.append(list(requests))
+        return original_edit(model, result, requests)
+
+    monkeypatch.setattr(invert_edit.engine, "edit", recording_edit)
+    actor = InvertEditActor(tiny_sd_path, "cpu", "float32", inversion, (spec,), MetricsConfig(), 8)
+    output = actor(source_batch(images, prompts))
+    records = [json.loads(output["edits_json"][row]) for row in range(3)]
+    assert [len(row_records) for row_records in records] == [3, 3, 0]
+    assert len(edit_calls) == 1 and len(edit_calls[0]) == 6
+    for row_records in records[:2]:
+        assert [r["sample_index"] for r in row_records] == [0, 1, 2]
+        assert [r["sample_seed"] for r in row_records] == [12, 13, 14]
+        assert len({r["sample_group"] for r in row_records}) == 1
+    assert len({r["edit_id"] for row_records in records for r in row_records}) == 6
+    for row in range(2):
+        reference = engine.invert(tiny_sd, images[row][None], [str(output["caption"][row])], inversion)
+        for position, record in enumerate(records[row]):
+            request = EditRequest(
+                0, record["target_prompt"], spec.control, seed=record["sample_seed"], sample_temperature=30.0
+            )
+            expected = engine.edit(tiny_sd, reference, [request])[0]
+            difference = np.abs(output["edit_images"][row][position].astype(int) - expected.image.numpy())
+            assert difference.max() <= 2, (row, position, difference.max())
+    # The samples differ from each other.
+    assert not np.array_equal(output["edit_images"][0][0], output["edit_images"][0][1])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 
 import pytest
 
-from pipeline.config import EditSpec, PromptSpec
+from pipeline.config import EditSpec, PromptSpec, to_dict
 from pipeline.engine import AttentionControl, InversionConfig
 from pipeline.stages.plan import PlanError, applies_to, make_edit_id, plan_edits, target_prompt
 
@@ -65,3 +67,54 @@ def test_edit_id_is_deterministic_and_sensitive_to_every_input():
         make_edit_id("s#1", FOX, InversionConfig(), "a fox", 1),
     }
     assert base not in variants and len(variants) == 5
+
+
+STOCHASTIC = dataclasses.replace(FOX, seeds=(5, 9), samples=3, stochastic="null_text_vae", temperature=0.7)
+VAE = InversionConfig.of(method="null_text_vae")
+
+
+def test_stochastic_samples_fan_out_with_reproducible_seeds_and_distinct_ids():
+    planned, failures = plan_edits("s#1", "cat", "a photo of a cat", {}, (STOCHASTIC,), VAE, BACKBONES)
+    assert failures == []
+    # K samples per seed: sample k of seed s has sample_seed s * K + k and index (position of s) * K + k.
+    expected = [
+        (seed, position * 3 + k, seed * 3 + k) for position, seed in enumerate((5, 9)) for k in range(3)
+    ]
+    assert [(p.seed, p.sample_index, p.sample_seed) for p in planned] == expected
+    assert len({p.edit_id for p in planned}) == 6
+    assert {p.sample_temperature for p in planned} == {0.7}
+    assert len({p.sample_group for p in planned}) == 1 and planned[0].sample_group not in {
+        p.edit_id for p in planned
+    }
+    assert json.loads(planned[0].params)["stochastic"] == {
+        "method": "null_text_vae",
+        "samples": 3,
+        "temperature": 0.7,
+    }
+    other, _ = plan_edits("s#2", "cat", "a photo of a cat", {}, (STOCHASTIC,), VAE, BACKBONES)
+    assert other[0].sample_group != planned[0].sample_group
+
+
+def test_deterministic_edits_keep_the_ids_and_params_they_had_before_samples_existed():
+    """The edit id of a spec without samples or stochastic, computed as it was before those keys existed."""
+    planned, _ = plan_edits("s#1", "cat", "a photo of a cat", {}, (FOX,), InversionConfig(), BACKBONES)
+    legacy_spec = {
+        key: value
+        for key, value in to_dict(dataclasses.asdict(FOX)).items()
+        if key not in ("samples", "stochastic", "temperature")
+    }
+    legacy_spec["control"] = to_dict(FOX.control)
+    for plan, seed in zip(planned, (0, 1), strict=True):
+        canonical = json.dumps(
+            {
+                "source_id": "s#1",
+                "spec": legacy_spec,
+                "inversion": to_dict(InversionConfig()),
+                "prompt": plan.target_prompt,
+                "seed": seed,
+            },
+            sort_keys=True,
+        )
+        assert plan.edit_id == hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        assert (plan.sample_seed, plan.sample_temperature, plan.sample_group) == (None, None, None)
+        assert "stochastic" not in json.loads(plan.params)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.config import ClipMetricConfig, MetricsConfig
 from pipeline.stages.rows import NO_FAILURES, decode_failures
@@ -117,3 +118,34 @@ def test_classifier_with_wrong_output_becomes_an_error_row(job_assets, tmp_path)
     [failure] = decode_failures(scored["failures"][0])
     assert (failure.stage, failure.error_type, failure.edit_id) == ("score", "TypeError", None)
     assert "metrics.classifier" in failure.message and "one class name" in failure.message
+
+
+def test_diversity_is_the_mean_pairwise_distance_within_each_sample_group(actor):
+    """Eq. 5: per sample group, the mean of d over its unordered pairs (computed here pair by pair with the
+    actor's own perceptual distance), and the group's mean distance to the source as the bound."""
+    rng = np.random.default_rng(1)
+    source = rng.integers(0, 255, size=(SIZE, SIZE, 3), dtype=np.uint8)
+    samples = [rng.integers(0, 255, size=(SIZE, SIZE, 3), dtype=np.uint8) for _ in range(5)]
+    mask = np.ones((SIZE, SIZE), dtype=bool)
+    batch = edit_batch(source, [(image, mask, False) for image in samples])
+    records = json.loads(batch["edits_json"][0])
+    # Two groups interleaved (three samples and one), and one deterministic edit.
+    for record, group in zip(records, ["g", "h", "g", None, "g"], strict=True):
+        record["sample_group"] = group
+    batch["edits_json"][0] = json.dumps(records)
+    scored = json.loads(actor(batch)["edits_json"][0])
+
+    def distance(a: np.ndarray, b: np.ndarray) -> float:
+        to_unit = lambda image: torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+        return float(actor.perceptual(to_unit(a), to_unit(b))[0])
+
+    group = [0, 2, 4]
+    pairs = [(i, j) for i in group for j in group if i < j]
+    expected = sum(distance(samples[i], samples[j]) for i, j in pairs) / len(pairs)
+    bound = sum(scored[i]["lpips"] for i in group) / len(group)
+    for i in group:
+        assert scored[i]["diversity"] == pytest.approx(expected, rel=1e-4)
+        assert scored[i]["diversity_bound"] == pytest.approx(bound, rel=1e-6)
+    assert expected > 0
+    for lone in (1, 3):  # a group of one sample, and a deterministic edit: undefined
+        assert scored[lone]["diversity"] is None and scored[lone]["diversity_bound"] is None

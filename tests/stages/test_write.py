@@ -102,3 +102,50 @@ def test_write_summary_names_the_shards_own_failures_only(tmp_path):
     [message] = errors[str(tmp_path / "absent.tar")]
     assert "absent.tar" in message and "2 reads" in message
     assert all(np.isnan(summary["gpu_peak_bytes"]))
+
+
+def test_edit_rows_carry_the_sample_columns_and_validate(tmp_path):
+    """A stochastic sample's seed, group and diversity reach the edits table; a deterministic edit (as
+    written before these columns existed) gets nulls."""
+    import numpy as np
+
+    from pipeline.stages.write import rows_for_sample
+
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    metrics = {name: 0.5 for name in ("clip_t", "clip_i", "clip_dir", "lpips", "bg_psnr", "bg_lpips")}
+    common = {"target_class": "fox", "target_prompt": "a fox", "seed": 4, "edit_seconds": 0.1, **metrics}
+    common |= {"params": json.dumps({"inversion": {"method": "null_text_vae"}}), "classified_as": None}
+    common |= {"passed_filter": True, "filter_reason": None}
+    sample = {"edit_id": "a", "sample_index": 2, "sample_seed": 14, "sample_group": "g", "diversity": 0.25}
+    sample |= {"diversity_bound": 0.5}
+    records = [{**common, **sample}, {**common, "edit_id": "b", "sample_index": 0}]  # the second: older
+    edit_images = np.empty(1, dtype=object)
+    edit_images[0] = np.stack([image, image])
+
+    def column(value):
+        return np.array([value], dtype=object)
+
+    batch = {
+        "source_id": column("s#1"),
+        "status": column("ok"),
+        "failures": column("[]"),
+        "model_id": column("tiny"),
+        "invert_seconds": np.array([1.0]),
+        "image": image[None],
+        "recon": image[None],
+        "edits_json": column(json.dumps(records)),
+        "edit_images": edit_images,
+        "source_class": column("cat"),
+        "caption": column("a cat"),
+        "orig_width": np.array([8]),
+        "orig_height": np.array([8]),
+        **{name: np.array([30.0]) for name in ("recon_psnr", "recon_ssim", "recon_lpips")},
+    }
+    edits, _, _ = rows_for_sample(batch, 0)
+    validate_table("edits", to_table("edits", edits))
+    first, second = edits
+    assert (first["sample_seed"], first["sample_group"], first["sample_index"]) == (14, "g", 2)
+    assert (first["diversity"], first["diversity_bound"]) == (0.25, 0.5)
+    assert [second[name] for name in ("sample_seed", "sample_group", "diversity", "diversity_bound")] == [
+        None
+    ] * 4
