@@ -38,6 +38,7 @@ import torch
 
 from pipeline.diffusion.errors import EngineInputError
 from pipeline.diffusion.optimization import optimize_stepwise
+from pipeline.diffusion.precision import fixed_branch_noise, optimised_branch_noise
 from pipeline.diffusion.trajectory import EditHook, InversionInputs, MethodResult, per_step
 from pipeline.methods import NullTextVAEParams
 from pipeline.methods.ddim_inversion import ddim_trajectory
@@ -199,8 +200,7 @@ def train_vae(
     path, trajectory = torch.nan_to_num(path), torch.nan_to_num(trajectory)
     with torch.no_grad():
         cond_noise = [
-            unet(path[i], timesteps[i], encoder_hidden_states=inputs.cond_embeddings).sample
-            for i in range(steps)
+            fixed_branch_noise(unet, path[i], timesteps[i], inputs.cond_embeddings) for i in range(steps)
         ]
     total = params.epochs * steps
     history = TrainingHistory(
@@ -216,7 +216,7 @@ def train_vae(
         noise = torch.randn(1, params.latent_dim, generator=generator).to(device).expand(batch, -1)
         step_timesteps = torch.full((batch,), timestep)
         sampled, mu, logvar = vae.sample(null_text[step_index], step_timesteps, images, noise)
-        uncond_noise = unet(path[step_index], timestep, encoder_hidden_states=sampled).sample
+        uncond_noise = optimised_branch_noise(unet, path[step_index], timestep, sampled)
         guided = uncond_noise + inputs.guidance_scale * (cond_noise[step_index] - uncond_noise)
         landed = schedule.step(guided, timestep, path[step_index])
         reconstruction = (landed - trajectory[steps - step_index - 1]).pow(2).flatten(1).mean(dim=1)
