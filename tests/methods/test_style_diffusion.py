@@ -15,7 +15,7 @@ from pipeline.diffusion.trajectory import InversionInputs
 from pipeline.engine import AttentionControl, EditRequest, EngineInputError, InversionConfig, edit, invert
 from pipeline.methods import StyleDiffusionParams
 from pipeline.methods.ddim_inversion import ddim_trajectory
-from pipeline.methods.style_diffusion import init_mapping, train_mapping_networks
+from pipeline.methods.style_diffusion import init_mapping, inner_iterations, train_mapping_networks
 from pipeline.metrics.clip import ClipScorer
 from pipeline.models.vae import encode_images
 from pipeline.world.clip_model import SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS, register_shapes_clip
@@ -356,3 +356,11 @@ def test_bad_parameters_are_refused_with_the_setting_named(settings, named):
 def test_inverting_without_an_image_encoder_is_refused(tiny_sd, images, prompts):
     with pytest.raises(EngineInputError, match="image_encoder"):
         invert(tiny_sd, images[:1], prompts[:1], InversionConfig.of("style_diffusion", num_steps=STEPS))
+
+
+def test_inner_iterations_decay_as_ceil_k_exp_minus_0_1_i():
+    schedule = inner_iterations(100, 0.1, 30)
+    assert schedule[0] == 100 and len(schedule) == 30
+    for index, count in enumerate(schedule):
+        exact = 100 * math.exp(-0.1 * index)
+        assert exact <= count < exact + 1, (index, count)
