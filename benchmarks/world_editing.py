@@ -59,18 +59,32 @@ def _mean(values: torch.Tensor) -> float:
 
 
 def evaluate_method(
-    model, oracle, edits, method: str, steps: int, guidance: float, learning_rate: float | None
+    model,
+    oracle,
+    edits,
+    method: str,
+    steps: int,
+    guidance: float,
+    learning_rate: float | None,
+    image_encoder=None,
+    settings: dict | None = None,
 ) -> dict:
-    """Invert, reconstruct and shape-edit every scene with one method; metrics against ground truth."""
+    """Invert, reconstruct and shape-edit every scene with one method; metrics against ground truth.
+
+    `image_encoder` is passed to `invert` (style_diffusion's CLIP vision tower); `settings` are more
+    method parameters.
+    """
     images = torch.as_tensor(np.stack([case.source.image for case in edits]))
     source_prompts = [case.source.caption for case in edits]
     target_prompts = [case.target.caption for case in edits]
     override = {} if learning_rate is None else {"learning_rate": learning_rate}
-    config = InversionConfig.of(method, num_steps=steps, guidance_scale=guidance, **override)
+    config = InversionConfig.of(
+        method, num_steps=steps, guidance_scale=guidance, **override, **(settings or {})
+    )
     started = time.perf_counter()
     # Prompt tuning inverts towards the target prompt (Algorithm 1 initialises c_T from c*).
     prompts = target_prompts if config.info.default_prompt == "target" else source_prompts
-    inversion = invert(model, images, prompts, config)
+    inversion = invert(model, images, prompts, config, image_encoder=image_encoder)
     invert_seconds = time.perf_counter() - started
     control = AttentionControl(mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
     requests = [EditRequest(i, prompt, control) for i, prompt in enumerate(target_prompts)]
@@ -102,6 +116,7 @@ def evaluate_method(
             )
         ),
         "invert_seconds": round(invert_seconds, 1),
+        "invert_seconds_per_image": round(invert_seconds / len(edits), 2),
         "edit_seconds": round(edit_seconds, 1),
     }
 
