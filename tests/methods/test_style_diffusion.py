@@ -364,3 +364,19 @@ def test_inner_iterations_decay_as_ceil_k_exp_minus_0_1_i():
     for index, count in enumerate(schedule):
         exact = 100 * math.exp(-0.1 * index)
         assert exact <= count < exact + 1, (index, count)
+
+
+def test_image_tokens_are_every_last_layer_token_of_the_vision_tower(image_encoder):
+    scorer = image_encoder.__self__
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = image_encoder(images)
+    visual = scorer.model.visual
+    visual.output_tokens = True
+    try:
+        with torch.no_grad():
+            pooled, patch_tokens = visual(scorer.preprocess(images))
+    finally:
+        visual.output_tokens = False
+    assert tokens.shape[1] == patch_tokens.shape[1] + 1  # CLS included, as Table 1's 197 = 196 + 1
+    torch.testing.assert_close(tokens[:, 1:], patch_tokens)
+    torch.testing.assert_close(tokens[:, 0] @ visual.proj, pooled)
