@@ -5,7 +5,8 @@
 Both methods invert the held-out one-object scenes with their captions and edit the primary object's
 shape by a Prompt-to-Prompt word swap (`benchmarks.world_editing.evaluate_method`: reconstruction
 PSNR, PSNR against the ground-truth edit inside and outside the changed region, oracle readings,
-seconds per image). StyleDiffusion's E(x) is the shapes world's own open_clip vision tower; null-text
+seconds per image) and the structure distance of each edit to its source (self-similarity of the
+same vision tower's patch tokens, x 1e3). StyleDiffusion's E(x) is the shapes world's own open_clip vision tower; null-text
 runs with its paper defaults. `--inner-steps` is StyleDiffusion's K (paper: 100).
 """
 
@@ -59,7 +60,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for name, run in runs.items():
         table["methods"][name] = evaluate_method(
-            model, oracle, edits, steps=args.steps, guidance=args.guidance, **run
+            model,
+            oracle,
+            edits,
+            steps=args.steps,
+            guidance=args.guidance,
+            structure_tokens=image_encoder,
+            **run,
         )
         print(name, json.dumps(table["methods"][name]), flush=True)
     return table

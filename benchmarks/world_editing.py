@@ -39,6 +39,7 @@ from pipeline.engine import (
     invert,
 )
 from pipeline.metrics.pixel import psnr
+from pipeline.metrics.structure import structure_distance
 from pipeline.models.loading import load_diffusion_model
 from pipeline.training.world_data import HELDOUT_SEED_OFFSET, SD_FOLDER_NAME
 from pipeline.world.groundtruth import edit_error, shape_swap_edits
@@ -68,11 +69,13 @@ def evaluate_method(
     learning_rate: float | None,
     image_encoder=None,
     settings: dict | None = None,
+    structure_tokens=None,
 ) -> dict:
     """Invert, reconstruct and shape-edit every scene with one method; metrics against ground truth.
 
     `image_encoder` is passed to `invert` (style_diffusion's CLIP vision tower); `settings` are more
-    method parameters.
+    method parameters; with `structure_tokens` (images (B, 3, H, W) in [0, 1] -> ViT tokens, CLS
+    first) the edits' structure distance to their sources is reported too.
     """
     images = torch.as_tensor(np.stack([case.source.image for case in edits]))
     source_prompts = [case.source.caption for case in edits]
@@ -97,7 +100,13 @@ def evaluate_method(
     edited = torch.stack([result.image for result in results])
     errors = edit_error(edited, edits)
     readings = oracle.predict(edited.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
-    return {
+    scores = {}
+    if structure_tokens is not None:
+        distance = structure_distance(
+            structure_tokens(_unit(edited).float())[:, 1:], structure_tokens(_unit(images).float())[:, 1:]
+        )
+        scores["structure_dist_x1e3"] = round(float(distance.mean()) * 1e3, 3)
+    return scores | {
         "recon_psnr_db": _mean(psnr(_unit(inversion.reconstructions), _unit(images))),
         "gt_psnr_db": _mean(errors["psnr_all"]),
         "gt_psnr_changed_db": _mean(errors["psnr_changed"]),
