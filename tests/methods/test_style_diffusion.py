@@ -105,7 +105,11 @@ def test_batched_training_equals_each_image_alone_with_different_early_stops(
     first = train_mapping_networks(inputs, probe, trajectory, image_encoder(inputs.images), [None] * 3)
     # An epsilon between two images' first losses stops some images after one iteration at step 0.
     epsilon = float(first.losses[0].sort().values[:2].mean())
-    params = StyleDiffusionParams(inner_steps=3, learning_rate=1e-3, early_stop_epsilon=epsilon)
+    # With beta1 > 0 a stopped image that still took part in the forward pass would keep moving by
+    # momentum on a zero gradient (with the paper's beta1 = 0 it would not move at all).
+    params = StyleDiffusionParams(
+        inner_steps=3, learning_rate=1e-3, betas=(0.9, 0.999), early_stop_epsilon=epsilon
+    )
     batched = train_mapping_networks(inputs, params, trajectory, image_encoder(inputs.images), [None] * 3)
     for image in range(3):
         alone_inputs = _inputs(tiny_sd, images[image : image + 1], prompts[image : image + 1], image_encoder)
