@@ -39,6 +39,7 @@ from pipeline.engine import (
     invert,
 )
 from pipeline.metrics.pixel import psnr
+from pipeline.metrics.structure import structure_distance
 from pipeline.models.loading import load_diffusion_model
 from pipeline.training.world_data import HELDOUT_SEED_OFFSET, SD_FOLDER_NAME
 from pipeline.world.groundtruth import edit_error, shape_swap_edits
@@ -59,18 +60,34 @@ def _mean(values: torch.Tensor) -> float:
 
 
 def evaluate_method(
-    model, oracle, edits, method: str, steps: int, guidance: float, learning_rate: float | None
+    model,
+    oracle,
+    edits,
+    method: str,
+    steps: int,
+    guidance: float,
+    learning_rate: float | None,
+    image_encoder=None,
+    settings: dict | None = None,
+    structure_tokens=None,
 ) -> dict:
-    """Invert, reconstruct and shape-edit every scene with one method; metrics against ground truth."""
+    """Invert, reconstruct and shape-edit every scene with one method; metrics against ground truth.
+
+    `image_encoder` is passed to `invert` (style_diffusion's CLIP vision tower); `settings` are more
+    method parameters; with `structure_tokens` (images (B, 3, H, W) in [0, 1] -> ViT tokens, CLS
+    first) the edits' structure distance to their sources is reported too.
+    """
     images = torch.as_tensor(np.stack([case.source.image for case in edits]))
     source_prompts = [case.source.caption for case in edits]
     target_prompts = [case.target.caption for case in edits]
     override = {} if learning_rate is None else {"learning_rate": learning_rate}
-    config = InversionConfig.of(method, num_steps=steps, guidance_scale=guidance, **override)
+    config = InversionConfig.of(
+        method, num_steps=steps, guidance_scale=guidance, **override, **(settings or {})
+    )
     started = time.perf_counter()
     # Prompt tuning inverts towards the target prompt (Algorithm 1 initialises c_T from c*).
     prompts = target_prompts if config.info.default_prompt == "target" else source_prompts
-    inversion = invert(model, images, prompts, config)
+    inversion = invert(model, images, prompts, config, image_encoder=image_encoder)
     invert_seconds = time.perf_counter() - started
     control = AttentionControl(mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
     requests = [EditRequest(i, prompt, control) for i, prompt in enumerate(target_prompts)]
@@ -83,7 +100,13 @@ def evaluate_method(
     edited = torch.stack([result.image for result in results])
     errors = edit_error(edited, edits)
     readings = oracle.predict(edited.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
-    return {
+    scores = {}
+    if structure_tokens is not None:
+        distance = structure_distance(
+            structure_tokens(_unit(edited).float())[:, 1:], structure_tokens(_unit(images).float())[:, 1:]
+        )
+        scores["structure_dist_x1e3"] = round(float(distance.mean()) * 1e3, 3)
+    return scores | {
         "recon_psnr_db": _mean(psnr(_unit(inversion.reconstructions), _unit(images))),
         "gt_psnr_db": _mean(errors["psnr_all"]),
         "gt_psnr_changed_db": _mean(errors["psnr_changed"]),
@@ -102,6 +125,7 @@ def evaluate_method(
             )
         ),
         "invert_seconds": round(invert_seconds, 1),
+        "invert_seconds_per_image": round(invert_seconds / len(edits), 2),
         "edit_seconds": round(edit_seconds, 1),
     }
 

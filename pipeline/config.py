@@ -442,7 +442,10 @@ def build_dataclass(cls: type, data: Any, origin: str, key: str = "") -> Any:
             and dataclass_field.default_factory is dataclasses.MISSING
         ):
             raise _fail(origin, child, "is required")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as error:  # a dataclass that checks its own values (a method's parameters)
+        raise _fail(origin, key, str(error)) from None
 
 
 def apply_override(data: dict, assignment: str) -> None:

@@ -14,6 +14,7 @@ registry in `pipeline.methods`; the Prompt-to-Prompt batch lives in `pipeline.di
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,7 @@ def _check_prompts(model: DiffusionModel, prompts: list[str], count: int, argume
         prompt_token_ids(model.tokenizer, prompt, f"{argument}[{index}]")
 
 
-def _check_config(model: DiffusionModel, config: InversionConfig):
+def _check_config(model: DiffusionModel, config: InversionConfig, image_encoder=None):
     """The method's registry entry and parameters, or EngineInputError naming the fix."""
     try:
         info = get_method(config.method)
@@ -114,11 +115,20 @@ def _check_config(model: DiffusionModel, config: InversionConfig):
             f"inversion.method {config.method!r} optimises embeddings and needs a float32 model; "
             f"the model is {model.dtype}. Load it with dtype=torch.float32."
         )
+    if info.needs_image_encoder and image_encoder is None:
+        raise EngineInputError(
+            f"inversion.method {config.method!r} maps the image itself through a CLIP vision tower; "
+            "pass image_encoder (e.g. ClipScorer(...).image_tokens) to invert()."
+        )
     return params
 
 
 def invert(
-    model: DiffusionModel, images: torch.Tensor, source_prompts: list[str], config: InversionConfig
+    model: DiffusionModel,
+    images: torch.Tensor,
+    source_prompts: list[str],
+    config: InversionConfig,
+    image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> InversionResult:
     """Invert a batch of images once, with their reconstruction.
 
@@ -128,12 +138,14 @@ def invert(
         source_prompts: B prompts. For prompt_tuning these initialise the tuned embedding c_T,
             which the paper takes from the *target* prompt c*.
         config: the method and its parameters.
+        image_encoder: f(images (B, 3, H, W) in [0, 1]) -> (B, N, D') image tokens, for methods that
+            encode the image itself (style_diffusion: the frozen CLIP vision tower).
 
     Returns:
         InversionResult; images that failed (non-finite values) carry an error, the others are usable.
     """
     started = time.perf_counter()
-    params = _check_config(model, config)
+    params = _check_config(model, config, image_encoder)
     _check_images(model, images)
     _check_prompts(model, source_prompts, images.shape[0], "source_prompts")
     schedule = DDIMSchedule.from_scheduler(model.scheduler, config.num_steps, config.resolved_strength)
@@ -144,6 +156,8 @@ def invert(
         cond_embeddings=encode_prompts(model.tokenizer, model.text_encoder, source_prompts, "source_prompts"),
         uncond_embeddings=encode_prompts(model.tokenizer, model.text_encoder, [""] * len(source_prompts)),
         guidance_scale=config.guidance_scale,
+        images=images.to(model.device).permute(0, 3, 1, 2).float() / 255.0,
+        image_encoder=image_encoder,
     )
     with precision.using(model.precision):
         result = load_invert(config.method)(inputs, params)
@@ -155,6 +169,7 @@ def invert(
                 result.cond_embeddings,
                 result.uncond_embeddings,
                 config.guidance_scale,
+                value_embeddings=result.value_embeddings,
             )
     return InversionResult(
         config=config,

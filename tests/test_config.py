@@ -96,6 +96,11 @@ def test_round_trip_through_to_dict():
             "inversion.optimizer",
             "not one of",
         ),
+        (
+            {"inversion": {"method": "style_diffusion", "inner_steps": 0}},
+            "inversion",
+            "'style_diffusion': inner_steps=0 must be an integer >= 1",
+        ),
         ({"inversion": {"num_steps": "ten"}}, "inversion.num_steps", "expected an integer"),
         ({"model": {"path": "m", "precision": "fp16"}}, "model.precision", "not one of"),
         ({"inversion": {"prompt": "caption"}}, "inversion.prompt", "not one of"),

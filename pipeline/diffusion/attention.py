@@ -22,6 +22,11 @@ Batch layout seen by every attention layer (classifier-free guidance doubles the
 Rows are source rows (an image's reconstruction) and edit rows; `edit_sources[e]` is the source row
 of edit row `edit_rows[e]`. Several images, each with several edits, share one UNet call.
 
+Value input (StyleDiffusion §3.3): with `value_input=True` every cross-attention layer receives the
+key input and the value input side by side on the token axis, `[c | c~]` of shape (rows, 2L, D); the
+key projection reads c and the value projection reads c~, so the attention maps (the "where") come
+from c alone while c~ supplies what is drawn. Rows that should attend normally pass `[c | c]`.
+
 Self-attention is controlled only in layers with at most (latent_size / 2)^2 queries, and masks are
 read from cross-attention layers at the smallest resolution >= latent_size / 4: for SD 1.5 (64x64
 latents) these are P2P's 32x32 and 16x16 choices.
@@ -134,14 +139,18 @@ class AttentionController:
 
 
 class ControlledAttnProcessor:
-    """diffusers attention processor that exposes attention probabilities to an AttentionController.
+    """diffusers attention processor that exposes attention probabilities to an AttentionController
+    and, with `value_input`, feeds the value projection of cross-attention from its own input.
 
     Computes attention exactly as diffusers' `AttnProcessor`; layers whose maps the controller does
-    not need this step take diffusers' fused `AttnProcessor2_0` path instead.
+    not need this step (and that take no separate value input) use diffusers' fused `AttnProcessor2_0`.
+    The controller is anything with `wants_probs(is_cross, num_queries)` and
+    `__call__(probs, is_cross, heads) -> probs`.
     """
 
-    def __init__(self, controller: AttentionController):
+    def __init__(self, controller: AttentionController | None, value_input: bool = False):
         self.controller = controller
+        self.value_input = value_input
         self.fused = AttnProcessor2_0()
 
     def __call__(
@@ -154,8 +163,10 @@ class ControlledAttnProcessor:
         **kwargs,
     ) -> torch.Tensor:
         is_cross = encoder_hidden_states is not None
+        split = is_cross and self.value_input
         num_queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
-        if not self.controller.wants_probs(is_cross, num_queries):
+        wants = self.controller is not None and self.controller.wants_probs(is_cross, num_queries)
+        if not wants and not split:
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -164,21 +175,17 @@ class ControlledAttnProcessor:
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
+        key_states, value_states = key_and_value_inputs(attn, hidden_states, encoder_hidden_states, split)
+        batch_size, sequence_length, _ = key_states.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(key_states))
+        value = attn.head_to_batch_dim(attn.to_v(value_states))
         probs = attn.get_attention_scores(attn.head_to_batch_dim(query), key, attention_mask)
-        probs = self.controller(probs, is_cross, attn.heads)
+        if wants:
+            probs = self.controller(probs, is_cross, attn.heads)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -186,6 +193,29 @@ class ControlledAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def key_and_value_inputs(
+    attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, split: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of the key and of the value projection of one layer.
+
+    Args:
+        attn: the layer.
+        hidden_states: (rows, q, C) the layer's queries' input (self-attention's keys and values).
+        encoder_hidden_states: (rows, L, D), or (rows, 2L, D) `[key input | value input]` when split.
+        split: whether the cross-attention input carries a separate value input.
+    """
+    if encoder_hidden_states is None:
+        return hidden_states, hidden_states
+    if split:
+        key_states, value_states = encoder_hidden_states.chunk(2, dim=1)
+    else:
+        key_states = value_states = encoder_hidden_states
+    if attn.norm_cross:
+        key_states = attn.norm_encoder_hidden_states(key_states)
+        value_states = attn.norm_encoder_hidden_states(value_states)
+    return key_states, value_states
 
 
 def cross_attention_resolutions(unet: torch.nn.Module, latent_size: int) -> list[int]:
@@ -215,15 +245,20 @@ def mask_resolution_for(unet: torch.nn.Module, latent_size: int) -> int:
 
 
 class use_attention_controller:
-    """Context manager: install ControlledAttnProcessor on every attention layer, restore after."""
+    """Context manager: install ControlledAttnProcessor on every attention layer, restore after.
 
-    def __init__(self, unet: torch.nn.Module, controller: AttentionController | None):
-        self.unet, self.controller, self.saved = unet, controller, None
+    Nothing is installed when there is neither a controller nor a separate value input.
+    """
+
+    def __init__(
+        self, unet: torch.nn.Module, controller: AttentionController | None, value_input: bool = False
+    ):
+        self.unet, self.controller, self.value_input, self.saved = unet, controller, value_input, None
 
     def __enter__(self) -> AttentionController | None:
-        if self.controller is not None:
+        if self.controller is not None or self.value_input:
             self.saved = dict(self.unet.attn_processors)
-            self.unet.set_attn_processor(ControlledAttnProcessor(self.controller))
+            self.unet.set_attn_processor(ControlledAttnProcessor(self.controller, self.value_input))
         return self.controller
 
     def __exit__(self, *exc_info) -> None:

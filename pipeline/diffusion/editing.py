@@ -25,12 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.diffusion.attention import (
-    AttentionController,
-    EditPlan,
-    mask_resolution_for,
-    use_attention_controller,
-)
+from pipeline.diffusion.attention import AttentionController, EditPlan, mask_resolution_for
 from pipeline.diffusion.control import CONTROL_MODES, AttentionControl, check_bounds, step_window
 from pipeline.diffusion.ddim import DDIMSchedule
 from pipeline.diffusion.errors import EngineInputError
@@ -280,6 +275,28 @@ def _edit_plan(controls: list[EditControls], layout: EditLayout, device: torch.d
     )
 
 
+def _value_inputs(
+    latents: MethodResult,
+    rows: torch.Tensor,
+    layout: EditLayout,
+    edit_requests: list[EditRequest],
+    targets: torch.Tensor,
+) -> torch.Tensor | None:
+    """(S, rows, L, D) value input per row and step, or None when the method has no separate one.
+
+    Source rows keep the reconstruction's value input; each edit row's comes from the edit hook.
+    """
+    if latents.value_embeddings is None:
+        return None
+    values = latents.value_embeddings[:, rows].clone()
+    hook = latents.edit_hook
+    for slot, (row, request) in enumerate(zip(layout.edit_rows, edit_requests, strict=True)):
+        values[:, row] = hook.edit_value_embeddings(
+            latents.value_embeddings[:, request.image_index], targets[slot], request
+        )
+    return values
+
+
 def run_edits(
     model: DiffusionModel,
     schedule: DDIMSchedule,
@@ -334,17 +351,17 @@ def run_edits(
             z[row] = hook.steer(z[row], pivot[row], request)
         return blend(step_index, z, controller.cross_maps)
 
-    with use_attention_controller(model.unet, controller):
-        final, first_nonfinite = sample(
-            model.unet,
-            schedule,
-            latents.trajectory[-1][rows],
-            cond,
-            uncond,
-            guidance_scale,
-            controller=controller,
-            after_step=after_step,
-        )
+    final, first_nonfinite = sample(
+        model.unet,
+        schedule,
+        latents.trajectory[-1][rows],
+        cond,
+        uncond,
+        guidance_scale,
+        controller=controller,
+        after_step=after_step,
+        value_embeddings=_value_inputs(latents, rows, layout, edit_requests, targets),
+    )
     images = decode_latents(model, torch.nan_to_num(final[torch.tensor(layout.edit_rows, device=device)]))
     results = {}
     for slot, (row, source_row, position) in enumerate(

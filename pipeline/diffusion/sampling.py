@@ -8,6 +8,10 @@ Legend (classifier-free guidance, Ho & Salimans; Prompt Tuning Inversion eq. 5):
     cond_embeddings[i]     the conditional embedding at step i (prompt tuning optimises it)
     w                      guidance scale; w = 1 needs only the conditional branch, w = 0 only the
                            unconditional one
+    value_embeddings[i]    StyleDiffusion's c~_t: the value input of the conditional branch's
+                           cross-attention at step i (keys keep cond_embeddings); None = ordinary
+                           attention. The UNet must carry value-input processors (`use_attention_controller`
+                           with value_input=True) while they are used.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.diffusion.attention import AttentionController
+from pipeline.diffusion.attention import AttentionController, use_attention_controller
 from pipeline.diffusion.ddim import DDIMSchedule
 from pipeline.diffusion.precision import fixed_branch_noise
 
@@ -29,6 +33,7 @@ def predict_noise(
     uncond_embeddings: torch.Tensor | None,
     guidance_scale: float,
     force_both_branches: bool = False,
+    value_embeddings: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """eps_tilde for a batch, both guidance branches in one UNet call (a fixed branch: no gradient).
 
@@ -40,10 +45,16 @@ def predict_noise(
         uncond_embeddings: (N, L, D), or None when guidance_scale == 1.
         guidance_scale: w.
         force_both_branches: run both branches even at w = 0 or 1 (attention control needs them).
+        value_embeddings: (N, L, D) value input of the conditional branch, or None. When given, both
+            branches pass `[key input | value input]` (the unconditional one its own embedding twice).
 
     Returns:
         (N, C, h, w) guided noise prediction.
     """
+    if value_embeddings is not None:
+        cond_embeddings = torch.cat([cond_embeddings, value_embeddings], dim=1)
+        if uncond_embeddings is not None:
+            uncond_embeddings = torch.cat([uncond_embeddings, uncond_embeddings], dim=1)
     if not force_both_branches and guidance_scale == 1.0:
         return fixed_branch_noise(unet, latents, timestep, cond_embeddings)
     if uncond_embeddings is None:
@@ -69,6 +80,7 @@ def sample(
     guidance_scale: float,
     controller: AttentionController | None = None,
     after_step: StepCallback | None = None,
+    value_embeddings: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic DDIM sampling from `start_latents` over `schedule.timesteps`.
 
@@ -81,6 +93,7 @@ def sample(
         guidance_scale: w.
         controller: attention controller whose `step` is advanced here.
         after_step: f(i, latents) -> latents applied after step i (local blend, latent interpolation).
+        value_embeddings: (S, N, L, D) per-step value input of the conditional branch, or None.
 
     Returns:
         latents: z_0, (N, C, h, w).
@@ -88,7 +101,8 @@ def sample(
     """
     latents = start_latents
     first_nonfinite = torch.full((latents.shape[0],), -1, dtype=torch.long)
-    with torch.no_grad():
+    processors = use_attention_controller(unet, controller, value_input=value_embeddings is not None)
+    with torch.no_grad(), processors:
         for step_index, timestep in enumerate(schedule.timesteps.tolist()):
             if controller is not None:
                 controller.step = step_index
@@ -100,6 +114,7 @@ def sample(
                 uncond_embeddings[step_index],
                 guidance_scale,
                 force_both_branches=controller is not None,
+                value_embeddings=None if value_embeddings is None else value_embeddings[step_index],
             )
             latents = schedule.step(noise, timestep, latents)
             if after_step is not None:

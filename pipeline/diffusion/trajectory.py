@@ -6,14 +6,17 @@ Legend:
     trajectory[k]          z*_k on the DDIM grid, k = 0 (clean) .. S (noise end)
     uncond_embeddings[i]   the unconditional embedding at sampling step i (null-text's null_t)
     cond_embeddings[i]     the conditional embedding at sampling step i (prompt tuning's c_t)
+    value_embeddings[i]    the value input of the conditional branch's cross-attention at step i
+                           (StyleDiffusion's c~_t); None = the conditional embedding itself
     EditHook               an edit row's conditional embedding (default: the target prompt c*), its
                            unconditional embedding (default: the image's uncond_embeddings), its
-                           latent after each step and its source row's latent after each step
-                           (defaults: unchanged)
+                           value input (default: the same c*), its latent after each step and its
+                           source row's latent after each step (defaults: unchanged)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +61,22 @@ class EditHook:
         del request
         return reconstruction_embeddings
 
+    def edit_value_embeddings(
+        self, reconstruction_values: torch.Tensor, target_embeddings: torch.Tensor, request: Any
+    ) -> torch.Tensor:
+        """The edit row's value input per step, for methods with a separate value input.
+
+        Args:
+            reconstruction_values: (S, L, D) the image's reconstruction value input.
+            target_embeddings: (L, D) the target prompt's embedding c*.
+            request: the EditRequest.
+
+        Returns:
+            (S, L, D) or a tensor broadcastable to it.
+        """
+        del reconstruction_values, request
+        return target_embeddings
+
     def steer(self, latent: torch.Tensor, pivot: torch.Tensor, request: Any) -> torch.Tensor:
         """The edit row's latent (C, h, w) after a step, given the inversion's pivot z*_t at that step."""
         del pivot, request
@@ -81,6 +100,8 @@ class MethodResult:
         errors: per image, None or a message naming the step where it failed.
         edit_hook: how edits of this inversion are conditioned and steered.
         iterations: (S, B) optimiser steps taken per timestep and image (optimising methods).
+        value_embeddings: (S, B, L, D) value input of the conditional branch's cross-attention per
+            step (keys keep cond_embeddings), or None when the method feeds keys and values alike.
     """
 
     trajectory: torch.Tensor
@@ -90,6 +111,7 @@ class MethodResult:
     errors: list[str | None]
     edit_hook: EditHook = field(default_factory=EditHook)
     iterations: torch.Tensor | None = None
+    value_embeddings: torch.Tensor | None = None
 
 
 def per_step(embeddings: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -128,6 +150,9 @@ class InversionInputs:
         cond_embeddings: (B, L, D) embedding of the prompt the images are inverted with.
         uncond_embeddings: (B, L, D) empty-prompt embedding.
         guidance_scale: w of reconstruction and editing.
+        images: (B, 3, H, W) the images in [0, 1], for methods that encode the image itself.
+        image_encoder: f(images (B, 3, H, W) in [0, 1]) -> (B, N, D') image tokens (a frozen CLIP
+            vision tower), for methods that need one; None when the caller gave none.
     """
 
     unet: torch.nn.Module
@@ -136,6 +161,8 @@ class InversionInputs:
     cond_embeddings: torch.Tensor
     uncond_embeddings: torch.Tensor
     guidance_scale: float
+    images: torch.Tensor | None = None
+    image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:

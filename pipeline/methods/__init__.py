@@ -128,6 +128,58 @@ class PromptTuningParams:
 
 
 @dataclass(frozen=True)
+class StyleDiffusionParams:
+    """StyleDiffusion (Li et al., §3.3 and "Implementation details"; reference code sen-mao/StyleDiffusion).
+
+    Attributes:
+        learning_rate: Adam lr of the mapping networks (paper: 1e-4).
+        betas: Adam's exponential decay rates (paper: (0, 0.999)).
+        attention_weight: lambda, weight of the attention loss (eq. 8: 1).
+        inner_steps: K, inner iterations of the first timestep; step i runs ceil(K * e^(-decay * i))
+            (reference code: K = 100, decay 0.1).
+        inner_steps_decay: the decay of the inner-iteration schedule (reference code: 0.1).
+        early_stop_epsilon: a timestep ends once an image's loss < epsilon + i * 2e-5 (reference code:
+            1e-5); null = always run the scheduled iterations.
+        value_steps: tau_v, the fraction of edit steps whose value input comes from M_t before the
+            target prompt takes over (reference code: 0.6).
+        warm_start: M_t starts from the trained M_{t+1} (reference code); false = every M_t from the
+            N(0, 0.01) initialisation.
+        seed: seed of the N(0, 0.01) initialisation (the same for every image).
+    """
+
+    learning_rate: float = 1e-4
+    betas: tuple[float, float] = (0.0, 0.999)
+    attention_weight: float = 1.0
+    inner_steps: int = 100
+    inner_steps_decay: float = 0.1
+    early_stop_epsilon: float | None = 1e-5
+    value_steps: float = 0.6
+    warm_start: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate={self.learning_rate} must be > 0 (paper: 1e-4)")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            problems.append(f"betas={self.betas} must be two numbers in [0, 1) (paper: (0, 0.999))")
+        if not self.attention_weight >= 0:
+            problems.append(f"attention_weight={self.attention_weight} must be >= 0 (paper: 1)")
+        if (
+            isinstance(self.inner_steps, bool)
+            or not isinstance(self.inner_steps, int)
+            or self.inner_steps < 1
+        ):
+            problems.append(f"inner_steps={self.inner_steps!r} must be an integer >= 1 (paper: 100)")
+        if not self.inner_steps_decay >= 0:
+            problems.append(f"inner_steps_decay={self.inner_steps_decay} must be >= 0 (paper: 0.1)")
+        if not 0.0 <= self.value_steps <= 1.0:
+            problems.append(f"value_steps={self.value_steps} must be in [0, 1] (tau_v; reference: 0.6)")
+        if problems:
+            raise ValueError(f"inversion method 'style_diffusion': {'; '.join(problems)}.")
+
+
+@dataclass(frozen=True)
 class MethodInfo:
     """One registered inversion method.
 
@@ -140,6 +192,7 @@ class MethodInfo:
         default_strength: the fraction of the schedule inverted when the spec sets none.
         default_prompt: which prompt a job inverts with when the spec sets none: the sample's caption
             ("source") or each edit's target prompt ("target").
+        needs_image_encoder: True when the method encodes the image itself (a CLIP vision tower).
     """
 
     name: str
@@ -149,6 +202,7 @@ class MethodInfo:
     optimizes: bool = False
     default_strength: float = 1.0
     default_prompt: Literal["source", "target"] = "source"
+    needs_image_encoder: bool = False
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -308,6 +362,16 @@ register(
         "direct inversion (PnP Inversion): the source branch held on the inversion path",
     )
 )
+register(
+    MethodInfo(
+        "style_diffusion",
+        StyleDiffusionParams,
+        "pipeline.methods.style_diffusion",
+        "StyleDiffusion: the image mapped into the value input of cross-attention",
+        optimizes=True,
+        needs_image_encoder=True,
+    )
+)
 
 __all__ = [
     "DDIMParams",
@@ -318,6 +382,7 @@ __all__ = [
     "NullTextParams",
     "NullTextVAEParams",
     "PromptTuningParams",
+    "StyleDiffusionParams",
     "UnknownMethodError",
     "get_method",
     "load_invert",

@@ -239,6 +239,21 @@ class ClipScorer:
         """
         return self.model.encode_image(self.preprocess(images), normalize=True)
 
+    @torch.no_grad()
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """E(x): every last-layer token of the vision tower (CLS included), after its final LayerNorm
+        and before the projection, as StyleDiffusion's reference code takes them (ViT towers only).
+
+        Args:
+            images: (B, 3, H, W) float in [0, 1].
+
+        Returns:
+            (B, 1 + patches, width) float32.
+        """
+        visual = self.model.visual
+        hidden = visual.transformer(visual._embeds(self.preprocess(images)))
+        return visual.ln_post(hidden).float()
+
     @torch.inference_mode()
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
         """Unit-norm text embeddings ê_T of `texts` (B prompts) -> (B, D) float32."""

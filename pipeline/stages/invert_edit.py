@@ -165,6 +165,17 @@ def _edit_failure(message: str, edit_id: str) -> Failure:
     return Failure("edit", "EditError", message, edit_id)
 
 
+def _image_encoder(inversion: JobInversionConfig, metrics: MetricsConfig, device: torch.device):
+    """The frozen vision tower of the job's CLIP model (metrics.clip) when the method encodes the
+    image itself (style_diffusion's E(x)); None otherwise."""
+    if not inversion.info.needs_image_encoder:
+        return None
+    from pipeline.metrics.clip import ClipScorer
+
+    clip = metrics.clip
+    return ClipScorer(clip.model_name, clip.pretrained, device, model_config=clip.config_file).image_tokens
+
+
 class InvertEditActor:
     """Ray Data callable class; the model is loaded once per actor.
 
@@ -175,7 +186,8 @@ class InvertEditActor:
         precision: fp32 | tf32 | mixed | bf16, the UNet's numeric policy.
         inversion: the job's inversion config (engine config + which prompt to invert with).
         edits: the job's edit plan.
-        metrics: metrics config (only the backbone names are recorded here).
+        metrics: metrics config (the backbone names are recorded here; a method that encodes the image
+            itself, such as style_diffusion, uses its CLIP model's vision tower).
         edit_batch_size: edit requests sent to the engine per call.
     """
 
@@ -195,6 +207,7 @@ class InvertEditActor:
         self.edits = edits
         self.backbones = backbone_names(metrics)
         self.edit_batch_size = edit_batch_size
+        self.image_encoder = _image_encoder(inversion, metrics, self.model.device)
 
     def _invert(
         self, images: torch.Tensor, prompts: list[str]
@@ -206,7 +219,7 @@ class InvertEditActor:
             (engine results, per image where its inversion is held or its failure, seconds per image).
         """
         try:
-            result = engine.invert(self.model, images, prompts, self.inversion)
+            result = engine.invert(self.model, images, prompts, self.inversion, self.image_encoder)
         except Exception:  # retried image by image, where each image's failure is labelled
             if len(prompts) == 1:
                 raise
@@ -224,7 +237,9 @@ class InvertEditActor:
         results, inverted, seconds = [], [], []
         for index, prompt in enumerate(prompts):
             try:
-                result = engine.invert(self.model, images[index : index + 1], [prompt], self.inversion)
+                result = engine.invert(
+                    self.model, images[index : index + 1], [prompt], self.inversion, self.image_encoder
+                )
             except Exception as error:  # this image's inversion failure
                 inverted.append(_inversion_failure(f"{type(error).__name__}: {error}"))
                 continue

@@ -47,9 +47,9 @@ def run_actor(model_path, batch, inversion, monkeypatch) -> tuple[dict, list[lis
     calls = []
     original = engine.invert
 
-    def recording_invert(model, images, prompts, config):
+    def recording_invert(model, images, prompts, config, image_encoder=None):
         calls.append(list(prompts))
-        return original(model, images, prompts, config)
+        return original(model, images, prompts, config, image_encoder)
 
     monkeypatch.setattr(invert_edit.engine, "invert", recording_invert)
     actor = InvertEditActor(model_path, "cpu", "float32", inversion, SPECS, MetricsConfig(), 8)
@@ -122,10 +122,10 @@ def rejecting(prompt: str, monkeypatch) -> str:
     """Make the engine raise on any inversion call holding `prompt`; returns the failure's message."""
     original = engine.invert
 
-    def invert(model, images, prompts, config):
+    def invert(model, images, prompts, config, image_encoder=None):
         if prompt in prompts:
             raise EngineInputError(f"prompt {prompt!r} rejected")
-        return original(model, images, prompts, config)
+        return original(model, images, prompts, config, image_encoder)
 
     monkeypatch.setattr(invert_edit.engine, "invert", invert)
     return f"EngineInputError: prompt {prompt!r} rejected"
@@ -227,3 +227,21 @@ def test_stochastic_samples_are_rows_of_one_edit_call_and_equal_the_engines_samp
             assert difference.max() <= 2, (row, position, difference.max())
     # The samples differ from each other.
     assert not np.array_equal(output["edit_images"][0][0], output["edit_images"][0][1])
+
+
+def test_style_diffusion_encodes_images_with_the_vision_tower_of_the_jobs_clip():
+    import torch
+
+    from pipeline.config import ClipMetricConfig
+    from pipeline.metrics.clip import ClipScorer
+    from pipeline.world.clip_model import SHAPES_CLIP_CONFIG, SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS
+
+    metrics = MetricsConfig(
+        clip=ClipMetricConfig(SHAPES_CLIP_NAME, str(SHAPES_CLIP_WEIGHTS), str(SHAPES_CLIP_CONFIG))
+    )
+    device = torch.device("cpu")
+    assert invert_edit._image_encoder(JobInversionConfig(method="null_text"), metrics, device) is None
+    encoder = invert_edit._image_encoder(JobInversionConfig(method="style_diffusion"), metrics, device)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = ClipScorer(SHAPES_CLIP_NAME, str(SHAPES_CLIP_WEIGHTS)).image_tokens(images)
+    torch.testing.assert_close(encoder(images), expected)
