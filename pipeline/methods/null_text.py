@@ -13,9 +13,11 @@ Legend:
 
 from __future__ import annotations
 
-from pipeline.diffusion.optimization import optimize_stepwise
+import torch
+
+from pipeline.diffusion.optimization import StepwiseEmbeddings, optimize_stepwise
 from pipeline.diffusion.trajectory import InversionInputs, MethodResult, per_step
-from pipeline.methods import NullTextParams
+from pipeline.methods import NullTextParams, NullTextVAEParams
 from pipeline.methods.ddim_inversion import ddim_trajectory
 
 
@@ -29,13 +31,18 @@ def stop_threshold_at(epsilon: float, step_index: int) -> float:
     return epsilon + step_index * 2e-5
 
 
-def invert(inputs: InversionInputs, params: NullTextParams) -> MethodResult:
-    """Pivotal DDIM inversion, then per-step null-text optimisation, all B images at once.
+def pivotal_null_text(
+    inputs: InversionInputs, params: NullTextParams | NullTextVAEParams
+) -> tuple[torch.Tensor, StepwiseEmbeddings]:
+    """The pivotal trajectory z*_0..z*_T and the per-step null-text optimisation along it.
 
     Args:
-        inputs: the batch; `cond_embeddings` is C, `uncond_embeddings` the initial null_T and
-            `guidance_scale` the w of reconstruction and editing.
-        params: inversion_guidance (w of the pivot), N, base lr and epsilon.
+        inputs: the batch (see `invert`).
+        params: null-text's fields (inversion_guidance, inner_steps, learning_rate, early_stop_epsilon),
+            which the null-text VAE shares.
+
+    Returns:
+        (trajectory (S+1, B, C, h, w), the optimisation's embeddings, path, iterations and errors).
     """
     errors: list[str | None] = [None] * inputs.batch_size
     trajectory = ddim_trajectory(
@@ -61,6 +68,18 @@ def invert(inputs: InversionInputs, params: NullTextParams) -> MethodResult:
         errors=errors,
         loop="null-text optimisation",
     )
+    return trajectory, optimized
+
+
+def invert(inputs: InversionInputs, params: NullTextParams) -> MethodResult:
+    """Pivotal DDIM inversion, then per-step null-text optimisation, all B images at once.
+
+    Args:
+        inputs: the batch; `cond_embeddings` is C, `uncond_embeddings` the initial null_T and
+            `guidance_scale` the w of reconstruction and editing.
+        params: inversion_guidance (w of the pivot), N, base lr and epsilon.
+    """
+    trajectory, optimized = pivotal_null_text(inputs, params)
     return MethodResult(
         trajectory=trajectory,
         uncond_embeddings=optimized.embeddings,

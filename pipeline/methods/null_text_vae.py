@@ -37,12 +37,10 @@ import math
 import torch
 
 from pipeline.diffusion.errors import EngineInputError
-from pipeline.diffusion.optimization import optimize_stepwise
 from pipeline.diffusion.precision import fixed_branch_noise, optimised_branch_noise
 from pipeline.diffusion.trajectory import EditHook, InversionInputs, MethodResult, per_step
 from pipeline.methods import NullTextVAEParams
-from pipeline.methods.ddim_inversion import ddim_trajectory
-from pipeline.methods.null_text import learning_rate_at, stop_threshold_at
+from pipeline.methods.null_text import pivotal_null_text
 
 TIME_EMBEDDING_DIM = 32
 
@@ -288,30 +286,7 @@ def invert(inputs: InversionInputs, params: NullTextVAEParams) -> MethodResult:
         raise EngineInputError(
             "null_text_vae: epochs, latent_dim, reduced_channels and hidden_dim must be at least 1."
         )
-    errors: list[str | None] = [None] * inputs.batch_size
-    trajectory = ddim_trajectory(
-        inputs.unet,
-        inputs.schedule,
-        inputs.clean_latents,
-        inputs.cond_embeddings,
-        inputs.uncond_embeddings,
-        params.inversion_guidance,
-        errors,
-    )
-    optimized = optimize_stepwise(
-        inputs.unet,
-        inputs.schedule,
-        trajectory,
-        fixed_embeddings=inputs.cond_embeddings,
-        initial_embeddings=inputs.uncond_embeddings,
-        optimized_branch="uncond",
-        guidance_scale=inputs.guidance_scale,
-        inner_steps=params.inner_steps,
-        learning_rate=lambda step_index: learning_rate_at(params.learning_rate, step_index),
-        stop_threshold=lambda step_index: stop_threshold_at(params.early_stop_epsilon, step_index),
-        errors=errors,
-        loop="null-text optimisation",
-    )
+    trajectory, optimized = pivotal_null_text(inputs, params)
     errors = list(optimized.errors)
     vae, history = train_vae(inputs, trajectory, optimized.path, optimized.embeddings, params, errors)
     hook = NullTextVAEEditHook(vae, optimized.embeddings, inputs.schedule.timesteps, history)
