@@ -102,6 +102,8 @@ class MethodResult:
         iterations: (S, B) optimiser steps taken per timestep and image (optimising methods).
         value_embeddings: (S, B, L, D) value input of the conditional branch's cross-attention per
             step (keys keep cond_embeddings), or None when the method feeds keys and values alike.
+        kept: what else the method learned per image, each tensor batch-first (B, ...), stored with
+            the inversion when a job keeps its artifacts (style_diffusion: its mapping networks).
     """
 
     trajectory: torch.Tensor
@@ -112,6 +114,7 @@ class MethodResult:
     edit_hook: EditHook = field(default_factory=EditHook)
     iterations: torch.Tensor | None = None
     value_embeddings: torch.Tensor | None = None
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def per_step(embeddings: torch.Tensor, num_steps: int) -> torch.Tensor:

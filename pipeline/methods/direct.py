@@ -33,10 +33,18 @@ class DirectInversionEditHook(EditHook):
         return latent + offset
 
 
+def edit_hook(params: DirectParams, num_steps: int) -> DirectInversionEditHook:
+    """The edit hook of an inversion restored from its stored state (`pipeline.inversion_state`)."""
+    del params, num_steps
+    return DirectInversionEditHook()
+
+
 def invert(inputs: InversionInputs, params: DirectParams) -> MethodResult:
     """DDIM inversion; the source branch of every edit is then held on its trajectory."""
     result = ddim_inversion.invert(inputs, DDIMParams(inversion_guidance=params.inversion_guidance))
     # The corrected source branch ends on z*_0 by construction: no sampling pass is needed for it.
     return dataclasses.replace(
-        result, reconstruction=result.trajectory[0].clone(), edit_hook=DirectInversionEditHook()
+        result,
+        reconstruction=result.trajectory[0].clone(),
+        edit_hook=edit_hook(params, inputs.schedule.num_steps),
     )

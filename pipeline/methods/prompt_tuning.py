@@ -44,6 +44,12 @@ class PromptTuningEditHook(EditHook):
         return request.eta * latent + (1.0 - request.eta) * pivot
 
 
+def edit_hook(params: PromptTuningParams, num_steps: int) -> PromptTuningEditHook:
+    """The edit hook of an inversion restored from its stored state (`pipeline.inversion_state`)."""
+    del params, num_steps
+    return PromptTuningEditHook()
+
+
 def invert(inputs: InversionInputs, params: PromptTuningParams) -> MethodResult:
     """Unconditional DDIM inversion, then per-step tuning of the conditional embedding.
 
@@ -78,6 +84,6 @@ def invert(inputs: InversionInputs, params: PromptTuningParams) -> MethodResult:
         cond_embeddings=tuned.embeddings,
         reconstruction=tuned.reconstruction,
         errors=tuned.errors,
-        edit_hook=PromptTuningEditHook(),
+        edit_hook=edit_hook(params, inputs.schedule.num_steps),
         iterations=tuned.iterations,
     )

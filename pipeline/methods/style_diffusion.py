@@ -205,10 +205,20 @@ def invert(inputs: InversionInputs, params: StyleDiffusionParams) -> MethodResul
         cond_embeddings=per_step(inputs.cond_embeddings, steps),
         reconstruction=trained.reconstruction,
         errors=trained.errors,
-        edit_hook=StyleDiffusionEditHook(round(params.value_steps * steps)),
+        edit_hook=edit_hook(params, steps),
         iterations=trained.iterations,
         value_embeddings=trained.values,
+        kept={
+            f"mapping.{step}.{name}": weight
+            for step, weights in enumerate(trained.weights)
+            for name, weight in weights.items()
+        },
     )
+
+
+def edit_hook(params: StyleDiffusionParams, num_steps: int) -> StyleDiffusionEditHook:
+    """The edit hook of an inversion restored from its stored state (`pipeline.inversion_state`)."""
+    return StyleDiffusionEditHook(round(params.value_steps * num_steps))
 
 
 class TrainedMappings:
