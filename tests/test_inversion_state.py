@@ -14,8 +14,8 @@ from pipeline.inversion_state import (
     inversion_to_bytes,
     read_inversions,
 )
-from pipeline.metrics.clip import ClipScorer
 from pipeline.methods.style_diffusion import map_tokens
+from pipeline.metrics.clip import ClipScorer
 from pipeline.world.clip_model import SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS, register_shapes_clip
 
 SETTINGS = {"num_steps": 3, "guidance_scale": 7.5}
@@ -74,7 +74,9 @@ def test_kept_mapping_networks_reproduce_the_value_embeddings(tiny_sd, images, i
     steps = CONFIGS["style_diffusion"].num_steps
     assert {name.split(".")[1] for name in kept} == {str(step) for step in range(steps)}
     for step in range(steps):
-        weights = {name.split(".")[2]: value for name, value in kept.items() if name.split(".")[1] == str(step)}
+        weights = {
+            name.split(".")[2]: value for name, value in kept.items() if name.split(".")[1] == str(step)
+        }
         values = map_tokens(weights, tokens)  # M_t(E(x)) from the stored network alone
         torch.testing.assert_close(values[0], original.latents.value_embeddings[step, 1], atol=1e-6, rtol=0)
 
