@@ -275,9 +275,14 @@ class JobInversionConfig(InversionConfig):
             target: each edit's target prompt; one inversion per image and distinct target prompt.
             null: the method's default (prompt_tuning: target, as Prompt Tuning Inversion's
             Algorithm 1 inverts with the target prompt; the others: source).
+        keep_artifacts: store every successful inversion (`pipeline.inversion_state`) under
+            OUTPUT/artifacts/ and name the files in the sources table's `inversions` column, so images
+            can be edited again without inverting them again. It changes what is written, not what is
+            computed: edit ids do not depend on it.
     """
 
     prompt: Literal["source", "target"] | None = None
+    keep_artifacts: bool = False
 
     @property
     def resolved_prompt(self) -> str:

@@ -7,7 +7,7 @@ builds its tables through `to_table`, which refuses rows that do not match, and 
     {"table": NAME, "partition_by": [COLUMN, ...],
      "columns": [{"name": ..., "type": ..., "nullable": ..., "description": ...}, ...]}
 
-`type` is an Arrow type name: string, binary, bool, int32, int64, float32, float64.
+`type` is an Arrow type name: string, binary, bool, int32, int64, float32, float64, list<string>.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ _ARROW_TYPES = {
     "int64": pa.int64(),
     "float32": pa.float32(),
     "float64": pa.float64(),
+    "list<string>": pa.list_(pa.string()),
 }
 
 

@@ -32,6 +32,7 @@ def source_row(source_id: str, source_class: str | None, seed: int, edits: int) 
         "recon_psnr": 30.0 + seed % 5,
         "recon_ssim": 0.9,
         "recon_lpips": 0.1,
+        "inversions": None,
         "invert_seconds": 0.5,
         "edits": edits,
         "model_id": "tiny",

@@ -217,3 +217,39 @@ def test_stochastic_samples_become_k_rows_with_their_diversity(ray_local, write_
         assert len({row["sample_group"] for row in samples}) == 1
         assert len({row["diversity"] for row in samples}) == 1 and samples[0]["diversity"] is not None
         assert samples[0]["diversity_bound"] is not None
+
+
+def test_kept_inversions_restore_to_the_written_reconstructions(
+    clean_run, job_assets, write_job_spec, tmp_path
+):
+    """inversion.keep_artifacts: every ok source names its stored inversions, which restore (on the same
+    model) to the reconstruction the job wrote; the edit ids are the clean run's."""
+    from pipeline.engine import EditRequest, edit
+    from pipeline.inversion_state import read_inversions
+    from pipeline.models.loading import load_diffusion_model
+
+    output = tmp_path / "kept"
+    data = yaml.safe_load(write_job_spec(output).read_text())
+    spec = write_job_spec(output, inversion={**data["inversion"], "keep_artifacts": True})
+    manifest = run_job(load_config(spec), limit=3)
+    sources = read_table(output, "sources").to_pylist()
+    ok = [row for row in sources if row["status"] == "ok"]
+    assert ok and all(len(row["inversions"]) == 1 for row in ok)
+    assert all(row["inversions"] is None for row in sources if row["status"] != "ok")
+    files = sorted(str(path.relative_to(output)) for path in output.glob("artifacts/**/*.safetensors"))
+    assert files == sorted(path for row in ok for path in row["inversions"])
+
+    clean = edit_rows(clean_run["output"])
+    kept = edit_rows(output)
+    assert kept and all(clean[edit_id] == row for edit_id, row in kept.items())
+
+    model = load_diffusion_model(job_assets["model"])
+    restored = read_inversions(model, [str(output / row["inversions"][0]) for row in ok])
+    written = np.stack([np.asarray(Image.open(io.BytesIO(row["reconstruction"]))) for row in ok])
+    np.testing.assert_array_equal(restored.reconstructions.numpy(), written)
+    assert restored.source_prompts == [row["caption"] for row in ok]
+    again = edit(
+        model, restored, [EditRequest(0, ok[0]["caption"].replace("cat", "fox").replace("dog", "fox"))]
+    )
+    assert again[0].error is None and again[0].image.shape == written[0].shape
+    assert manifest["counts"]["ok"] == len(ok)

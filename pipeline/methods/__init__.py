@@ -7,7 +7,9 @@ A method is one module under `pipeline/methods/` exposing
     invert(inputs: InversionInputs, params) -> MethodResult
 
 (its MethodResult may carry an EditHook when the method changes how edits are conditioned or
-steered), plus one `register(MethodInfo(...))` line here with its parameter dataclass. A method kept
+steered; such a module also exposes `edit_hook(params, num_steps) -> EditHook`, which rebuilds the
+hook of a stored inversion, `pipeline.inversion_state`), plus one `register(MethodInfo(...))` line
+here with its parameter dataclass. A method kept
 outside this package registers itself when its module is imported; a job names it as
 `package.module:name`, which imports the module (on the driver and in every Ray worker) before the
 name is looked up.

@@ -7,6 +7,8 @@ Rows stay one per source sample. The actor adds (names in `pipeline.stages.rows`
         sample_index, sample_seed, sample_group, params, edit_seconds, has_mask),
     edit_images: per row (E, S, S, 3) uint8, edit_masks: per row (E, S, S) bool (True = edited),
     gpu_peak_bytes (B,): torch.cuda.max_memory_allocated of the actor so far (NaN on a CPU),
+    inversion_states: per row a list of the row's stored inversions (safetensors bytes, one per
+        successful inversion, `pipeline.inversion_state`); empty unless inversion.keep_artifacts,
 and records failures in the row's failures (`mark_failed`): a row whose inversion fails gets status
 "invert_failed" and an invert failure; when only some of a row's target-prompt inversions fail, their
 edits get "invert" failures; edits that cannot be planned get "plan" failures, edits the engine
@@ -27,6 +29,7 @@ import torch
 from pipeline import engine
 from pipeline.config import EditSpec, JobInversionConfig, MetricsConfig
 from pipeline.engine import EditRequest
+from pipeline.inversion_state import inversion_to_bytes
 from pipeline.metrics.backbones import backbone_names
 from pipeline.models.device import resolve_device
 from pipeline.models.loading import load_diffusion_model
@@ -39,6 +42,7 @@ from pipeline.stages.rows import (
     FAILURES,
     GPU_PEAK_BYTES,
     IMAGE,
+    INVERSION_STATES,
     INVERT_SECONDS,
     META,
     MODEL_FINGERPRINT,
@@ -108,6 +112,7 @@ class RowOutput:
         records: one edits_json entry per successful edit, in edit order.
         images: the edited images (S, S, 3) uint8, in the order of records.
         masks: the edit masks (S, S) bool (all True when the engine gives none), same order.
+        states: the row's stored inversions (inversion.keep_artifacts), in inversion order.
     """
 
     row: BatchRow
@@ -117,6 +122,7 @@ class RowOutput:
     records: list[dict] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
     masks: list[np.ndarray] = field(default_factory=list)
+    states: list[bytes] = field(default_factory=list)
 
     def fail(self, failure: Failure, *, fails_row: bool = False) -> None:
         """Record a failure of one of the row's edits, or with fails_row of the row itself."""
@@ -330,6 +336,8 @@ class InvertEditActor:
             for row in ok_rows:
                 row_units = [(unit, inverted[i]) for i, unit in enumerate(units) if unit.row == row]
                 self._collect_row(outputs[row], row_units, results, per_image, jobs)
+                if self.inversion.keep_artifacts:
+                    outputs[row].states = self._states(row_units, results)
             for call, call_jobs in jobs.items():
                 self._run_edits(results[call], call_jobs, outputs)
 
@@ -347,10 +355,21 @@ class InvertEditActor:
                 MODEL_ID: np.array([self.model.model_id] * count, dtype=object),
                 MODEL_FINGERPRINT: np.array([self.model.fingerprint] * count, dtype=object),
                 GPU_PEAK_BYTES: np.full(count, _gpu_peak_bytes(self.model.device), dtype=np.float64),
+                INVERSION_STATES: _object_column([output.states for output in outputs]),
             }
         )
         batch[STAGE_SECONDS] = batch[STAGE_SECONDS] + (time.perf_counter() - started) / count
         return batch
+
+    def _states(
+        self, row_units: list[tuple[InversionUnit, InvertedImage | Failure]], results: list
+    ) -> list[bytes]:
+        """The row's successful inversions as stored inversions, in unit order."""
+        return [
+            inversion_to_bytes(results[image.call], image.index, self.model.fingerprint)
+            for _, image in row_units
+            if isinstance(image, InvertedImage)
+        ]
 
     @staticmethod
     def _collect_row(

@@ -116,10 +116,12 @@ def make_edit_id(
 ) -> str:
     """sha256 (first 32 hex digits) of source_id, the canonical edit spec, inversion config, prompt, seed
     and (for a stochastic sample only, so deterministic ids are unchanged) the sample seed."""
+    # keep_artifacts changes what is written, not what is computed: it must not change the ids.
+    inversion_record = {key: value for key, value in to_dict(inversion).items() if key != "keep_artifacts"}
     record = {
         "source_id": source_id,
         "spec": to_dict(spec),
-        "inversion": to_dict(inversion),
+        "inversion": inversion_record,
         "prompt": prompt,
         "seed": seed,
     }

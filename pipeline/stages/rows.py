@@ -48,6 +48,7 @@ EDIT_MASKS = "edit_masks"
 MODEL_ID = "model_id"
 MODEL_FINGERPRINT = "model_fingerprint"
 GPU_PEAK_BYTES = "gpu_peak_bytes"
+INVERSION_STATES = "inversion_states"
 # Columns added by the score actor.
 RECON_PSNR = "recon_psnr"
 RECON_SSIM = "recon_ssim"

@@ -1,7 +1,9 @@
 """Write stage: turn processed sample rows into edits / sources / errors rows, validate them against
 the schemas and write Parquet files named deterministically from the shard and the batch's samples.
 
-Files: OUTPUT/edits/target_class=CLASS/{shard_key}.{digest}.parquet, OUTPUT/sources/..., OUTPUT/errors/...
+Files: OUTPUT/edits/target_class=CLASS/{shard_key}.{digest}.parquet, OUTPUT/sources/..., OUTPUT/errors/...,
+and with inversion.keep_artifacts OUTPUT/artifacts/{shard_key}/{source digest}-{k}.safetensors (the
+sample's k-th stored inversion), written before the tables that name them.
 A task retried on the same rows rewrites the same file names; files of a shard that never completed
 are removed before the shard is processed again (`remove_shard_files`). Completion markers are
 written by the driver (`pipeline.output.ShardTracker`) once all of a shard's rows have come back
@@ -32,6 +34,7 @@ from pipeline.stages.rows import (
     FAILURES,
     GPU_PEAK_BYTES,
     IMAGE,
+    INVERSION_STATES,
     INVERT_FAILED,
     INVERT_SECONDS,
     MODEL_FINGERPRINT,
@@ -76,8 +79,16 @@ def _finite(value) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
-def rows_for_sample(batch: dict, index: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """(edits rows, sources rows, errors rows) of one processed sample row."""
+def rows_for_sample(
+    batch: dict, index: int, inversions: list[str] | None = None
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(edits rows, sources rows, errors rows) of one processed sample row.
+
+    Args:
+        batch: the processed batch.
+        index: the row.
+        inversions: the paths (relative to the output) of the row's stored inversions, or None.
+    """
     source_id, status = str(batch[SOURCE_ID][index]), str(batch[STATUS][index])
     # A failed row's own failure leads its list (mark_failed); a row that failed reading has no other.
     errors = [
@@ -140,6 +151,7 @@ def rows_for_sample(batch: dict, index: int) -> tuple[list[dict], list[dict], li
         "recon_psnr": _finite(batch[RECON_PSNR][index]),
         "recon_ssim": _finite(batch[RECON_SSIM][index]),
         "recon_lpips": _finite(batch[RECON_LPIPS][index]),
+        "inversions": inversions or None,
         "invert_seconds": invert_seconds,
         "edits": len(edits),
         "model_id": model_id,
@@ -180,6 +192,26 @@ def write_tables(output: str, key: str, digest: str, tables: dict[str, list[dict
     return written
 
 
+ARTIFACTS = "artifacts"
+
+
+def write_inversions(output: str, key: str, source_id: str, states) -> list[str]:
+    """Write one sample's stored inversions (safetensors bytes); returns their paths relative to output.
+
+    File names depend only on the shard and the sample, so a retried task rewrites the same files.
+    """
+    if states is None or len(states) == 0:
+        return []
+    fs, root = fsspec.core.url_to_fs(output)
+    stem = hashlib.sha256(source_id.encode()).hexdigest()[:16]
+    written = []
+    for position, state in enumerate(states):
+        relative = f"{ARTIFACTS}/{key}/{stem}-{position}.safetensors"
+        write_bytes(fs, f"{root}/{relative}", bytes(state))
+        written.append(relative)
+    return written
+
+
 def _shard_errors(batch: dict, shard: str, indices: list[int]) -> list[str]:
     """The messages of the rows that stand for the shard failing as a whole (not complete)."""
     return [
@@ -211,15 +243,19 @@ def write_batch(batch: dict, output: str) -> dict:
     summary: dict[str, list] = defaultdict(list)
     for shard, indices in by_shard.items():
         tables: dict[str, list[dict]] = {name: [] for name in TABLES}
+        artifacts = []
         for index in indices:
-            edits, sources, errors = rows_for_sample(batch, index)
+            states = batch[INVERSION_STATES][index] if INVERSION_STATES in batch else None
+            inversions = write_inversions(output, shard_key(shard), str(batch[SOURCE_ID][index]), states)
+            artifacts += inversions
+            edits, sources, errors = rows_for_sample(batch, index, inversions)
             tables["edits"] += edits
             tables["sources"] += sources
             tables["errors"] += errors
         digest = hashlib.sha256(
             "\n".join(sorted(str(batch[SOURCE_ID][i]) for i in indices)).encode()
         ).hexdigest()[:16]
-        files = write_tables(output, shard_key(shard), digest, tables)
+        files = artifacts + write_tables(output, shard_key(shard), digest, tables)
         statuses = [str(batch[STATUS][i]) for i in indices]
         counts = {
             "rows": len(indices),
@@ -249,7 +285,7 @@ def write_batch(batch: dict, output: str) -> dict:
 
 
 def remove_shard_files(output: str, key: str, keep: frozenset[str] = frozenset()) -> int:
-    """Delete the table files of shard `key` left by an interrupted run, except `keep` (paths relative to
+    """Delete the table files and stored inversions of shard `key` left by an interrupted run, except `keep` (paths relative to
     the output: the files an earlier run cut short by a limit recorded as durable). Returns how many."""
     fs, root = fsspec.core.url_to_fs(output)
     removed = 0
@@ -259,6 +295,11 @@ def remove_shard_files(output: str, key: str, keep: frozenset[str] = frozenset()
         for path in fs.find(f"{root}/{name}"):
             relative = path[len(root) :].lstrip("/")
             if path.rsplit("/", 1)[-1].startswith(f"{key}.") and relative not in keep:
+                fs.rm(path)
+                removed += 1
+    if fs.exists(f"{root}/{ARTIFACTS}/{key}"):
+        for path in fs.find(f"{root}/{ARTIFACTS}/{key}"):
+            if path[len(root) :].lstrip("/") not in keep:
                 fs.rm(path)
                 removed += 1
     return removed

@@ -149,3 +149,22 @@ def test_edit_rows_carry_the_sample_columns_and_validate(tmp_path):
     assert [second[name] for name in ("sample_seed", "sample_group", "diversity", "diversity_bound")] == [
         None
     ] * 4
+
+
+def test_stored_inversions_are_written_per_sample_and_removed_with_their_shard(tmp_path):
+    from pipeline.stages.write import write_inversions
+
+    key, other = shard_key("s3://bucket/shard-000001.tar"), shard_key("s3://bucket/shard-000002.tar")
+    first = write_inversions(str(tmp_path), key, "shard-000001.tar#a", [b"one", b"two"])
+    again = write_inversions(str(tmp_path), key, "shard-000001.tar#a", [b"one", b"two"])
+    assert first == again and len(set(first)) == 2  # a retried task rewrites the same names
+    assert [(tmp_path / path).read_bytes() for path in first] == [b"one", b"two"]
+    second = write_inversions(str(tmp_path), key, "shard-000001.tar#b", [b"three"])
+    assert not set(second) & set(first)
+    kept_elsewhere = write_inversions(str(tmp_path), other, "shard-000002.tar#a", [b"four"])
+    assert write_inversions(str(tmp_path), key, "shard-000001.tar#c", []) == []
+
+    # An interrupted shard's files go, except those recorded as durable; other shards' stay.
+    assert remove_shard_files(str(tmp_path), key, keep=frozenset(first)) == 1
+    assert not (tmp_path / second[0]).exists()
+    assert all((tmp_path / path).exists() for path in first + kept_elsewhere)
