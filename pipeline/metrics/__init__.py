@@ -16,7 +16,7 @@ from pipeline.metrics.perceptual import (
     PerceptualDistance,
     build_perceptual,
 )
-from pipeline.metrics.pixel import psnr, ssim
+from pipeline.metrics.pixel import mse, psnr, ssim
 
 __all__ = [
     "ClipScorer",
@@ -26,6 +26,7 @@ __all__ = [
     "RandomClip",
     "build_perceptual",
     "build_random_clip",
+    "mse",
     "psnr",
     "register_model_config",
     "ssim",
