@@ -151,7 +151,7 @@ def test_composite_keeps_the_source_exactly_outside_the_dilated_feathered_mask(d
     ramp = ~outside & ~inside
     alpha = 1.0 - (distance - dilation) / (feather + 1)
     expected = np.round(source + alpha * (edit.astype(np.float64) - source))
-    np.testing.assert_allclose(out[ramp], expected[ramp], atol=1)
+    np.testing.assert_array_equal(out[ramp], expected[ramp])
 
 
 def test_feathered_mask_is_a_linear_ramp_in_chessboard_distance():
@@ -176,4 +176,11 @@ def test_composite_of_float_images_is_exact_outside_and_an_empty_mask_returns_th
     assert torch.equal(out[1], source[1])
     far = torch.ones(16, 16, dtype=torch.bool)
     far[1:12, 1:12] = False
+    assert torch.equal(out[0][:, far], source[0][:, far])
+    # Inside the dilated mask the edit's own values, not source + 1 * (edit - source) rounded in float
+    # (0.7 + (1e-9 - 0.7) is 0 in float32), and outside the source's even where the edit is NaN.
+    source[0, :, 6, 6], edit[0, :, 6, 6] = 0.7, 1e-9
+    edit[0, :, 15, 15] = float("nan")
+    out = composite(source, edit, mask, dilation=1, feather=2)
+    assert torch.equal(out[0][:, 4:9, 4:9], edit[0][:, 4:9, 4:9])
     assert torch.equal(out[0][:, far], source[0][:, far])
