@@ -124,7 +124,7 @@ def build_dataset(
     )
     dataset = dataset.map_batches(
         ScoreActor,
-        fn_constructor_kwargs={"metrics": config.metrics},
+        fn_constructor_kwargs={"metrics": config.metrics, "output": config.output},
         batch_format="numpy",
         **_actor_args(resources.score),
     )
