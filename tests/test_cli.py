@@ -244,6 +244,14 @@ def test_outputs_that_would_be_lost_are_refused_or_made_absolute(tmp_path, monke
     assert result.exit_code == 0, result.output
     sent = yaml.safe_load(submitted["INVERSA_JOB_SPEC"])["output"]["path"]
     assert sent == str(tmp_path / "rel/out") and "resolved to" in result.output
+    # Making the path absolute keeps the rest of the output settings.
+    composite = ["--set", "output.composite=true", "--set", "output.composite_feather=7"]
+    result = runner.invoke(
+        app, ["submit", str(job), "--address", "http://h:8265", "--output", "rel/out", *composite]
+    )
+    assert result.exit_code == 0, result.output
+    sent = yaml.safe_load(submitted["INVERSA_JOB_SPEC"])["output"]
+    assert (sent["composite"], sent["composite_feather"]) == (True, 7)
 
 
 def test_run_refuses_a_factory_typo_before_ray_starts(tmp_path):
