@@ -81,7 +81,11 @@ def test_report_embeds_every_image(clean_run, tmp_path):
     sources, edits = (
         connection.sql(f"select count(*) from {t}").fetchall()[0][0] for t in ("sources", "edits")
     )
-    assert len(images) == 2 * sources + edits  # source + reconstruction per source, one per edit
+    composites = connection.sql("select count(composite_image) from edits").fetchall()[0][0]
+    assert composites > 0  # the test job composites
+    # Source + reconstruction per source, one per edit and one per composite.
+    assert len(images) == 2 * sources + edits + composites
+    assert "Composited edits (raw vs composite)" in page
     assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
     assert "http" not in page  # self-contained
 

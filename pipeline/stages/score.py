@@ -126,7 +126,8 @@ class ScoreActor:
         edits_json = batch[EDITS_JSON].astype(object).copy()
         # The raw edits until compositing replaces them: every row gets the column, whatever its status.
         composites = np.empty(count, dtype=object)
-        composites[:] = list(batch[EDIT_IMAGES])
+        for row, images in enumerate(batch[EDIT_IMAGES]):
+            composites[row] = images
 
         rows = [i for i in range(count) if batch[STATUS][i] == OK]
         if rows:
