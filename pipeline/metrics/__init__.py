@@ -1,6 +1,8 @@
-"""Edit metrics as pure tensor code: pixel (PSNR, SSIM), perceptual (LPIPS) and CLIP scores.
+"""Edit metrics as pure tensor code: pixel (MSE, PSNR, SSIM), perceptual (LPIPS), CLIP scores,
+structure distance and diversity per image; FID / KID per image set (`pipeline.metrics.distribution`).
 
-All take images as float (B, 3, H, W) tensors in [0, 1] and return one value per image (B,).
+All take images as float (B, 3, H, W) tensors in [0, 1]; the per-image metrics return one value per
+image (B,).
 """
 
 from pipeline.metrics.clip import (
