@@ -52,7 +52,6 @@ def _durable(config, *, where: str):
     """The config with output.path absolute (a relative one said so), or exit: memory:// is refused."""
     import dataclasses
 
-    from pipeline.config import OutputConfig
     from pipeline.errors import JobError
     from pipeline.preflight import durable_output
 
@@ -67,7 +66,7 @@ def _durable(config, *, where: str):
             soft_wrap=True,
             highlight=False,
         )
-    return dataclasses.replace(config, output=OutputConfig(resolved))
+    return dataclasses.replace(config, output=dataclasses.replace(config.output, path=resolved))
 
 
 def summary_table(manifest: dict) -> Table:

@@ -219,6 +219,9 @@ class FilterConfig:
     max_lpips: float | None = None
     min_bg_psnr: float | None = None
     max_bg_lpips: float | None = None
+    min_bg_ssim: float | None = None
+    min_clip_t_edited: float | None = None
+    max_structure_dist: float | None = None
     require_target_class: bool = False
 
 
@@ -258,9 +261,26 @@ class ResourcesConfig:
 class OutputConfig:
     """Attributes:
     path: output URI (local folder, file://, s3://, gs://); gets edits/, sources/, errors/, manifest.json.
+    composite: also write each edit composited into its source outside its edit mask (the local-blend /
+        cross-attention mask), dilated by composite_dilation pixels and feathered over composite_feather
+        pixels (`pipeline.diffusion.masks.composite`): the edits table's composite_image, scored as
+        the composite_* metrics. Edits without a mask (has_mask false) are not composited.
+    composite_dilation: pixels added around the edit mask at full weight (the mask comes from a grid
+        8x coarser than the image, so its edges are blocky).
+    composite_feather: width in pixels of the linear ramp from the edit to the source beyond that.
     """
 
     path: str
+    composite: bool = False
+    composite_dilation: int = 4
+    composite_feather: int = 4
+
+    def __post_init__(self) -> None:
+        if self.composite_dilation < 0 or self.composite_feather < 0:
+            raise ValueError(
+                f"composite_dilation and composite_feather are pixel counts >= 0, got "
+                f"{self.composite_dilation} and {self.composite_feather}"
+            )
 
 
 @dataclass(frozen=True)
@@ -608,7 +628,9 @@ def to_dict(config: Any) -> Any:
 def spec_digest(config: JobConfig) -> str:
     """sha256 of everything that changes the rows produced (output path excluded)."""
     data = to_dict(config)
-    data.pop("output")
+    output = data.pop("output")
+    if output["composite"]:  # compositing adds to the rows; without it digests stay as they were
+        data["composite"] = {key: value for key, value in output.items() if key != "path"}
     data.pop("resources")
     data.pop("name")
     data["input"].pop("retry")

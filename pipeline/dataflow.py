@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import ray
 
-from pipeline.config import JobConfig, OutputConfig, ResourcesConfig, StageResources, spec_digest
+from pipeline.config import JobConfig, ResourcesConfig, StageResources, spec_digest
 from pipeline.errors import JobError
 from pipeline.output import OutputStore, ShardTracker, write_manifest
 from pipeline.preflight import durable_output, local_resources, resolve_shards, resource_shortfall
@@ -124,7 +124,7 @@ def build_dataset(
     )
     dataset = dataset.map_batches(
         ScoreActor,
-        fn_constructor_kwargs={"metrics": config.metrics},
+        fn_constructor_kwargs={"metrics": config.metrics, "output": config.output},
         batch_format="numpy",
         **_actor_args(resources.score),
     )
@@ -323,7 +323,9 @@ def run_job(
         The manifest; its `status` is "partial" when a shard failed or a limit left shards to do.
     """
     started = time.time()
-    config = dataclasses.replace(config, output=OutputConfig(durable_output(config.output.path)))
+    config = dataclasses.replace(
+        config, output=dataclasses.replace(config.output, path=durable_output(config.output.path))
+    )
     shards = _check_shards(config)
     image_size = model_image_size(config)
     _check_resources(config, address)

@@ -15,8 +15,9 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.schemas import TABLES, load_schema
+from pipeline.stages.rows import COMPOSITE_PREFIX, EDIT_METRICS
 
-METRICS = ("clip_t", "clip_i", "clip_dir", "lpips", "bg_psnr", "bg_lpips")
+METRICS = EDIT_METRICS
 
 
 def connect(output: str) -> duckdb.DuckDBPyConnection:
@@ -203,6 +204,21 @@ def plots_section(connection: duckdb.DuckDBPyConnection) -> str:
     return "".join(parts)
 
 
+def composite_section(connection: duckdb.DuckDBPyConnection) -> str:
+    """With output.composite: per target class, the composited edits' metric means beside the raw ones."""
+    if not connection.sql("select count(composite_image) from edits").fetchall()[0][0]:
+        return ""
+    pairs = ", ".join(
+        f"avg({metric}) as {metric}, avg({COMPOSITE_PREFIX}{metric}) as {COMPOSITE_PREFIX}{metric}"
+        for metric in METRICS
+    )
+    return "<h2>Composited edits (raw vs composite)</h2>" + _table(
+        connection,
+        f"select target_class, method, count(*) as composited, {pairs} from edits "
+        "where composite_image is not null group by 1, 2 order by 1, 2",
+    )
+
+
 def errors_section(connection: duckdb.DuckDBPyConnection) -> str:
     """Errors per stage and type, then each type's distinct messages with their counts and an example."""
     if not connection.sql("select count(*) from errors").fetchall()[0][0]:
@@ -239,7 +255,8 @@ def errors_section(connection: duckdb.DuckDBPyConnection) -> str:
 def write_report(output: str, path: str | None = None, max_sources: int = 200) -> str:
     """Write OUTPUT/report.html (or `path`); returns where it went.
 
-    Sections: manifest counts; per-target-class metric means; sources; plots (metric distributions per
+    Sections: manifest counts; per-target-class metric means (and, with output.composite, the composited
+    edits' means beside their raw ones); sources; plots (metric distributions per
     target class, success rates per source class); errors by stage and type with their messages; a
     gallery with, per source, the source image, its reconstruction (with PSNR/SSIM/LPIPS) and every edit
     with its metrics.
@@ -266,6 +283,7 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
             f"select target_class, method, count(*) as edits, avg(passed_filter::int) as pass_rate, avg((classified_as = target_class)::int) as classified_as_target, {means} from edits group by 1, 2 order by 1, 2",
         )
     )
+    parts.append(composite_section(connection))
     parts.append("<h2>Sources</h2>")
     parts.append(
         _table(
@@ -283,7 +301,7 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
     if sources:
         connection.register("_shown", pa.table({"source_id": [s[0] for s in sources]}))
         edit_rows = connection.sql(
-            f"select source_id, target_prompt, seed, image, classified_as, passed_filter, filter_reason, {', '.join(METRICS)} "
+            f"select source_id, target_prompt, seed, image, composite_image, classified_as, passed_filter, filter_reason, {', '.join(METRICS)} "
             "from edits where source_id in (select source_id from _shown) order by source_id, target_class, target_prompt, seed"
         ).fetchall()
         for row in edit_rows:
@@ -293,9 +311,17 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
             f'<div class="cell">{_image(image)}<br>source<br>{html.escape(caption or "")}<br><small>{html.escape(source_id)}</small></div>',
             f'<div class="cell">{_image(reconstruction)}<br>reconstruction<br>PSNR {_number(recon_psnr)} SSIM {_number(recon_ssim)} LPIPS {_number(recon_lpips)}</div>',
         ]
-        for _, prompt, seed, edit_image, classified_as, passed, reason, *values in edits_by_source.get(
-            source_id, []
-        ):
+        for (
+            _,
+            prompt,
+            seed,
+            edit_image,
+            composite,
+            classified_as,
+            passed,
+            reason,
+            *values,
+        ) in edits_by_source.get(source_id, []):
             metrics = " ".join(
                 f"{name} {_number(value)}" for name, value in zip(METRICS, values, strict=True)
             )
@@ -305,6 +331,8 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
             cells.append(
                 f'<div class="cell">{_image(edit_image)}<br>{html.escape(prompt)} (seed {seed})<br>{metrics}<br>{verdict}</div>'
             )
+            if composite is not None:
+                cells.append(f'<div class="cell">{_image(composite)}<br>composited into the source</div>')
         parts.append(f'<div class="row">{"".join(cells)}</div>')
     parts.append("</body></html>")
     target = path or f"{root}/report.html"

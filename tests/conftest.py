@@ -112,7 +112,8 @@ def job_spec_data(assets: dict, output: Path) -> dict:
         },
         "filter": {"min_clip_t": 0.0},
         "resources": {"invert_edit": {"batch_size": 4}, "score": {"batch_size": 8}},
-        "output": {"path": str(output)},
+        # Compositing on, so that every job the tests run also writes and scores composites.
+        "output": {"path": str(output), "composite": True, "composite_dilation": 1, "composite_feather": 2},
     }
 
 

@@ -10,6 +10,7 @@ import json
 import numpy as np
 
 from pipeline.output import OutputStore
+from pipeline.stages.rows import EDIT_METRICS
 from pipeline.stages.write import encode_png, shard_key, write_tables
 
 TARGETS = {"cat": ("fox", "red panda"), "dog": ("fox",), "bird": ("red panda",), None: ()}
@@ -62,8 +63,15 @@ def edit_row(source: dict, target_class: str, seed: int, passed: bool, rng: np.r
         "clip_i": float(rng.uniform(0.5, 0.9)),
         "clip_dir": float(rng.uniform(-0.2, 0.4)),
         "lpips": float(rng.uniform(0.05, 0.5)),
+        "has_mask": seed % 3 != 0,
+        "clip_t_edited": None if seed % 3 == 0 else float(rng.uniform(0.1, 0.4)),
+        "structure_dist": float(rng.uniform(0.001, 0.05)),
         "bg_psnr": None if seed % 3 == 0 else float(rng.uniform(20, 35)),
+        "bg_mse": None,
+        "bg_ssim": None if seed % 3 == 0 else float(rng.uniform(0.6, 1.0)),
         "bg_lpips": None,
+        "composite_image": None,
+        **{f"composite_{name}": None for name in EDIT_METRICS},
         "diversity": None,
         "diversity_bound": None,
         "classified_as": target_class if passed else source["source_class"],

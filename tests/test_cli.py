@@ -81,7 +81,11 @@ def test_report_embeds_every_image(clean_run, tmp_path):
     sources, edits = (
         connection.sql(f"select count(*) from {t}").fetchall()[0][0] for t in ("sources", "edits")
     )
-    assert len(images) == 2 * sources + edits  # source + reconstruction per source, one per edit
+    composites = connection.sql("select count(composite_image) from edits").fetchall()[0][0]
+    assert composites > 0  # the test job composites
+    # Source + reconstruction per source, one per edit and one per composite.
+    assert len(images) == 2 * sources + edits + composites
+    assert "Composited edits (raw vs composite)" in page
     assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
     assert "http" not in page  # self-contained
 
@@ -244,6 +248,14 @@ def test_outputs_that_would_be_lost_are_refused_or_made_absolute(tmp_path, monke
     assert result.exit_code == 0, result.output
     sent = yaml.safe_load(submitted["INVERSA_JOB_SPEC"])["output"]["path"]
     assert sent == str(tmp_path / "rel/out") and "resolved to" in result.output
+    # Making the path absolute keeps the rest of the output settings.
+    composite = ["--set", "output.composite=true", "--set", "output.composite_feather=7"]
+    result = runner.invoke(
+        app, ["submit", str(job), "--address", "http://h:8265", "--output", "rel/out", *composite]
+    )
+    assert result.exit_code == 0, result.output
+    sent = yaml.safe_load(submitted["INVERSA_JOB_SPEC"])["output"]
+    assert (sent["composite"], sent["composite_feather"]) == (True, 7)
 
 
 def test_run_refuses_a_factory_typo_before_ray_starts(tmp_path):

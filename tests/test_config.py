@@ -115,6 +115,12 @@ def test_round_trip_through_to_dict():
         ({"metrics": {"perceptual": "features:mine"}}, "metrics.feature_extractor", "required"),
         ({"filter": {"require_target_class": True}}, "filter.require_target_class", "metrics.classifier"),
         ({"surprise": 1}, "surprise", "unknown key"),
+        ({"output": {"path": "o", "composite": "yes"}}, "output.composite", "expected true/false"),
+        (
+            {"output": {"path": "o", "composite_feather": -2}},
+            "output",
+            "composite_feather are pixel counts >= 0",
+        ),
         ({"edits": [{"target_class": "fox", "samples": 4}]}, "edits.0.samples", "need stochastic"),
         ({"edits": [{"target_class": "fox", "samples": 0}]}, "edits.0.samples", "must be >= 1"),
         (
@@ -198,3 +204,17 @@ def test_every_stage_of_the_resources_is_checked():
     with pytest.raises(ConfigError, match="resources.caption: batch_size and actors must be >= 1"):
         _check(config, "job.yaml")
     _check(dataclasses.replace(config, resources=WithCaptioning(caption=StageResources())), "job.yaml")
+
+
+def test_composite_settings_count_in_the_spec_digest_only_when_compositing():
+    """Compositing adds to the rows, so it changes the digest (a rerun must not mix the two); its
+    parameters do not matter while it is off."""
+    from pipeline.config import spec_digest
+
+    def digest(**output) -> str:
+        return spec_digest(parse_config({**MINIMAL, "output": {"path": "out/", **output}}, "job.yaml"))
+
+    plain = digest()
+    assert digest(composite_dilation=9) == plain and digest(path="elsewhere/") == plain
+    assert digest(composite=True) != plain
+    assert digest(composite=True, composite_feather=1) != digest(composite=True)

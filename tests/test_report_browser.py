@@ -65,10 +65,11 @@ def render(report_path, screenshot_path, height: int | None = None) -> dict:
     return shown
 
 
-def check_page(shown: dict, sources: int, edits: int) -> None:
+def check_page(shown: dict, sources: int, edits: int, composites: int = 0) -> None:
     assert all(image["complete"] and image["width"] > 0 for image in shown["images"]), shown["images"]
     gallery = [image for image in shown["images"] if not image["plot"]]
-    assert len(gallery) == 2 * sources + edits  # source + reconstruction per source, one per edit
+    # Source + reconstruction per source, one per edit and one per composite.
+    assert len(gallery) == 2 * sources + edits + composites
     assert sum(image["plot"] for image in shown["images"]) == 2
     assert shown["tables"] and all(t["rows"] >= 2 and t["height"] > 0 for t in shown["tables"])
     assert {"Plots", "Errors", "Gallery"} <= set(shown["headings"])
@@ -110,16 +111,20 @@ def test_report_of_a_real_job_renders_in_chromium(clean_run, tmp_path):
     result = runner.invoke(app, ["report", str(clean_run["output"]), "--path", str(path)])
     assert result.exit_code == 0, result.output
     shown = render(path, tmp_path / "report.png")
-    sources, edits = table_counts(str(clean_run["output"]))
-    check_page(shown, sources, edits)
+    sources, edits, composites = table_counts(str(clean_run["output"]))
+    assert composites > 0  # the test job composites
+    check_page(shown, sources, edits, composites)
     assert edits == clean_run["manifest"]["counts"]["edits"]
 
 
-def table_counts(output: str) -> tuple[int, int]:
-    """(sources, edits) rows of OUTPUT's tables."""
+def table_counts(output: str) -> tuple[int, int, int]:
+    """(sources, edits, composited edits) rows of OUTPUT's tables."""
     from pipeline.report import connect
 
-    counts = connect(output).sql("select (select count(*) from sources), (select count(*) from edits)")
+    counts = connect(output).sql(
+        "select (select count(*) from sources), (select count(*) from edits), "
+        "(select count(composite_image) from edits)"
+    )
     return counts.fetchall()[0]
 
 

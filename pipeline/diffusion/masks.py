@@ -135,3 +135,79 @@ class LocalBlend:
             mask = edit_mask(maps, source_row, edit_row, words, self.resolution, self.size).to(latents.dtype)
             latents[edit_row] = latents[source_row] + mask * (latents[edit_row] - latents[source_row])
         return latents
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Chebyshev dilation: every pixel within `radius` pixels (a (2r+1)^2 square) of a mask pixel.
+
+    Args:
+        mask: (B, H, W) bool.
+        radius: r >= 0 in pixels.
+
+    Returns:
+        (B, H, W) bool.
+    """
+    if radius == 0:
+        return mask
+    grown = F.max_pool2d(mask[:, None].float(), kernel_size=2 * radius + 1, stride=1, padding=radius)
+    return grown[:, 0] > 0
+
+
+def feathered_mask(mask: torch.Tensor, dilation: int, feather: int) -> torch.Tensor:
+    """The blend weight of compositing: 1 on the mask dilated by `dilation`, falling linearly to 0 over
+    the next `feather` pixels, exactly 0 beyond.
+
+        D      = dilate(mask, dilation)
+        alpha  = (1 / (feather + 1)) * sum_{k=0..feather} 1[dilate(D, k)]
+               = 1 - d / (feather + 1) for pixels at Chebyshev distance d <= feather from D, else 0
+
+    Args:
+        mask: (B, H, W) bool, True = edited.
+        dilation: pixels added around the mask at full weight (covers the attention mask's coarse
+            edges: it is upsampled from the latent's 8x coarser grid).
+        feather: width in pixels of the linear ramp outside the dilated mask.
+
+    Returns:
+        (B, H, W) float32 in [0, 1]; 0 exactly outside dilate(mask, dilation + feather).
+    """
+    if dilation < 0 or feather < 0:
+        raise ValueError(f"dilation and feather must be >= 0 pixels, got {dilation} and {feather}")
+    core = dilate(mask, dilation)
+    rings = [dilate(core, k).float() for k in range(feather + 1)]
+    return torch.stack(rings).mean(dim=0)
+
+
+def composite(
+    source: torch.Tensor, edit: torch.Tensor, mask: torch.Tensor, dilation: int, feather: int
+) -> torch.Tensor:
+    """The edit inside its (dilated, feathered) mask, the source's exact pixels outside it.
+
+        out = source + alpha * (edit - source),   alpha = feathered_mask(mask, dilation, feather)
+
+    Args:
+        source: (B, 3, H, W) source images, float or uint8.
+        edit: (B, 3, H, W) edited images, same dtype.
+        mask: (B, H, W) bool, True = edited.
+        dilation: see `feathered_mask`.
+        feather: see `feathered_mask`.
+
+    Returns:
+        (B, 3, H, W) in the images' dtype (uint8 blends are rounded): equal to `source` bit for bit
+        where alpha = 0 and to `edit` where alpha = 1.
+    """
+    if source.shape != edit.shape or source.dtype != edit.dtype:
+        raise ValueError(
+            f"source and edit must have the same shape and dtype, got {tuple(source.shape)} {source.dtype} "
+            f"and {tuple(edit.shape)} {edit.dtype}"
+        )
+    if mask.shape != (source.shape[0], *source.shape[2:]) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must be bool (B, H, W) matching the images, got {tuple(mask.shape)} {mask.dtype}"
+        )
+    alpha = feathered_mask(mask, dilation, feather)[:, None]
+    blended = source.float() + alpha * (edit.float() - source.float())
+    if not source.is_floating_point():
+        blended = blended.round()
+    blended = blended.to(source.dtype)
+    # Where alpha is 0 or 1 take the pixels themselves, not a float round trip of them.
+    return torch.where(alpha == 0, source, torch.where(alpha == 1, edit, blended))

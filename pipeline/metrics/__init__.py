@@ -1,6 +1,8 @@
-"""Edit metrics as pure tensor code: pixel (PSNR, SSIM), perceptual (LPIPS) and CLIP scores.
+"""Edit metrics as pure tensor code: pixel (MSE, PSNR, SSIM), perceptual (LPIPS), CLIP scores,
+structure distance and diversity per image; FID / KID per image set (`pipeline.metrics.distribution`).
 
-All take images as float (B, 3, H, W) tensors in [0, 1] and return one value per image (B,).
+All take images as float (B, 3, H, W) tensors in [0, 1]; the per-image metrics return one value per
+image (B,).
 """
 
 from pipeline.metrics.clip import (
@@ -16,7 +18,7 @@ from pipeline.metrics.perceptual import (
     PerceptualDistance,
     build_perceptual,
 )
-from pipeline.metrics.pixel import psnr, ssim
+from pipeline.metrics.pixel import mse, psnr, ssim
 
 __all__ = [
     "ClipScorer",
@@ -26,6 +28,7 @@ __all__ = [
     "RandomClip",
     "build_perceptual",
     "build_random_clip",
+    "mse",
     "psnr",
     "register_model_config",
     "ssim",

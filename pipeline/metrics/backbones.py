@@ -16,12 +16,15 @@ def backbone_names(metrics: MetricsConfig) -> dict[str, str]:
 
     Returns:
         clip: "MODEL/CHECKPOINT" ("random-init" without a checkpoint), perceptual: the perceptual
-        backbone, and classifier: the classifier reference when one is configured.
+        backbone, structure: the tokens structure_dist compares (the CLIP vision tower's patch
+        tokens), and classifier: the classifier reference when one is configured.
     """
     clip = metrics.clip
+    clip_name = f"{clip.model_name}/{clip.pretrained or 'random-init'}"
     names = {
-        "clip": f"{clip.model_name}/{clip.pretrained or 'random-init'}",
+        "clip": clip_name,
         "perceptual": metrics.perceptual,
+        "structure": f"{clip_name}:patch-tokens",
     }
     if metrics.classifier is not None:
         names["classifier"] = metrics.classifier

@@ -5,6 +5,8 @@ With E_I, E_T CLIP's image and text encoders and ê = e / ||e|| (unit-norm embed
     CLIP-T(x, y)  = <ê_I(x), ê_T(y)>                      image-text agreement of an edit
     CLIP-I(x, x') = <ê_I(x), ê_I(x')>                     image-image similarity (edit vs source)
     CLIP-dir      = cos(ΔI, ΔT),  ΔI = ê_I(x_edit) - ê_I(x_src),  ΔT = ê_T(y_tgt) - ê_T(y_src)
+    CLIP-T_edited = CLIP-T(x ⊙ m, y)                      PIE-Bench's "CLIP similarity, edited": the
+                                                          pixels outside the edit mask m set to 0 (black)
 
 CLIP-dir is the direction of DiffusionCLIP's directional loss (papers/004 eq. 9-10:
 L_direction = 1 - cos(ΔI, ΔT)). When the image direction vanishes (the edit did not change the
@@ -35,7 +37,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.metrics.validation import check_image_pair, check_images
+from pipeline.metrics.validation import check_image_pair, check_images, check_mask
 
 # Below this norm a difference of unit-norm float32 embeddings is numerical noise, not a direction.
 ZERO_DIRECTION_NORM = 1e-6
@@ -276,6 +278,22 @@ class ClipScorer:
         """
         _check_count(texts, images, "texts")
         return (self.image_embeddings(images) * self.text_embeddings(texts)).sum(dim=-1)
+
+    def clip_t_edited(self, images: torch.Tensor, texts: list[str], mask: torch.Tensor) -> torch.Tensor:
+        """CLIP-T of the edited region only (PIE-Bench): the image with every pixel outside `mask` black.
+
+        Args:
+            images: (B, 3, H, W) float in [0, 1].
+            texts: B prompts.
+            mask: (B, H, W) bool, True = edited pixel.
+
+        Returns:
+            (B,) cosine similarities; NaN where the mask selects no pixel (no edited region).
+        """
+        check_mask(mask, images)
+        scores = self.clip_t(images * mask[:, None].to(images.dtype), texts)
+        empty = ~mask.flatten(1).any(dim=1).to(scores.device)
+        return torch.where(empty, torch.full_like(scores, float("nan")), scores)
 
     def clip_i(self, images_a: torch.Tensor, images_b: torch.Tensor) -> torch.Tensor:
         """CLIP-I: cosine of the image embeddings of each pair.

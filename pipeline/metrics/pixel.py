@@ -2,7 +2,8 @@
 
 Images are float tensors (B, 3, H, W) with values in [0, 1]; data range is therefore 1.
 
-    PSNR = 10 log10(1 / MSE),   MSE = mean over the counted pixels and the 3 channels of (a - b)^2
+    MSE  = mean over the counted pixels and the 3 channels of (a - b)^2
+    PSNR = 10 log10(1 / MSE)
 
 SSIM is scikit-image's `structural_similarity` (7x7 uniform window, K1 = 0.01, K2 = 0.03,
 data_range = 1, channels averaged). skimage averages its SSIM map only over pixels at least
@@ -25,6 +26,24 @@ from pipeline.metrics.validation import check_image_pair, check_mask, masked_spa
 SSIM_WINDOW = 7  # skimage's default win_size for non-Gaussian SSIM
 
 
+def mse(images_a: torch.Tensor, images_b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per image pair, over the counted pixels and the 3 channels.
+
+    Args:
+        images_a: (B, 3, H, W) float images in [0, 1].
+        images_b: (B, 3, H, W) float images in [0, 1].
+        mask: (B, H, W) bool, True = pixel counted; None counts every pixel.
+
+    Returns:
+        (B,) float64 MSE; 0 for identical images, NaN where the mask is empty.
+    """
+    check_image_pair(images_a, images_b)
+    check_mask(mask, images_a)
+    # float64 so that tiny errors of near-identical images are not rounded to zero.
+    squared_error = (images_a.double() - images_b.double()) ** 2
+    return masked_spatial_mean(squared_error, mask)
+
+
 def psnr(images_a: torch.Tensor, images_b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB for each image pair (data range 1).
 
@@ -36,12 +55,7 @@ def psnr(images_a: torch.Tensor, images_b: torch.Tensor, mask: torch.Tensor | No
     Returns:
         (B,) float64 PSNR; +inf for identical images, NaN where the mask is empty.
     """
-    check_image_pair(images_a, images_b)
-    check_mask(mask, images_a)
-    # float64 so that tiny errors of near-identical images are not rounded to zero.
-    squared_error = (images_a.double() - images_b.double()) ** 2
-    mse = masked_spatial_mean(squared_error, mask)
-    return 10.0 * torch.log10(1.0 / mse)
+    return 10.0 * torch.log10(1.0 / mse(images_a, images_b, mask))
 
 
 def ssim(images_a: torch.Tensor, images_b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

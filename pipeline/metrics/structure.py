@@ -7,6 +7,10 @@ Legend:
                       vision tower; the papers use DINO-ViT's keys)
     S(x)_ij           cos(t_i, t_j), the tokens' self-similarity matrix (n x n)
     distance(x, y)    mean over i, j of (S(x)_ij - S(y)_ij)^2
+
+The edits table's `structure_dist` takes t_1 .. t_n from `ClipScorer.image_tokens` without its CLS
+token (`patch_tokens`), so its backbone is the configured CLIP's vision tower (recorded as
+params.metrics.structure). PIE-Bench reports it x 1e3.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ def self_similarity(tokens: torch.Tensor) -> torch.Tensor:
     """
     unit = F.normalize(tokens.float(), dim=-1)
     return unit @ unit.transpose(1, 2)
+
+
+def patch_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """The patch tokens t_1 .. t_n of a ViT's (B, 1 + n, D) output, CLS first -> (B, n, D)."""
+    return tokens[:, 1:]
 
 
 def structure_distance(tokens_a: torch.Tensor, tokens_b: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Filter flags: an edit passes when every configured threshold holds (and, with
-filter.require_target_class, when metrics.classifier reads it as its target class)."""
+filter.require_target_class, when metrics.classifier reads it as its target class). The thresholds
+apply to the raw edit's metrics, not to the composite_* ones."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ _RULES = (
     ("max_lpips", "lpips", "max"),
     ("min_bg_psnr", "bg_psnr", "min"),
     ("max_bg_lpips", "bg_lpips", "max"),
+    ("min_bg_ssim", "bg_ssim", "min"),
+    ("min_clip_t_edited", "clip_t_edited", "min"),
+    ("max_structure_dist", "structure_dist", "max"),
 )
 
 

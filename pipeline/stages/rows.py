@@ -7,7 +7,9 @@ Rows are one per input sample from the reader to the writer. Each stage adds col
     preprocess  image (resized), orig_width, orig_height
     invert_edit recon, invert_seconds, edits_json, edit_images, edit_masks, model_id, model_fingerprint,
                 gpu_peak_bytes (the actor's torch.cuda.max_memory_allocated; NaN without a GPU)
-    score       recon_psnr, recon_ssim, recon_lpips (and metric values inside edits_json)
+    score       recon_psnr, recon_ssim, recon_lpips, composite_images (per row (E, S, S, 3) uint8: each
+                edit composited into its source with output.composite, else the edit itself; a
+                record's "composited" says which), and the metric values inside edits_json
     filter      passed_filter / filter_reason inside edits_json
 
 A row's `failures` column holds its failures as one JSON list (`encode_failures`); every stage records
@@ -53,6 +55,23 @@ INVERSION_STATES = "inversion_states"
 RECON_PSNR = "recon_psnr"
 RECON_SSIM = "recon_ssim"
 RECON_LPIPS = "recon_lpips"
+COMPOSITE_IMAGES = "composite_images"
+
+# The per-edit metrics the score actor puts into edits_json, each an edits table column of that name;
+# with output.composite the composited edits get them again as COMPOSITE_PREFIX + name.
+EDIT_METRICS = (
+    "clip_t",
+    "clip_t_edited",
+    "clip_i",
+    "clip_dir",
+    "lpips",
+    "structure_dist",
+    "bg_psnr",
+    "bg_mse",
+    "bg_ssim",
+    "bg_lpips",
+)
+COMPOSITE_PREFIX = "composite_"
 
 # Row statuses: OK, or the status of a row whose failure happened in that stage.
 OK = "ok"

@@ -29,7 +29,10 @@ from PIL import Image
 from pipeline.schemas import TABLES, load_schema, to_table
 from pipeline.stages.rows import (
     CAPTION,
+    COMPOSITE_IMAGES,
+    COMPOSITE_PREFIX,
     EDIT_IMAGES,
+    EDIT_METRICS,
     EDITS_JSON,
     FAILURES,
     GPU_PEAK_BYTES,
@@ -126,10 +129,14 @@ def rows_for_sample(
                     "image": encode_png(batch[EDIT_IMAGES][index][position]),
                     "width": size[1],
                     "height": size[0],
-                    **{
-                        name: record[name]
-                        for name in ("clip_t", "clip_i", "clip_dir", "lpips", "bg_psnr", "bg_lpips")
-                    },
+                    "has_mask": bool(record["has_mask"]),
+                    **{name: record[name] for name in EDIT_METRICS},
+                    "composite_image": (
+                        encode_png(batch[COMPOSITE_IMAGES][index][position])
+                        if record.get("composited")
+                        else None
+                    ),
+                    **{COMPOSITE_PREFIX + name: record.get(COMPOSITE_PREFIX + name) for name in EDIT_METRICS},
                     **{name: record.get(name) for name in ("diversity", "diversity_bound")},
                     "classified_as": record["classified_as"],
                     "passed_filter": record["passed_filter"],

@@ -1,8 +1,11 @@
 """Local blend against P2P's LocalBlend, on hand-made attention maps with known regions."""
 
+import numpy as np
+import pytest
 import torch
+from scipy import ndimage
 
-from pipeline.diffusion.masks import LocalBlend, MaskWords, edit_mask, word_mask
+from pipeline.diffusion.masks import LocalBlend, MaskWords, composite, edit_mask, feathered_mask, word_mask
 
 R = 4  # attention resolution
 SIZE = 8  # latent side
@@ -112,3 +115,72 @@ def test_a_faint_word_map_is_normalised_up_to_its_peak():
     maps[0, 1 * R + 1, 2] = 0.2  # 0.4 of the peak: inside the mask at threshold 0.3
     mask = word_mask(maps[0], [2], R, SIZE, 0.3, pool=False)
     assert torch.equal(mask, _latent_region([(0, 0), (1, 1)], pool=False))
+
+
+def _chessboard_distance(mask: np.ndarray) -> np.ndarray:
+    """Chebyshev distance of every pixel to the nearest mask pixel (scipy, independent of torch)."""
+    return ndimage.distance_transform_cdt(~mask, metric="chessboard")
+
+
+def _composite_case(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    source = rng.integers(0, 256, size=(2, 3, 40, 40), dtype=np.uint8)
+    edit = rng.integers(0, 256, size=(2, 3, 40, 40), dtype=np.uint8)
+    mask = np.zeros((2, 40, 40), dtype=bool)
+    mask[0, 12:20, 15:22] = True
+    mask[1, 0:6, 30:40] = True  # touching the border
+    mask[1, 25, 5] = True  # a single pixel
+    return source, edit, mask
+
+
+@pytest.mark.parametrize("dilation, feather", [(0, 0), (2, 0), (0, 3), (3, 4)])
+def test_composite_keeps_the_source_exactly_outside_the_dilated_feathered_mask(dilation, feather):
+    source, edit, mask = _composite_case()
+    out = composite(
+        torch.from_numpy(source), torch.from_numpy(edit), torch.from_numpy(mask), dilation, feather
+    )
+    out = out.numpy()
+    assert out.dtype == np.uint8
+    distance = np.stack([_chessboard_distance(m) for m in mask])[:, None].repeat(3, axis=1)
+    outside = distance > dilation + feather
+    inside = distance <= dilation
+    assert outside.any() and inside.any()
+    assert np.array_equal(out[outside], source[outside])  # byte for byte
+    assert np.array_equal(out[inside], edit[inside])
+    # The ramp: alpha = 1 - (d - dilation) / (feather + 1), the blend rounded to the uint8 grid.
+    ramp = ~outside & ~inside
+    alpha = 1.0 - (distance - dilation) / (feather + 1)
+    expected = np.round(source + alpha * (edit.astype(np.float64) - source))
+    np.testing.assert_array_equal(out[ramp], expected[ramp])
+
+
+def test_feathered_mask_is_a_linear_ramp_in_chessboard_distance():
+    _, _, mask = _composite_case()
+    alpha = feathered_mask(torch.from_numpy(mask), dilation=2, feather=3).numpy()
+    distance = np.stack([_chessboard_distance(m) for m in mask])
+    expected = np.clip(1.0 - (distance - 2) / 4, 0.0, 1.0)
+    np.testing.assert_allclose(alpha, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="feather must be >= 0"):
+        feathered_mask(torch.from_numpy(mask), dilation=-1, feather=0)
+
+
+def test_composite_of_float_images_is_exact_outside_and_an_empty_mask_returns_the_source():
+    generator = torch.Generator().manual_seed(0)
+    source, edit = (
+        torch.rand(2, 3, 16, 16, generator=generator),
+        torch.rand(2, 3, 16, 16, generator=generator),
+    )
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[0, 5:8, 5:8] = True
+    out = composite(source, edit, mask, dilation=1, feather=2)
+    assert torch.equal(out[1], source[1])
+    far = torch.ones(16, 16, dtype=torch.bool)
+    far[1:12, 1:12] = False
+    assert torch.equal(out[0][:, far], source[0][:, far])
+    # Inside the dilated mask the edit's own values, not source + 1 * (edit - source) rounded in float
+    # (0.7 + (1e-9 - 0.7) is 0 in float32), and outside the source's even where the edit is NaN.
+    source[0, :, 6, 6], edit[0, :, 6, 6] = 0.7, 1e-9
+    edit[0, :, 15, 15] = float("nan")
+    out = composite(source, edit, mask, dilation=1, feather=2)
+    assert torch.equal(out[0][:, 4:9, 4:9], edit[0][:, 4:9, 4:9])
+    assert torch.equal(out[0][:, far], source[0][:, far])

@@ -172,3 +172,23 @@ def test_scoring_errors(clip_scorer):
         clip_scorer.image_embeddings(images * 3)
     with pytest.raises(ValueError, match="same number"):
         clip_scorer.clip_i(images, images[:1])
+
+
+def test_clip_t_edited_scores_the_edited_region_on_black(clip_scorer, generator):
+    """PIE-Bench's edited-region CLIP similarity: CLIP-T of the image with the pixels outside the mask set
+    to 0, so those pixels do not count; an empty mask has no edited region (NaN)."""
+    images = _quantised(3, 32, generator)
+    mask = torch.zeros(3, 32, 32, dtype=torch.bool)
+    mask[:, 8:24, 4:20] = True
+    mask[2] = False
+    blacked = images.clone()
+    blacked[~mask[:, None].expand_as(images)] = 0.0
+    edited = clip_scorer.clip_t_edited(images, SOURCE_TEXTS, mask)
+    torch.testing.assert_close(edited[:2], clip_scorer.clip_t(blacked, SOURCE_TEXTS)[:2])
+    assert torch.isnan(edited[2])
+    # Changing only the pixels outside the region leaves it unchanged, while the whole-image CLIP-T moves.
+    repainted = torch.where(mask[:, None], images, torch.rand(images.shape, generator=generator))
+    torch.testing.assert_close(clip_scorer.clip_t_edited(repainted, SOURCE_TEXTS, mask)[:2], edited[:2])
+    assert not torch.allclose(
+        clip_scorer.clip_t(repainted, SOURCE_TEXTS), clip_scorer.clip_t(images, SOURCE_TEXTS)
+    )

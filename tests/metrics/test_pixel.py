@@ -117,3 +117,22 @@ def test_ssim_rejects_images_smaller_than_its_window():
     images = torch.rand(1, 3, 5, 5)
     with pytest.raises(ValueError, match="at least 7x7"):
         ssim(images, images)
+
+
+def test_masked_mse_is_the_numpy_mean_over_the_selected_pixels(generator):
+    from pipeline.metrics.pixel import mse
+
+    clean, noisy = _noisy_pair(generator, batch=3)
+    mask = torch.rand(3, 24, 24, generator=generator) > 0.6
+    mask[2] = False  # an empty background: undefined, not 0 and not an error
+    values = mse(clean, noisy, mask).numpy()
+    for index in range(2):
+        a, b = _hwc(clean[index]), _hwc(noisy[index])
+        expected = np.mean((a[mask[index].numpy()] - b[mask[index].numpy()]) ** 2)
+        assert values[index] == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(values[2])
+    np.testing.assert_allclose(
+        mse(clean, noisy).numpy(),
+        [np.mean((_hwc(a) - _hwc(b)) ** 2) for a, b in zip(clean, noisy, strict=True)],
+        rtol=1e-12,
+    )

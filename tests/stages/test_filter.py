@@ -20,6 +20,16 @@ def test_thresholds_name_every_failed_metric_and_undefined_fails():
     assert filter_reason({"clip_t": -1.0, "clip_i": -1.0}, FilterConfig()) is None
 
 
+def test_pie_bench_thresholds_keep_their_direction():
+    """bg_ssim and clip_t_edited are similarities (a minimum), structure_dist a distance (a maximum)."""
+    thresholds = FilterConfig(min_bg_ssim=0.9, min_clip_t_edited=0.2, max_structure_dist=0.01)
+    good = {"bg_ssim": 0.95, "clip_t_edited": 0.3, "structure_dist": 0.005}
+    assert filter_reason(good, thresholds) is None
+    bad = {"bg_ssim": 0.85, "clip_t_edited": 0.1, "structure_dist": 0.02}
+    assert filter_reason(bad, thresholds) == "bg_ssim<0.9; clip_t_edited<0.2; structure_dist>0.01"
+    assert filter_reason({**good, "clip_t_edited": None}, thresholds) == "clip_t_edited undefined"
+
+
 def test_require_target_class_compares_the_classifier_reading_with_the_target():
     thresholds = FilterConfig(require_target_class=True)
     assert filter_reason({"target_class": "star", "classified_as": "star"}, thresholds) is None

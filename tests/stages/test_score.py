@@ -149,3 +149,82 @@ def test_diversity_is_the_mean_pairwise_distance_within_each_sample_group(actor)
     assert expected > 0
     for lone in (1, 3):  # a group of one sample, and a deterministic edit: undefined
         assert scored[lone]["diversity"] is None and scored[lone]["diversity_bound"] is None
+
+
+def two_region_case(seed: int = 3):
+    """A source, an edit that changes the masked square and adds noise of known size outside it."""
+    rng = np.random.default_rng(seed)
+    source = rng.integers(40, 200, size=(SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    mask[6:18, 10:22] = True
+    edit = source.copy()
+    edit[mask] = 255 - edit[mask]
+    edit[~mask] += rng.integers(0, 8, size=(int((~mask).sum()), 3), dtype=np.uint8)
+    return source, edit, mask
+
+
+def test_pie_bench_metrics_follow_their_definitions(actor):
+    """bg_mse and bg_ssim over the unedited pixels (numpy, scikit-image), clip_t_edited on the edited region
+    blacked outside, structure_dist 0 for an unchanged image; region metrics null without a region."""
+    from skimage.metrics import structural_similarity
+
+    source, edit, mask = two_region_case()
+    full = np.ones_like(mask)
+    batch = edit_batch(
+        source, [(edit, mask, True), (source.copy(), mask, True), (edit, full, True), (edit, full, False)]
+    )
+    scored = actor(batch)
+    assert scored["status"][0] == "ok", scored["failures"][0]
+    changed, unchanged, whole, maskless = json.loads(scored["edits_json"][0])
+    a, b = source.astype(np.float64) / 255, edit.astype(np.float64) / 255
+    assert changed["bg_mse"] == pytest.approx(np.mean((a[~mask] - b[~mask]) ** 2), rel=1e-6)
+    _, ssim_map = structural_similarity(a, b, channel_axis=-1, data_range=1.0, full=True)
+    interior = np.zeros_like(mask)
+    interior[3:-3, 3:-3] = True
+    assert changed["bg_ssim"] == pytest.approx(ssim_map[~mask & interior].mean(), rel=1e-6)
+    blacked = torch.from_numpy(edit * mask[..., None]).permute(2, 0, 1)[None].float() / 255
+    assert changed["clip_t_edited"] == pytest.approx(
+        float(actor.clip.clip_t(blacked, ["a photo of a fox"])[0]), abs=1e-6
+    )
+    assert changed["structure_dist"] > 0
+    assert unchanged["structure_dist"] == pytest.approx(0, abs=1e-9)
+    assert (unchanged["bg_mse"], unchanged["bg_ssim"]) == (0, pytest.approx(1))
+    assert [whole[name] for name in ("bg_mse", "bg_ssim", "bg_psnr", "bg_lpips")] == [None] * 4
+    assert whole["clip_t_edited"] is not None and whole["structure_dist"] is not None
+    # No mask from the engine: no region, so no region metrics (the all-True stand-in mask is not one).
+    assert maskless["clip_t_edited"] is None and maskless["bg_mse"] is None
+    assert maskless["clip_t"] == pytest.approx(whole["clip_t"])
+
+
+def test_composite_keeps_the_source_outside_the_mask_and_is_scored_again(job_assets):
+    """output.composite: the composite equals the source exactly outside the mask (no dilation or feather
+    here), so its background metrics are perfect while the raw edit's are not; an edit without a mask is
+    not composited and says so."""
+    from pipeline.config import OutputConfig
+    from pipeline.stages.rows import COMPOSITE_IMAGES
+
+    output = OutputConfig("unused", composite=True, composite_dilation=0, composite_feather=0)
+    actor = ScoreActor(metrics_config(job_assets), output)
+    source, edit, mask = two_region_case()
+    scored = actor(edit_batch(source, [(edit, mask, True), (edit, np.ones_like(mask), False)]))
+    assert scored["status"][0] == "ok", scored["failures"][0]
+    composited, maskless = json.loads(scored["edits_json"][0])
+    images = scored[COMPOSITE_IMAGES][0]
+    assert np.array_equal(images[0], np.where(mask[..., None], edit, source))
+    assert composited["composited"] is True
+    assert (composited["composite_bg_mse"], composited["composite_bg_psnr"]) == (0, math.inf)
+    assert composited["bg_mse"] > 0 and composited["bg_psnr"] < math.inf
+    assert composited["composite_clip_t_edited"] == pytest.approx(composited["clip_t_edited"], abs=1e-6)
+    assert maskless["composited"] is False
+    assert all(maskless[f"composite_{name}"] is None for name in ("clip_t", "bg_mse", "structure_dist"))
+    assert np.array_equal(images[1], edit)
+
+
+def test_without_composite_nothing_is_composited(actor):
+    from pipeline.stages.rows import COMPOSITE_IMAGES
+
+    source, edit, mask = two_region_case()
+    scored = actor(edit_batch(source, [(edit, mask, True)]))
+    [record] = json.loads(scored["edits_json"][0])
+    assert record["composited"] is False and record["composite_bg_mse"] is None
+    assert np.array_equal(scored[COMPOSITE_IMAGES][0][0], edit)

@@ -109,11 +109,13 @@ def test_edit_rows_carry_the_sample_columns_and_validate(tmp_path):
     written before these columns existed) gets nulls."""
     import numpy as np
 
+    from pipeline.stages.rows import EDIT_METRICS
     from pipeline.stages.write import rows_for_sample
 
     image = np.zeros((8, 8, 3), dtype=np.uint8)
-    metrics = {name: 0.5 for name in ("clip_t", "clip_i", "clip_dir", "lpips", "bg_psnr", "bg_lpips")}
+    metrics = {name: 0.5 for name in EDIT_METRICS}
     common = {"target_class": "fox", "target_prompt": "a fox", "seed": 4, "edit_seconds": 0.1, **metrics}
+    common["has_mask"] = False
     common |= {"params": json.dumps({"inversion": {"method": "null_text_vae"}}), "classified_as": None}
     common |= {"passed_filter": True, "filter_reason": None}
     sample = {"edit_id": "a", "sample_index": 2, "sample_seed": 14, "sample_group": "g", "diversity": 0.25}
@@ -168,3 +170,60 @@ def test_stored_inversions_are_written_per_sample_and_removed_with_their_shard(t
     assert remove_shard_files(str(tmp_path), key, keep=frozenset(first)) == 1
     assert not (tmp_path / second[0]).exists()
     assert all((tmp_path / path).exists() for path in first + kept_elsewhere)
+
+
+def test_composite_image_is_written_only_for_composited_edits():
+    """composite_image holds the composite's PNG and composite_* its metrics for a composited edit; both are
+    null for an edit that was not (has_mask false)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.stages.rows import COMPOSITE_PREFIX, EDIT_METRICS
+    from pipeline.stages.write import rows_for_sample
+
+    rng = np.random.default_rng(0)
+    image, edit, composite = (rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8) for _ in range(3))
+    common = {"target_class": "fox", "target_prompt": "a fox", "seed": 4, "edit_seconds": 0.1}
+    common |= {name: 0.5 for name in EDIT_METRICS} | {"sample_index": 0, "classified_as": None}
+    common |= {
+        "params": json.dumps({"inversion": {"method": "ddim"}}),
+        "passed_filter": True,
+        "filter_reason": None,
+    }
+    composited = {**common, "edit_id": "a", "has_mask": True, "composited": True}
+    composited |= {COMPOSITE_PREFIX + name: 0.25 for name in EDIT_METRICS}
+    plain = {**common, "edit_id": "b", "has_mask": False, "composited": False}
+    plain |= {COMPOSITE_PREFIX + name: None for name in EDIT_METRICS}
+    off = {**plain, "edit_id": "c", "has_mask": True}  # a mask, but output.composite is off
+
+    def column(value):
+        array = np.empty(1, dtype=object)
+        array[0] = value
+        return array
+
+    batch = {
+        "source_id": column("s#1"),
+        "status": column("ok"),
+        "failures": column("[]"),
+        "model_id": column("tiny"),
+        "invert_seconds": np.array([1.0]),
+        "image": image[None],
+        "recon": image[None],
+        "edits_json": column(json.dumps([composited, plain, off])),
+        "edit_images": column(np.stack([edit, edit, edit])),
+        "composite_images": column(np.stack([composite, edit, edit])),
+        "source_class": column("cat"),
+        "caption": column("a cat"),
+        "orig_width": np.array([8]),
+        "orig_height": np.array([8]),
+        **{name: np.array([30.0]) for name in ("recon_psnr", "recon_ssim", "recon_lpips")},
+    }
+    first, second, third = rows_for_sample(batch, 0)[0]
+    validate_table("edits", to_table("edits", [first, second, third]))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(first["composite_image"]))), composite)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(first["image"]))), edit)
+    assert (first["has_mask"], first["composite_bg_psnr"]) == (True, 0.25)
+    assert (second["has_mask"], second["composite_image"], second["composite_clip_t"]) == (False, None, None)
+    assert (third["has_mask"], third["composite_image"]) == (True, None)
