@@ -625,6 +625,9 @@ def to_dict(config: Any) -> Any:
     return config
 
 
+LATER_FILTER_KEYS = ("min_bg_ssim", "min_clip_t_edited", "max_structure_dist")
+
+
 def spec_digest(config: JobConfig) -> str:
     """sha256 of everything that changes the rows produced (output path excluded)."""
     data = to_dict(config)
@@ -634,4 +637,10 @@ def spec_digest(config: JobConfig) -> str:
     data.pop("resources")
     data.pop("name")
     data["input"].pop("retry")
+    # Keys added since outputs were first written count only when set, so those outputs still resume.
+    for key in LATER_FILTER_KEYS:
+        if data["filter"].get(key) is None:
+            data["filter"].pop(key, None)
+    if not data["inversion"].get("keep_artifacts"):
+        data["inversion"].pop("keep_artifacts", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

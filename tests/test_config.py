@@ -218,3 +218,29 @@ def test_composite_settings_count_in_the_spec_digest_only_when_compositing():
     assert digest(composite_dilation=9) == plain and digest(path="elsewhere/") == plain
     assert digest(composite=True) != plain
     assert digest(composite=True, composite_feather=1) != digest(composite=True)
+
+
+def test_spec_digests_of_earlier_specs_are_unchanged_by_later_keys_at_their_defaults():
+    """Outputs written before the later filter keys and inversion.keep_artifacts existed still resume:
+    the digests below were computed by the release before them, for the same specs."""
+    from pipeline.config import spec_digest
+
+    earlier = {
+        **MINIMAL,
+        "filter": {"min_clip_t": 0.2},
+        "inversion": {"method": "null_text", "num_steps": 20},
+    }
+    assert spec_digest(parse_config(MINIMAL, "job.yaml")) == (
+        "3ccc4d8f1e8b85aaa2c071c25e5ce9322bdf0e2be309bd63f908b5d21f30617e"
+    )
+    assert spec_digest(parse_config(earlier, "job.yaml")) == (
+        "cef3dcf9b7a16af91831e8ebfef124fb60e437dd6f974d134c1d2bfb0f4f57b4"
+    )
+    # Set, they change what is written, so they count.
+    for changed in (
+        {**earlier, "filter": {"min_clip_t": 0.2, "min_bg_ssim": 0.5}},
+        {**earlier, "inversion": {**earlier["inversion"], "keep_artifacts": True}},
+    ):
+        assert spec_digest(parse_config(changed, "job.yaml")) != spec_digest(
+            parse_config(earlier, "job.yaml")
+        )
