@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.metrics.clip import build_random_clip
+from pipeline.training.artefact import read_artefact
 from pipeline.training.diffusion_clip import ClipSpec, DiffusionClipConfig, DiffusionClipTask, WorldData
 from pipeline.training.ray_train import RunSettings, history_of, run_training
 from pipeline.training.spec import TASKS
@@ -76,6 +77,11 @@ def test_two_workers_follow_the_one_worker_loss_curve(ray_local, one_worker_run,
     assert two["metrics"]["workers"] == 2
     for single, double in zip(history_of(one_worker_run), history_of(two), strict=True):
         assert double["loss"] == pytest.approx(single["loss"], rel=1e-4, abs=1e-6)
+    # The adapters' B matrices start at zero: how far they moved is what the workers must agree on.
+    one, both = read_artefact(one_worker_run["uri"]).weights, read_artefact(two["uri"]).weights
+    moved = max(float(one[name].abs().max()) for name in one if "lora_B" in name)
+    apart = max(float((one[name] - both[name]).abs().max()) for name in one if "lora_B" in name)
+    assert moved > 1e-4 and apart < 1e-2 * moved
 
 
 def test_each_worker_takes_its_share_of_the_same_batch(task_config):
@@ -111,3 +117,40 @@ def test_an_editor_trained_on_another_base_model_is_refused(one_worker_run, tiny
     other = dataclasses.replace(tiny_sd, fingerprint="0" * 64)
     with pytest.raises(ArtefactError, match="trained on base model"):
         load_editor(other, one_worker_run["uri"])
+
+
+def test_auto_adapter_trains_lora_only_for_large_unets(tiny_sd, monkeypatch):
+    from pipeline.training import diffusion_clip
+
+    config = DiffusionClipConfig(adapter="auto")
+    assert diffusion_clip.resolved_adapter(config, tiny_sd.unet) == "full"
+    monkeypatch.setattr(diffusion_clip, "AUTO_LORA_PARAMETERS", 1000)
+    assert diffusion_clip.resolved_adapter(config, tiny_sd.unet) == "lora"
+    assert (
+        diffusion_clip.resolved_adapter(dataclasses.replace(config, adapter="full"), tiny_sd.unet) == "full"
+    )
+
+
+def test_world_texts_change_only_the_attribute_and_skip_scenes_that_have_the_value():
+    from pipeline.training.diffusion_clip import world_training_texts
+    from pipeline.world import generator
+
+    images, references, targets = world_training_texts(WorldData(scenes=12, attribute="color", value="blue"))
+    assert images.shape == (12, 64, 64, 3)
+    for reference, target in zip(references, targets, strict=True):
+        source, edited = generator.parse_caption(reference), generator.parse_caption(target)
+        assert source["objects"][0]["color"] != "blue" and edited["objects"][0]["color"] == "blue"
+        assert source["objects"][0]["shape"] == edited["objects"][0]["shape"]
+        assert source["background"] == edited["background"]
+
+
+@pytest.mark.parametrize(("variant", "optimizer_steps"), [("full_backprop", 1), ("memory_efficient", 2)])
+def test_an_iteration_steps_the_optimiser_once_or_once_per_generative_step(
+    task_config, variant, optimizer_steps
+):
+    task = DiffusionClipTask(dataclasses.replace(task_config, variant=variant))
+    task.setup(torch.device("cpu"), rank=0, world_size=1)
+    synced = []
+    metrics = task.step(0, lambda: synced.append(True))
+    assert set(metrics) == {"loss", "direction", "l1"} and len(synced) == optimizer_steps
+    assert {int(state["step"]) for state in task.optimizer.state.values()} == {optimizer_steps}
