@@ -172,3 +172,12 @@ def test_scoring_errors(clip_scorer):
         clip_scorer.image_embeddings(images * 3)
     with pytest.raises(ValueError, match="same number"):
         clip_scorer.clip_i(images, images[:1])
+
+
+def test_differentiable_image_embeddings_match_and_carry_gradients_to_the_images(clip_scorer):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    embeddings = clip_scorer.differentiable_image_embeddings(images)
+    torch.testing.assert_close(embeddings.detach(), clip_scorer.image_embeddings(images.detach()))
+    embeddings[:, 0].sum().backward()
+    assert images.grad is not None and float(images.grad.abs().sum()) > 0
+    assert all(parameter.grad is None for parameter in clip_scorer.model.parameters())
