@@ -1,6 +1,7 @@
-"""`inversa` command line: run | validate | submit | status | logs | query | report | export.
+"""`inversa` command line: run | train | validate | submit | status | logs | query | report | export.
 
     inversa run jobs/example_local.yaml --output out/ --set inversion.num_steps=10
+    inversa train jobs/train_diffusion_clip_star.yaml --set run.workers=2
     inversa validate jobs/example_sd15_cluster.yaml
     inversa submit jobs/example_sd15_cluster.yaml --address http://HEAD:8265
     inversa status raysubmit_XXXX --address http://HEAD:8265
@@ -143,6 +144,71 @@ def _exit_for(manifest: dict, limit: int | None) -> None:
 
 
 @app.command()
+def train(
+    spec: str = typer.Argument(..., help="Training spec YAML (or env:NAME to read it from a variable)."),
+    output: str | None = typer.Option(None, help="Output URI (overrides the spec's output)."),
+    address: str | None = typer.Option(
+        None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)."
+    ),
+    set_: list[str] | None = SetOption,
+) -> None:
+    """Train an artefact with Ray Train (e.g. a DiffusionCLIP editor); a rerun with the same output
+    resumes from the last checkpoint. Writes OUTPUT/artefact (weights, config, metrics, base-model
+    fingerprint) for augmentation specs to reference by URI."""
+    import json
+
+    spec_config = _load_train(spec, set_, output)
+    manifest = _train(spec_config, address)
+    metrics = manifest["metrics"]
+    console.print(
+        f"trained {spec_config.kind} {spec_config.name!r}: {metrics['iterations']} iterations, "
+        f"{metrics['train_wall_s']} s on {metrics['workers']} worker(s), final {json.dumps(metrics['final'])}",
+        soft_wrap=True,
+        highlight=False,
+    )
+    console.print(
+        f"artefact: {spec_config.artefact_uri} (version {manifest['version'][:12]})", highlight=False
+    )
+
+
+def _load_train(spec: str, overrides: list[str] | None, output: str | None = None):
+    from pipeline.training.spec import load_train_spec
+
+    try:
+        return load_train_spec(spec, overrides or (), output)
+    except ConfigError as error:
+        console.print(f"[red]invalid training spec:[/red] {error}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from error
+
+
+def _train(spec_config, address: str | None) -> dict:
+    """run_training in a Ray it starts (or joins), stopped again if started here."""
+    import ray
+
+    from pipeline.training.ray_train import RunSettings, run_training
+    from pipeline.training.spec import with_local_paths_resolved
+
+    spec_config = with_local_paths_resolved(spec_config)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    try:
+        run = spec_config.run
+        settings = RunSettings(
+            output=spec_config.output,
+            iterations=run.iterations,
+            checkpoint_every=run.checkpoint_every,
+            workers=run.workers,
+            use_gpu=run.use_gpu,
+            threads=run.threads,
+        )
+        return run_training(spec_config.factory, spec_config.task_mapping(), settings)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+@app.command()
 def validate(
     job: Path = typer.Argument(...),
     set_: list[str] | None = SetOption,
@@ -253,7 +319,8 @@ def submit(
         None, help="Folder uploaded as the job's working_dir (default: the project root)."
     ),
 ) -> None:
-    """Submit `inversa run` to a Ray cluster through the Jobs API; prints the submission id.
+    """Submit `inversa run` (or `inversa train`, for a training spec) to a Ray cluster through the Jobs
+    API; prints the submission id.
 
     The spec is resolved here (--set, --output applied, checked) and handed to the job in the
     runtime_env, so the cluster runs exactly what was validated. Relative paths inside it are
@@ -261,20 +328,37 @@ def submit(
     """
     import yaml
 
-    config = _durable(_load(job, set_, output), where="submit")  # fail here, not on the cluster
-    arguments = ["python", "-m", "pipeline.cli", "run", f"env:{SPEC_VARIABLE}"]
-    arguments += ["--limit", str(limit)] if limit is not None else []
-    arguments += ["--overwrite"] if overwrite else []
+    from pipeline.training.spec import is_training_spec, to_mapping
+
+    if is_training_spec(_raw_or_exit(job)):
+        spec_config = _load_train(str(job), set_, output)  # fail here, not on the cluster
+        arguments = ["python", "-m", "pipeline.cli", "train", f"env:{SPEC_VARIABLE}"]
+        spec_text = yaml.safe_dump(to_mapping(spec_config), sort_keys=False)
+    else:
+        config = _durable(_load(job, set_, output), where="submit")  # fail here, not on the cluster
+        arguments = ["python", "-m", "pipeline.cli", "run", f"env:{SPEC_VARIABLE}"]
+        arguments += ["--limit", str(limit)] if limit is not None else []
+        arguments += ["--overwrite"] if overwrite else []
+        spec_text = yaml.safe_dump(to_dict(config), sort_keys=False)
     runtime_env = {
         "working_dir": str((working_dir or project_root()).resolve()),
         "excludes": [".git", "**/__pycache__", "out", ".cache", "*.egg-info"],
-        "env_vars": {SPEC_VARIABLE: yaml.safe_dump(to_dict(config), sort_keys=False)},
+        "env_vars": {SPEC_VARIABLE: spec_text},
     }
     client = _client(address)
     submission_id = _jobs_api(
         address, "", lambda: client.submit_job(entrypoint=shlex.join(arguments), runtime_env=runtime_env)
     )
     print(submission_id)
+
+
+def _raw_or_exit(job: Path) -> dict:
+    from pipeline.config import load_raw
+
+    try:
+        return load_raw(job)
+    except ConfigError as error:
+        raise fail(str(error)) from error
 
 
 @app.command()

@@ -83,7 +83,9 @@ class DDIMSchedule:
             timestep: t, an entry of `timesteps`.
             latents: z_t, shape (B, C, h, w).
         """
-        return _move(noise_pred, latents, self.alpha_bar(timestep), self.alpha_bar(timestep - self.stride))
+        return ddim_move(
+            noise_pred, latents, self.alpha_bar(timestep), self.alpha_bar(timestep - self.stride)
+        )
 
     def inverse_step(self, noise_pred: torch.Tensor, timestep: int, latents: torch.Tensor) -> torch.Tensor:
         """DDIM inversion step (eq. 6): z at `timestep - stride` -> z_t at `timestep`.
@@ -94,12 +96,19 @@ class DDIMSchedule:
             timestep: t, an entry of `timesteps`.
             latents: z at t - stride, shape (B, C, h, w).
         """
-        return _move(noise_pred, latents, self.alpha_bar(timestep - self.stride), self.alpha_bar(timestep))
+        return ddim_move(
+            noise_pred, latents, self.alpha_bar(timestep - self.stride), self.alpha_bar(timestep)
+        )
 
 
-def _move(
+def ddim_move(
     noise_pred: torch.Tensor, latents: torch.Tensor, alpha_from: float, alpha_to: float
 ) -> torch.Tensor:
-    """Deterministic DDIM move from noise level alpha_from to alpha_to, through f_theta."""
+    """Deterministic DDIM move from noise level alpha_from to alpha_to, through f_theta.
+
+    z_to = sqrt(alpha_to) f_theta + sqrt(1 - alpha_to) eps with f_theta = (z_from - sqrt(1 - alpha_from) eps)
+    / sqrt(alpha_from): a sampling step (eq. 4) towards the clean end (alpha_to > alpha_from), an inversion
+    step (eq. 6) towards the noise end. Differentiable in `noise_pred` and `latents`.
+    """
     predicted_clean = (latents - (1.0 - alpha_from) ** 0.5 * noise_pred) / alpha_from**0.5
     return alpha_to**0.5 * predicted_clean + (1.0 - alpha_to) ** 0.5 * noise_pred

@@ -241,6 +241,20 @@ class ClipScorer:
         """
         return self.model.encode_image(self.preprocess(images), normalize=True)
 
+    def differentiable_image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings ê_I with gradients w.r.t. `images` (DiffusionCLIP's loss).
+
+        The same computation as `image_embeddings`, outside inference mode; the model's weights stay
+        frozen, so gradients reach only the images.
+
+        Args:
+            images: (B, 3, H, W) float in [0, 1].
+
+        Returns:
+            (B, D) float32.
+        """
+        return self.model.encode_image(self.preprocess(images), normalize=True)
+
     @torch.no_grad()
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """E(x): every last-layer token of the vision tower (CLS included), after its final LayerNorm

@@ -192,3 +192,12 @@ def test_clip_t_edited_scores_the_edited_region_on_black(clip_scorer, generator)
     assert not torch.allclose(
         clip_scorer.clip_t(repainted, SOURCE_TEXTS), clip_scorer.clip_t(images, SOURCE_TEXTS)
     )
+
+
+def test_differentiable_image_embeddings_match_and_carry_gradients_to_the_images(clip_scorer):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    embeddings = clip_scorer.differentiable_image_embeddings(images)
+    torch.testing.assert_close(embeddings.detach(), clip_scorer.image_embeddings(images.detach()))
+    embeddings[:, 0].sum().backward()
+    assert images.grad is not None and float(images.grad.abs().sum()) > 0
+    assert all(parameter.grad is None for parameter in clip_scorer.model.parameters())

@@ -1,0 +1,320 @@
+"""DiffusionCLIP (Kim, Kwon & Ye, CVPR 2022): fine-tune the denoiser towards a text direction, then edit
+any image of the domain in one deterministic forward-generative pass.
+
+Pure torch: no Ray, no files. Training (`pipeline.training.diffusion_clip`) and editing
+(`pipeline.editors`) call these functions.
+
+Legend (papers/004; latent diffusion, so x is the VAE latent and images come from DEC(x)):
+
+    t0                    the return step: the forward process stops at t0 < T (paper: 300..600 of 1000)
+    S_for, S_gen          steps of the forward (inversion) and generative grids between 0 and t0
+                          (paper: (40, 6) for training, (200, 40) for inference); the two grids differ but
+                          share t0, so x_t0 of the forward grid is where the generative grid starts
+    ReturnGrid            levels tau_0 = 0 < tau_1 < ... < tau_S = t0 (round(k t0 / S)); alpha_bar of
+                          level 0 is the scheduler's clean end (final_alpha_cumprod), level k's is
+                          alphas_cumprod[tau_k]
+    f_theta(x_t, t)       (x_t - sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_bar_t), eq. 6
+    forward(...)          eq. 12: x_{tau_{k+1}} = sqrt(a_{k+1}) f_theta(x_{tau_k}, tau_k)
+                                                   + sqrt(1 - a_{k+1}) eps_theta(x_{tau_k}, tau_k)
+    generate(...)         eq. 13: x_{tau_{k-1}} = sqrt(a_{k-1}) f_theta(x_{tau_k}, tau_k)
+                                                   + sqrt(1 - a_{k-1}) eps_theta(x_{tau_k}, tau_k)
+    x^0(theta^)           the generated image DEC(generate(x_t0)) of the fine-tuned model eps_theta^
+    L_direction           eq. 9: 1 - cos(E_I(x^0) - E_I(x_0), E_T(y_tar) - E_T(y_ref)), unit-norm CLIP
+                          embeddings E_I, E_T
+    L_id                  eq. 11: lambda_L1 ||x_0 - x^0||_1 (mean absolute error of images in [-1, 1];
+                          the face-identity term is not used)
+    loss                  eq. 10: L_direction + L_id
+    full backprop         one loss on the final x^0, differentiated through all S_gen UNet calls and DEC
+    memory-efficient      the reference code's `clip_finetune_eff`: at every generative step the loss of
+                          the step's prediction DEC(f_theta(x_t, t)), one backward and one optimiser step;
+                          x_t is detached between steps, so memory is that of one UNet call
+    gamma_i(t)            eq. 14: weights of M fine-tuned models at step t, sum_i gamma_i(t) = 1;
+                          x_{t-1} = sqrt(a_{t-1}) sum_i gamma_i f_i + sqrt(1 - a_{t-1}) sum_i gamma_i eps_i,
+                          which equals one DDIM step with eps = sum_i gamma_i eps_i (f is affine in eps)
+    continuous transition the pair (original eps_theta, fine-tuned eps_theta^) with weights (1 - gamma, gamma)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+from pipeline.diffusion.ddim import ddim_move
+
+# eps_theta(x_t, t) -> (B, C, h, w); the caller binds the UNet and the conditioning.
+NoiseFn = Callable[[torch.Tensor, int], torch.Tensor]
+# latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], differentiable.
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+# images (B, 3, H, W) in [0, 1] -> unit-norm CLIP image embeddings (B, D), differentiable.
+EmbedFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ReturnGrid:
+    """A DDIM grid from the clean end (level 0) to the return step t0 (level S).
+
+    Attributes:
+        timesteps: (S + 1,) long, tau_0 = 0 < ... < tau_S = t0; the UNet sees tau_k at level k.
+        alphas: (S + 1,) float64 alpha_bar per level; alphas[0] is the scheduler's clean end.
+    """
+
+    timesteps: torch.Tensor
+    alphas: torch.Tensor
+
+    @classmethod
+    def from_scheduler(cls, scheduler: DDIMScheduler, return_step: int, num_steps: int) -> ReturnGrid:
+        """S = `num_steps` DDIM steps between the clean end and t0 = `return_step`.
+
+        Args:
+            scheduler: a DDIMScheduler (its alphas_cumprod and final_alpha_cumprod).
+            return_step: t0, in [1, num_train_timesteps - 1].
+            num_steps: S, in [1, t0].
+
+        Raises:
+            ValueError: t0 or S out of range.
+        """
+        train_steps = scheduler.config.num_train_timesteps
+        if not 1 <= return_step < train_steps:
+            raise ValueError(
+                f"return step t0={return_step} must be in [1, {train_steps - 1}] (paper: 300..600)"
+            )
+        if not 1 <= num_steps <= return_step:
+            raise ValueError(f"num_steps={num_steps} must be in [1, t0={return_step}] (paper: 40 and 6)")
+        levels = torch.round(
+            torch.arange(num_steps + 1, dtype=torch.float64) * return_step / num_steps
+        ).long()
+        alphas = scheduler.alphas_cumprod.to(torch.float64)[levels].clone()
+        alphas[0] = float(scheduler.final_alpha_cumprod)
+        return cls(timesteps=levels, alphas=alphas)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.numel()) - 1
+
+    @property
+    def return_step(self) -> int:
+        return int(self.timesteps[-1])
+
+    def alpha(self, level: int) -> float:
+        return float(self.alphas[level])
+
+
+def predict_clean(noise: torch.Tensor, latents: torch.Tensor, alpha: float) -> torch.Tensor:
+    """f_theta(x_t, t) = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+    return (latents - (1.0 - alpha) ** 0.5 * noise) / alpha**0.5
+
+
+def forward(noise_fn: NoiseFn, grid: ReturnGrid, clean_latents: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM forward process (eq. 12) from x_0 to x_t0 over `grid`, without gradients.
+
+    Args:
+        noise_fn: eps_theta of the original model.
+        grid: the forward grid (S_for steps).
+        clean_latents: x_0, (B, C, h, w).
+
+    Returns:
+        x_t0, (B, C, h, w).
+    """
+    latents = clean_latents
+    with torch.no_grad():
+        for level in range(grid.num_steps):
+            noise = noise_fn(latents, int(grid.timesteps[level]))
+            latents = ddim_move(noise, latents, grid.alpha(level), grid.alpha(level + 1))
+    return latents
+
+
+def generate(noise_fn: NoiseFn, grid: ReturnGrid, start_latents: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM generative process (eq. 13) from x_t0 to x_0; differentiable when the noise is.
+
+    Args:
+        noise_fn: eps_theta (or a combination of models, `combined_noise_fn`).
+        grid: the generative grid (S_gen steps), ending at the forward grid's t0.
+        start_latents: x_t0, (B, C, h, w).
+
+    Returns:
+        x^0, (B, C, h, w).
+    """
+    latents = start_latents
+    for level in range(grid.num_steps, 0, -1):
+        noise = noise_fn(latents, int(grid.timesteps[level]))
+        latents = ddim_move(noise, latents, grid.alpha(level), grid.alpha(level - 1))
+    return latents
+
+
+def direction_loss(
+    edited_embeddings: torch.Tensor, source_embeddings: torch.Tensor, text_direction: torch.Tensor
+) -> torch.Tensor:
+    """L_direction (eq. 9) per image: 1 - cos(ΔI, ΔT).
+
+    Args:
+        edited_embeddings: (B, D) unit-norm E_I(x^0).
+        source_embeddings: (B, D) unit-norm E_I(x_0).
+        text_direction: (B, D) or (D,) ΔT = E_T(y_tar) - E_T(y_ref).
+
+    Returns:
+        (B,) losses in [0, 2].
+    """
+    image_direction = edited_embeddings - source_embeddings
+    return 1.0 - F.cosine_similarity(image_direction, text_direction.expand_as(image_direction), dim=-1)
+
+
+def identity_loss(edited_images: torch.Tensor, source_images: torch.Tensor) -> torch.Tensor:
+    """||x_0 - x^0||_1 of eq. 11 per image, the mean absolute difference of images in [-1, 1]."""
+    return (edited_images - source_images).abs().flatten(1).mean(dim=1)
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What the loss of eq. 10 compares a generated batch with.
+
+    Attributes:
+        source_images: x_0, (B, 3, H, W) in [-1, 1].
+        source_embeddings: (B, D) unit-norm E_I(x_0).
+        text_direction: (B, D) or (D,) ΔT.
+        l1_weight: lambda_L1 (paper: 0.3).
+        direction_weight: weight of L_direction (paper: 1).
+    """
+
+    source_images: torch.Tensor
+    source_embeddings: torch.Tensor
+    text_direction: torch.Tensor
+    l1_weight: float = 0.3
+    direction_weight: float = 1.0
+
+
+def diffusion_clip_loss(
+    edited_images: torch.Tensor, embed: EmbedFn, inputs: LossInputs
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. 10: mean over the batch of direction_weight L_direction + lambda_L1 ||x_0 - x^0||.
+
+    Args:
+        edited_images: x^0, (B, 3, H, W) in [-1, 1], differentiable.
+        embed: the CLIP image encoder (images in [0, 1] -> unit-norm embeddings).
+        inputs: the batch's sources, text direction and weights.
+
+    Returns:
+        The scalar loss and its detached terms {"direction", "l1"} (batch means).
+    """
+    edited_embeddings = embed(((edited_images + 1.0) / 2.0).clamp(0.0, 1.0))
+    direction = direction_loss(edited_embeddings, inputs.source_embeddings, inputs.text_direction).mean()
+    l1 = identity_loss(edited_images, inputs.source_images).mean()
+    loss = inputs.direction_weight * direction + inputs.l1_weight * l1
+    return loss, {"direction": direction.detach(), "l1": l1.detach()}
+
+
+def full_backprop_loss(
+    noise_fn: NoiseFn,
+    grid: ReturnGrid,
+    start_latents: torch.Tensor,
+    decode: DecodeFn,
+    embed: EmbedFn,
+    inputs: LossInputs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of eq. 10 on x^0 generated from x_t0, differentiable through every generative step.
+
+    Args:
+        noise_fn: eps_theta^ of the model being fine-tuned.
+        grid: the generative grid (S_gen steps).
+        start_latents: x_t0 from `forward`, (B, C, h, w).
+        decode: DEC, latents -> images in [-1, 1].
+        embed: the CLIP image encoder.
+        inputs: sources, text direction and weights.
+
+    Returns:
+        The scalar loss and its terms.
+    """
+    return diffusion_clip_loss(decode(generate(noise_fn, grid, start_latents)), embed, inputs)
+
+
+def memory_efficient_losses(
+    noise_fn: NoiseFn,
+    grid: ReturnGrid,
+    start_latents: torch.Tensor,
+    decode: DecodeFn,
+    embed: EmbedFn,
+    inputs: LossInputs,
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """One loss per generative step, for one backward and one optimiser step each.
+
+    At level k the loss of eq. 10 is taken on DEC(f_theta^(x_{tau_k}, tau_k)), the step's prediction of
+    the clean latent; x_{tau_{k-1}} is computed from the same noise before the caller steps the
+    optimiser and is detached, so each loss reaches the parameters through one UNet call only.
+
+    Args:
+        noise_fn: eps_theta^ of the model being fine-tuned.
+        grid: the generative grid (S_gen steps).
+        start_latents: x_t0, (B, C, h, w).
+        decode: DEC, latents -> images in [-1, 1].
+        embed: the CLIP image encoder.
+        inputs: sources, text direction and weights.
+
+    Yields:
+        (loss, terms) of levels S_gen .. 1 in turn; the caller backpropagates and steps between yields.
+    """
+    latents = start_latents.detach()
+    for level in range(grid.num_steps, 0, -1):
+        noise = noise_fn(latents, int(grid.timesteps[level]))
+        clean = predict_clean(noise, latents, grid.alpha(level))
+        next_latents = ddim_move(noise, latents, grid.alpha(level), grid.alpha(level - 1)).detach()
+        yield diffusion_clip_loss(decode(clean), embed, inputs)
+        latents = next_latents
+
+
+def combined_noise(noises: Sequence[torch.Tensor], gammas: Sequence[float]) -> torch.Tensor:
+    """sum_i gamma_i eps_i (eq. 14).
+
+    Args:
+        noises: M noise predictions of the same shape.
+        gammas: M weights summing to 1.
+
+    Raises:
+        ValueError: counts differ, or the weights do not sum to 1.
+    """
+    if len(noises) != len(gammas) or not noises:
+        raise ValueError(f"need one gamma per model: {len(noises)} models, {len(gammas)} gammas")
+    total = float(sum(gammas))
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"gammas {list(gammas)} sum to {total:.6g}; eq. 14 needs sum_i gamma_i(t) = 1")
+    combined = gammas[0] * noises[0]
+    for gamma, noise in zip(gammas[1:], noises[1:], strict=True):
+        combined = combined + gamma * noise
+    return combined
+
+
+# gamma(t) -> M weights for the models at timestep t.
+GammaSchedule = Callable[[int], Sequence[float]]
+
+
+def constant_gammas(gammas: Sequence[float]) -> GammaSchedule:
+    """gamma_i(t) = gamma_i at every t."""
+    weights = tuple(float(gamma) for gamma in gammas)
+    return lambda timestep: weights
+
+
+def combined_noise_fn(noise_fns: Sequence[NoiseFn], gammas: GammaSchedule) -> NoiseFn:
+    """eps(x_t, t) = sum_i gamma_i(t) eps_i(x_t, t): M models sampled as one (eq. 14).
+
+    A model whose weight is 0 at t is not evaluated.
+    """
+
+    def noise_fn(latents: torch.Tensor, timestep: int) -> torch.Tensor:
+        weights = list(gammas(timestep))
+        if len(weights) != len(noise_fns):
+            raise ValueError(f"gamma schedule gave {len(weights)} weights for {len(noise_fns)} models")
+        used = [index for index, weight in enumerate(weights) if weight != 0.0]
+        if abs(sum(weights) - 1.0) > 1e-6 or not used:
+            raise ValueError(f"gammas {weights} at t={timestep} must sum to 1 (eq. 14)")
+        return combined_noise([noise_fns[i](latents, timestep) for i in used], [weights[i] for i in used])
+
+    return noise_fn
+
+
+def transition_gammas(gamma: float) -> GammaSchedule:
+    """Continuous transition: weights (1 - gamma, gamma) of (original model, fine-tuned model)."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"transition gamma={gamma} must be in [0, 1]")
+    return constant_gammas((1.0 - gamma, gamma))

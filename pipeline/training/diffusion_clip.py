@@ -1,0 +1,382 @@
+"""DiffusionCLIP editors: fine-tune a copy of the base UNet (all weights or LoRA adapters) towards one
+text direction, as a `TrainTask` for `pipeline.training.ray_train`.
+
+On every worker `setup` loads the base model and the CLIP model, renders the training images, and
+precomputes the (x_0, x_t0) pairs by the deterministic forward process with S_for steps (eq. 12).
+Iteration i draws `batch` pairs with a generator seeded by (seed, i); the worker's share of them is
+generated with S_gen steps (eq. 13), decoded by the VAE and scored by eq. 10; `variant` chooses full
+backpropagation or the memory-efficient step per generative step (`pipeline.methods.diffusion_clip`).
+
+Text directions: with `reference_text` and `target_text` set, every image gets the paper's fixed pair
+(e.g. "face" -> "angry face"). Left unset, each image of the shapes world gets its own caption as
+y_ref and the caption with `data.attribute` := `data.value` as y_tar; scenes that already have the
+value are not used (their direction is zero). The oracle is never used here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline.diffusion.precision import fixed_branch_noise, optimised_branch_noise
+from pipeline.methods import diffusion_clip as dc
+
+KIND = "diffusion_clip"
+FACTORY = "pipeline.training.diffusion_clip:build_task"
+# Base UNets above this size train LoRA adapters when `adapter` is "auto" (SD 1.5's UNet: 860M).
+AUTO_LORA_PARAMETERS = 100_000_000
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """The open_clip model of the directional loss.
+
+    Attributes:
+        model_name: open_clip architecture name.
+        pretrained: tag or local checkpoint.
+        model_config: JSON config of a custom architecture (registered first), or None.
+    """
+
+    model_name: str = "shapes-clip-vit-tiny"
+    pretrained: str = "pipeline/world/assets/shapes_clip.safetensors"
+    model_config: str | None = "pipeline/world/assets/open_clip/shapes-clip-vit-tiny.json"
+
+
+@dataclass(frozen=True)
+class WorldData:
+    """Training images from the shapes world (training seeds, disjoint from the held-out ones).
+
+    Attributes:
+        scenes: training images (scenes that already have `value` are skipped and replaced).
+        attribute: the attribute the editor changes: shape, color or background.
+        value: its target value, e.g. star.
+        first_seed: seed of the first scene.
+    """
+
+    scenes: int = 64
+    attribute: Literal["shape", "color", "background"] = "shape"
+    value: str = "star"
+    first_seed: int = 0
+
+
+@dataclass(frozen=True)
+class DiffusionClipConfig:
+    """One DiffusionCLIP editor's training (papers/004 §3-4; defaults are the paper's).
+
+    Attributes:
+        model: the base model (diffusers folder or hub id).
+        clip: the CLIP model of the directional loss.
+        data: the training images.
+        reference_text: y_ref for every image; None = each image's caption (shapes world).
+        target_text: y_tar for every image; None = the caption with the attribute changed.
+        text_direction: per_image (each image its own ΔT) or mean (every image the mean of the unit
+            directions of all training images: what the captions' other words add to ΔT averages out).
+        prompt: the conditioning of the UNet in both processes ("" = unconditional).
+        return_step: t0 (paper: 300..600 of 1000).
+        forward_steps: S_for of training (paper: 40).
+        generative_steps: S_gen of training (paper: 6).
+        inference_forward_steps: S_for recorded for editing (paper: 200).
+        inference_generative_steps: S_gen recorded for editing (paper: 40).
+        l1_weight: lambda_L1 (paper: 0.3).
+        direction_weight: weight of L_direction (paper: 1).
+        lr: Adam learning rate (paper: 4e-6 for 256 px pixel-space models).
+        batch: pairs per iteration over all workers (a multiple of the worker count).
+        variant: full_backprop (one loss through all S_gen steps) or memory_efficient (a loss and an
+            optimiser step per generative step).
+        adapter: full (fine-tune every UNet weight), lora (low-rank adapters, peft) or auto (lora for
+            UNets above 100M parameters).
+        lora_rank: rank of the adapters.
+        lora_alpha: peft's lora_alpha (scale alpha / rank).
+        seed: seeds the adapters' initialisation and every iteration's batch.
+    """
+
+    model: str = "pipeline/world/assets/shapes-sd"
+    clip: ClipSpec = dataclasses.field(default_factory=ClipSpec)
+    data: WorldData = dataclasses.field(default_factory=WorldData)
+    reference_text: str | None = None
+    target_text: str | None = None
+    text_direction: Literal["per_image", "mean"] = "per_image"
+    prompt: str = ""
+    return_step: int = 500
+    forward_steps: int = 40
+    generative_steps: int = 6
+    inference_forward_steps: int = 200
+    inference_generative_steps: int = 40
+    l1_weight: float = 0.3
+    direction_weight: float = 1.0
+    lr: float = 4e-6
+    batch: int = 8
+    variant: Literal["full_backprop", "memory_efficient"] = "full_backprop"
+    adapter: Literal["auto", "full", "lora"] = "auto"
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    seed: int = 0
+
+    def with_absolute_paths(self, base: Path) -> DiffusionClipConfig:
+        """Relative local paths (model, CLIP files) made absolute against `base`."""
+        return _absolute_paths(self, base)
+
+    def __post_init__(self) -> None:
+        if (self.reference_text is None) != (self.target_text is None):
+            raise ValueError("set both reference_text and target_text, or neither (shapes-world captions)")
+        if not 1 <= self.return_step < 1000:
+            raise ValueError(f"return_step={self.return_step} must be in [1, 999] (paper: 300..600)")
+
+
+def _absolute_paths(config: DiffusionClipConfig, base: Path) -> DiffusionClipConfig:
+    """The config with relative paths of local files made absolute against `base` (Ray workers run
+    in another folder); hub ids, tags and URIs are left as they are."""
+
+    def resolved(value: str | None) -> str | None:
+        if value is None or "://" in value or Path(value).is_absolute() or not (base / value).exists():
+            return value
+        return str((base / value).resolve())
+
+    clip = dataclasses.replace(
+        config.clip,
+        pretrained=resolved(config.clip.pretrained),
+        model_config=resolved(config.clip.model_config),
+    )
+    return dataclasses.replace(config, model=resolved(config.model), clip=clip)
+
+
+def config_from_mapping(mapping: dict[str, Any]) -> DiffusionClipConfig:
+    """The config from its JSON form (nested dataclasses rebuilt)."""
+    fields = dict(mapping)
+    fields["clip"] = ClipSpec(**fields.get("clip", {}))
+    fields["data"] = WorldData(**fields.get("data", {}))
+    return DiffusionClipConfig(**fields)
+
+
+def resolved_adapter(config: DiffusionClipConfig, unet: torch.nn.Module) -> str:
+    """ "full" or "lora": `adapter`, with auto decided by the UNet's size."""
+    if config.adapter != "auto":
+        return config.adapter
+    parameters = sum(parameter.numel() for parameter in unet.parameters())
+    return "lora" if parameters > AUTO_LORA_PARAMETERS else "full"
+
+
+def lora_config(rank: int, alpha: float):
+    """peft's LoraConfig of the adapters on the attention projections."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)
+    )
+
+
+def make_trainable(unet: torch.nn.Module, adapter: str, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+    """Unfreeze every weight (full) or add zero-initialised-output LoRA adapters (lora); the trained ones."""
+    if adapter == "full":
+        unet.requires_grad_(True)
+    else:
+        unet.requires_grad_(False)
+        unet.add_adapter(lora_config(rank, alpha))  # adapters are the only trainable weights
+    return [parameter for parameter in unet.parameters() if parameter.requires_grad]
+
+
+def trained_weights(unet: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The tensors an editor artefact stores: the whole UNet, or its adapters only."""
+    if adapter == "full":
+        return {name: tensor.detach().clone() for name, tensor in unet.state_dict().items()}
+    from peft.utils import get_peft_model_state_dict
+
+    return {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(unet).items()}
+
+
+def load_trained_weights(unet: torch.nn.Module, adapter: str, weights: dict[str, torch.Tensor], config: dict):
+    """Put an artefact's weights into `unet` (a copy of its base UNet); returns it."""
+    if adapter == "full":
+        unet.load_state_dict(weights)
+        return unet
+    from peft.utils import set_peft_model_state_dict
+
+    unet.add_adapter(lora_config(config["lora_rank"], config["lora_alpha"]))
+    result = set_peft_model_state_dict(unet, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"adapter weights do not fit the UNet: {result.unexpected_keys[:3]}")
+    return unet
+
+
+def world_training_texts(
+    data: WorldData, exclude: frozenset[str] = frozenset()
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """Rendered shapes-world training images and their (y_ref, y_tar) captions.
+
+    Scenes whose primary object (or background) already has the value are skipped, so every direction
+    is non-zero; one-object scenes only, since the edit changes the primary object.
+
+    Returns:
+        images uint8 (N, 64, 64, 3), reference captions, target captions.
+    """
+    from pipeline.world import generator
+
+    images, references, targets = [], [], []
+    seed = data.first_seed
+    while len(images) < data.scenes:
+        scene = generator.sample_scene(seed, two_object_fraction=0.0, exclude_captions=exclude)
+        seed += 1
+        current = (
+            scene.background if data.attribute == "background" else getattr(scene.objects[0], data.attribute)
+        )
+        if current == data.value:
+            continue
+        source = generator.render(scene)
+        images.append(source.image)
+        references.append(source.caption)
+        targets.append(generator.counterfactual(scene, data.attribute, data.value).caption)
+    return np.stack(images), references, targets
+
+
+def _at_resolution(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images (N, H, W, 3) resized (antialiased) to size x size when they are not."""
+    if images.shape[1:3] == (size, size):
+        return images
+    pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float()
+    resized = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class DiffusionClipTask:
+    """The TrainTask of one DiffusionCLIP editor (see the module docstring)."""
+
+    kind = KIND
+
+    def __init__(self, config: DiffusionClipConfig) -> None:
+        self.config = config
+
+    def setup(self, device: torch.device, rank: int, world_size: int) -> None:
+        from pipeline.metrics.clip import ClipScorer
+        from pipeline.models.loading import load_diffusion_model
+
+        config = self.config
+        if config.batch % world_size:
+            raise ValueError(f"batch={config.batch} must be a multiple of the {world_size} workers")
+        self.rank, self.world_size = rank, world_size
+        self.model = load_diffusion_model(config.model, device=device)
+        self.base_fingerprint = self.model.fingerprint
+        self.clip = ClipScorer(
+            config.clip.model_name, config.clip.pretrained, device, model_config=config.clip.model_config
+        )
+        self._prepare_pairs()
+        torch.manual_seed(config.seed)
+        self.adapter = resolved_adapter(config, self.model.unet)
+        self.parameters = make_trainable(self.model.unet, self.adapter, config.lora_rank, config.lora_alpha)
+        self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr)
+        self.grid = dc.ReturnGrid.from_scheduler(
+            self.model.scheduler, config.return_step, config.generative_steps
+        )
+
+    def _prepare_pairs(self) -> None:
+        """x_0 (images and latents), x_t0 by eq. 12, E_I(x_0) and ΔT of every training image."""
+        from pipeline.diffusion.tokens import encode_prompts
+        from pipeline.models.vae import encode_images
+
+        config, model = self.config, self.model
+        images, references, targets = world_training_texts(config.data)
+        if config.reference_text is not None:
+            references, targets = [config.reference_text] * len(images), [config.target_text] * len(images)
+        images = _at_resolution(images, model.image_size)
+        pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float().to(model.device) / 255.0
+        self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])
+        forward_grid = dc.ReturnGrid.from_scheduler(model.scheduler, config.return_step, config.forward_steps)
+        latents = encode_images(model, torch.as_tensor(images))
+        self.start_latents = torch.cat(
+            [
+                dc.forward(self._noise_fn(fixed_branch_noise), forward_grid, chunk)
+                for chunk in latents.split(16)
+            ]
+        )
+        self.source_images = pixels * 2.0 - 1.0
+        with torch.no_grad():
+            self.source_embeddings = self.clip.differentiable_image_embeddings(pixels)
+            directions = self.clip.text_embeddings(targets) - self.clip.text_embeddings(references)
+        if config.text_direction == "mean":
+            mean = torch.nn.functional.normalize(directions, dim=-1).mean(dim=0, keepdim=True)
+            directions = mean.expand_as(directions).clone()
+        self.text_directions = directions
+
+    def _noise_fn(self, branch) -> dc.NoiseFn:
+        def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
+            condition = self.condition.expand(latents.shape[0], -1, -1)
+            return branch(self.model.unet, latents, timestep, condition)
+
+        return noise
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.model.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents / vae.config.scaling_factor + shift).sample
+
+    def rows(self, iteration: int) -> np.ndarray:
+        """This worker's rows of iteration `iteration`'s batch (the batch depends on (seed, iteration))."""
+        generator = np.random.default_rng([self.config.seed, iteration])
+        batch = generator.choice(len(self.start_latents), size=self.config.batch, replace=False)
+        return batch[self.rank :: self.world_size]
+
+    def step(self, iteration: int, sync) -> dict[str, float]:
+        rows = torch.as_tensor(self.rows(iteration))
+        inputs = dc.LossInputs(
+            source_images=self.source_images[rows],
+            source_embeddings=self.source_embeddings[rows],
+            text_direction=self.text_directions[rows],
+            l1_weight=self.config.l1_weight,
+            direction_weight=self.config.direction_weight,
+        )
+        arguments = (
+            self._noise_fn(optimised_branch_noise),
+            self.grid,
+            self.start_latents[rows],
+            self._decode,
+            self.clip.differentiable_image_embeddings,
+            inputs,
+        )
+        if self.config.variant == "full_backprop":
+            losses = [dc.full_backprop_loss(*arguments)]
+        else:
+            losses = dc.memory_efficient_losses(*arguments)
+        totals: dict[str, float] = {}
+        count = 0
+        for loss, terms in losses:
+            self.optimizer.zero_grad()
+            loss.backward()
+            sync()
+            self.optimizer.step()
+            count += 1
+            for name, value in {"loss": loss.detach(), **terms}.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        return {name: value / count for name, value in totals.items()}
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return self.parameters
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "weights": trained_weights(self.model.unet, self.adapter),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Both loads copy into the existing parameters, so the optimiser keeps referring to them.
+        if self.adapter == "full":
+            self.model.unet.load_state_dict(state["weights"])
+        else:
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model.unet, state["weights"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def artefact(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+        config = dataclasses.asdict(self.config) | {"adapter_resolved": self.adapter}
+        return trained_weights(self.model.unet, self.adapter), config, self.base_fingerprint
+
+
+def build_task(mapping: dict[str, Any]) -> DiffusionClipTask:
+    """The factory `ray_train` calls on every worker."""
+    return DiffusionClipTask(config_from_mapping(mapping))

@@ -1,0 +1,250 @@
+"""DiffusionCLIP maths (papers/004 eqs. 9-14) against closed forms and second implementations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from pipeline.diffusion.tokens import encode_prompts
+from pipeline.methods import diffusion_clip as dc
+
+
+def _constant_noise(noise: torch.Tensor) -> dc.NoiseFn:
+    return lambda latents, timestep: noise.expand_as(latents)
+
+
+def test_grids_of_different_step_counts_share_the_return_step(tiny_sd):
+    forward = dc.ReturnGrid.from_scheduler(tiny_sd.scheduler, 500, 40)
+    generative = dc.ReturnGrid.from_scheduler(tiny_sd.scheduler, 500, 6)
+    assert forward.return_step == generative.return_step == 500
+    assert forward.num_steps == 40 and generative.num_steps == 6
+    assert forward.alphas[-1] == generative.alphas[-1] == tiny_sd.scheduler.alphas_cumprod[500].double()
+    assert forward.alphas[0] == generative.alphas[0] == tiny_sd.scheduler.final_alpha_cumprod.double()
+    assert bool((forward.timesteps[1:] > forward.timesteps[:-1]).all())
+    with pytest.raises(ValueError, match="t0"):
+        dc.ReturnGrid.from_scheduler(tiny_sd.scheduler, 1000, 6)
+    with pytest.raises(ValueError, match="num_steps"):
+        dc.ReturnGrid.from_scheduler(tiny_sd.scheduler, 500, 0)
+
+
+def test_forward_matches_the_closed_form_for_a_constant_noise(tiny_sd):
+    """With eps independent of x, x_t / sqrt(a_t) - sqrt(1/a_t - 1) eps is invariant along eq. 12."""
+    grid = dc.ReturnGrid.from_scheduler(tiny_sd.scheduler, 400, 40)
+    generator = torch.Generator().manual_seed(0)
+    clean, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
+    noisy = dc.forward(_constant_noise(noise), grid, clean.double())
+    a0, at = grid.alpha(0), grid.alpha(grid.num_steps)
+    expected = at**0.5 * (clean.double() - (1 - a0) ** 0.5 * noise) / a0**0.5 + (1 - at) ** 0.5 * noise
+    torch.testing.assert_close(noisy, expected)
+
+
+def test_generate_undoes_forward_on_other_grids_for_a_constant_noise(tiny_sd):
+    """S_for and S_gen may differ: both grids end at t0, and the endpoints alone fix the result."""
+    noise = torch.randn(1, 4, 8, 8)
+    clean = torch.randn(3, 4, 8, 8).double()
+    noisy = dc.forward(
+        _constant_noise(noise), dc.ReturnGrid.from_scheduler(tiny_sd.scheduler, 500, 40), clean
+    )
+    back = dc.generate(_constant_noise(noise), dc.ReturnGrid.from_scheduler(tiny_sd.scheduler, 500, 6), noisy)
+    torch.testing.assert_close(back, clean)
+
+
+def test_forward_then_generate_reconstructs_with_a_real_unet(tiny_sd, images):
+    from pipeline.models.vae import encode_images
+
+    condition = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, [""])
+
+    def noise_fn(latents, timestep):
+        return tiny_sd.unet(
+            latents, timestep, encoder_hidden_states=condition.expand(len(latents), -1, -1)
+        ).sample
+
+    clean = encode_images(tiny_sd, images)
+    grid = dc.ReturnGrid.from_scheduler(tiny_sd.scheduler, 300, 30)
+    with torch.no_grad():
+        back = dc.generate(noise_fn, grid, dc.forward(noise_fn, grid, clean))
+        drift = (back - clean).abs().max()
+        noisy = dc.forward(noise_fn, grid, clean)
+    assert drift < 0.05 * clean.abs().max()
+    assert (noisy - clean).abs().max() > 10 * drift  # the round trip went somewhere
+
+
+def test_direction_loss_is_one_minus_the_cosine_of_the_directions():
+    generator = torch.Generator().manual_seed(1)
+    source = torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    edited = torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    text = torch.randn(4, 8, generator=generator)
+    image_direction = edited - source
+    expected = 1 - (image_direction * text).sum(-1) / (image_direction.norm(dim=-1) * text.norm(dim=-1))
+    torch.testing.assert_close(dc.direction_loss(edited, source, text), expected)
+    torch.testing.assert_close(
+        dc.direction_loss(source + text, source, text), torch.zeros(4), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(dc.direction_loss(source - text, source, text), 2 * torch.ones(4))
+
+
+def test_loss_weights_the_l1_identity_term_by_lambda():
+    source = torch.zeros(2, 3, 4, 4)
+    edited = torch.full((2, 3, 4, 4), 0.5)
+    embed = lambda images: torch.nn.functional.normalize(images.flatten(1)[:, :5] + torch.arange(5.0), dim=-1)  # noqa: E731
+    inputs = dc.LossInputs(source, embed((source + 1) / 2), torch.ones(5), l1_weight=0.3)
+    loss, terms = dc.diffusion_clip_loss(edited, embed, inputs)
+    assert float(terms["l1"]) == pytest.approx(0.5)
+    assert float(loss) == pytest.approx(float(terms["direction"]) + 0.3 * 0.5)
+
+
+@pytest.fixture(scope="module")
+def trainable(tiny_sd):
+    """A float64 copy of the tiny UNet with gradients, a scheduler whose clean end is alpha = 1, and
+    a differentiable toy image embedding."""
+    unet = copy.deepcopy(tiny_sd.unet).double().requires_grad_(True)
+    scheduler = DDIMScheduler.from_config(tiny_sd.scheduler.config, set_alpha_to_one=True)
+    condition = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, [""]).double()
+    projection = torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def noise_fn(latents, timestep):
+        return unet(latents, timestep, encoder_hidden_states=condition.expand(len(latents), -1, -1)).sample
+
+    def decode(latents):  # a smooth differentiable "decoder" to 3 x 8 x 8 images in [-1, 1]
+        return torch.tanh(latents[:, :3])
+
+    def embed(images):
+        return torch.nn.functional.normalize(images.flatten(1) @ projection, dim=-1)
+
+    return unet, scheduler, noise_fn, decode, embed
+
+
+def _loss_inputs(embed, generator):
+    source_images = torch.tanh(torch.randn(2, 3, 8, 8, generator=generator, dtype=torch.float64))
+    return dc.LossInputs(
+        source_images=source_images,
+        source_embeddings=embed((source_images + 1) / 2),
+        text_direction=torch.randn(16, generator=generator, dtype=torch.float64),
+    )
+
+
+def _gradients(unet, loss):
+    unet.zero_grad()
+    loss.backward()
+    return [parameter.grad.clone() for parameter in unet.parameters()]
+
+
+def test_memory_efficient_and_full_backprop_gradients_agree_for_one_generative_step(trainable):
+    """With S_gen = 1 and alpha_bar = 1 at the clean end, x^0 = f_theta(x_t0, t0): the two variants
+    differentiate the same loss."""
+    unet, scheduler, noise_fn, decode, embed = trainable
+    generator = torch.Generator().manual_seed(3)
+    inputs, start = (
+        _loss_inputs(embed, generator),
+        torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64),
+    )
+    grid = dc.ReturnGrid.from_scheduler(scheduler, 400, 1)
+    full, _ = dc.full_backprop_loss(noise_fn, grid, start, decode, embed, inputs)
+    full_gradients = _gradients(unet, full)
+    (efficient, _), *rest = list(dc.memory_efficient_losses(noise_fn, grid, start, decode, embed, inputs))
+    assert rest == []
+    for expected, actual in zip(full_gradients, _gradients(unet, efficient), strict=True):
+        torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(efficient, full)
+
+
+def test_memory_efficient_losses_reach_the_weights_through_one_unet_call_each(trainable):
+    """Each step's loss is that of DEC(f_theta(x_t, t)) at the step's own x_t, which is detached: its
+    gradient equals the gradient of a one-step loss taken on that x_t alone."""
+    unet, scheduler, noise_fn, decode, embed = trainable
+    generator = torch.Generator().manual_seed(4)
+    inputs, start = (
+        _loss_inputs(embed, generator),
+        torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64),
+    )
+    grid = dc.ReturnGrid.from_scheduler(scheduler, 400, 3)
+    steps = dc.memory_efficient_losses(noise_fn, grid, start, decode, embed, inputs)
+    next(steps)
+    second, _ = next(steps)
+    with torch.no_grad():  # x at level 2, by one step of eq. 13 from x_t0
+        level_two = dc.ddim_move(noise_fn(start, int(grid.timesteps[3])), start, grid.alpha(3), grid.alpha(2))
+    reference = dc.predict_clean(noise_fn(level_two, int(grid.timesteps[2])), level_two, grid.alpha(2))
+    expected, _ = dc.diffusion_clip_loss(decode(reference), embed, inputs)
+    for want, got in zip(_gradients(unet, expected), _gradients(unet, second), strict=True):
+        torch.testing.assert_close(got, want)
+    assert len(list(steps)) == 1
+
+
+def test_full_backprop_reaches_every_generative_step(trainable):
+    """Full backprop differs from the truncated chain when S_gen > 1 (the gradient flows through x_t)."""
+    unet, scheduler, noise_fn, decode, embed = trainable
+    generator = torch.Generator().manual_seed(5)
+    inputs, start = (
+        _loss_inputs(embed, generator),
+        torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64),
+    )
+    grid = dc.ReturnGrid.from_scheduler(scheduler, 400, 2)
+    full, _ = dc.full_backprop_loss(noise_fn, grid, start, decode, embed, inputs)
+    with torch.no_grad():
+        first = dc.ddim_move(noise_fn(start, int(grid.timesteps[2])), start, grid.alpha(2), grid.alpha(1))
+    truncated, _ = dc.diffusion_clip_loss(
+        decode(dc.generate(noise_fn, dc.ReturnGrid(grid.timesteps[:2], grid.alphas[:2]), first)),
+        embed,
+        inputs,
+    )
+    torch.testing.assert_close(truncated, full)  # same value ...
+    full_gradient, truncated_gradient = _gradients(unet, full), _gradients(unet, truncated)
+    difference = sum(
+        float((a - b).abs().sum()) for a, b in zip(full_gradient, truncated_gradient, strict=True)
+    )
+    assert difference > 1e-8  # ... but the full chain adds the gradient through the first step
+
+
+def test_noise_combination_with_one_model_at_gamma_one_is_that_model():
+    base, editor = _constant_noise(torch.zeros(1, 4, 2, 2)), lambda x, t: x * 2 + t
+    latents = torch.randn(2, 4, 2, 2)
+    combined = dc.combined_noise_fn([base, editor], dc.constant_gammas((0.0, 1.0)))
+    torch.testing.assert_close(combined(latents, 7), editor(latents, 7))
+    original = dc.combined_noise_fn([base, editor], dc.transition_gammas(0.0))
+    torch.testing.assert_close(original(latents, 7), base(latents, 7))
+
+
+def test_generation_with_combined_noise_is_eq_14(tiny_sd):
+    """Eq. 14 written out: x_{t-1} = sqrt(a') sum_i gamma_i f_i + sqrt(1 - a') sum_i gamma_i eps_i."""
+    grid = dc.ReturnGrid.from_scheduler(tiny_sd.scheduler, 500, 4)
+    models = [lambda x, t: torch.sin(x) * t / 500, lambda x, t: x * 0.3, lambda x, t: torch.cos(x)]
+    weights_at = lambda t: (0.2, 0.5, 0.3) if t > 250 else (0.6, 0.1, 0.3)  # noqa: E731
+    start = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    latents = start
+    for level in range(grid.num_steps, 0, -1):
+        t, a, a_next = int(grid.timesteps[level]), grid.alpha(level), grid.alpha(level - 1)
+        weights = weights_at(t)
+        noises = [model(latents, t) for model in models]
+        cleans = [(latents - (1 - a) ** 0.5 * noise) / a**0.5 for noise in noises]
+        latents = a_next**0.5 * sum(w * f for w, f in zip(weights, cleans, strict=True)) + (
+            1 - a_next
+        ) ** 0.5 * sum(w * e for w, e in zip(weights, noises, strict=True))
+    torch.testing.assert_close(dc.generate(dc.combined_noise_fn(models, weights_at), grid, start), latents)
+
+
+def test_noise_combination_refuses_weights_that_do_not_sum_to_one():
+    with pytest.raises(ValueError, match="sum"):
+        dc.combined_noise([torch.zeros(1), torch.ones(1)], [0.5, 0.6])
+    with pytest.raises(ValueError, match="one gamma per model"):
+        dc.combined_noise([torch.zeros(1)], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        dc.transition_gammas(1.5)
+
+
+def test_each_step_evaluates_the_noise_at_the_level_it_leaves(tiny_sd):
+    """Eq. 12 evaluates eps_theta(x_t, t) at the lower level of each step, eq. 13 at the upper one."""
+    grid = dc.ReturnGrid.from_scheduler(tiny_sd.scheduler, 300, 3)
+    seen = []
+
+    def recording(latents, timestep):
+        seen.append(timestep)
+        return torch.zeros_like(latents)
+
+    dc.forward(recording, grid, torch.zeros(1, 4, 2, 2))
+    assert seen == [0, 100, 200]
+    seen.clear()
+    dc.generate(recording, grid, torch.zeros(1, 4, 2, 2))
+    assert seen == [300, 200, 100]

@@ -1,0 +1,156 @@
+"""DiffusionCLIP training on Ray Train with tiny models: checkpoints, resume after a failure, two
+data-parallel workers against one, the artefact, and editing with what was trained."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline.metrics.clip import build_random_clip
+from pipeline.training.artefact import read_artefact
+from pipeline.training.diffusion_clip import ClipSpec, DiffusionClipConfig, DiffusionClipTask, WorldData
+from pipeline.training.ray_train import RunSettings, history_of, run_training
+from pipeline.training.spec import TASKS
+
+FACTORY = TASKS["diffusion_clip"][1]
+ITERATIONS = 4
+
+
+@pytest.fixture(scope="module")
+def task_config(tiny_sd_path, tmp_path_factory) -> DiffusionClipConfig:
+    clip = build_random_clip(tmp_path_factory.mktemp("clip"))
+    return DiffusionClipConfig(
+        model=tiny_sd_path,
+        clip=ClipSpec(clip.model_name, str(clip.checkpoint_path), str(clip.config_path)),
+        data=WorldData(scenes=4, attribute="shape", value="star"),
+        return_step=400,
+        forward_steps=4,
+        generative_steps=2,
+        inference_forward_steps=4,
+        inference_generative_steps=2,
+        lr=1e-3,
+        batch=2,
+        adapter="lora",
+        lora_rank=2,
+        lora_alpha=2.0,
+    )
+
+
+def _train(config: DiffusionClipConfig, output, workers: int = 1, interrupt_after: int | None = None) -> dict:
+    settings = RunSettings(output=str(output), iterations=ITERATIONS, checkpoint_every=1, workers=workers)
+    return run_training(FACTORY, dataclasses.asdict(config), settings, interrupt_after=interrupt_after)
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(ray_local, task_config, tmp_path_factory) -> dict:
+    return _train(task_config, tmp_path_factory.mktemp("one-worker"))
+
+
+def test_the_artefact_records_the_base_model_config_and_losses(one_worker_run, tiny_sd, task_config):
+    assert one_worker_run["kind"] == "diffusion_clip"
+    assert one_worker_run["base_model_fingerprint"] == tiny_sd.fingerprint
+    assert one_worker_run["config"]["adapter_resolved"] == "lora"
+    assert one_worker_run["config"]["return_step"] == task_config.return_step
+    history = history_of(one_worker_run)
+    assert len(history) == ITERATIONS and one_worker_run["metrics"]["workers"] == 1
+    assert one_worker_run["metrics"]["resumed_from"] == 0
+    assert all(set(record) == {"loss", "direction", "l1"} for record in history)
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(
+    ray_local, one_worker_run, task_config, tmp_path
+):
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError):
+        _train(task_config, tmp_path, interrupt_after=2)
+    resumed = _train(task_config, tmp_path)
+    assert resumed["metrics"]["resumed_from"] == 2  # iterations 1-2 came from the checkpoint
+    assert history_of(resumed) == history_of(one_worker_run)
+    assert resumed["version"] == one_worker_run["version"]  # the same weights, bit for bit
+
+
+def test_two_workers_follow_the_one_worker_loss_curve(ray_local, one_worker_run, task_config, tmp_path):
+    two = _train(task_config, tmp_path, workers=2)
+    assert two["metrics"]["workers"] == 2
+    for single, double in zip(history_of(one_worker_run), history_of(two), strict=True):
+        assert double["loss"] == pytest.approx(single["loss"], rel=1e-4, abs=1e-6)
+    # The adapters' B matrices start at zero: how far they moved is what the workers must agree on.
+    one, both = read_artefact(one_worker_run["uri"]).weights, read_artefact(two["uri"]).weights
+    moved = max(float(one[name].abs().max()) for name in one if "lora_B" in name)
+    apart = max(float((one[name] - both[name]).abs().max()) for name in one if "lora_B" in name)
+    assert moved > 1e-4 and apart < 1e-2 * moved
+
+
+def test_each_worker_takes_its_share_of_the_same_batch(task_config):
+    shares = []
+    for rank in range(2):
+        task = DiffusionClipTask(dataclasses.replace(task_config, batch=4))
+        task.rank, task.world_size, task.start_latents = rank, 2, torch.zeros(4)
+        shares.append(set(task.rows(iteration=3).tolist()))
+    whole = DiffusionClipTask(dataclasses.replace(task_config, batch=4))
+    whole.rank, whole.world_size, whole.start_latents = 0, 1, torch.zeros(4)
+    assert shares[0] | shares[1] == set(whole.rows(iteration=3).tolist()) and not shares[0] & shares[1]
+
+
+def test_the_trained_editor_loads_and_a_zero_weight_leaves_the_original_model(
+    one_worker_run, tiny_sd, images, tmp_path
+):
+    from pipeline.editors import EditSettings, forward_to_return_step, generate_with_editors, load_editor
+
+    uri = one_worker_run["uri"]
+    editor = load_editor(tiny_sd, uri)
+    settings = EditSettings.of(editor)
+    start = forward_to_return_step(tiny_sd, images, settings)
+    original = generate_with_editors(tiny_sd, start, [], [], settings)
+    assert torch.equal(generate_with_editors(tiny_sd, start, [editor], [0.0], settings), original)
+    edited = generate_with_editors(tiny_sd, start, [editor], [1.0], settings)
+    assert not torch.equal(edited, original)  # the adapters changed the model
+
+
+def test_an_editor_trained_on_another_base_model_is_refused(one_worker_run, tiny_sd):
+    from pipeline.editors import load_editor
+    from pipeline.training.artefact import ArtefactError
+
+    other = dataclasses.replace(tiny_sd, fingerprint="0" * 64)
+    with pytest.raises(ArtefactError, match="trained on base model"):
+        load_editor(other, one_worker_run["uri"])
+
+
+def test_auto_adapter_trains_lora_only_for_large_unets(tiny_sd, monkeypatch):
+    from pipeline.training import diffusion_clip
+
+    config = DiffusionClipConfig(adapter="auto")
+    assert diffusion_clip.resolved_adapter(config, tiny_sd.unet) == "full"
+    monkeypatch.setattr(diffusion_clip, "AUTO_LORA_PARAMETERS", 1000)
+    assert diffusion_clip.resolved_adapter(config, tiny_sd.unet) == "lora"
+    assert (
+        diffusion_clip.resolved_adapter(dataclasses.replace(config, adapter="full"), tiny_sd.unet) == "full"
+    )
+
+
+def test_world_texts_change_only_the_attribute_and_skip_scenes_that_have_the_value():
+    from pipeline.training.diffusion_clip import world_training_texts
+    from pipeline.world import generator
+
+    images, references, targets = world_training_texts(WorldData(scenes=12, attribute="color", value="blue"))
+    assert images.shape == (12, 64, 64, 3)
+    for reference, target in zip(references, targets, strict=True):
+        source, edited = generator.parse_caption(reference), generator.parse_caption(target)
+        assert source["objects"][0]["color"] != "blue" and edited["objects"][0]["color"] == "blue"
+        assert source["objects"][0]["shape"] == edited["objects"][0]["shape"]
+        assert source["background"] == edited["background"]
+
+
+@pytest.mark.parametrize(("variant", "optimizer_steps"), [("full_backprop", 1), ("memory_efficient", 2)])
+def test_an_iteration_steps_the_optimiser_once_or_once_per_generative_step(
+    task_config, variant, optimizer_steps
+):
+    task = DiffusionClipTask(dataclasses.replace(task_config, variant=variant))
+    task.setup(torch.device("cpu"), rank=0, world_size=1)
+    synced = []
+    metrics = task.step(0, lambda: synced.append(True))
+    assert set(metrics) == {"loss", "direction", "l1"} and len(synced) == optimizer_steps
+    assert {int(state["step"]) for state in task.optimizer.state.values()} == {optimizer_steps}

@@ -1,0 +1,86 @@
+"""Training specs: parsing and checking, `inversa train` on bad input, `inversa submit` of a training spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import cli
+from pipeline.config import ConfigError
+from pipeline.training.spec import load_train_spec, parse_train_spec, to_mapping, with_local_paths_resolved
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = sorted((ROOT / "jobs").glob("train_diffusion_clip_*.yaml"))
+runner = CliRunner()
+
+
+def _spec(**changes) -> dict:
+    data = yaml.safe_load(SPECS[0].read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda path: path.name)
+def test_shipped_training_specs_parse_and_round_trip(path):
+    spec = load_train_spec(path)
+    assert spec.kind == "diffusion_clip" and spec.task.forward_steps == 40 and spec.task.generative_steps == 6
+    assert parse_train_spec(to_mapping(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"kind": "gan"}, "kind: 'gan' is not a trainable kind"),
+        ({"diffusion_clip__learning_rate": 0.1}, "diffusion_clip.learning_rate: unknown key"),
+        ({"run__workers": 3}, "diffusion_clip.batch: 8 is not a multiple of run.workers=3"),
+        ({"diffusion_clip__variant": "fast"}, "diffusion_clip.variant: 'fast' is not one of"),
+        ({"run__iterations": "many"}, "run.iterations: expected an integer"),
+        ({"epochs": 3}, "epochs: unknown key"),
+    ],
+)
+def test_bad_training_specs_name_the_key(changes, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        parse_train_spec(_spec(**changes))
+
+
+def test_relative_paths_become_absolute_for_the_workers(tmp_path):
+    spec = with_local_paths_resolved(load_train_spec(SPECS[0]), base=ROOT)
+    assert spec.output == str(ROOT / "out/editors" / Path(spec.output).name)
+    assert spec.task.model == str(ROOT / "pipeline/world/assets/shapes-sd")
+    assert Path(spec.task.clip.pretrained).is_absolute() and Path(spec.task.clip.model_config).is_file()
+    remote = parse_train_spec(_spec(output="s3://bucket/editors/star"))
+    assert with_local_paths_resolved(remote, base=tmp_path).output == "s3://bucket/editors/star"
+
+
+def test_train_refuses_a_bad_spec_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_spec(diffusion_clip__return_step=5000)))
+    result = runner.invoke(cli.app, ["train", str(bad)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "return_step=5000 must be in [1, 999]" in result.output
+
+
+def test_submit_runs_inversa_train_for_a_training_spec(monkeypatch):
+    submitted = {}
+
+    class Client:
+        def submit_job(self, entrypoint, runtime_env):
+            submitted.update(entrypoint=entrypoint, runtime_env=runtime_env)
+            return "raysubmit_1"
+
+    monkeypatch.setattr(cli, "_client", lambda address: Client())
+    result = runner.invoke(
+        cli.app, ["submit", str(SPECS[0]), "--address", "http://head:8265", "--set", "run.workers=2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert submitted["entrypoint"] == f"python -m pipeline.cli train env:{cli.SPEC_VARIABLE}"
+    spec = parse_train_spec(yaml.safe_load(submitted["runtime_env"]["env_vars"][cli.SPEC_VARIABLE]))
+    assert spec.run.workers == 2 and spec.kind == "diffusion_clip"
