@@ -25,6 +25,38 @@ def error_row(source_id: str, **changes) -> dict:
     }
 
 
+def _object_column(value):
+    """A one-row object column holding `value` as it is (arrays included)."""
+    import numpy as np
+
+    array = np.empty(1, dtype=object)
+    array[0] = value
+    return array
+
+
+def one_row_batch(image, records: list[dict], edit_images, **columns) -> dict:
+    """A processed batch of one ok sample with its edit records, as the write stage receives it."""
+    import numpy as np
+
+    return {
+        "source_id": _object_column("s#1"),
+        "status": _object_column("ok"),
+        "failures": _object_column("[]"),
+        "model_id": _object_column("tiny"),
+        "invert_seconds": np.array([1.0]),
+        "image": image[None],
+        "recon": image[None],
+        "edits_json": _object_column(json.dumps(records)),
+        "edit_images": _object_column(edit_images),
+        "source_class": _object_column("cat"),
+        "caption": _object_column("a cat"),
+        "orig_width": np.array([8]),
+        "orig_height": np.array([8]),
+        **{name: np.array([30.0]) for name in ("recon_psnr", "recon_ssim", "recon_lpips")},
+        **{name: _object_column(value) for name, value in columns.items()},
+    }
+
+
 def test_schema_files_define_every_column_once():
     for name in ("edits", "sources", "errors"):
         spec = json.loads((schema_dir() / f"{name}.json").read_text())
@@ -121,28 +153,7 @@ def test_edit_rows_carry_the_sample_columns_and_validate(tmp_path):
     sample = {"edit_id": "a", "sample_index": 2, "sample_seed": 14, "sample_group": "g", "diversity": 0.25}
     sample |= {"diversity_bound": 0.5}
     records = [{**common, **sample}, {**common, "edit_id": "b", "sample_index": 0}]  # the second: older
-    edit_images = np.empty(1, dtype=object)
-    edit_images[0] = np.stack([image, image])
-
-    def column(value):
-        return np.array([value], dtype=object)
-
-    batch = {
-        "source_id": column("s#1"),
-        "status": column("ok"),
-        "failures": column("[]"),
-        "model_id": column("tiny"),
-        "invert_seconds": np.array([1.0]),
-        "image": image[None],
-        "recon": image[None],
-        "edits_json": column(json.dumps(records)),
-        "edit_images": edit_images,
-        "source_class": column("cat"),
-        "caption": column("a cat"),
-        "orig_width": np.array([8]),
-        "orig_height": np.array([8]),
-        **{name: np.array([30.0]) for name in ("recon_psnr", "recon_ssim", "recon_lpips")},
-    }
+    batch = one_row_batch(image, records, np.stack([image, image]))
     edits, _, _ = rows_for_sample(batch, 0)
     validate_table("edits", to_table("edits", edits))
     first, second = edits
@@ -198,28 +209,10 @@ def test_composite_image_is_written_only_for_composited_edits():
     plain |= {COMPOSITE_PREFIX + name: None for name in EDIT_METRICS}
     off = {**plain, "edit_id": "c", "has_mask": True}  # a mask, but output.composite is off
 
-    def column(value):
-        array = np.empty(1, dtype=object)
-        array[0] = value
-        return array
-
-    batch = {
-        "source_id": column("s#1"),
-        "status": column("ok"),
-        "failures": column("[]"),
-        "model_id": column("tiny"),
-        "invert_seconds": np.array([1.0]),
-        "image": image[None],
-        "recon": image[None],
-        "edits_json": column(json.dumps([composited, plain, off])),
-        "edit_images": column(np.stack([edit, edit, edit])),
-        "composite_images": column(np.stack([composite, edit, edit])),
-        "source_class": column("cat"),
-        "caption": column("a cat"),
-        "orig_width": np.array([8]),
-        "orig_height": np.array([8]),
-        **{name: np.array([30.0]) for name in ("recon_psnr", "recon_ssim", "recon_lpips")},
-    }
+    edits = np.stack([edit, edit, edit])
+    batch = one_row_batch(
+        image, [composited, plain, off], edits, composite_images=np.stack([composite, edit, edit])
+    )
     first, second, third = rows_for_sample(batch, 0)[0]
     validate_table("edits", to_table("edits", [first, second, third]))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(first["composite_image"]))), composite)
