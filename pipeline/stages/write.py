@@ -250,10 +250,10 @@ def write_batch(batch: dict, output: str) -> dict:
     summary: dict[str, list] = defaultdict(list)
     for shard, indices in by_shard.items():
         tables: dict[str, list[dict]] = {name: [] for name in TABLES}
-        artifacts = []
+        key, artifacts = shard_key(shard), []
         for index in indices:
             states = batch[INVERSION_STATES][index] if INVERSION_STATES in batch else None
-            inversions = write_inversions(output, shard_key(shard), str(batch[SOURCE_ID][index]), states)
+            inversions = write_inversions(output, key, str(batch[SOURCE_ID][index]), states)
             artifacts += inversions
             edits, sources, errors = rows_for_sample(batch, index, inversions)
             tables["edits"] += edits
@@ -262,7 +262,7 @@ def write_batch(batch: dict, output: str) -> dict:
         digest = hashlib.sha256(
             "\n".join(sorted(str(batch[SOURCE_ID][i]) for i in indices)).encode()
         ).hexdigest()[:16]
-        files = artifacts + write_tables(output, shard_key(shard), digest, tables)
+        files = artifacts + write_tables(output, key, digest, tables)
         statuses = [str(batch[STATUS][i]) for i in indices]
         counts = {
             "rows": len(indices),
