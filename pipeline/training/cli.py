@@ -1,6 +1,6 @@
 """Train the shapes world's models: VAE, open_clip model, UNet + CLIP text encoder, and oracle.
 
-    python -m pipeline.training {vae|vae-decoder|clip|unet|oracle|all|card} [--config jobs/train_shapes_world.yaml]
+    python -m pipeline.training {vae|vae-decoder|clip|unet|oracle|vae-broad|all|card} [--config jobs/train_shapes_world.yaml]
 
 (`python -m pipeline.world.train ...` is the same command.) Every stage is seeded, renders its scenes in
 memory with `pipeline.world.generator`, stops at its step count or its wall-time budget (whichever
@@ -24,13 +24,15 @@ from pipeline.training.world_config import DEFAULT_CONFIG, TrainConfig, load_tra
 from pipeline.training.world_oracle import train_oracle
 from pipeline.training.world_unet import train_unet
 from pipeline.training.world_vae import train_vae, train_vae_decoder
+from pipeline.training.world_vae_broad import train_vae_broad
 from pipeline.world.model_card import write_model_card
 
 
 def stages(resume: bool = False) -> dict[str, Callable[[TrainConfig], object]]:
     """The stages in the order `all` runs them.
 
-    The oracle comes last: it learns to read images decoded by the VAE that the unet stage ships.
+    vae-broad fine-tunes the VAE that the unet stage ships; the oracle comes last: it learns to read
+    images decoded by that VAE.
 
     Args:
         resume: the unet stage continues from OUTPUT/shapes-sd's weights.
@@ -40,6 +42,7 @@ def stages(resume: bool = False) -> dict[str, Callable[[TrainConfig], object]]:
         "vae-decoder": train_vae_decoder,
         "clip": train_clip,
         "unet": lambda config: train_unet(config, resume=resume),
+        "vae-broad": train_vae_broad,
         "oracle": train_oracle,
     }
 

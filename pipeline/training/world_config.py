@@ -101,6 +101,36 @@ class VAEDecoderConfig:
 
 
 @dataclass(frozen=True)
+class VAEBroadConfig:
+    """Fine-tuning the shipped VAE to reconstruct any image while keeping the UNet's latent space.
+
+    Each batch mixes the world's training scenes with off-palette scenes (`pipeline.world.broad`); the
+    loss is the reconstruction (MSE + L1) of all of them plus `anchor_weight` times the squared distance,
+    in scaled latent units, between the encoder's posterior mean on the world's scenes and the shipped
+    encoder's. The anchor is what lets the UNet, trained on the shipped encoder's latents, keep working.
+
+    Attributes:
+        steps: step budget.
+        batch: scenes per step.
+        world_fraction: share of each batch drawn from the world's training scenes.
+        near_fraction: share drawn from `broad.near_scene` (the rest from `broad.broad_scene`).
+        lr: peak learning rate.
+        anchor_weight: weight of the latent anchor.
+        max_minutes: wall-time budget.
+        heldout_scenes: held-out scenes per family the stage scores.
+    """
+
+    steps: int
+    batch: int
+    world_fraction: float
+    near_fraction: float
+    lr: float
+    anchor_weight: float
+    max_minutes: float
+    heldout_scenes: int
+
+
+@dataclass(frozen=True)
 class ClipConfig:
     """The tiny open_clip model.
 
@@ -171,6 +201,7 @@ class TrainConfig:
         oracle: the oracle stage.
         vae: the vae stage.
         vae_decoder: the vae-decoder stage.
+        vae_broad: the vae-broad stage.
         clip: the clip stage.
         unet: the unet stage.
     """
@@ -183,6 +214,7 @@ class TrainConfig:
     oracle: OracleConfig
     vae: VAEConfig
     vae_decoder: VAEDecoderConfig
+    vae_broad: VAEBroadConfig
     clip: ClipConfig
     unet: UNetConfig
 

@@ -55,8 +55,8 @@ def cached_vae_folder(config: TrainConfig) -> Path:
 def train_vae(config: TrainConfig) -> AutoencoderKL:
     """Train AutoencoderKL 64x64x3 -> 16x16x4 (MSE + L1 + small KL); set scaling_factor to unit latent std.
 
-    Saves CACHE/vae, records held-out PSNR and the scaling factor, and drops the vae_decoder record (that
-    decoder was fine-tuned for the previous encoder).
+    Saves CACHE/vae, records held-out PSNR and the scaling factor, and drops the vae_decoder and vae_broad
+    records (they fine-tuned the previous VAE).
 
     Args:
         config: the training job.
@@ -88,6 +88,7 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
     vae.save_pretrained(cached_vae_folder(config), safe_serialization=True)
     log = MetricsLog(config.output)
     log.forget("vae_decoder")
+    log.forget("vae_broad")
     log.record(
         "vae",
         {

@@ -136,9 +136,12 @@ def write_model_card(
         "    python -m pipeline.world.train all --config jobs/train_shapes_world.yaml",
         "    python -m benchmarks.world_quality --write  # quality numbers below; rewrites this card",
         "",
-        "`all` runs vae, vae-decoder, clip, unet, oracle in turn; `vae-decoder` fine-tunes the decoder only",
-        "(the encoder, hence the UNet's latent space, is kept; the unet stage saves the decoder that is in the",
-        "cache when it finishes), and re-running `vae` drops its record. Each record's wall time is on 2 CPU",
+        "`all` runs vae, vae-decoder, clip, unet, vae-broad, oracle in turn; `vae-decoder` fine-tunes the decoder",
+        "only (the encoder, hence the UNet's latent space, is kept; the unet stage saves the decoder that is in",
+        "the cache when it finishes); `vae-broad` fine-tunes the shipped VAE on off-palette scenes",
+        "(`pipeline/world/broad.py`) with the encoder's latents of the world's scenes anchored to the shipped",
+        "encoder's, and records held-out PSNR (mean, worst) per family before and after and the world latents'",
+        "RMS shift in latent std units; re-running `vae` drops the vae_decoder record. Each record's wall time is on 2 CPU",
         "cores (`--threads` torch threads, other work sometimes sharing them); on a GPU the same command uses it.",
         "The UNet loss weights latent pixels covered by objects by 1 + object_loss_weight x coverage and uses",
         "Min-SNR-gamma weighting (Hang et al. 2023); see `diffusion_loss` in `pipeline/training/world_unet.py`.",
@@ -146,7 +149,7 @@ def write_model_card(
         "| stage | steps | wall time (s) | metrics |",
         "| --- | --- | --- | --- |",
     ]
-    for stage in ("vae", "vae_decoder", "clip", "unet", "oracle"):
+    for stage in ("vae", "vae_decoder", "clip", "unet", "vae_broad", "oracle"):
         record = dict(training.get(stage, {}))
         steps, wall = record.pop("steps", "-"), record.pop("wall_s", "-")
         lines.append(f"| {stage} | {steps} | {wall} | {_fmt(record) if record else 'not trained'} |")
