@@ -114,9 +114,9 @@ def _run(config, limit: int | None, overwrite: bool, address: str | None) -> dic
     import sys
 
     from pipeline.dataflow import JobError, run_job
-    from pipeline.preflight import factory_problems
+    from pipeline.preflight import editor_problems, factory_problems
 
-    problems = factory_problems(config)
+    problems = factory_problems(config) + editor_problems(config)
     if problems:
         raise fail("; ".join(problems))
     # Without a terminal (logs, CI) one progress line per interval replaces Ray's progress bars.

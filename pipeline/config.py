@@ -117,6 +117,21 @@ class PromptSpec:
 
 
 @dataclass(frozen=True)
+class EditorRef:
+    """A trained DiffusionCLIP editor that an edit applies (an artefact written by `inversa train`).
+
+    Attributes:
+        uri: the artefact folder (local path, file://, s3://, gs://).
+        gamma: its weight in the noise combination sum_i gamma_i eps_i (DiffusionCLIP eq. 14); the
+            weights lie in [0, 1] and sum to at most 1, the base model getting 1 - sum (below 1 a single
+            editor gives the continuous transition).
+    """
+
+    uri: str
+    gamma: float = 1.0
+
+
+@dataclass(frozen=True)
 class EditSpec:
     """One entry of the edit plan.
 
@@ -135,6 +150,9 @@ class EditSpec:
         stochastic: null (deterministic edits) or null_text_vae (sampled null-text embeddings; needs
             inversion.method null_text_vae).
         temperature: the sampling temperature (scales the VAE's sigma; 0 = the mean decode).
+        editors: trained DiffusionCLIP editors; when given, the edit is theirs (the source goes forward
+            to the editors' return step with the base model and comes back with the weighted editors),
+            not a Prompt-to-Prompt edit of the inversion; the prompt still names the target for scoring.
     """
 
     target_class: str
@@ -148,6 +166,18 @@ class EditSpec:
     samples: int = 1
     stochastic: Literal["null_text_vae"] | None = None
     temperature: float = 1.0
+    editors: tuple[EditorRef, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.editors:
+            return
+        gammas = [editor.gamma for editor in self.editors]
+        if any(not 0.0 <= gamma <= 1.0 for gamma in gammas) or sum(gammas) > 1.0 + 1e-6:
+            raise ValueError(f"editors' gammas {gammas} must each lie in [0, 1] and sum to at most 1")
+        if self.stochastic is not None or self.samples != 1 or len(self.seeds) != 1:
+            raise ValueError(
+                "an edit with editors is deterministic: leave out stochastic and samples and give one seed"
+            )
 
     # Keys that a deterministic edit leaves out of its mapping, so its edit ids and spec digest stay as
     # they were before stochastic edits existed.
@@ -158,6 +188,8 @@ class EditSpec:
         if self.stochastic is None and self.samples == 1:
             for key in self.STOCHASTIC_KEYS:
                 mapping.pop(key)
+        if not self.editors:  # edits without editors keep the ids and digests they had before editors
+            mapping.pop("editors")
         return mapping
 
     def sample_seeds(self) -> list[tuple[int, int, int | None]]:

@@ -64,6 +64,15 @@ def load_editor(model: DiffusionModel, uri: str) -> Editor:
     return Editor(unet=unet, uri=uri, version=artefact.version, config=artefact.config)
 
 
+def load_editors(model: DiffusionModel, uris: Sequence[str]) -> dict[str, Editor]:
+    """Every distinct editor of `uris`, loaded once onto `model` (`load_editor`), by URI.
+
+    Raises:
+        ArtefactError: an artefact is missing, of another kind, or trained on another base model.
+    """
+    return {uri: load_editor(model, uri) for uri in dict.fromkeys(uris)}
+
+
 @dataclass(frozen=True)
 class EditSettings:
     """The grid and conditioning of an edit.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import json
 import os
 from collections import defaultdict
@@ -18,6 +19,7 @@ from pipeline.config import JobConfig, MetricsConfig, ResourcesConfig, StageReso
 from pipeline.errors import JobError
 from pipeline.factories import factory_problem
 from pipeline.stages.read import expand_shards
+from pipeline.training.artefact import DIFFUSION_CLIP_KIND, ArtefactError, check_base_model, read_manifest
 
 # The stages run as actor pools (ActorPoolStrategy); the other stages of ResourcesConfig run as tasks.
 ACTOR_STAGES = ("invert_edit", "score")
@@ -267,6 +269,7 @@ def job_problems(config: JobConfig, cluster: dict[str, float] | None) -> tuple[l
     problems += model_problems(config.model.path, config.model.image_size)
     problems += backbone_problems(config.metrics)
     problems += factory_problems(config)
+    problems += editor_problems(config)
     if cluster is not None:
         shortfall = resource_shortfall(config.resources, cluster)
         problems += [f"resources: {shortfall}"] if shortfall else []
@@ -285,3 +288,45 @@ def factory_problems(config: JobConfig) -> list[str]:
         problem = factory_problem(reference, f"metrics.{key}") if reference else None
         problems += [problem] if problem else []
     return problems
+
+
+def editor_problems(config: JobConfig) -> list[str]:
+    """Why the trained editors the edits name cannot be used (one line each).
+
+    Each artefact must exist and be a DiffusionCLIP editor. Where torch is installed here and model.path
+    is a folder that loads, the model is loaded on the CPU once to refuse editors trained on another
+    base model (by fingerprint); elsewhere the invert/edit actors refuse them when they start.
+    """
+    uris = list(dict.fromkeys(ref.uri for spec in config.edits for ref in spec.editors))
+    problems, manifests = {}, {}
+    for uri in uris:
+        try:
+            manifest = read_manifest(uri)
+        except ArtefactError as error:
+            problems[uri] = str(error)
+            continue
+        if manifest["kind"] != DIFFUSION_CLIP_KIND:
+            problems[uri] = (
+                f"artefact {uri!r} is a {manifest['kind']!r} artefact, not a {DIFFUSION_CLIP_KIND!r} "
+                "editor; name an artefact of `inversa train` with task diffusion_clip"
+            )
+            continue
+        manifests[uri] = manifest
+    local_model = Path(config.model.path).is_dir() and not model_problems(config.model.path)
+    if manifests and local_model and importlib.util.find_spec("torch") is not None:
+        fingerprint = _model_fingerprint(config.model.path)
+        for uri, manifest in manifests.items():
+            try:
+                check_base_model(manifest, uri, fingerprint, config.model.path)
+            except ArtefactError as error:
+                problems[uri] = str(error)
+    return [f"edits.editors: {problems[uri]}" for uri in uris if uri in problems]
+
+
+def _model_fingerprint(path: str) -> str:
+    """The fingerprint of the model at `path`, loaded on the CPU (the GPU stack is imported only here)."""
+    import torch
+
+    from pipeline.models.loading import load_diffusion_model
+
+    return load_diffusion_model(path, torch.device("cpu"), torch.float32).fingerprint

@@ -244,3 +244,17 @@ def test_spec_digests_of_earlier_specs_are_unchanged_by_later_keys_at_their_defa
         assert spec_digest(parse_config(changed, "job.yaml")) != spec_digest(
             parse_config(earlier, "job.yaml")
         )
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        path
+        for path in (Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml")
+        if not path.name.startswith("train_")
+    ),  # fmt: skip
+    ids=lambda path: path.name,
+)
+def test_every_shipped_job_spec_loads(path):
+    config = load_config(path)
+    assert config.edits and config.output.path

@@ -292,3 +292,30 @@ def test_kept_inversions_restore_to_the_written_reconstructions(
     )
     assert again[0].error is None and again[0].image.shape == written[0].shape
     assert manifest["counts"]["ok"] == len(ok)
+
+
+def test_editor_edits_are_rows_of_the_job_with_what_made_them(
+    ray_local, job_assets, write_job_spec, tmp_path
+):
+    """An edit naming a trained editor by URI writes one scored row per edited source, recording the
+    editor's URI, weight and version; a Prompt-to-Prompt edit of the same spec runs beside it."""
+    from editor_artefact import write_perturbed_editor
+
+    from pipeline.models.loading import load_diffusion_model
+
+    uri = str(tmp_path / "editor")
+    version = write_perturbed_editor(load_diffusion_model(job_assets["model"]), uri, seed=3)
+    output = tmp_path / "out"
+    edits = [
+        {"target_class": "fox", "source_classes": ["cat", "dog"], "editors": [{"uri": uri, "gamma": 0.8}]},
+        {"target_class": "dog", "source_classes": ["cat"]},
+    ]
+    inversion = {"method": "ddim", "num_steps": 3, "guidance_scale": 3.0}
+    run_job(load_config(write_job_spec(output, inversion=inversion, edits=edits)), limit=2)
+    rows = read_table(output, "edits").to_pylist()
+    by_editor = [row for row in rows if "editors" in json.loads(row["params"])]
+    assert by_editor and len(by_editor) == len([row for row in rows if row["target_class"] == "fox"])
+    for row in by_editor:
+        assert json.loads(row["params"])["editors"] == [{"uri": uri, "gamma": 0.8, "version": version}]
+        assert row["clip_t"] is not None and row["has_mask"] is False and row["method"] == "diffusion_clip"
+    assert any("control" in json.loads(row["params"]) for row in rows)

@@ -83,3 +83,49 @@ def test_validate_names_each_problem_in_one_line(tmp_path, change, named):
     assert len(problems) == 1 and named in problems[0], result.output
     assert "Traceback" not in result.output
     assert runner.invoke(app, ["validate", str(tmp_path / "job.yaml"), "--spec-only"]).exit_code == 0
+
+
+def test_editors_missing_of_another_kind_or_for_another_model_are_named(tmp_path, tiny_sd_path, tiny_sd):
+    from editor_artefact import write_perturbed_editor
+
+    from pipeline.training.artefact import write_artefact
+
+    good, other_model, other_kind = (str(tmp_path / name) for name in ("good", "other-model", "other-kind"))
+    write_perturbed_editor(tiny_sd, good, seed=1)
+    write_perturbed_editor(tiny_sd, other_model, seed=1, fingerprint="0" * 64)
+    write_artefact(other_kind, "zip_encoder", {}, {}, {}, tiny_sd.fingerprint)
+    missing = str(tmp_path / "missing")
+
+    def edits(*uris):
+        return [{"target_class": "fox", "editors": [{"uri": uri, "gamma": 0.5}]} for uri in uris]
+
+    job = spec(
+        tmp_path, **{"model.path": tiny_sd_path, "edits": edits(good, other_model, other_kind, missing)}
+    )
+    result = runner.invoke(app, ["validate", str(job)])
+    assert result.exit_code == 2, result.output
+    problems = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(problems) == 3, result.output
+    # One line per editor, in the spec's order.
+    assert other_model in problems[0] and "trained on base model" in problems[0]
+    assert other_kind in problems[1] and "'zip_encoder' artefact" in problems[1]
+    assert missing in problems[2] and "no trained artefact" in problems[2]
+    assert all(line.startswith("error: edits.editors: ") for line in problems)
+    assert "Traceback" not in result.output
+    # `run` refuses the same spec before Ray starts, in one line.
+    run = runner.invoke(app, ["run", str(job)])
+    assert run.exit_code == 2 and "trained on base model" in run.output and "Traceback" not in run.output
+    good_job = spec(tmp_path / "good-job", **{"model.path": tiny_sd_path, "edits": edits(good)})
+    assert runner.invoke(app, ["validate", str(good_job)]).exit_code == 0
+
+
+def test_editor_weights_outside_eq_14s_range_and_sampled_editor_edits_are_refused_by_the_spec(tmp_path):
+    cases = [
+        ({"editors": [{"uri": "a", "gamma": 0.7}, {"uri": "b", "gamma": 0.6}]}, "sum to at most 1"),
+        ({"editors": [{"uri": "a", "gamma": -0.1}]}, "sum to at most 1"),
+        ({"editors": [{"uri": "a"}], "seeds": [0, 1]}, "give one seed"),
+    ]
+    for index, (edit, named) in enumerate(cases):
+        job = spec(tmp_path / str(index), edits=[{"target_class": "fox", **edit}])
+        result = runner.invoke(app, ["validate", str(job)])
+        assert result.exit_code == 2 and named in result.output and "Traceback" not in result.output

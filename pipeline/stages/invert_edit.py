@@ -1,5 +1,8 @@
 """GPU actor: invert every image of a batch once, then fan out all of its edits from that inversion
 (with `inversion.prompt: target`, once per distinct target prompt, each serving the edits that use it).
+Edits that name trained editors (`EditSpec.editors`) start from the source image instead: the actor
+loads every editor once (refusing one trained on another base model) and runs all rows of one
+combination of editors and weights in one batched call (`pipeline.editors.edit_with_editors`).
 
 Rows stay one per source sample. The actor adds (names in `pipeline.stages.rows`):
     recon (B, S, S, 3) uint8, invert_seconds (B,), model_id, model_fingerprint,
@@ -28,6 +31,7 @@ import torch
 
 from pipeline import engine
 from pipeline.config import EditSpec, JobInversionConfig, MetricsConfig
+from pipeline.editors import edit_with_editors, load_editors
 from pipeline.engine import EditRequest
 from pipeline.inversion_state import inversion_to_bytes
 from pipeline.metrics.backbones import backbone_names
@@ -70,12 +74,15 @@ class InversionUnit:
         prompt: the prompt the image is inverted with.
         plans: the edits sampled from this inversion.
         plan_failures: "plan" failures of edits that could not be planned for the row.
+        editor_plans: the row's edits made by trained editors (from the source image, not the
+            inversion); like plan_failures they travel with the row's first unit only.
     """
 
     row: int
     prompt: str
     plans: list[PlannedEdit]
     plan_failures: list[Failure]
+    editor_plans: list[PlannedEdit] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,21 @@ class EditJob:
     row: int
     image_index: int
     plan: PlannedEdit
+
+
+@dataclass(frozen=True)
+class EditorOutcome:
+    """One edit made by trained editors, shaped like the engine's edit result for `RowOutput.add_edit`.
+
+    Attributes:
+        image: (S, S, 3) uint8.
+        seconds: this edit's share of its batch's wall time.
+        mask: always None: the editors change the image without a region.
+    """
+
+    image: torch.Tensor
+    seconds: float
+    mask: None = None
 
 
 @dataclass
@@ -214,6 +236,8 @@ class InvertEditActor:
         self.backbones = backbone_names(metrics)
         self.edit_batch_size = edit_batch_size
         self.image_encoder = _image_encoder(inversion, metrics, self.model.device)
+        # Refuses an editor trained on another base model before any row is read.
+        self.editors = load_editors(self.model, [ref.uri for spec in edits for ref in spec.editors])
 
     def _invert(
         self, images: torch.Tensor, prompts: list[str]
@@ -302,14 +326,19 @@ class InvertEditActor:
                 self.inversion,
                 self.backbones,
             )
+            by_editors = [plan for plan in planned if plan.editors]
+            planned = [plan for plan in planned if not plan.editors]
             if self.inversion.resolved_prompt == "source" or not planned:
-                units.append(InversionUnit(row, caption, planned, failures))
+                units.append(InversionUnit(row, caption, planned, failures, by_editors))
                 continue
             prompts = list(dict.fromkeys(plan.target_prompt for plan in planned))
             for index, prompt in enumerate(prompts):
                 plans = [plan for plan in planned if plan.target_prompt == prompt]
-                # The row's plan failures travel with its first unit only.
-                units.append(InversionUnit(row, prompt, plans, failures if index == 0 else []))
+                # The row's plan failures and editor edits travel with its first unit only.
+                first = index == 0
+                units.append(
+                    InversionUnit(row, prompt, plans, failures if first else [], by_editors if first else [])
+                )
         return units
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -340,6 +369,14 @@ class InvertEditActor:
                     outputs[row].states = self._states(row_units, results)
             for call, call_jobs in jobs.items():
                 self._run_edits(results[call], call_jobs, outputs)
+            # Editor edits start from the source image; they run for the rows whose inversion succeeded.
+            editor_jobs = [
+                EditJob(unit.row, unit.row, plan)
+                for unit in units
+                for plan in unit.editor_plans
+                if outputs[unit.row].recon is not None
+            ]
+            self._run_editor_edits(batch[IMAGE], editor_jobs, outputs)
 
         recon = np.zeros((count, size, size, 3), dtype=np.uint8)
         for row, output in enumerate(outputs):
@@ -422,6 +459,41 @@ class InvertEditActor:
                 output.fail(_edit_failure(str(outcome.error or "engine returned no image"), job.plan.edit_id))
             else:
                 output.add_edit(job.plan, outcome)
+
+    def _run_editor_edits(self, images: np.ndarray, jobs: list[EditJob], outputs: list[RowOutput]) -> None:
+        """Run the editor edits (EditJob.image_index = the row of `images`), one engine batch per
+        combination of editors and weights, in chunks of edit_batch_size; a chunk that raises is retried
+        edit by edit so only the failing edit gets its "edit" failure."""
+        groups: dict[tuple, list[EditJob]] = {}
+        for job in jobs:
+            groups.setdefault(tuple((ref.uri, ref.gamma) for ref in job.plan.editors), []).append(job)
+        for combination, group in groups.items():
+            editors = [self.editors[uri] for uri, _ in combination]
+            gammas = [gamma for _, gamma in combination]
+            for start in range(0, len(group), self.edit_batch_size):
+                chunk = group[start : start + self.edit_batch_size]
+                try:
+                    self._editor_chunk(images, chunk, editors, gammas, outputs)
+                except Exception:  # retried edit by edit, where each edit's failure is labelled
+                    for job in chunk:
+                        try:
+                            self._editor_chunk(images, [job], editors, gammas, outputs)
+                        except Exception as error:  # this edit's failure
+                            message = f"{type(error).__name__}: {error}"
+                            outputs[job.row].fail(_edit_failure(message, job.plan.edit_id))
+
+    def _editor_chunk(self, images: np.ndarray, chunk: list[EditJob], editors, gammas, outputs) -> None:
+        started = time.perf_counter()
+        sources = torch.from_numpy(np.ascontiguousarray(images[[job.image_index for job in chunk]]))
+        edited = edit_with_editors(self.model, sources, editors, gammas)
+        seconds = (time.perf_counter() - started) / len(chunk)
+        versions = {editor.uri: editor.version for editor in editors}
+        for job, image in zip(chunk, edited, strict=True):
+            params = json.loads(job.plan.params)
+            for record in params["editors"]:
+                record["version"] = versions[record["uri"]]
+            plan = dataclasses.replace(job.plan, params=json.dumps(params, sort_keys=True))
+            outputs[job.row].add_edit(plan, EditorOutcome(image, seconds))
 
 
 def _gpu_peak_bytes(device: torch.device) -> float:

@@ -12,7 +12,7 @@ import re
 import string
 from dataclasses import dataclass
 
-from pipeline.config import EditSpec, to_dict
+from pipeline.config import EditorRef, EditSpec, to_dict
 from pipeline.diffusion.control import AttentionControl
 from pipeline.methods import InversionConfig
 from pipeline.stages.rows import Failure
@@ -39,6 +39,7 @@ class PlannedEdit:
         sample_seed: the seed of a stochastic sample's embeddings; None for a deterministic edit.
         sample_temperature: the stochastic sample's temperature; None for a deterministic edit.
         sample_group: id shared by all samples of one edit spec of one source (None when deterministic).
+        editors: the trained editors that make this edit (empty: a Prompt-to-Prompt edit of the inversion).
     """
 
     edit_id: str
@@ -53,6 +54,7 @@ class PlannedEdit:
     sample_seed: int | None = None
     sample_temperature: float | None = None
     sample_group: str | None = None
+    editors: tuple[EditorRef, ...] = ()
 
 
 def applies_to(spec: EditSpec, source_class: str | None) -> bool:
@@ -155,14 +157,7 @@ def plan_edits(
             failures.append(Failure("plan", "PlanError", f"edit {spec.name or spec.target_class}: {error}"))
             continue
         control = fill_control(spec.control, source_word, target_word)
-        params = {
-            "edit": spec.name or spec.target_class,
-            "inversion": to_dict(inversion),
-            "control": to_dict(control),
-            "eta": spec.eta,
-            "latent_interpolation": spec.latent_interpolation,
-            "metrics": backbones,
-        }
+        params = _params(spec, inversion, control, backbones)
         if spec.stochastic is not None:
             params["stochastic"] = {
                 "method": spec.stochastic,
@@ -186,6 +181,28 @@ def plan_edits(
                     sample_seed=sample_seed,
                     sample_temperature=spec.temperature if stochastic else None,
                     sample_group=group,
+                    editors=spec.editors,
                 )
             )
     return planned, failures
+
+
+def _params(
+    spec: EditSpec, inversion: InversionConfig, control: AttentionControl, backbones: dict[str, str]
+) -> dict:
+    """What the edits table's params column records of an edit: what produced it."""
+    if spec.editors:  # the editors make the edit; the inversion and attention control play no part
+        return {
+            "edit": spec.name or spec.target_class,
+            "method": "diffusion_clip",
+            "editors": to_dict(spec.editors),
+            "metrics": backbones,
+        }
+    return {
+        "edit": spec.name or spec.target_class,
+        "inversion": to_dict(inversion),
+        "control": to_dict(control),
+        "eta": spec.eta,
+        "latent_interpolation": spec.latent_interpolation,
+        "metrics": backbones,
+    }

@@ -82,6 +82,11 @@ def _finite(value) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
+def edit_method(params: dict) -> str:
+    """The method column of an edit: the editors' method, else the inversion method it was edited from."""
+    return params.get("method") or params["inversion"]["method"]
+
+
 def rows_for_sample(
     batch: dict, index: int, inversions: list[str] | None = None
 ) -> tuple[list[dict], list[dict], list[dict]]:
@@ -118,7 +123,7 @@ def rows_for_sample(
                     "source_id": source_id,
                     "source_class": batch[SOURCE_CLASS][index],
                     "target_class": record["target_class"],
-                    "method": json.loads(record["params"])["inversion"]["method"],
+                    "method": edit_method(json.loads(record["params"])),
                     "source_prompt": str(batch[CAPTION][index]),
                     "target_prompt": record["target_prompt"],
                     "seed": record["seed"],

@@ -18,19 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from pipeline.storage import write_bytes
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: manifests need no torch
+    import torch
 
 FORMAT = "inversa-artefact"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "weights.safetensors"
 MANIFEST_NAME = "artefact.json"
+DIFFUSION_CLIP_KIND = "diffusion_clip"  # a DiffusionCLIP editor (`pipeline.training.diffusion_clip`)
 
 
 class ArtefactError(ValueError):
@@ -78,6 +79,8 @@ def write_artefact(
         metrics: JSON-serialisable metrics.
         base_model_fingerprint: the base model's fingerprint.
     """
+    from safetensors.torch import save as save_safetensors
+
     fs, root = fsspec.core.url_to_fs(uri)
     data = save_safetensors({name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()})
     version = hashlib.sha256(data).hexdigest()
@@ -126,6 +129,8 @@ def read_artefact(uri: str, kind: str | None = None) -> Artefact:
     Raises:
         ArtefactError: missing, unknown format, another kind, or weights that do not match the version.
     """
+    from safetensors.torch import load as load_safetensors
+
     manifest = read_manifest(uri)
     if kind is not None and manifest["kind"] != kind:
         raise ArtefactError(f"artefact {uri!r} is a {manifest['kind']!r} artefact, not {kind!r}")

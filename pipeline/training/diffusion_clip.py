@@ -25,8 +25,9 @@ import torch
 
 from pipeline.diffusion.precision import fixed_branch_noise, optimised_branch_noise
 from pipeline.methods import diffusion_clip as dc
+from pipeline.training.artefact import DIFFUSION_CLIP_KIND
 
-KIND = "diffusion_clip"
+KIND = DIFFUSION_CLIP_KIND
 FACTORY = "pipeline.training.diffusion_clip:build_task"
 # Base UNets above this size train LoRA adapters when `adapter` is "auto" (SD 1.5's UNet: 860M).
 AUTO_LORA_PARAMETERS = 100_000_000

@@ -245,3 +245,66 @@ def test_style_diffusion_encodes_images_with_the_vision_tower_of_the_jobs_clip()
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     expected = ClipScorer(SHAPES_CLIP_NAME, str(SHAPES_CLIP_WEIGHTS)).image_tokens(images)
     torch.testing.assert_close(encoder(images), expected)
+
+
+def test_editor_edits_equal_the_editors_applied_by_hand_and_record_what_made_them(
+    tiny_sd_path, tiny_sd, images, prompts, tmp_path
+):
+    """An edit with editors is the DiffusionCLIP edit of the source image (not of the inversion), all
+    rows of one combination in one call; its params name each editor's URI, weight and version."""
+    from editor_artefact import write_perturbed_editor
+
+    from pipeline.config import EditorRef
+    from pipeline.editors import edit_with_editors, load_editor
+
+    star, blue = str(tmp_path / "star"), str(tmp_path / "blue")
+    versions = {
+        star: write_perturbed_editor(tiny_sd, star, 1),
+        blue: write_perturbed_editor(tiny_sd, blue, 2),
+    }
+    specs = (
+        EditSpec(target_class="square", source_classes=("circle", "star"), editors=(EditorRef(star, 0.7),)),
+        EditSpec(target_class="triangle", editors=(EditorRef(star, 0.5), EditorRef(blue, 0.5))),
+        SPECS[1],  # a Prompt-to-Prompt edit beside them
+    )
+    inversion = JobInversionConfig.of(method="ddim", num_steps=3)
+    actor = InvertEditActor(tiny_sd_path, "cpu", "float32", inversion, specs, MetricsConfig(), 8)
+    output = actor(source_batch(images, prompts))
+    records = [json.loads(output["edits_json"][row]) for row in range(3)]
+    assert [[r["target_class"] for r in row] for row in records] == [
+        ["triangle", "square", "triangle"],
+        ["square", "triangle"],
+        ["triangle"],
+    ]
+    loaded = {uri: load_editor(tiny_sd, uri) for uri in (star, blue)}
+    by_hand = {
+        "square": edit_with_editors(tiny_sd, images[:2], [loaded[star]], [0.7]),
+        "triangle": edit_with_editors(tiny_sd, images[:3], [loaded[star], loaded[blue]], [0.5, 0.5]),
+    }
+    for row, row_records in enumerate(records):
+        for position, record in enumerate(row_records):
+            params = json.loads(record["params"])
+            if "editors" not in params:
+                assert "control" in params  # the P2P edit keeps its own record
+                continue
+            assert params["method"] == "diffusion_clip" and "inversion" not in params
+            assert all(entry["version"] == versions[entry["uri"]] for entry in params["editors"])
+            assert not record["has_mask"] and output["edit_masks"][row][position].all()
+            expected = by_hand[record["target_class"]][row].numpy()
+            assert np.array_equal(output["edit_images"][row][position], expected)
+    gammas = [[e["gamma"] for e in json.loads(r["params"]).get("editors", [])] for r in records[0]]
+    assert gammas == [[], [0.7], [0.5, 0.5]]  # Prompt-to-Prompt edits first, then the editors'
+
+
+def test_an_editor_trained_on_another_model_is_refused_when_the_actor_starts(tiny_sd_path, tiny_sd, tmp_path):
+    from editor_artefact import write_perturbed_editor
+
+    from pipeline.config import EditorRef
+    from pipeline.training.artefact import ArtefactError
+
+    uri = str(tmp_path / "other")
+    write_perturbed_editor(tiny_sd, uri, 1, fingerprint="0" * 64)
+    spec = EditSpec(target_class="square", editors=(EditorRef(uri),))
+    inversion = JobInversionConfig.of(method="ddim", num_steps=3)
+    with pytest.raises(ArtefactError, match="trained on base model"):
+        InvertEditActor(tiny_sd_path, "cpu", "float32", inversion, (spec,), MetricsConfig(), 8)
