@@ -140,11 +140,12 @@ def write_result(result: duckdb.DuckDBPyRelation, fmt: str, stream: TextIO, bina
     stream.write("\n]\n")
 
 
-def _image(data: bytes | None, title: str = "") -> str:
+def _image(data: bytes | None, title: str = "", css: str | None = None) -> str:
     if data is None:
         return '<div class="missing">none</div>'
     encoded = base64.b64encode(data).decode()
-    return f'<img src="data:image/png;base64,{encoded}" title="{html.escape(title)}">'
+    css_class = f' class="{css}"' if css else ""
+    return f'<img{css_class} src="data:image/png;base64,{encoded}" title="{html.escape(title)}">'
 
 
 def _number(value) -> str:
@@ -219,6 +220,42 @@ def composite_section(connection: duckdb.DuckDBPyConnection) -> str:
     )
 
 
+def samples_section(connection: duckdb.DuckDBPyConnection, max_groups: int = 50) -> str:
+    """Stochastic edits (`samples: K`): per target class and method, the groups, samples per group and
+    mean diversity beside its upper bound; then, per group, the source and its K samples side by side."""
+    if not connection.sql("select count(sample_group) from edits").fetchall()[0][0]:
+        return ""
+    parts = [
+        "<h2>Stochastic samples</h2>",
+        _table(
+            connection,
+            "select target_class, method, count(distinct sample_group) as groups, "
+            "count(*) // count(distinct sample_group) as samples_per_group, avg(diversity) as diversity, "
+            "avg(diversity_bound) as diversity_bound from edits where sample_group is not null "
+            "group by 1, 2 order by 1, 2",
+        ),
+    ]
+    groups = connection.sql(
+        "select e.sample_group, any_value(e.source_id), any_value(e.target_prompt), any_value(e.diversity), "
+        "any_value(e.diversity_bound), any_value(s.image), "
+        "list(e.image order by e.sample_index), list(e.sample_index order by e.sample_index), "
+        "list(e.sample_seed order by e.sample_index) "
+        "from edits e left join sources s using (source_id) where e.sample_group is not null "
+        f"group by 1 order by 2, 3 limit {int(max_groups)}"
+    ).fetchall()
+    for _, source_id, prompt, diversity, bound, source_image, images, indices, seeds in groups:
+        cells = [
+            f'<div class="cell">{_image(source_image)}<br>source<br><small>{html.escape(source_id)}</small>'
+            f"<br>{html.escape(prompt)}<br>diversity {_number(diversity)} (bound {_number(bound)})</div>"
+        ]
+        cells += [
+            f'<div class="cell">{_image(image, css="sample")}<br>sample {index} (seed {seed})</div>'
+            for image, index, seed in zip(images, indices, seeds, strict=True)
+        ]
+        parts.append(f'<div class="row">{"".join(cells)}</div>')
+    return "".join(parts)
+
+
 def errors_section(connection: duckdb.DuckDBPyConnection) -> str:
     """Errors per stage and type, then each type's distinct messages with their counts and an example."""
     if not connection.sql("select count(*) from errors").fetchall()[0][0]:
@@ -257,7 +294,8 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
 
     Sections: manifest counts; per-target-class metric means (and, with output.composite, the composited
     edits' means beside their raw ones); sources; plots (metric distributions per
-    target class, success rates per source class); errors by stage and type with their messages; a
+    target class, success rates per source class); stochastic samples (diversity per target class, each
+    group's K samples side by side); errors by stage and type with their messages; a
     gallery with, per source, the source image, its reconstruction (with PSNR/SSIM/LPIPS) and every edit
     with its metrics.
     """
@@ -292,6 +330,7 @@ def write_report(output: str, path: str | None = None, max_sources: int = 200) -
         )
     )
     parts.append(plots_section(connection))
+    parts.append(samples_section(connection))
     parts.append(errors_section(connection))
     parts.append("<h2>Gallery</h2>")
     sources = connection.sql(

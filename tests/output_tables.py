@@ -91,8 +91,14 @@ ERRORS = [
 ]
 
 
-def write_output(output: str, sources_per_shard: int = 6, seed: int = 0) -> dict[str, list[dict]]:
-    """Write two shards' worth of tables to OUTPUT; returns the rows written, per table."""
+def write_output(
+    output: str, sources_per_shard: int = 6, seed: int = 0, sample_groups: bool = False
+) -> dict[str, list[dict]]:
+    """Write two shards' worth of tables to OUTPUT; returns the rows written, per table.
+
+    With sample_groups, the two seeds of each source and target are the two stochastic samples of one
+    group (sample_index = seed), sharing the group's diversity and its bound.
+    """
     rng = np.random.default_rng(seed)
     written: dict[str, list[dict]] = {"edits": [], "sources": [], "errors": []}
     classes = list(TARGETS)
@@ -106,9 +112,19 @@ def write_output(output: str, sources_per_shard: int = 6, seed: int = 0) -> dict
             source = source_row(source_id, source_class, number, len(targets) * 2)
             tables["sources"].append(source)
             for target in targets:
-                for edit_seed in (0, 1):
-                    passed = bool(rng.random() < 0.6)
-                    tables["edits"].append(edit_row(source, target, edit_seed, passed, rng))
+                group = [
+                    edit_row(source, target, edit_seed, bool(rng.random() < 0.6), rng) for edit_seed in (0, 1)
+                ]
+                if sample_groups:
+                    diversity, bound = float(rng.uniform(0.01, 0.1)), float(rng.uniform(0.2, 0.4))
+                    for row in group:
+                        row |= {
+                            "sample_group": group[0]["edit_id"],
+                            "sample_index": row["seed"],
+                            "sample_seed": 10 + row["seed"],
+                        }
+                        row |= {"diversity": diversity, "diversity_bound": bound}
+                tables["edits"] += group
         for stage, error_type, message in ERRORS:
             tables["errors"].append(
                 {

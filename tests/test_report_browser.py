@@ -141,3 +141,33 @@ if __name__ == "__main__":
         f"{screenshot}: {size} bytes; keep the README's screenshot under {SCREENSHOT_BYTES}"
     )
     print(f"{screenshot}: {size} bytes")
+
+
+def test_stochastic_samples_are_shown_side_by_side_with_their_diversity(tmp_path):
+    """Each sample group is one row: the source, then its samples in sample_index order; the summary's
+    mean diversity is the mean over groups of the written rows."""
+    import re
+
+    import numpy as np
+
+    from pipeline.report import write_report
+
+    output = tmp_path / "out"
+    rows = write_output(str(output), sample_groups=True)
+    page = Path(write_report(str(output))).read_text()
+    section = page[page.index("<h2>Stochastic samples</h2>") : page.index("<h2>Errors</h2>")]
+    groups: dict[str, list[dict]] = {}
+    for row in rows["edits"]:
+        groups.setdefault(row["sample_group"], []).append(row)
+    assert section.count('class="sample"') == len(rows["edits"])
+    assert re.findall(r"sample (\d) \(seed (\d+)\)", section) == [("0", "10"), ("1", "11")] * len(groups)
+    by_class: dict[str, list[float]] = {}
+    for members in groups.values():
+        by_class.setdefault(members[0]["target_class"], []).extend(row["diversity"] for row in members)
+    first_class = sorted(by_class)[0]
+    summary_row = re.search(rf"<tr><td>{first_class}</td><td>null_text</td>(.*?)</tr>", section).group(1)
+    cells = re.findall(r"<td>(.*?)</td>", summary_row)
+    assert cells[1] == "2" and cells[2] == f"{np.mean(by_class[first_class]):.3f}"
+    without = tmp_path / "plain"
+    write_output(str(without))
+    assert "Stochastic samples" not in Path(write_report(str(without))).read_text()
