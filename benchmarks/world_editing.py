@@ -392,11 +392,13 @@ def _ordering(values: dict[str, float], expected: list[str], higher_is_better: b
         return f"not measured (missing {sorted(set(expected) - set(present))})"
     measured = sorted(present, key=lambda name: values[name], reverse=higher_is_better)
     sign = " > " if higher_is_better else " < "
-    order = sign.join(
-        f"{name} {values[name]:.{3 if abs(values[name]) < 1 else 2}f}{unit}" for name in measured
-    )
+    order = sign.join(f"{name} {_number(values[name])}{unit}" for name in measured)
     verdict = "holds" if measured == expected else "does not hold"
     return f"{verdict}: measured {order}"
+
+
+def _number(value: float) -> str:
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
 
 
 PTI_TABLE_2 = [VAE_ROW, "prompt_tuning", "null_text", "ddim"]  # AE > PTI > NTI >> DDIM (reconstruction)
@@ -537,6 +539,7 @@ def update_readme(table: dict, readme: Path = README) -> None:
 def plot(table: dict, path: Path) -> None:
     """Reconstruction PSNR per inversion (the VAE bound as a line), edit success against background
     PSNR per inversion x editor, and seconds per image."""
+    import matplotlib
     from matplotlib.figure import Figure
 
     recon = recon_by_inversion(table)
@@ -552,7 +555,8 @@ def plot(table: dict, path: Path) -> None:
     bars.set_ylabel("reconstruction PSNR (dB)")
     bars.set_title("reconstruction")
     markers = {"P2P": "o", "P2Plus": "s", "none": "^"}
-    colours = {name: f"C{index}" for index, name in enumerate(methods)}
+    palette = matplotlib.colormaps["tab20"].colors[::2] + matplotlib.colormaps["tab20"].colors[1::2]
+    colours = {name: palette[index % len(palette)] for index, name in enumerate(methods)}
     for row in table["rows"]:
         if row["inversion"] == VAE_ROW or "edit_success" not in row:
             continue
@@ -567,7 +571,9 @@ def plot(table: dict, path: Path) -> None:
     for name in methods:
         scatter.scatter([], [], color=colours[name], marker="o", label=name)
     for editor, marker in markers.items():
-        scatter.scatter([], [], color="gray", marker=marker, label=f"editor {editor}")
+        scatter.scatter(
+            [], [], facecolors="none", edgecolors="black", marker=marker, label=f"editor {editor}"
+        )
     scatter.set_xlabel("background PSNR outside the changed region (dB)")
     scatter.set_ylabel("edit success (oracle)")
     scatter.set_ylim(-0.05, 1.05)
@@ -709,9 +715,9 @@ def main(argv: list[str] | None = None) -> dict:
         table["orderings"] = ordering_checks(table)
     else:
         table = run(args)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(_rounded(table), indent=2) + "\n")
-        print(f"wrote {json_path}")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(_rounded(table), indent=2) + "\n")
+    print(f"wrote {json_path}")
     plot(table, png_path)
     print(f"wrote {png_path}")
     for name, verdict in table["orderings"].items():
