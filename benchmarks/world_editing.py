@@ -224,7 +224,7 @@ def edit_scenes(
 
 
 def inversion_row(
-    model, edits: list[GroundTruthEdit], inversion: InversionResult, invert_seconds: float
+    edits: list[GroundTruthEdit], inversion: InversionResult, invert_seconds: float
 ) -> dict[str, float]:
     """Reconstruction scores of the usable inversions and the inversion's seconds per image."""
     usable = torch.tensor([error is None for error in inversion.errors])
@@ -297,7 +297,7 @@ def benchmark_rows(
             skipped += [{"inversion": name, "editor": editor, "reason": str(error)} for editor in editors]
             print(f"skipped {name}: {error}", flush=True)
             continue
-        recon = inversion_row(model, edits, inversion, time.perf_counter() - started)
+        recon = inversion_row(edits, inversion, time.perf_counter() - started)
         for editor in editors:
             try:
                 scores = editor_row(model, inversion, edits, editor, scorers)
@@ -329,7 +329,7 @@ def evaluate_method(
     """
     started = time.perf_counter()
     inversion = invert_scenes(model, edits, method, steps, guidance, learning_rate, image_encoder, settings)
-    row = inversion_row(model, edits, inversion, time.perf_counter() - started)
+    row = inversion_row(edits, inversion, time.perf_counter() - started)
     row |= editor_row(model, inversion, edits, "P2P", Scorers(oracle, structure_tokens=structure_tokens))
     if row["failed_inversions"] or row["failed_edits"]:
         raise RuntimeError(
@@ -358,7 +358,7 @@ def pti_table_2_rows(model, edits: list[GroundTruthEdit], steps: int, guidance: 
     for name, (method, settings) in PTI_TABLE_2_SETTINGS.items():
         started = time.perf_counter()
         inversion = invert_scenes(model, edits, method, steps, guidance, settings=settings, prompt="source")
-        scores = inversion_row(model, edits, inversion, time.perf_counter() - started)
+        scores = inversion_row(edits, inversion, time.perf_counter() - started)
         rows.append({"inversion": name, "method": method, "settings": settings} | scores)
         print("PTI Table 2 setting", json.dumps(_rounded(rows[-1])), flush=True)
     return rows
