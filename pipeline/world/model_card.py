@@ -37,23 +37,32 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _editing_rows(editing: dict) -> list[dict]:
+    """The benchmark's rows (inversion, editor, metrics); older records keyed P2P rows by method."""
+    if "rows" in editing:
+        return [row for row in editing["rows"] if row.get("editor")]
+    return [{"inversion": name, "editor": "P2P"} | row for name, row in editing.get("methods", {}).items()]
+
+
 def _editing_table(editing: dict) -> list[str]:
-    """The per-method table of `benchmarks/world_editing.py`."""
+    """The per inversion x editor table of `benchmarks/world_editing.py`."""
     columns = (
-        "recon_psnr_db", "gt_psnr_db", "gt_psnr_changed_db", "gt_psnr_unchanged_db",
-        "oracle_target_shape", "oracle_kept_color", "oracle_kept_background", "invert_seconds",
+        "recon_psnr_db", "recon_ssim", "edit_success", "gt_psnr_changed_db", "gt_psnr_unchanged_db",
+        "bg_lpips", "structure_dist_x1e3", "invert_seconds_per_image",
     )  # fmt: skip
     lines = [
-        f"Inversion and editing per method (`benchmarks/world_editing.py`): {editing.get('setup', '')}.",
+        f"Inversion x editing (`benchmarks/world_editing.py`): {editing.get('setup', '')}.",
         f"VAE reconstruction of the same scenes (the ceiling): {_fmt(editing.get('vae_psnr_db'))} dB.",
         "gt_* is the PSNR of the edited image against the counterfactual render (the ground-truth edit),",
-        "overall, inside the region the edit should change, and outside it.",
+        "inside the region the edit should change and outside it; all columns in",
+        "`benchmarks/results/world_editing.json`.",
         "",
-        "| method | " + " | ".join(columns) + " |",
-        "| --- |" + " --- |" * len(columns),
+        "| inversion | editor | " + " | ".join(columns) + " |",
+        "| --- | --- |" + " --- |" * len(columns),
     ]
-    for method, row in editing.get("methods", {}).items():
-        lines.append(f"| {method} | " + " | ".join(_fmt(row.get(column, "-")) for column in columns) + " |")
+    for row in _editing_rows(editing):
+        cells = " | ".join(_fmt(row.get(column, "-")) for column in columns)
+        lines.append(f"| {row['inversion']} | {row['editor']} | {cells} |")
     return lines
 
 
@@ -69,7 +78,10 @@ def _targets(benchmark: dict) -> list[str]:
     if benchmark.get("vae_psnr_db_heldout", 0.0) < 30.0:
         missed.append(f"VAE PSNR {benchmark.get('vae_psnr_db_heldout', 0.0):.1f} dB < 30 dB")
     editing = benchmark.get("editing", {})
-    null_text = editing.get("methods", {}).get("null_text")
+    null_text = next(
+        (row for row in _editing_rows(editing) if (row["inversion"], row["editor"]) == ("null_text", "P2P")),
+        None,
+    )
     if null_text and null_text["recon_psnr_db"] < editing["vae_psnr_db"] - 2.0:
         missed.append(
             f"null-text reconstruction {null_text['recon_psnr_db']:.1f} dB is more than 2 dB below the "
