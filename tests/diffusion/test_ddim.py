@@ -88,3 +88,22 @@ def test_sample_then_invert_recovers_xT(tiny_sd, prompts):
     trajectory = ddim_trajectory(tiny_sd.unet, schedule, clean, cond, uncond, 1.0, [None, None])
     relative = (trajectory[-1] - noise_end).norm() / noise_end.norm()
     assert relative < 2e-2, relative
+
+
+def test_grid_bounds_one_step_and_the_clean_end_of_an_alpha_one_scheduler(tiny_sd):
+    """One step is a valid grid; a partial grid keeps at least one step (round(10 * 0.1) = 1 and
+    round(4 * 0.1) = 0 both keep exactly one); out-of-range settings are refused naming the setting; and
+    alpha_bar(0) is the grid's first alpha, not the clean end (they differ when set_alpha_to_one)."""
+    one = DDIMSchedule.from_scheduler(tiny_sd.scheduler, 1)
+    assert one.num_steps == 1 and one.stride == tiny_sd.scheduler.config.num_train_timesteps
+    for num_steps in (10, 4):
+        assert DDIMSchedule.from_scheduler(tiny_sd.scheduler, num_steps, strength=0.1).num_steps == 1
+    with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
+        DDIMSchedule.from_scheduler(tiny_sd.scheduler, 0)
+    with pytest.raises(ValueError, match="strength must be in"):
+        DDIMSchedule.from_scheduler(tiny_sd.scheduler, 10, strength=1.5)
+    scheduler = DDIMScheduler.from_config(tiny_sd.scheduler.config, set_alpha_to_one=True)
+    schedule = DDIMSchedule.from_scheduler(scheduler, 10)
+    assert schedule.final_alpha_cumprod == 1.0
+    assert schedule.alpha_bar(0) == float(scheduler.alphas_cumprod[0]) < 1.0
+    assert schedule.alpha_bar(-1) == 1.0
