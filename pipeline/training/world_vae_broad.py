@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from pipeline.metrics.pixel import psnr
 from pipeline.training.loop import (
     Budget,
     MetricsLog,
@@ -60,9 +61,12 @@ def heldout_families(config: TrainConfig) -> dict[str, np.ndarray]:
 
 
 def psnr_per_image(reconstructions: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """PSNR in dB of each uint8 image pair (N, H, W, 3), on 0..255 pixels."""
-    error = (reconstructions.astype(np.float64) - images.astype(np.float64)) ** 2
-    return 10.0 * np.log10(255.0**2 / np.maximum(error.mean(axis=(1, 2, 3)), 1e-10))
+    """PSNR in dB of each uint8 image pair (N, H, W, 3), on 0..255 pixels (`pipeline.metrics.pixel.psnr`)."""
+
+    def unit(pixels: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).double() / 255.0
+
+    return psnr(unit(reconstructions), unit(images)).numpy()
 
 
 def reconstruction_report(vae: AutoencoderKL, families: dict[str, np.ndarray]) -> dict[str, float]:
