@@ -95,6 +95,28 @@ def test_only_bf16_lowers_the_optimised_branch(tiny_sd, recorder, policy):
     assert recorder.calls == [(torch.float32, True)]
 
 
+@pytest.fixture()
+def float16_autocast_default():
+    """CPU autocast with CUDA's default dtype (float16), restored after the test."""
+    saved = torch.get_autocast_dtype("cpu")
+    torch.set_autocast_dtype("cpu", torch.float16)
+    yield
+    torch.set_autocast_dtype("cpu", saved)
+
+
+def test_lowered_calls_ask_for_bf16_by_name_not_autocasts_default(
+    tiny_sd, recorder, float16_autocast_default
+):
+    # On CUDA autocast lowers to float16 unless told otherwise; bf16's wider exponent is the point.
+    latents, embeddings = _inputs(tiny_sd)
+    with precision.using("mixed"), torch.no_grad():
+        precision.fixed_branch_noise(tiny_sd.unet, latents, 500, embeddings)
+    with precision.using("bf16"):
+        precision.optimised_branch_noise(tiny_sd.unet, latents, 500, embeddings.requires_grad_(True))
+    assert torch.get_autocast_dtype("cpu") == torch.float16  # the default really was float16
+    assert [dtype for dtype, _ in recorder.calls] == [torch.bfloat16, torch.bfloat16]
+
+
 def test_using_restores_the_policy_and_tf32_switches():
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
