@@ -1,4 +1,5 @@
-"""Editing with trained DiffusionCLIP editors: one or more fine-tuned models applied in one pass.
+"""Editing with trained editors: DiffusionCLIP's fine-tuned models (one or more, applied in one pass) and
+ZIP's attribute encoders (the frozen model steered through its h-space by a reference image).
 
     model = load_diffusion_model("pipeline/world/assets/shapes-sd")
     star = load_editor(model, "out/editors/star/artefact")
@@ -12,6 +13,11 @@ steps) with the noise sum_i gamma_i eps_i of the editors plus (1 - sum_i gamma_i
 model, so that the weights sum to 1 as eq. 14 requires; t0, S_for, S_gen and the UNet's conditioning
 default to what the first editor was trained for (its inference grid: paper (200, 40)). An editor
 trained on another base model is refused (`pipeline.training.artefact.check_base_model`).
+
+A ZIP encoder (`load_editor` of a zip_encoder artefact) edits alone: the image goes forward to t0 with
+the model, and comes back with the asymmetric step of papers/000 eq. 5 above t_zip, Δh read from the
+encoder's own first reference image or a reference the caller gives; its gamma scales Δh (0 = the
+model's own reconstruction, 1 = the trained edit).
 """
 
 from __future__ import annotations
@@ -26,9 +32,17 @@ import torch
 from pipeline.diffusion.precision import fixed_branch_noise
 from pipeline.diffusion.tokens import encode_prompts
 from pipeline.methods import diffusion_clip as dc
+from pipeline.methods import zip_attribute as za
 from pipeline.models.loading import DiffusionModel
 from pipeline.models.vae import decode_latents, encode_images
-from pipeline.training.artefact import check_base_model, read_artefact, read_manifest
+from pipeline.training import zip_encoder
+from pipeline.training.artefact import (
+    ZIP_ENCODER_KIND,
+    ArtefactError,
+    check_base_model,
+    read_artefact,
+    read_manifest,
+)
 from pipeline.training.diffusion_clip import KIND, load_trained_weights
 
 
@@ -49,13 +63,39 @@ class Editor:
     config: dict[str, Any]
 
 
-def load_editor(model: DiffusionModel, uri: str) -> Editor:
-    """Load a DiffusionCLIP artefact onto a copy of `model`'s UNet.
+@dataclass
+class ZipEncoder:
+    """A trained ZIP attribute encoder and the artefact it came from.
+
+    Attributes:
+        head: E_A's trained layers (`pipeline.methods.zip_attribute.AttributeHead`), frozen.
+        reference_images: (R, H, W, 3) uint8, the references rendered at training time; the first is
+            the default reference of an edit.
+        uri: the artefact's URI.
+        version: the artefact's version.
+        config: the artefact's training config.
+    """
+
+    head: torch.nn.Module
+    reference_images: torch.Tensor
+    uri: str
+    version: str
+    config: dict[str, Any]
+
+
+def load_editor(model: DiffusionModel, uri: str) -> Editor | ZipEncoder:
+    """Load a DiffusionCLIP artefact onto a copy of `model`'s UNet, or a ZIP encoder for `model`.
 
     Raises:
         ArtefactError: missing, of another kind, or trained on another base model.
     """
-    check_base_model(read_manifest(uri), uri, model.fingerprint, model.model_id)
+    manifest = read_manifest(uri)
+    check_base_model(manifest, uri, model.fingerprint, model.model_id)
+    if manifest["kind"] == ZIP_ENCODER_KIND:
+        artefact = read_artefact(uri, kind=ZIP_ENCODER_KIND)
+        head = zip_encoder.load_head(artefact.weights, artefact.config).to(model.device)
+        references = artefact.weights[zip_encoder.REFERENCES_NAME]
+        return ZipEncoder(head, references, uri, artefact.version, artefact.config)
     artefact = read_artefact(uri, kind=KIND)
     unet = copy.deepcopy(model.unet)
     adapter = artefact.config["adapter_resolved"]
@@ -64,7 +104,7 @@ def load_editor(model: DiffusionModel, uri: str) -> Editor:
     return Editor(unet=unet, uri=uri, version=artefact.version, config=artefact.config)
 
 
-def load_editors(model: DiffusionModel, uris: Sequence[str]) -> dict[str, Editor]:
+def load_editors(model: DiffusionModel, uris: Sequence[str]) -> dict[str, Editor | ZipEncoder]:
     """Every distinct editor of `uris`, loaded once onto `model` (`load_editor`), by URI.
 
     Raises:
@@ -90,7 +130,7 @@ class EditSettings:
     prompt: str
 
     @classmethod
-    def of(cls, editor: Editor, **overrides: Any) -> EditSettings:
+    def of(cls, editor: Editor | ZipEncoder, **overrides: Any) -> EditSettings:
         """What `editor` was trained for (its inference grid), with non-None `overrides` applied."""
         trained = editor.config
         settings = {
@@ -179,7 +219,77 @@ def edit_with_editors(
     """
     if not editors:
         raise ValueError("edit_with_editors needs at least one editor")
+    if any(isinstance(editor, ZipEncoder) for editor in editors):
+        if len(editors) != 1:
+            raise ArtefactError(
+                f"a ZIP encoder edits alone, not combined with other editors: {[e.uri for e in editors]}"
+            )
+        return edit_with_zip(model, images, editors[0], scale=gammas[0], settings=settings)
     settings = settings or EditSettings.of(editors[0])
     with torch.no_grad():
         start = forward_to_return_step(model, images, settings)
     return generate_with_editors(model, start, editors, gammas, settings)
+
+
+def zip_reference_code(
+    model: DiffusionModel, encoder: ZipEncoder, reference: torch.Tensor | None
+) -> torch.Tensor:
+    """r of `reference` ((H, W, 3) uint8 at the model's resolution), or of the encoder's first reference."""
+    image = encoder.reference_images[0] if reference is None else reference
+    return zip_encoder.reference_codes_of(model, image[None])[0]
+
+
+def generate_with_zip(
+    model: DiffusionModel,
+    start_latents: torch.Tensor,
+    encoder: ZipEncoder,
+    code: torch.Tensor,
+    scale: float,
+    settings: EditSettings,
+) -> torch.Tensor:
+    """Generate from x_t0 with Δh = scale * E_A(h_t, r) above t_zip (papers/000 eq. 5); (B, H, W, 3) uint8.
+
+    Args:
+        model: the base model the encoder was trained on.
+        start_latents: x_t0 from `forward_to_return_step` with the same t0 and prompt.
+        encoder: the loaded encoder.
+        code: r, (C,), from `zip_reference_code`.
+        scale: the factor on Δh, in [0, 1].
+        settings: t0, S_gen and the conditioning.
+    """
+    if not 0.0 <= scale <= 1.0:
+        raise ValueError(f"a ZIP encoder's gamma (the scale of Δh) must lie in [0, 1], got {scale}")
+    noise = _noise_fn(model, model.unet, settings.prompt)
+    paired = za.paired_noise(noise, model.unet, lambda features: scale * encoder.head(features, code))
+    grid = dc.ReturnGrid.from_scheduler(model.scheduler, settings.return_step, settings.generative_steps)
+    with torch.no_grad():
+        latents = za.generate(noise, paired, grid, start_latents, encoder.config["zip_step"])
+        return decode_latents(model, latents)
+
+
+def edit_with_zip(
+    model: DiffusionModel,
+    images: torch.Tensor,
+    encoder: ZipEncoder,
+    reference: torch.Tensor | None = None,
+    scale: float = 1.0,
+    settings: EditSettings | None = None,
+) -> torch.Tensor:
+    """Forward to t0 and generate back with the encoder's Δh (Algorithm 1 of papers/000).
+
+    Args:
+        model: the base model.
+        images: (B, H, W, 3) uint8 at the model's resolution.
+        encoder: a loaded ZIP encoder.
+        reference: (H, W, 3) uint8, the user's reference image; None = the encoder's first reference.
+        scale: the factor on Δh (0 = reconstruction, 1 = the trained edit).
+        settings: grid and conditioning (default: what the encoder was trained for).
+
+    Returns:
+        (B, H, W, 3) uint8 edited images.
+    """
+    settings = settings or EditSettings.of(encoder)
+    code = zip_reference_code(model, encoder, reference)
+    with torch.no_grad():
+        start = forward_to_return_step(model, images, settings)
+    return generate_with_zip(model, start, encoder, code, scale, settings)

@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "weights.safetensors"
 MANIFEST_NAME = "artefact.json"
 DIFFUSION_CLIP_KIND = "diffusion_clip"  # a DiffusionCLIP editor (`pipeline.training.diffusion_clip`)
+ZIP_ENCODER_KIND = "zip_encoder"  # a ZIP attribute encoder (`pipeline.training.zip_encoder`)
 
 
 class ArtefactError(ValueError):

@@ -26,6 +26,10 @@ TASKS: dict[str, tuple[str, str]] = {
         "pipeline.training.diffusion_clip:DiffusionClipConfig",
         "pipeline.training.diffusion_clip:build_task",
     ),
+    "zip_encoder": (
+        "pipeline.training.zip_encoder:ZipEncoderConfig",
+        "pipeline.training.zip_encoder:build_task",
+    ),
 }
 
 

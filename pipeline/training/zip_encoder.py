@@ -1,0 +1,358 @@
+"""ZIP attribute encoders: train E_A's last layers with the diffusion model frozen (papers/000, Algorithm 1),
+as a `TrainTask` for `pipeline.training.ray_train`.
+
+On every worker `setup` loads the base model and the CLIP model, renders `references` reference images
+from `reference_prompt` with the base model itself (the paper's Visual Generator, Algorithm 1 line 2:
+seeded DDIM sampling with classifier-free guidance), reads each into its reference code r (line 3),
+renders the training images and inverts them to x_t0 by the deterministic forward process with S_for
+steps. Iteration i draws `batch` images and, for each, one of the references, with a generator seeded
+by (seed, i); the worker's share of them goes through one generative pass with S_gen steps, the loss of
+eq. 6 backpropagated at every level above t_zip, and E_A takes one optimiser step
+(`pipeline.methods.zip_attribute.training_losses`). The UNet, VAE and text encoder are never updated:
+the artefact records the base model's fingerprint, and editing refuses any other model.
+
+Text directions are DiffusionCLIP's (`pipeline.training.diffusion_clip.world_training_texts`): each
+shapes-world image's caption as t_source and the caption with `data.attribute` := `data.value` as
+t_target, or a fixed pair (`reference_text`, `target_text`); `text_direction: mean` averages them.
+The oracle is never used here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline.diffusion.precision import fixed_branch_noise, optimised_branch_noise
+from pipeline.methods import diffusion_clip as dc
+from pipeline.methods import zip_attribute as za
+from pipeline.training.artefact import ZIP_ENCODER_KIND
+from pipeline.training.diffusion_clip import ClipSpec, WorldData, _at_resolution, world_training_texts
+
+KIND = ZIP_ENCODER_KIND
+FACTORY = "pipeline.training.zip_encoder:build_task"
+HEAD_PREFIX = "head."
+REFERENCES_NAME = "reference_images"
+
+
+@dataclass(frozen=True)
+class ZipEncoderConfig:
+    """One ZIP attribute encoder's training (papers/000 §4, Algorithm 1).
+
+    Attributes:
+        model: the base model (diffusers folder or hub id); frozen.
+        clip: the CLIP model of the direction loss.
+        data: the training images.
+        reference_prompt: t_target of the Visual Generator: the prompt the reference images are rendered
+            from.
+        references: how many reference images are rendered (seeds reference_seed, reference_seed + 1, ...);
+            each iteration pairs every training image with one of them, so the encoder reads references
+            it was not tuned to one by one. Editing uses the first unless the edit gives its own.
+        reference_seed: seed of the first reference's starting noise.
+        reference_steps: DDIM steps of the reference rendering.
+        reference_guidance: classifier-free guidance w of the reference rendering.
+        reference_text: t_source for every image; None = each image's caption (shapes world).
+        target_text: t_target for every image; None = the caption with the attribute changed.
+        text_direction: per_image or mean (see DiffusionClipConfig).
+        prompt: the UNet's conditioning in both processes ("" = unconditional).
+        return_step: t0, where generation starts (paper Fig. 4: 600 of 1000).
+        zip_step: t_zip; Δh acts at timesteps above it (paper Fig. 4: 300).
+        forward_steps: S_for of training.
+        generative_steps: S_gen of training.
+        inference_forward_steps: S_for recorded for editing.
+        inference_generative_steps: S_gen recorded for editing.
+        clip_weight: lambda_clip of eq. 6.
+        recon_weight: lambda_recon of eq. 6.
+        variant: per_step (eq. 6 at each step above t_zip on its predicted x_0) or full_backprop (eq. 6
+            on the pass's final images, differentiated through every generative step).
+        hidden: width of the head's inner layers (None = min(C, 256)).
+        lr: Adam learning rate.
+        batch: images per iteration over all workers (a multiple of the worker count).
+        seed: seeds the head's initialisation and every iteration's draw.
+    """
+
+    model: str = "pipeline/world/assets/shapes-sd"
+    clip: ClipSpec = dataclasses.field(default_factory=ClipSpec)
+    data: WorldData = dataclasses.field(default_factory=WorldData)
+    reference_prompt: str = "a yellow star on a white background"
+    references: int = 8
+    reference_seed: int = 0
+    reference_steps: int = 50
+    reference_guidance: float = 5.0
+    reference_text: str | None = None
+    target_text: str | None = None
+    text_direction: Literal["per_image", "mean"] = "mean"
+    prompt: str = ""
+    return_step: int = 600
+    zip_step: int = 300
+    forward_steps: int = 40
+    generative_steps: int = 6
+    inference_forward_steps: int = 100
+    inference_generative_steps: int = 40
+    clip_weight: float = 1.0
+    recon_weight: float = 0.3
+    variant: Literal["per_step", "full_backprop"] = "full_backprop"
+    hidden: int | None = None
+    lr: float = 1e-3
+    batch: int = 8
+    seed: int = 0
+
+    def with_absolute_paths(self, base: Path) -> ZipEncoderConfig:
+        """Relative local paths (model, CLIP files) made absolute against `base`."""
+        from pipeline.training.diffusion_clip import _absolute_paths
+
+        return _absolute_paths(self, base)
+
+    def __post_init__(self) -> None:
+        if (self.reference_text is None) != (self.target_text is None):
+            raise ValueError("set both reference_text and target_text, or neither (shapes-world captions)")
+        if not 0 <= self.zip_step < self.return_step < 1000:
+            raise ValueError(
+                f"need 0 <= zip_step < return_step < 1000, got zip_step={self.zip_step}, "
+                f"return_step={self.return_step} (paper Fig. 4: 300 and 600)"
+            )
+        if self.references < 1:
+            raise ValueError(f"references={self.references} must be >= 1")
+
+
+def config_from_mapping(mapping: dict[str, Any]) -> ZipEncoderConfig:
+    """The config from its JSON form (nested dataclasses rebuilt)."""
+    fields = dict(mapping)
+    fields["clip"] = ClipSpec(**fields.get("clip", {}))
+    fields["data"] = WorldData(**fields.get("data", {}))
+    return ZipEncoderConfig(**fields)
+
+
+def mid_block_channels(unet: torch.nn.Module) -> int:
+    """C of h-space: the channels of the UNet's deepest block."""
+    return int(unet.config.block_out_channels[-1])
+
+
+def render_references(model, prompt: str, seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
+    """Reference images of the Visual Generator: the base model samples `prompt` from seeded noise.
+
+    Args:
+        model: the base DiffusionModel.
+        prompt: t_target.
+        seeds: one reference per seed (its starting noise is drawn on the CPU from it).
+        steps: DDIM steps.
+        guidance: classifier-free guidance w.
+
+    Returns:
+        (R, H, W, 3) uint8 images on the CPU.
+    """
+    from pipeline.diffusion.ddim import DDIMSchedule
+    from pipeline.diffusion.sampling import sample
+    from pipeline.diffusion.tokens import encode_prompts
+    from pipeline.models.vae import decode_latents
+
+    shape = (model.latent_channels, model.latent_size, model.latent_size)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    schedule = DDIMSchedule.from_scheduler(model.scheduler, steps)
+    cond = encode_prompts(model.tokenizer, model.text_encoder, [prompt]).expand(len(seeds), -1, -1)
+    uncond = encode_prompts(model.tokenizer, model.text_encoder, [""]).expand(len(seeds), -1, -1)
+    per_step = (schedule.num_steps, *cond.shape)
+    latents, _ = sample(
+        model.unet,
+        schedule,
+        noise.to(model.device),
+        cond.unsqueeze(0).expand(per_step),
+        uncond.unsqueeze(0).expand(per_step),
+        guidance,
+    )
+    return decode_latents(model, latents)
+
+
+def reference_codes_of(model, images: torch.Tensor) -> torch.Tensor:
+    """r of each reference image: mean over space of the frozen UNet's h at the image's clean latent.
+
+    Args:
+        model: the base DiffusionModel.
+        images: (R, H, W, 3) uint8 at the model's resolution.
+
+    Returns:
+        (R, C) float32 reference codes.
+    """
+    from pipeline.diffusion.tokens import encode_prompts
+    from pipeline.models.vae import encode_images
+
+    latents = encode_images(model, images)
+    uncond = encode_prompts(model.tokenizer, model.text_encoder, [""]).expand(len(images), -1, -1)
+    with torch.no_grad(), za.captured_mid_features(model.unet) as captured:
+        fixed_branch_noise(model.unet, latents, 0, uncond)
+    return za.reference_codes(captured[0].float())
+
+
+class ZipEncoderTask:
+    """The TrainTask of one ZIP attribute encoder (see the module docstring)."""
+
+    kind = KIND
+
+    def __init__(self, config: ZipEncoderConfig) -> None:
+        self.config = config
+
+    def setup(self, device: torch.device, rank: int, world_size: int) -> None:
+        from pipeline.metrics.clip import ClipScorer
+        from pipeline.models.loading import load_diffusion_model
+
+        config = self.config
+        if config.batch % world_size:
+            raise ValueError(f"batch={config.batch} must be a multiple of the {world_size} workers")
+        self.rank, self.world_size = rank, world_size
+        self.model = load_diffusion_model(config.model, device=device)
+        self.model.unet.requires_grad_(False)
+        self.base_fingerprint = self.model.fingerprint
+        self.clip = ClipScorer(
+            config.clip.model_name, config.clip.pretrained, device, model_config=config.clip.model_config
+        )
+        seeds = list(range(config.reference_seed, config.reference_seed + config.references))
+        self.reference_images = render_references(
+            self.model, config.reference_prompt, seeds, config.reference_steps, config.reference_guidance
+        )
+        self.codes = reference_codes_of(self.model, self.reference_images)
+        self._prepare_pairs()
+        torch.manual_seed(config.seed)
+        self.head = za.AttributeHead(mid_block_channels(self.model.unet), config.hidden).to(device)
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=config.lr)
+        self.grid = dc.ReturnGrid.from_scheduler(
+            self.model.scheduler, config.return_step, config.generative_steps
+        )
+        self.loss_weights = za.LossWeights(clip=config.clip_weight, recon=config.recon_weight)
+
+    def _prepare_pairs(self) -> None:
+        """x_t0 of every training image (eq. 12 with S_for steps) and its ΔT."""
+        from pipeline.diffusion.tokens import encode_prompts
+        from pipeline.models.vae import encode_images
+
+        config, model = self.config, self.model
+        images, references, targets = world_training_texts(config.data)
+        if config.reference_text is not None:
+            references, targets = [config.reference_text] * len(images), [config.target_text] * len(images)
+        images = _at_resolution(images, model.image_size)
+        self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])
+        forward_grid = dc.ReturnGrid.from_scheduler(model.scheduler, config.return_step, config.forward_steps)
+        latents = encode_images(model, torch.as_tensor(images))
+        noise_fn = self._noise_fn(fixed_branch_noise)
+        self.start_latents = torch.cat(
+            [dc.forward(noise_fn, forward_grid, chunk) for chunk in latents.split(16)]
+        )
+        with torch.no_grad():
+            directions = self.clip.text_embeddings(targets) - self.clip.text_embeddings(references)
+        if config.text_direction == "mean":
+            mean = torch.nn.functional.normalize(directions, dim=-1).mean(dim=0, keepdim=True)
+            directions = mean.expand_as(directions).clone()
+        self.text_directions = directions
+
+    def _noise_fn(self, branch) -> za.NoiseFn:
+        def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
+            return branch(self.model.unet, latents, timestep, self.condition.expand(latents.shape[0], -1, -1))
+
+        return noise
+
+    def _paired_noise_fn(self, codes: torch.Tensor) -> za.PairedNoiseFn:
+        return za.paired_noise(
+            self._noise_fn(optimised_branch_noise),
+            self.model.unet,
+            lambda features: self.head(features, codes),
+        )
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.model.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents / vae.config.scaling_factor + shift).sample
+
+    def draw(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
+        """This worker's (image rows, reference rows) of iteration `iteration` (fixed by (seed, iteration))."""
+        generator = np.random.default_rng([self.config.seed, iteration])
+        rows = generator.choice(len(self.start_latents), size=self.config.batch, replace=False)
+        references = generator.integers(0, len(self.codes), size=self.config.batch)
+        share = slice(self.rank, None, self.world_size)
+        return rows[share], references[share]
+
+    def step(self, iteration: int, sync) -> dict[str, float]:
+        rows, references = (torch.as_tensor(part) for part in self.draw(iteration))
+        if self.config.variant == "full_backprop":
+            return self._full_pass_step(rows, references, sync)
+        losses = za.training_losses(
+            self._paired_noise_fn(self.codes[references]),
+            self.grid,
+            self.start_latents[rows],
+            self.config.zip_step,
+            self._decode,
+            self.clip.differentiable_image_embeddings,
+            self.text_directions[rows],
+            self.loss_weights,
+        )
+        levels = int((self.grid.timesteps[1:] > self.config.zip_step).sum())
+        self.optimizer.zero_grad()
+        totals: dict[str, float] = {}
+        for loss, terms in losses:
+            (loss / levels).backward()  # gradients of all levels accumulate; one step per pass
+            for name, value in {"loss": loss.detach(), **terms}.items():
+                totals[name] = totals.get(name, 0.0) + float(value) / levels
+        sync()
+        self.optimizer.step()
+        return totals
+
+    def _full_pass_step(self, rows: torch.Tensor, references: torch.Tensor, sync) -> dict[str, float]:
+        # Each row's reference code, for both halves of the pass (only the Δh half reads it).
+        codes = self.codes[references].repeat(2, 1)
+        loss, terms = za.full_pass_loss(
+            self._paired_noise_fn(codes),
+            self._noise_fn(optimised_branch_noise),
+            self.grid,
+            self.start_latents[rows],
+            self.config.zip_step,
+            self._decode,
+            self.clip.differentiable_image_embeddings,
+            self.text_directions[rows],
+            self.loss_weights,
+        )
+        self.optimizer.zero_grad()
+        loss.backward()
+        sync()
+        self.optimizer.step()
+        return {"loss": float(loss.detach()), **{name: float(value) for name, value in terms.items()}}
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.head.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def artefact(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+        weights = {
+            f"{HEAD_PREFIX}{name}": tensor.detach().clone() for name, tensor in self.head.state_dict().items()
+        }
+        weights[REFERENCES_NAME] = self.reference_images.clone()
+        config = dataclasses.asdict(self.config) | {
+            "channels": self.head.channels,
+            "hidden_resolved": self.head.hidden,
+        }
+        return weights, config, self.base_fingerprint
+
+
+def build_task(mapping: dict[str, Any]) -> ZipEncoderTask:
+    """The factory `ray_train` calls on every worker."""
+    return ZipEncoderTask(config_from_mapping(mapping))
+
+
+def load_head(weights: dict[str, torch.Tensor], config: dict[str, Any]) -> za.AttributeHead:
+    """The trained AttributeHead of an artefact's weights and config."""
+    head = za.AttributeHead(config["channels"], config["hidden_resolved"])
+    head.load_state_dict(
+        {
+            name.removeprefix(HEAD_PREFIX): tensor
+            for name, tensor in weights.items()
+            if name.startswith(HEAD_PREFIX)
+        }
+    )
+    return head.eval().requires_grad_(False)
