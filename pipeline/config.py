@@ -118,17 +118,27 @@ class PromptSpec:
 
 @dataclass(frozen=True)
 class EditorRef:
-    """A trained DiffusionCLIP editor that an edit applies (an artefact written by `inversa train`).
+    """A trained editor that an edit applies (an artefact written by `inversa train`): a DiffusionCLIP
+    editor (kind diffusion_clip) or a ZIP attribute encoder (kind zip_encoder, which edits alone).
 
     Attributes:
         uri: the artefact folder (local path, file://, s3://, gs://).
-        gamma: its weight in the noise combination sum_i gamma_i eps_i (DiffusionCLIP eq. 14); the
-            weights lie in [0, 1] and sum to at most 1, the base model getting 1 - sum (below 1 a single
-            editor gives the continuous transition).
+        gamma: a DiffusionCLIP editor's weight in the noise combination sum_i gamma_i eps_i (eq. 14; the
+            weights lie in [0, 1] and sum to at most 1, the base model getting 1 - sum, so below 1 a
+            single editor gives the continuous transition); a ZIP encoder's scale of Δh in [0, 1].
+        reference: a ZIP encoder's reference image (path or URI of a PNG/JPEG, resized to the model's
+            resolution); None = the reference the encoder rendered when it was trained.
     """
 
     uri: str
     gamma: float = 1.0
+    reference: str | None = None
+
+    def to_mapping(self) -> dict[str, Any]:
+        mapping = {"uri": self.uri, "gamma": self.gamma}
+        if self.reference is not None:  # editors without a reference keep the ids they had before
+            mapping["reference"] = self.reference
+        return mapping
 
 
 @dataclass(frozen=True)
@@ -150,9 +160,10 @@ class EditSpec:
         stochastic: null (deterministic edits) or null_text_vae (sampled null-text embeddings; needs
             inversion.method null_text_vae).
         temperature: the sampling temperature (scales the VAE's sigma; 0 = the mean decode).
-        editors: trained DiffusionCLIP editors; when given, the edit is theirs (the source goes forward
-            to the editors' return step with the base model and comes back with the weighted editors),
-            not a Prompt-to-Prompt edit of the inversion; the prompt still names the target for scoring.
+        editors: trained editors; when given, the edit is theirs (the source goes forward to the
+            editors' return step with the base model and comes back with the weighted DiffusionCLIP
+            editors, or with a ZIP encoder's Δh), not a Prompt-to-Prompt edit of the inversion; the
+            prompt still names the target for scoring.
     """
 
     target_class: str

@@ -201,9 +201,10 @@ def generate_with_editors(
 def edit_with_editors(
     model: DiffusionModel,
     images: torch.Tensor,
-    editors: Sequence[Editor],
+    editors: Sequence[Editor | ZipEncoder],
     gammas: Sequence[float],
     settings: EditSettings | None = None,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward to t0 and generate back with the weighted editors.
 
@@ -213,9 +214,13 @@ def edit_with_editors(
         editors: M >= 1 loaded editors.
         gammas: M weights in [0, 1] with sum <= 1; the original model gets 1 - sum.
         settings: grid and conditioning (default: what the first editor was trained for).
+        reference: (H, W, 3) uint8, a ZIP encoder's reference image (None = its own first reference).
 
     Returns:
         (B, H, W, 3) uint8 edited images.
+
+    Raises:
+        ArtefactError: a ZIP encoder combined with other editors, or a reference without a ZIP encoder.
     """
     if not editors:
         raise ValueError("edit_with_editors needs at least one editor")
@@ -224,7 +229,9 @@ def edit_with_editors(
             raise ArtefactError(
                 f"a ZIP encoder edits alone, not combined with other editors: {[e.uri for e in editors]}"
             )
-        return edit_with_zip(model, images, editors[0], scale=gammas[0], settings=settings)
+        return edit_with_zip(model, images, editors[0], reference, scale=gammas[0], settings=settings)
+    if reference is not None:
+        raise ArtefactError("a reference image steers ZIP encoders only, not DiffusionCLIP editors")
     settings = settings or EditSettings.of(editors[0])
     with torch.no_grad():
         start = forward_to_return_step(model, images, settings)
@@ -293,3 +300,27 @@ def edit_with_zip(
     with torch.no_grad():
         start = forward_to_return_step(model, images, settings)
     return generate_with_zip(model, start, encoder, code, scale, settings)
+
+
+def read_reference_image(uri: str, size: int) -> torch.Tensor:
+    """A reference image from a path or fsspec URI, as (size, size, 3) uint8 (RGB, resized when needed).
+
+    Raises:
+        FileNotFoundError: nothing at `uri`.
+        ValueError: the file is not an image PIL can read.
+    """
+    import io
+
+    import fsspec
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    with fsspec.open(uri, "rb") as handle:
+        data = handle.read()
+    try:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+    except UnidentifiedImageError as error:
+        raise ValueError(f"reference {uri!r} is not an image PIL can read") from error
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(image).copy())

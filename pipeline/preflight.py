@@ -19,7 +19,15 @@ from pipeline.config import JobConfig, MetricsConfig, ResourcesConfig, StageReso
 from pipeline.errors import JobError
 from pipeline.factories import factory_problem
 from pipeline.stages.read import expand_shards
-from pipeline.training.artefact import DIFFUSION_CLIP_KIND, ArtefactError, check_base_model, read_manifest
+from pipeline.training.artefact import (
+    DIFFUSION_CLIP_KIND,
+    ZIP_ENCODER_KIND,
+    ArtefactError,
+    check_base_model,
+    read_manifest,
+)
+
+EDITOR_KINDS = (DIFFUSION_CLIP_KIND, ZIP_ENCODER_KIND)
 
 # The stages run as actor pools (ActorPoolStrategy); the other stages of ResourcesConfig run as tasks.
 ACTOR_STAGES = ("invert_edit", "score")
@@ -293,7 +301,8 @@ def factory_problems(config: JobConfig) -> list[str]:
 def editor_problems(config: JobConfig) -> list[str]:
     """Why the trained editors the edits name cannot be used (one line each).
 
-    Each artefact must exist and be a DiffusionCLIP editor. Where torch is installed here and model.path
+    Each artefact must exist and be a DiffusionCLIP editor or a ZIP encoder; a ZIP encoder edits alone,
+    and only it takes a reference image, which must exist. Where torch is installed here and model.path
     is a folder that loads, the model is loaded on the CPU once to refuse editors trained on another
     base model (by fingerprint); elsewhere the invert/edit actors refuse them when they start.
     """
@@ -305,10 +314,10 @@ def editor_problems(config: JobConfig) -> list[str]:
         except ArtefactError as error:
             problems[uri] = str(error)
             continue
-        if manifest["kind"] != DIFFUSION_CLIP_KIND:
+        if manifest["kind"] not in EDITOR_KINDS:
             problems[uri] = (
-                f"artefact {uri!r} is a {manifest['kind']!r} artefact, not a {DIFFUSION_CLIP_KIND!r} "
-                "editor; name an artefact of `inversa train` with task diffusion_clip"
+                f"artefact {uri!r} is a {manifest['kind']!r} artefact, not an editor "
+                f"({' or '.join(EDITOR_KINDS)}); name an artefact of `inversa train` with one of those kinds"
             )
             continue
         manifests[uri] = manifest
@@ -320,7 +329,39 @@ def editor_problems(config: JobConfig) -> list[str]:
                 check_base_model(manifest, uri, fingerprint, config.model.path)
             except ArtefactError as error:
                 problems[uri] = str(error)
-    return [f"edits.editors: {problems[uri]}" for uri in uris if uri in problems]
+    lines = [f"edits.editors: {problems[uri]}" for uri in uris if uri in problems]
+    kinds = {uri: manifest["kind"] for uri, manifest in manifests.items()}
+    for index, spec in enumerate(config.edits):
+        lines += _zip_edit_problems(f"edits[{index}].editors", spec.editors, kinds)
+    return lines
+
+
+def _zip_edit_problems(where: str, editors, kinds: dict[str, str]) -> list[str]:
+    """A ZIP encoder combined with other editors; a reference on a non-ZIP editor or one that is missing."""
+    lines = []
+    zip_refs = [ref for ref in editors if kinds.get(ref.uri) == ZIP_ENCODER_KIND]
+    if zip_refs and len(editors) > 1:
+        lines.append(f"{where}: ZIP encoder {zip_refs[0].uri!r} edits alone; give it an edit of its own")
+    for ref in editors:
+        if ref.reference is None:
+            continue
+        if ref.uri in kinds and kinds[ref.uri] != ZIP_ENCODER_KIND:
+            lines.append(
+                f"{where}: reference {ref.reference!r} steers ZIP encoders only; {ref.uri!r} is not one"
+            )
+        elif not _exists(ref.reference):
+            lines.append(
+                f"{where}: reference image {ref.reference!r} does not exist; give a PNG or JPEG path or URI"
+            )
+    return lines
+
+
+def _exists(uri: str) -> bool:
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs.exists(path)
+    except (OSError, ValueError, ImportError):
+        return False
 
 
 def _model_fingerprint(path: str) -> str:

@@ -32,3 +32,30 @@ def write_perturbed_editor(model, uri: str, seed: int, fingerprint: str | None =
         for name, tensor in model.unet.state_dict().items()
     }
     return write_artefact(uri, KIND, weights, EDITOR_CONFIG, {}, fingerprint or model.fingerprint)
+
+
+def write_random_zip_encoder(model, uri: str, seed: int) -> str:
+    """Write a ZIP encoder artefact whose head has a seeded random (non-zero) output layer and two
+    seeded random reference images, in the format `inversa train` writes; returns its version."""
+    from pipeline.methods.zip_attribute import AttributeHead
+    from pipeline.training.zip_encoder import (
+        HEAD_PREFIX,
+        REFERENCES_NAME,
+        mid_block_channels,
+    )
+    from pipeline.training.zip_encoder import (
+        KIND as ZIP_KIND,
+    )
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = AttributeHead(mid_block_channels(model.unet), hidden=8)
+    last = head.layers[-1]
+    last.weight.data = 0.5 * torch.randn(last.weight.shape, generator=generator)
+    weights = {f"{HEAD_PREFIX}{name}": tensor for name, tensor in head.state_dict().items()}
+    size = model.image_size
+    weights[REFERENCES_NAME] = torch.randint(
+        0, 256, (2, size, size, 3), generator=generator, dtype=torch.uint8
+    )
+    config = EDITOR_CONFIG | {"zip_step": 200, "channels": head.channels, "hidden_resolved": head.hidden}
+    return write_artefact(uri, ZIP_KIND, weights, config, {}, model.fingerprint)

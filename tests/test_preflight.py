@@ -93,7 +93,7 @@ def test_editors_missing_of_another_kind_or_for_another_model_are_named(tmp_path
     good, other_model, other_kind = (str(tmp_path / name) for name in ("good", "other-model", "other-kind"))
     write_perturbed_editor(tiny_sd, good, seed=1)
     write_perturbed_editor(tiny_sd, other_model, seed=1, fingerprint="0" * 64)
-    write_artefact(other_kind, "zip_encoder", {}, {}, {}, tiny_sd.fingerprint)
+    write_artefact(other_kind, "embedding_vae", {}, {}, {}, tiny_sd.fingerprint)
     missing = str(tmp_path / "missing")
 
     def edits(*uris):
@@ -108,7 +108,7 @@ def test_editors_missing_of_another_kind_or_for_another_model_are_named(tmp_path
     assert len(problems) == 3, result.output
     # One line per editor, in the spec's order.
     assert other_model in problems[0] and "trained on base model" in problems[0]
-    assert other_kind in problems[1] and "'zip_encoder' artefact" in problems[1]
+    assert other_kind in problems[1] and "'embedding_vae' artefact, not an editor" in problems[1]
     assert missing in problems[2] and "no trained artefact" in problems[2]
     assert all(line.startswith("error: edits.editors: ") for line in problems)
     assert "Traceback" not in result.output
@@ -116,6 +116,37 @@ def test_editors_missing_of_another_kind_or_for_another_model_are_named(tmp_path
     run = runner.invoke(app, ["run", str(job)])
     assert run.exit_code == 2 and "trained on base model" in run.output and "Traceback" not in run.output
     good_job = spec(tmp_path / "good-job", **{"model.path": tiny_sd_path, "edits": edits(good)})
+    assert runner.invoke(app, ["validate", str(good_job)]).exit_code == 0
+
+
+def test_a_zip_encoder_edits_alone_and_only_it_takes_a_reference_that_exists(tmp_path, tiny_sd_path, tiny_sd):
+    from editor_artefact import write_perturbed_editor
+    from PIL import Image
+
+    from pipeline.training.artefact import write_artefact
+
+    clip_editor, encoder = str(tmp_path / "clip-editor"), str(tmp_path / "zip")
+    write_perturbed_editor(tiny_sd, clip_editor, seed=1)
+    write_artefact(encoder, "zip_encoder", {}, {}, {}, tiny_sd.fingerprint)
+    reference = tmp_path / "star.png"
+    Image.new("RGB", (32, 32), "yellow").save(reference)
+    edits = [
+        {
+            "target_class": "fox",
+            "editors": [{"uri": encoder, "gamma": 0.5}, {"uri": clip_editor, "gamma": 0.5}],
+        },
+        {"target_class": "fox", "editors": [{"uri": clip_editor, "reference": str(reference)}]},
+        {"target_class": "fox", "editors": [{"uri": encoder, "reference": str(tmp_path / "missing.png")}]},
+    ]
+    job = spec(tmp_path, **{"model.path": tiny_sd_path, "edits": edits})
+    result = runner.invoke(app, ["validate", str(job)])
+    problems = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(problems) == 3, result.output
+    assert "edits[0].editors" in problems[0] and "edits alone" in problems[0]
+    assert "edits[1].editors" in problems[1] and "steers ZIP encoders only" in problems[1]
+    assert "edits[2].editors" in problems[2] and "does not exist" in problems[2]
+    good = [{"target_class": "fox", "editors": [{"uri": encoder, "reference": str(reference)}]}]
+    good_job = spec(tmp_path / "good", **{"model.path": tiny_sd_path, "edits": good})
     assert runner.invoke(app, ["validate", str(good_job)]).exit_code == 0
 
 

@@ -31,7 +31,7 @@ import torch
 
 from pipeline import engine
 from pipeline.config import EditSpec, JobInversionConfig, MetricsConfig
-from pipeline.editors import edit_with_editors, load_editors
+from pipeline.editors import ZipEncoder, edit_with_editors, load_editors, read_reference_image
 from pipeline.engine import EditRequest
 from pipeline.inversion_state import inversion_to_bytes
 from pipeline.metrics.backbones import backbone_names
@@ -238,6 +238,7 @@ class InvertEditActor:
         self.image_encoder = _image_encoder(inversion, metrics, self.model.device)
         # Refuses an editor trained on another base model before any row is read.
         self.editors = load_editors(self.model, [ref.uri for spec in edits for ref in spec.editors])
+        self._references: dict[str, torch.Tensor] = {}
 
     def _invert(
         self, images: torch.Tensor, prompts: list[str]
@@ -460,36 +461,51 @@ class InvertEditActor:
             else:
                 output.add_edit(job.plan, outcome)
 
+    def _reference(self, uri: str) -> torch.Tensor:
+        """A ZIP reference image, read once per actor."""
+        if uri not in self._references:
+            self._references[uri] = read_reference_image(uri, self.model.image_size)
+        return self._references[uri]
+
     def _run_editor_edits(self, images: np.ndarray, jobs: list[EditJob], outputs: list[RowOutput]) -> None:
         """Run the editor edits (EditJob.image_index = the row of `images`), one engine batch per
         combination of editors and weights, in chunks of edit_batch_size; a chunk that raises is retried
         edit by edit so only the failing edit gets its "edit" failure."""
         groups: dict[tuple, list[EditJob]] = {}
         for job in jobs:
-            groups.setdefault(tuple((ref.uri, ref.gamma) for ref in job.plan.editors), []).append(job)
+            groups.setdefault(
+                tuple((ref.uri, ref.gamma, ref.reference) for ref in job.plan.editors), []
+            ).append(job)
         for combination, group in groups.items():
-            editors = [self.editors[uri] for uri, _ in combination]
-            gammas = [gamma for _, gamma in combination]
+            editors = [self.editors[uri] for uri, _, _ in combination]
+            gammas = [gamma for _, gamma, _ in combination]
+            reference = next((ref for _, _, ref in combination if ref is not None), None)
             for start in range(0, len(group), self.edit_batch_size):
                 chunk = group[start : start + self.edit_batch_size]
                 try:
-                    self._editor_chunk(images, chunk, editors, gammas, outputs)
+                    self._editor_chunk(images, chunk, editors, gammas, outputs, reference)
                 except Exception:  # retried edit by edit, where each edit's failure is labelled
                     for job in chunk:
                         try:
-                            self._editor_chunk(images, [job], editors, gammas, outputs)
+                            self._editor_chunk(images, [job], editors, gammas, outputs, reference)
                         except Exception as error:  # this edit's failure
                             message = f"{type(error).__name__}: {error}"
                             outputs[job.row].fail(_edit_failure(message, job.plan.edit_id))
 
-    def _editor_chunk(self, images: np.ndarray, chunk: list[EditJob], editors, gammas, outputs) -> None:
+    def _editor_chunk(
+        self, images: np.ndarray, chunk: list[EditJob], editors, gammas, outputs, reference: str | None
+    ) -> None:
         started = time.perf_counter()
         sources = torch.from_numpy(np.ascontiguousarray(images[[job.image_index for job in chunk]]))
-        edited = edit_with_editors(self.model, sources, editors, gammas)
+        reference_image = None if reference is None else self._reference(reference)
+        edited = edit_with_editors(self.model, sources, editors, gammas, reference=reference_image)
         seconds = (time.perf_counter() - started) / len(chunk)
         versions = {editor.uri: editor.version for editor in editors}
+        zip_edit = any(isinstance(editor, ZipEncoder) for editor in editors)
         for job, image in zip(chunk, edited, strict=True):
             params = json.loads(job.plan.params)
+            if zip_edit:
+                params["method"] = "zip"
             for record in params["editors"]:
                 record["version"] = versions[record["uri"]]
             plan = dataclasses.replace(job.plan, params=json.dumps(params, sort_keys=True))

@@ -296,6 +296,46 @@ def test_editor_edits_equal_the_editors_applied_by_hand_and_record_what_made_the
     assert gammas == [[], [0.7], [0.5, 0.5]]  # Prompt-to-Prompt edits first, then the editors'
 
 
+def test_zip_encoder_edits_equal_edit_with_zip_by_hand_with_and_without_a_user_reference(
+    tiny_sd_path, tiny_sd, images, prompts, tmp_path
+):
+    from editor_artefact import write_random_zip_encoder
+    from PIL import Image
+
+    from pipeline.config import EditorRef
+    from pipeline.editors import edit_with_zip, load_editor, read_reference_image
+
+    uri = str(tmp_path / "zip")
+    version = write_random_zip_encoder(tiny_sd, uri, seed=3)
+    reference = tmp_path / "reference.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(reference)  # another size: resized to the model's
+    specs = (
+        EditSpec(target_class="triangle", editors=(EditorRef(uri, 0.8),)),
+        EditSpec(target_class="hexagon", editors=(EditorRef(uri, 1.0, str(reference)),)),
+    )
+    inversion = JobInversionConfig.of(method="ddim", num_steps=3)
+    actor = InvertEditActor(tiny_sd_path, "cpu", "float32", inversion, specs, MetricsConfig(), 8)
+    output = actor(source_batch(images, prompts))
+    encoder = load_editor(tiny_sd, uri)
+    user = read_reference_image(str(reference), tiny_sd.image_size)
+    by_hand = {
+        "triangle": edit_with_zip(tiny_sd, images[:3], encoder, scale=0.8),
+        "hexagon": edit_with_zip(tiny_sd, images[:3], encoder, reference=user),
+    }
+    assert not np.array_equal(by_hand["triangle"].numpy(), by_hand["hexagon"].numpy())
+    for row in range(3):
+        records = json.loads(output["edits_json"][row])
+        assert [record["target_class"] for record in records] == ["triangle", "hexagon"]
+        for position, record in enumerate(records):
+            params = json.loads(record["params"])
+            assert params["method"] == "zip" and params["editors"][0]["version"] == version
+            expected = by_hand[record["target_class"]][row].numpy()
+            assert np.array_equal(output["edit_images"][row][position], expected)
+        assert "reference" not in json.loads(records[0]["params"])["editors"][0]
+        assert json.loads(records[1]["params"])["editors"][0]["reference"] == str(reference)
+
+
 def test_an_editor_trained_on_another_model_is_refused_when_the_actor_starts(tiny_sd_path, tiny_sd, tmp_path):
     from editor_artefact import write_perturbed_editor
 
