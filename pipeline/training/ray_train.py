@@ -1,6 +1,6 @@
 """Training as a Ray Train job: data-parallel workers, checkpoints under the output URI, resume, artefact.
 
-Every trained thing (DiffusionCLIP editors today; ZIP encoders and embedding VAEs later) is a
+Every trained thing (DiffusionCLIP editors and ZIP attribute encoders today; embedding VAEs later) is a
 `TrainTask`: a class built on each worker from its config that takes one iteration at a time.
 `run_training` runs it with Ray Train's `TorchTrainer`:
 

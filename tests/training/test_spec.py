@@ -14,6 +14,7 @@ from pipeline.training.spec import load_train_spec, parse_train_spec, to_mapping
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted((ROOT / "jobs").glob("train_diffusion_clip_*.yaml"))
+ZIP_SPECS = sorted((ROOT / "jobs").glob("train_zip_*.yaml"))
 runner = CliRunner()
 
 
@@ -33,6 +34,24 @@ def test_shipped_training_specs_parse_and_round_trip(path):
     spec = load_train_spec(path)
     assert spec.kind == "diffusion_clip" and spec.task.forward_steps == 40 and spec.task.generative_steps == 6
     assert parse_train_spec(to_mapping(spec)) == spec
+
+
+@pytest.mark.parametrize("path", ZIP_SPECS, ids=lambda path: path.name)
+def test_shipped_zip_specs_parse_round_trip_and_keep_the_papers_fig_4_window(path):
+    spec = load_train_spec(path)
+    assert spec.kind == "zip_encoder" and (spec.task.return_step, spec.task.zip_step) == (600, 300)
+    assert parse_train_spec(to_mapping(spec)) == spec
+
+
+def test_an_unknown_zip_key_and_a_window_upside_down_are_refused():
+    data = yaml.safe_load(ZIP_SPECS[0].read_text())
+    data["zip_encoder"]["t_zip"] = 300
+    with pytest.raises(ConfigError, match="t_zip"):
+        parse_train_spec(data)
+    data = yaml.safe_load(ZIP_SPECS[0].read_text())
+    data["zip_encoder"]["zip_step"] = 700
+    with pytest.raises((ConfigError, ValueError), match="zip_step"):
+        parse_train_spec(data)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,218 @@
+"""A ZIP attribute encoder on held-out shapes-world scenes, judged by the oracle (evaluation only).
+
+    python -m benchmarks.zip_world out/editors/zip-star/artefact [--scenes 32] [--write]
+
+For held-out one-object scenes (seeds from HELDOUT_SEED_OFFSET, disjoint from training) whose attribute
+does not already have the encoder's value, reported:
+
+- success: fraction the oracle reads as the target value, with the encoder's own first reference
+  (rendered by the model at training time); kept_*: fraction whose other attributes stay the source's.
+- frozen: the UNet's, VAE's and text encoder's fingerprint before and after every edit, and the one the
+  artefact was trained on; all three must be equal (the model is never changed).
+- transition: mean oracle probability of the target value at Δh scales 0, 0.25, ..., 1.
+- consistency: a fixed user reference (a star scene drawn by the world's renderer, not generated)
+  against text-only editing of the same scenes (direct inversion + Prompt-to-Prompt word swap to the
+  target caption): the standard deviation over scenes of the oracle's probability of the target value
+  (lower = more consistent), and its success rate.
+- references: how far the edits move when the reference changes (mean absolute pixel difference
+  between edits with two different references), against the edits' distance from their sources.
+
+`--write` saves the JSON to benchmarks/results/zip_world.json and a strip of examples to zip_world.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.diffusion_clip_world import _value, heldout_scenes, oracle_readings
+from pipeline.editors import (
+    EditSettings,
+    ZipEncoder,
+    forward_to_return_step,
+    generate_with_zip,
+    load_editor,
+    zip_reference_code,
+)
+from pipeline.models.loading import fingerprint_modules, load_diffusion_model
+from pipeline.world import generator
+from pipeline.world.oracle import HEADS, load_oracle
+
+RESULTS = Path(__file__).parent / "results"
+USER_REFERENCE = generator.Scene(
+    objects=(generator.SceneObject(shape="star", color="red", center=(32.0, 32.0), radius=20.0),),
+    background="white",
+    seed=0,
+)
+
+
+def model_fingerprint(model) -> str:
+    return fingerprint_modules(model.unet, model.vae, model.text_encoder)
+
+
+def _target_probability(probabilities: dict[str, torch.Tensor], attribute: str, value: str) -> torch.Tensor:
+    return probabilities[attribute][:, HEADS[attribute].index(value)]
+
+
+def text_only_edits(model, scenes, attribute: str, value: str, steps: int) -> torch.Tensor:
+    """Direct inversion + P2P word swap of every scene to its counterfactual caption; (B, H, W, 3) uint8."""
+    from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
+
+    sources = [generator.render(scene) for scene in scenes]
+    targets = [generator.counterfactual(scene, attribute, value).caption for scene in scenes]
+    images = torch.as_tensor(np.stack([source.image for source in sources]))
+    config = InversionConfig.of("direct", num_steps=steps, guidance_scale=7.5)
+    inversion = invert(model, images, [source.caption for source in sources], config)
+    control = AttentionControl("replace", cross_replace_steps=0.8, self_replace_steps=0.4)
+    results = edit(model, inversion, [EditRequest(i, target, control) for i, target in enumerate(targets)])
+    return torch.stack([torch.as_tensor(result.image) for result in results])
+
+
+def spread(oracle, edited: torch.Tensor, attribute: str, value: str) -> dict[str, float]:
+    names, probabilities = oracle_readings(oracle, edited)
+    target = _target_probability(probabilities, attribute, value)
+    return {
+        "success": float(np.mean([name == value for name in names[attribute]])),
+        "target_probability_mean": round(float(target.mean()), 4),
+        "target_probability_std": round(float(target.std()), 4),
+    }
+
+
+def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings, args) -> tuple[dict, dict]:
+    attribute, value = encoder.config["data"]["attribute"], encoder.config["data"]["value"]
+    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
+    before = model_fingerprint(model)
+    started = time.perf_counter()
+    with torch.no_grad():
+        start = forward_to_return_step(model, images, settings)
+    forward_seconds = time.perf_counter() - started
+    own_code = zip_reference_code(model, encoder, None)
+    started = time.perf_counter()
+    edited = generate_with_zip(model, start, encoder, own_code, 1.0, settings)
+    generate_seconds = time.perf_counter() - started
+    names, probabilities = oracle_readings(oracle, edited)
+    kept = {
+        f"kept_{head}": float(
+            np.mean([n == _value(s, head) for n, s in zip(names[head], scenes, strict=True)])
+        )
+        for head in HEADS
+        if head != attribute
+    }
+    curve = []
+    for scale in args.scales:
+        scaled = generate_with_zip(model, start, encoder, own_code, scale, settings)
+        _, scaled_probabilities = oracle_readings(oracle, scaled)
+        curve.append(round(float(_target_probability(scaled_probabilities, attribute, value).mean()), 4))
+    user_reference = torch.as_tensor(generator.render(USER_REFERENCE).image)
+    user_code = zip_reference_code(model, encoder, user_reference)
+    with_user = generate_with_zip(model, start, encoder, user_code, 1.0, settings)
+    second_code = zip_reference_code(model, encoder, encoder.reference_images[1])
+    with_second = generate_with_zip(model, start, encoder, second_code, 1.0, settings)
+    text_only = text_only_edits(model, scenes, attribute, value, args.text_steps)
+    after = model_fingerprint(model)
+    pixels = lambda a, b: float((a.float() - b.float()).abs().mean())  # noqa: E731
+    report = {
+        f"{attribute}->{value}": {
+            "success": float(np.mean([name == value for name in names[attribute]])),
+            **kept,
+            "transition_scales": list(args.scales),
+            "transition_target_probability": curve,
+            "transition_monotonic": all(b >= a for a, b in zip(curve, curve[1:], strict=False)),
+        },
+        "frozen": {
+            "before": before[:16],
+            "after": after[:16],
+            "trained_on": load_manifest_fingerprint(encoder)[:16],
+            "unchanged": before == after == load_manifest_fingerprint(encoder),
+        },
+        "consistency": {
+            "zip_user_reference": spread(oracle, with_user, attribute, value),
+            "zip_own_reference": spread(oracle, edited, attribute, value),
+            "text_only_direct_p2p": spread(oracle, text_only, attribute, value),
+        },
+        "references": {
+            "edit_vs_source_pixels": round(pixels(edited, images), 2),
+            "edit_first_vs_second_reference_pixels": round(pixels(edited, with_second), 2),
+            "edit_own_vs_user_reference_pixels": round(pixels(edited, with_user), 2),
+        },
+        "seconds_per_image": {
+            "forward": round(forward_seconds / len(scenes), 3),
+            "generate": round(generate_seconds / len(scenes), 3),
+        },
+    }
+    strips = {
+        "source": images,
+        "zip (own reference)": edited,
+        "zip (user reference)": with_user,
+        "text only (P2P)": text_only,
+    }
+    references = {"own": encoder.reference_images[0], "user": user_reference}
+    return report, {"strips": strips, "references": references}
+
+
+def load_manifest_fingerprint(encoder: ZipEncoder) -> str:
+    from pipeline.training.artefact import read_manifest
+
+    return read_manifest(encoder.uri)["base_model_fingerprint"]
+
+
+def save_strip(examples: dict, path: Path, count: int = 8) -> None:
+    """A PNG: one row per kind of image, `count` scenes, plus the two references at the left."""
+    from PIL import Image
+
+    rows = []
+    for name, images in examples["strips"].items():
+        reference = examples["references"]["user" if "user" in name else "own"].numpy()
+        blank = np.full_like(reference, 255) if name in ("source", "text only (P2P)") else reference
+        rows.append(np.concatenate([blank, *images[:count].numpy()], axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).resize(
+        (rows[0].shape[1] * 2, len(rows) * rows[0].shape[0] * 2), Image.NEAREST
+    ).save(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("encoder", help="artefact URI of a ZIP encoder")
+    parser.add_argument("--model", default="pipeline/world/assets/shapes-sd")
+    parser.add_argument("--scenes", type=int, default=32)
+    parser.add_argument("--forward-steps", type=int, default=None, help="S_for (default: the encoder's)")
+    parser.add_argument("--generative-steps", type=int, default=None, help="S_gen (default: the encoder's)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--text-steps", type=int, default=50, help="DDIM steps of the text-only baseline")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write", action="store_true", help="write benchmarks/results/zip_world.{json,png}")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_diffusion_model(args.model)
+    oracle = load_oracle()
+    encoder = load_editor(model, args.encoder)
+    if not isinstance(encoder, ZipEncoder):
+        parser.error(f"{args.encoder} is not a ZIP encoder artefact")
+    settings = EditSettings.of(
+        encoder, forward_steps=args.forward_steps, generative_steps=args.generative_steps
+    )
+    pair = (encoder.config["data"]["attribute"], encoder.config["data"]["value"])
+    scenes = heldout_scenes(args.scenes, [pair])
+    report, examples = evaluate(model, oracle, encoder, scenes, settings, args)
+    results = {
+        "setup": f"{args.scenes} held-out one-object scenes, {settings}, zip_step={encoder.config['zip_step']}",
+        "encoder": {"uri": encoder.uri, "version": encoder.version[:16], "train": encoder.config["data"]},
+        **report,
+    }
+    print(json.dumps(results, indent=1), flush=True)
+    if args.write:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "zip_world.json").write_text(json.dumps(results, indent=1) + "\n")
+        save_strip(examples, RESULTS / "zip_world.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
