@@ -58,4 +58,5 @@ def write_random_zip_encoder(model, uri: str, seed: int) -> str:
         0, 256, (2, size, size, 3), generator=generator, dtype=torch.uint8
     )
     config = EDITOR_CONFIG | {"zip_step": 200, "channels": head.channels, "hidden_resolved": head.hidden}
+    config["data"] = {"attribute": "shape", "value": "star"}
     return write_artefact(uri, ZIP_KIND, weights, config, {}, model.fingerprint)
