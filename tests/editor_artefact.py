@@ -36,7 +36,7 @@ def write_perturbed_editor(model, uri: str, seed: int, fingerprint: str | None =
 
 def write_random_zip_encoder(model, uri: str, seed: int) -> str:
     """Write a ZIP encoder artefact whose head has a seeded random (non-zero) output layer and two
-    seeded random reference images, in the format `inversa train` writes; returns its version."""
+    reference images (black and white), in the format `inversa train` writes; returns its version."""
     from pipeline.methods.zip_attribute import AttributeHead
     from pipeline.training.zip_encoder import (
         HEAD_PREFIX,
@@ -52,10 +52,12 @@ def write_random_zip_encoder(model, uri: str, seed: int) -> str:
     head = AttributeHead(mid_block_channels(model.unet), hidden=8)
     last = head.layers[-1]
     last.weight.data = 0.5 * torch.randn(last.weight.shape, generator=generator)
+    head.layers[0].weight.data[:, head.channels :] *= 50.0  # the reference code weighs as much as h
     weights = {f"{HEAD_PREFIX}{name}": tensor for name, tensor in head.state_dict().items()}
     size = model.image_size
-    weights[REFERENCES_NAME] = torch.randint(
-        0, 256, (2, size, size, 3), generator=generator, dtype=torch.uint8
+    # Two references far apart (black and white), so that which one steers an edit shows.
+    weights[REFERENCES_NAME] = torch.stack(
+        [torch.zeros(size, size, 3, dtype=torch.uint8), torch.full((size, size, 3), 255, dtype=torch.uint8)]
     )
     config = EDITOR_CONFIG | {"zip_step": 200, "channels": head.channels, "hidden_resolved": head.hidden}
     config["data"] = {"attribute": "shape", "value": "star"}
