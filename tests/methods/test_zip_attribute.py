@@ -176,9 +176,10 @@ def _embed(images: torch.Tensor) -> torch.Tensor:
     return F.normalize(images.mean(dim=(2, 3)), dim=-1)
 
 
-def test_the_loss_is_eq_6():
+@pytest.mark.parametrize("batch", [2, 3])
+def test_the_loss_is_eq_6(batch):
     generator = torch.Generator().manual_seed(4)
-    edited, images = (torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1 for _ in range(2))
+    edited, images = (torch.rand(batch, 3, 8, 8, generator=generator) * 2 - 1 for _ in range(2))
     direction = torch.randn(3, generator=generator)
     loss, terms = za.zip_loss(edited, images, _embed, direction, za.LossWeights(clip=0.7, recon=2.0))
     image_direction = _embed((edited + 1) / 2) - _embed((images + 1) / 2)
@@ -234,20 +235,23 @@ def test_an_untrained_head_gives_zero_l1_at_every_level(grid):
     assert all(float(terms["l1"]) == 0.0 for _, terms in losses)
 
 
-def test_the_full_pass_generates_both_branches_as_the_step_functions_do(grid):
+@pytest.mark.parametrize("batch", [2, 3])
+def test_the_full_pass_generates_both_branches_as_the_step_functions_do(grid, batch):
     torch.manual_seed(0)
     head = za.AttributeHead(channels=4, hidden=4)
     torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
     frozen = torch.nn.Conv2d(4, 4, 1).requires_grad_(False)
-    code = torch.randn(4)
+    code, called_at = torch.randn(4), []
 
     def noise_fn(latents, timestep):
+        called_at.append(("eps", timestep))
         return 0.1 * frozen(latents)
 
     def paired(latents, timestep):
-        return noise_fn(latents, timestep), 0.1 * frozen(latents + head(latents, code))
+        called_at.append(("paired", timestep))
+        return 0.1 * frozen(latents), 0.1 * frozen(latents + head(latents, code))
 
-    start = _tensors(7, shape=(2, 4, 8, 8))[2]
+    start = _tensors(7, shape=(batch, 4, 8, 8))[2]
     decoded = []
 
     def decode(latents):
@@ -257,6 +261,8 @@ def test_the_full_pass_generates_both_branches_as_the_step_functions_do(grid):
     loss, terms = za.full_pass_loss(
         paired, noise_fn, grid, start, 300, decode, _embed, torch.tensor([1.0, 0.0, -1.0]), za.LossWeights()
     )
+    # Algorithm 1's switch: both noises above t_zip, eps alone at and below it.
+    assert called_at == [("paired", t) for t in (600, 500, 400)] + [("eps", t) for t in (300, 200, 100)]
     plain, edited = decoded[0].chunk(2)
     with torch.no_grad():
         assert torch.allclose(plain, dc.generate(noise_fn, grid, start), atol=1e-5)
@@ -295,3 +301,99 @@ def test_the_full_pass_of_an_untrained_head_has_no_direction_and_no_l1(grid):
         za.LossWeights(),
     )
     assert float(terms["l1"]) == 0.0 and float(terms["direction"]) == 1.0  # cos(0, ΔT) = 0
+
+
+def test_the_head_is_as_wide_as_it_says_and_rebuilds_from_what_it_records():
+    # The artefact records (channels, hidden) and rebuilds the head from them (pipeline.training.zip_encoder).
+    head = za.AttributeHead(channels=16, hidden=8)
+    assert (head.channels, head.hidden) == (16, 8)
+    convolutions = [layer for layer in head.layers if isinstance(layer, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convolutions] == [
+        (32, 8),
+        (8, 8),
+        (8, 8),
+        (8, 8),
+        (8, 16),
+    ]
+    za.AttributeHead(head.channels, head.hidden).load_state_dict(head.state_dict())
+    # Without a width the inner layers are min(C, 256) wide (the training spec's documented default).
+    assert za.AttributeHead(channels=12).hidden == 12
+    wide = za.AttributeHead(channels=300)
+    assert wide.hidden == 256 and wide.layers[0].out_channels == 256
+
+
+def test_the_head_reads_a_reference_code_of_another_dtype_as_the_features_dtype():
+    torch.manual_seed(0)
+    head = za.AttributeHead(channels=8, hidden=8)
+    torch.nn.init.normal_(head.layers[-1].weight)
+    features, code = torch.randn(2, 8, 4, 4), torch.randn(8, dtype=torch.float64)
+    assert torch.equal(head(features, code), head(features, code.float()))
+
+
+def test_the_embedding_sees_the_images_mapped_to_0_1_and_clamped():
+    # A decoder overshoots [-1, 1]; CLIP reads [0, 1]. Three rows: the two halves are split by rows.
+    generator = torch.Generator().manual_seed(9)
+    edited, images = (1.5 * torch.randn(3, 3, 8, 8, generator=generator) for _ in range(2))
+    seen = []
+
+    def embed(pixels):
+        seen.append(pixels)
+        return _embed(pixels)
+
+    za.zip_loss(edited, images, embed, torch.randn(3, generator=generator), za.LossWeights())
+    unit = (torch.cat([edited, images]) + 1) / 2
+    expected = torch.where(unit < 0, 0.0, torch.where(unit > 1, 1.0, unit))
+    assert len(seen) == 1 and torch.allclose(seen[0], expected)
+
+
+@pytest.mark.parametrize("zip_step", [300, 0])
+def test_training_losses_follow_the_asymmetric_pass_and_score_each_levels_predicted_images(grid, zip_step):
+    # t_zip = 0: Δh (and a loss) at every level of the grid.
+    torch.manual_seed(0)
+    head = za.AttributeHead(channels=4, hidden=4)
+    torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    frozen = torch.nn.Conv2d(4, 4, 1).requires_grad_(False)
+    code, calls = torch.randn(4), []
+
+    def noise_fn(latents, timestep):
+        return 0.1 * frozen(latents)
+
+    def edited_fn(latents):
+        return 0.1 * frozen(latents + head(latents, code))
+
+    def paired(latents, timestep):
+        calls.append((timestep, latents.detach().clone()))
+        return noise_fn(latents, timestep), edited_fn(latents)
+
+    def decode(latents):
+        return torch.tanh(latents[:, :3])
+
+    start, text, weights = (
+        _tensors(10, shape=(3, 4, 8, 8))[2],
+        torch.tensor([1.0, 0.0, -1.0]),
+        za.LossWeights(0.7, 2.0),
+    )
+    losses = [
+        loss.detach()
+        for loss, _ in za.training_losses(paired, grid, start, zip_step, decode, _embed, text, weights)
+    ]
+    trained_at, calls[:] = list(calls), []
+    with torch.no_grad():
+        za.generate(noise_fn, paired, grid, start, zip_step)
+    # The pass continues as generation does (the asymmetric step above t_zip)...
+    above = [t for t in reversed(grid.timesteps.tolist()) if t > zip_step]
+    assert [t for t, _ in trained_at] == [t for t, _ in calls] == above
+    for (_, trained), (_, generated) in zip(trained_at, calls, strict=True):
+        assert torch.allclose(trained, generated, atol=1e-5)
+    # ...and each level's loss is eq. 6 on DEC(P_t(eps~)) against DEC(P_t(eps)), P_t of eq. 4 written out.
+    with torch.no_grad():
+        for (timestep, latents), loss in zip(trained_at, losses, strict=True):
+            alpha = grid.alpha(grid.timesteps.tolist().index(timestep))
+
+            def clean(eps, latents=latents, alpha=alpha):
+                return (latents - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+
+            expected, _ = za.zip_loss(
+                decode(clean(edited_fn(latents))), decode(clean(noise_fn(latents, 0))), _embed, text, weights
+            )
+            assert torch.allclose(loss, expected, atol=1e-5)
