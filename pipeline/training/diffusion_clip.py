@@ -244,6 +244,44 @@ def _at_resolution(images: np.ndarray, size: int) -> np.ndarray:
     return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def check_batch(batch: int, world_size: int) -> None:
+    """Every worker takes an equal share of each batch."""
+    if batch % world_size:
+        raise ValueError(f"batch={batch} must be a multiple of the {world_size} workers")
+
+
+def load_clip(spec: ClipSpec, device: torch.device):
+    """The ClipScorer of the direction loss."""
+    from pipeline.metrics.clip import ClipScorer
+
+    return ClipScorer(spec.model_name, spec.pretrained, device, model_config=spec.model_config)
+
+
+def training_captions(config) -> tuple[np.ndarray, list[str], list[str]]:
+    """The training images (uint8 (N, 64, 64, 3)) and their (reference, target) texts: the fixed pair of
+    `reference_text` / `target_text` when set, else each shapes-world caption and its counterfactual."""
+    images, references, targets = world_training_texts(config.data)
+    if config.reference_text is not None:
+        references, targets = [config.reference_text] * len(images), [config.target_text] * len(images)
+    return images, references, targets
+
+
+def text_directions(clip, references: list[str], targets: list[str], mode: str) -> torch.Tensor:
+    """ΔT = E_T(target) - E_T(reference) per image, (N, D); `mean`: every row the mean unit direction."""
+    with torch.no_grad():
+        directions = clip.text_embeddings(targets) - clip.text_embeddings(references)
+    if mode == "mean":
+        mean = torch.nn.functional.normalize(directions, dim=-1).mean(dim=0, keepdim=True)
+        directions = mean.expand_as(directions).clone()
+    return directions
+
+
+def differentiable_decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """DEC(latents) -> images in [-1, 1], (B, 3, H, W), with gradients."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return vae.decode(latents / vae.config.scaling_factor + shift).sample
+
+
 class DiffusionClipTask:
     """The TrainTask of one DiffusionCLIP editor (see the module docstring)."""
 
@@ -253,18 +291,14 @@ class DiffusionClipTask:
         self.config = config
 
     def setup(self, device: torch.device, rank: int, world_size: int) -> None:
-        from pipeline.metrics.clip import ClipScorer
         from pipeline.models.loading import load_diffusion_model
 
         config = self.config
-        if config.batch % world_size:
-            raise ValueError(f"batch={config.batch} must be a multiple of the {world_size} workers")
+        check_batch(config.batch, world_size)
         self.rank, self.world_size = rank, world_size
         self.model = load_diffusion_model(config.model, device=device)
         self.base_fingerprint = self.model.fingerprint
-        self.clip = ClipScorer(
-            config.clip.model_name, config.clip.pretrained, device, model_config=config.clip.model_config
-        )
+        self.clip = load_clip(config.clip, device)
         self._prepare_pairs()
         torch.manual_seed(config.seed)
         self.adapter = resolved_adapter(config, self.model.unet)
@@ -280,9 +314,7 @@ class DiffusionClipTask:
         from pipeline.models.vae import encode_images
 
         config, model = self.config, self.model
-        images, references, targets = world_training_texts(config.data)
-        if config.reference_text is not None:
-            references, targets = [config.reference_text] * len(images), [config.target_text] * len(images)
+        images, references, targets = training_captions(config)
         images = _at_resolution(images, model.image_size)
         pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float().to(model.device) / 255.0
         self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])
@@ -297,11 +329,7 @@ class DiffusionClipTask:
         self.source_images = pixels * 2.0 - 1.0
         with torch.no_grad():
             self.source_embeddings = self.clip.differentiable_image_embeddings(pixels)
-            directions = self.clip.text_embeddings(targets) - self.clip.text_embeddings(references)
-        if config.text_direction == "mean":
-            mean = torch.nn.functional.normalize(directions, dim=-1).mean(dim=0, keepdim=True)
-            directions = mean.expand_as(directions).clone()
-        self.text_directions = directions
+        self.text_directions = text_directions(self.clip, references, targets, config.text_direction)
 
     def _noise_fn(self, branch) -> dc.NoiseFn:
         def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
@@ -311,9 +339,7 @@ class DiffusionClipTask:
         return noise
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.model.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return vae.decode(latents / vae.config.scaling_factor + shift).sample
+        return differentiable_decode(self.model.vae, latents)
 
     def rows(self, iteration: int) -> np.ndarray:
         """This worker's rows of iteration `iteration`'s batch (the batch depends on (seed, iteration))."""

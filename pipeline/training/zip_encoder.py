@@ -30,8 +30,9 @@ import torch
 from pipeline.diffusion.precision import fixed_branch_noise, optimised_branch_noise
 from pipeline.methods import diffusion_clip as dc
 from pipeline.methods import zip_attribute as za
+from pipeline.training import diffusion_clip as dct
 from pipeline.training.artefact import ZIP_ENCODER_KIND
-from pipeline.training.diffusion_clip import ClipSpec, WorldData, _at_resolution, world_training_texts
+from pipeline.training.diffusion_clip import ClipSpec, WorldData
 
 KIND = ZIP_ENCODER_KIND
 FACTORY = "pipeline.training.zip_encoder:build_task"
@@ -196,19 +197,15 @@ class ZipEncoderTask:
         self.config = config
 
     def setup(self, device: torch.device, rank: int, world_size: int) -> None:
-        from pipeline.metrics.clip import ClipScorer
         from pipeline.models.loading import load_diffusion_model
 
         config = self.config
-        if config.batch % world_size:
-            raise ValueError(f"batch={config.batch} must be a multiple of the {world_size} workers")
+        dct.check_batch(config.batch, world_size)
         self.rank, self.world_size = rank, world_size
         self.model = load_diffusion_model(config.model, device=device)
         self.model.unet.requires_grad_(False)
         self.base_fingerprint = self.model.fingerprint
-        self.clip = ClipScorer(
-            config.clip.model_name, config.clip.pretrained, device, model_config=config.clip.model_config
-        )
+        self.clip = dct.load_clip(config.clip, device)
         seeds = list(range(config.reference_seed, config.reference_seed + config.references))
         self.reference_images = render_references(
             self.model, config.reference_prompt, seeds, config.reference_steps, config.reference_guidance
@@ -229,10 +226,8 @@ class ZipEncoderTask:
         from pipeline.models.vae import encode_images
 
         config, model = self.config, self.model
-        images, references, targets = world_training_texts(config.data)
-        if config.reference_text is not None:
-            references, targets = [config.reference_text] * len(images), [config.target_text] * len(images)
-        images = _at_resolution(images, model.image_size)
+        images, references, targets = dct.training_captions(config)
+        images = dct._at_resolution(images, model.image_size)
         self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])
         forward_grid = dc.ReturnGrid.from_scheduler(model.scheduler, config.return_step, config.forward_steps)
         latents = encode_images(model, torch.as_tensor(images))
@@ -240,12 +235,7 @@ class ZipEncoderTask:
         self.start_latents = torch.cat(
             [dc.forward(noise_fn, forward_grid, chunk) for chunk in latents.split(16)]
         )
-        with torch.no_grad():
-            directions = self.clip.text_embeddings(targets) - self.clip.text_embeddings(references)
-        if config.text_direction == "mean":
-            mean = torch.nn.functional.normalize(directions, dim=-1).mean(dim=0, keepdim=True)
-            directions = mean.expand_as(directions).clone()
-        self.text_directions = directions
+        self.text_directions = dct.text_directions(self.clip, references, targets, config.text_direction)
 
     def _noise_fn(self, branch) -> za.NoiseFn:
         def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
@@ -261,9 +251,7 @@ class ZipEncoderTask:
         )
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.model.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return vae.decode(latents / vae.config.scaling_factor + shift).sample
+        return dct.differentiable_decode(self.model.vae, latents)
 
     def draw(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
         """This worker's (image rows, reference rows) of iteration `iteration` (fixed by (seed, iteration))."""

@@ -154,3 +154,23 @@ def test_an_iteration_steps_the_optimiser_once_or_once_per_generative_step(
     metrics = task.step(0, lambda: synced.append(True))
     assert set(metrics) == {"loss", "direction", "l1"} and len(synced) == optimizer_steps
     assert {int(state["step"]) for state in task.optimizer.state.values()} == {optimizer_steps}
+
+
+def test_text_directions_per_image_and_their_mean_unit_direction():
+    import torch.nn.functional as F
+
+    from pipeline.training.diffusion_clip import text_directions
+
+    table = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 2.0]), "c": torch.tensor([3.0, 4.0])}
+
+    class Texts:
+        def text_embeddings(self, texts):
+            return torch.stack([table[text] for text in texts])
+
+    per_image = text_directions(Texts(), ["a", "a"], ["b", "c"], "per_image")
+    assert torch.equal(per_image, torch.tensor([[-1.0, 2.0], [2.0, 4.0]]))
+    mean = text_directions(Texts(), ["a", "a"], ["b", "c"], "mean")
+    expected = (
+        F.normalize(torch.tensor([-1.0, 2.0]), dim=0) + F.normalize(torch.tensor([2.0, 4.0]), dim=0)
+    ) / 2
+    assert torch.allclose(mean, expected.expand(2, 2))

@@ -130,6 +130,7 @@ def test_the_encoder_edits_and_a_zero_scale_is_the_models_own_reconstruction(one
         forward_to_return_step,
         generate_with_editors,
         load_editor,
+        zip_reference_code,
     )
 
     encoder = load_editor(tiny_sd, one_worker_run["uri"])
@@ -141,8 +142,11 @@ def test_the_encoder_edits_and_a_zero_scale_is_the_models_own_reconstruction(one
     edited = edit_with_editors(tiny_sd, images, [encoder], [1.0])
     assert torch.equal(edited, edit_with_zip(tiny_sd, images, encoder))
     assert not torch.equal(edited, reconstruction)
-    other_reference = edit_with_zip(tiny_sd, images, encoder, reference=encoder.reference_images[1])
-    assert not torch.equal(other_reference, edited)  # the reference steers the edit
+    # Which reference steers the edit: its code (how far three iterations move the edit with it is
+    # below a grey level on the tiny model; tests/test_zip_world_benchmark.py measures that effect).
+    own, other = (zip_reference_code(tiny_sd, encoder, image) for image in encoder.reference_images)
+    assert torch.equal(own, zip_reference_code(tiny_sd, encoder, None))
+    assert not torch.allclose(own, other)
 
 
 def test_a_zip_encoder_edits_alone_and_only_on_its_base_model(one_worker_run, tiny_sd, images):
