@@ -157,8 +157,11 @@ class EditSpec:
         latent_interpolation: prompt tuning's eq. 10 variant.
         samples: K stochastic samples per seed (needs `stochastic`); sample k of seed s draws its
             embeddings with sample_seed = s * K + k and has sample_index = (position of s) * K + k.
-        stochastic: null (deterministic edits) or null_text_vae (sampled null-text embeddings; needs
-            inversion.method null_text_vae).
+        stochastic: null (deterministic edits), null_text_vae (sampled null-text embeddings; needs
+            inversion.method null_text_vae) or cond_vae (sampled conditional embeddings C''; needs `vae`,
+            any inversion method).
+        vae: URI of the conditional-embedding VAE artefact of `stochastic: cond_vae`
+            (`inversa train`, kind cond_vae).
         temperature: the sampling temperature (scales the VAE's sigma; 0 = the mean decode).
         editors: trained editors; when given, the edit is theirs (the source goes forward to the
             editors' return step with the base model and comes back with the weighted DiffusionCLIP
@@ -175,8 +178,9 @@ class EditSpec:
     eta: float = 0.9
     latent_interpolation: bool = False
     samples: int = 1
-    stochastic: Literal["null_text_vae"] | None = None
+    stochastic: Literal["null_text_vae", "cond_vae"] | None = None
     temperature: float = 1.0
+    vae: str | None = None
     editors: tuple[EditorRef, ...] = ()
 
     def __post_init__(self) -> None:
@@ -201,6 +205,8 @@ class EditSpec:
                 mapping.pop(key)
         if not self.editors:  # edits without editors keep the ids and digests they had before editors
             mapping.pop("editors")
+        if self.vae is None:  # likewise edits without a conditional-embedding VAE
+            mapping.pop("vae")
         return mapping
 
     def sample_seeds(self) -> list[tuple[int, int, int | None]]:
@@ -644,9 +650,15 @@ def _check_samples(edit: EditSpec, inversion: InversionConfig, origin: str, key:
         raise _fail(
             origin,
             f"{key}.samples",
-            "K > 1 samples need stochastic: null_text_vae (deterministic samples would all be equal)",
+            "K > 1 samples need stochastic: null_text_vae or cond_vae (deterministic samples would all be equal)",
         )
-    if edit.stochastic is not None and inversion.method != edit.stochastic:
+    if (edit.stochastic == "cond_vae") != (edit.vae is not None):
+        raise _fail(
+            origin,
+            f"{key}.vae",
+            "stochastic: cond_vae samples from a trained VAE: give vae (its artefact URI) with it, and only with it",
+        )
+    if edit.stochastic == "null_text_vae" and inversion.method != edit.stochastic:
         raise _fail(
             origin,
             f"{key}.stochastic",

@@ -33,10 +33,12 @@ from pipeline.diffusion.precision import fixed_branch_noise
 from pipeline.diffusion.tokens import encode_prompts
 from pipeline.methods import diffusion_clip as dc
 from pipeline.methods import zip_attribute as za
+from pipeline.methods.cond_vae import ConditionalEmbeddingVAE, VAESizes
 from pipeline.models.loading import DiffusionModel
 from pipeline.models.vae import decode_latents, encode_images
 from pipeline.training import zip_encoder
 from pipeline.training.artefact import (
+    COND_VAE_KIND,
     ZIP_ENCODER_KIND,
     ArtefactError,
     check_base_model,
@@ -102,6 +104,25 @@ def load_editor(model: DiffusionModel, uri: str) -> Editor | ZipEncoder:
     load_trained_weights(unet, adapter, artefact.weights, artefact.config)
     unet.eval().requires_grad_(False)
     return Editor(unet=unet, uri=uri, version=artefact.version, config=artefact.config)
+
+
+def load_embedding_vae(model: DiffusionModel, uri: str) -> ConditionalEmbeddingVAE:
+    """A conditional-embedding VAE artefact (`inversa train`, kind cond_vae) for `model`, frozen; its
+    `uri` and `version` attributes name the artefact.
+
+    Raises:
+        ArtefactError: missing, of another kind, or trained on another base model.
+    """
+    manifest = read_manifest(uri)
+    check_base_model(manifest, uri, model.fingerprint, model.model_id)
+    artefact = read_artefact(uri, kind=COND_VAE_KIND)
+    config = artefact.config
+    sizes = VAESizes(config["latent_dim"], config["reduced_channels"], config["hidden_dim"])
+    vae = ConditionalEmbeddingVAE(config["tokens"], config["channels"], sizes, torch.Generator())
+    vae.load_state_dict(artefact.weights)
+    vae.to(model.device).eval().requires_grad_(False)
+    vae.uri, vae.version = uri, artefact.version
+    return vae
 
 
 def load_editors(model: DiffusionModel, uris: Sequence[str]) -> dict[str, Editor | ZipEncoder]:

@@ -197,10 +197,20 @@ def edit(model: DiffusionModel, inversion: InversionResult, requests: list[EditR
     started = time.perf_counter()
     for position, request in enumerate(requests):
         validate_request(model.tokenizer, inversion.batch_size, inversion.source_prompts, position, request)
-        if request.sample_temperature is not None and not inversion.latents.edit_hook.stochastic:
+        if request.embedding_vae is not None and request.sample_temperature is None:
+            raise EngineInputError(
+                f"requests[{position}] names an embedding_vae but no sample_temperature; give the "
+                "sample's temperature (1 = the VAE's own sigma, 0 = its mean)."
+            )
+        if (
+            request.sample_temperature is not None
+            and request.embedding_vae is None
+            and not inversion.latents.edit_hook.stochastic
+        ):
             raise EngineInputError(
                 f"requests[{position}] asks for a stochastic sample (sample_temperature), but inversion "
-                f"method {inversion.config.method!r} has none; invert with method 'null_text_vae'."
+                f"method {inversion.config.method!r} has none; invert with method 'null_text_vae' or give the "
+                "request a conditional-embedding VAE (embedding_vae)."
             )
     results: dict[int, EditResult] = {}
     for position, request in enumerate(requests):

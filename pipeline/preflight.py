@@ -6,6 +6,7 @@ validate` runs on a machine without the GPU stack (checks that need it say so in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -20,11 +21,13 @@ from pipeline.errors import JobError
 from pipeline.factories import factory_problem
 from pipeline.stages.read import expand_shards
 from pipeline.training.artefact import (
+    COND_VAE_KIND,
     DIFFUSION_CLIP_KIND,
     ZIP_ENCODER_KIND,
     ArtefactError,
     check_base_model,
     read_manifest,
+    verified_weights,
 )
 
 EDITOR_KINDS = (DIFFUSION_CLIP_KIND, ZIP_ENCODER_KIND)
@@ -278,6 +281,7 @@ def job_problems(config: JobConfig, cluster: dict[str, float] | None) -> tuple[l
     problems += backbone_problems(config.metrics)
     problems += factory_problems(config)
     problems += editor_problems(config)
+    problems += embedding_vae_problems(config)
     if cluster is not None:
         shortfall = resource_shortfall(config.resources, cluster)
         problems += [f"resources: {shortfall}"] if shortfall else []
@@ -307,6 +311,37 @@ def editor_problems(config: JobConfig) -> list[str]:
     base model (by fingerprint); elsewhere the invert/edit actors refuse them when they start.
     """
     uris = list(dict.fromkeys(ref.uri for spec in config.edits for ref in spec.editors))
+    problems, manifests = _artefact_problems(config, uris, EDITOR_KINDS, "an editor")
+    lines = [f"edits.editors: {problems[uri]}" for uri in uris if uri in problems]
+    kinds = {uri: manifest["kind"] for uri, manifest in manifests.items()}
+    for index, spec in enumerate(config.edits):
+        lines += _zip_edit_problems(f"edits[{index}].editors", spec.editors, kinds)
+    return lines
+
+
+def embedding_vae_problems(config: JobConfig) -> list[str]:
+    """Why the conditional-embedding VAEs of `stochastic: cond_vae` edits cannot be used (one line each):
+    missing, unfinished or corrupt, of another kind, or trained on another base model (as for editors)."""
+    uris = list(dict.fromkeys(spec.vae for spec in config.edits if spec.vae is not None))
+    problems, manifests = _artefact_problems(config, uris, (COND_VAE_KIND,), "a conditional-embedding VAE")
+    for uri, manifest in manifests.items():
+        if uri in problems:
+            continue
+        try:  # a VAE is small: its weights are read here to catch a modified or partial file
+            verified_weights(uri, manifest)
+        except ArtefactError as error:
+            problems[uri] = str(error)
+    return [
+        f"edits[{index}].vae: {problems[spec.vae]}"
+        for index, spec in enumerate(config.edits)
+        if spec.vae in problems
+    ]
+
+
+def _artefact_problems(
+    config: JobConfig, uris: list[str], kinds: tuple[str, ...], what: str
+) -> tuple[dict[str, str], dict[str, dict]]:
+    """Per URI, why the artefact cannot be used; and the manifests of the usable ones."""
     problems, manifests = {}, {}
     for uri in uris:
         try:
@@ -314,10 +349,10 @@ def editor_problems(config: JobConfig) -> list[str]:
         except ArtefactError as error:
             problems[uri] = str(error)
             continue
-        if manifest["kind"] not in EDITOR_KINDS:
+        if manifest["kind"] not in kinds:
             problems[uri] = (
-                f"artefact {uri!r} is a {manifest['kind']!r} artefact, not an editor "
-                f"({' or '.join(EDITOR_KINDS)}); name an artefact of `inversa train` with one of those kinds"
+                f"artefact {uri!r} is a {manifest['kind']!r} artefact, not {what} "
+                f"({' or '.join(kinds)}); name an artefact of `inversa train` with one of those kinds"
             )
             continue
         manifests[uri] = manifest
@@ -329,11 +364,7 @@ def editor_problems(config: JobConfig) -> list[str]:
                 check_base_model(manifest, uri, fingerprint, config.model.path)
             except ArtefactError as error:
                 problems[uri] = str(error)
-    lines = [f"edits.editors: {problems[uri]}" for uri in uris if uri in problems]
-    kinds = {uri: manifest["kind"] for uri, manifest in manifests.items()}
-    for index, spec in enumerate(config.edits):
-        lines += _zip_edit_problems(f"edits[{index}].editors", spec.editors, kinds)
-    return lines
+    return problems, manifests
 
 
 def _zip_edit_problems(where: str, editors, kinds: dict[str, str]) -> list[str]:
@@ -364,6 +395,7 @@ def _exists(uri: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=4)
 def _model_fingerprint(path: str) -> str:
     """The fingerprint of the model at `path`, loaded on the CPU (the GPU stack is imported only here)."""
     import torch

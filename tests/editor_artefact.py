@@ -62,3 +62,22 @@ def write_random_zip_encoder(model, uri: str, seed: int) -> str:
     config = EDITOR_CONFIG | {"zip_step": 200, "channels": head.channels, "hidden_resolved": head.hidden}
     config["data"] = {"attribute": "shape", "value": "star"}
     return write_artefact(uri, ZIP_KIND, weights, config, {}, model.fingerprint)
+
+
+def write_random_cond_vae(model, uri: str, seed: int, fingerprint: str | None = None) -> str:
+    """Write a conditional-embedding VAE artefact for `model` whose zero-initialised last layer has seeded
+    random weights (its samples differ by seed), in the format `inversa train` writes; returns its version."""
+    from pipeline.diffusion.tokens import encode_prompts
+    from pipeline.methods.cond_vae import ConditionalEmbeddingVAE, VAESizes
+    from pipeline.training.cond_vae import KIND as COND_VAE_KIND
+
+    tokens, channels = encode_prompts(model.tokenizer, model.text_encoder, [""]).shape[1:]
+    sizes = VAESizes(latent_dim=4, reduced_channels=2, hidden_dim=8)
+    generator = torch.Generator().manual_seed(seed)
+    vae = ConditionalEmbeddingVAE(tokens, channels, sizes, generator)
+    with torch.no_grad():
+        vae.expand_weight.copy_(torch.randn(vae.expand_weight.shape, generator=generator))
+        vae.logvar_bias.fill_(2.0)
+    weights = {name: tensor.detach().clone() for name, tensor in vae.state_dict().items()}
+    config = {"latent_dim": 4, "reduced_channels": 2, "hidden_dim": 8, "tokens": tokens, "channels": channels}
+    return write_artefact(uri, COND_VAE_KIND, weights, config, {}, fingerprint or model.fingerprint)

@@ -136,7 +136,8 @@ def test_round_trip_through_to_dict():
             "edits.0.temperature",
             "must be >= 0",
         ),
-        ({"edits": [{"target_class": "fox", "stochastic": "cond_vae"}]}, "edits.0.stochastic", "not one of"),
+        ({"edits": [{"target_class": "fox", "stochastic": "sampled"}]}, "edits.0.stochastic", "not one of"),
+        ({"edits": [{"target_class": "fox", "stochastic": "cond_vae"}]}, "edits.0.vae", "give vae"),
     ],
 )
 def test_bad_specs_name_file_and_key(tmp_path, change, key, words):

@@ -119,6 +119,61 @@ def test_editors_missing_of_another_kind_or_for_another_model_are_named(tmp_path
     assert runner.invoke(app, ["validate", str(good_job)]).exit_code == 0
 
 
+def test_cond_vae_artefacts_missing_corrupt_of_another_kind_or_model_are_named(
+    tmp_path, tiny_sd_path, tiny_sd
+):
+    from editor_artefact import write_perturbed_editor, write_random_cond_vae
+
+    names = ("good", "missing", "weights", "manifest", "editor", "other-model")
+    good, missing, weights, manifest, editor, other_model = (str(tmp_path / name) for name in names)
+    for uri in (good, weights, manifest):
+        write_random_cond_vae(tiny_sd, uri, seed=1)
+    (tmp_path / "weights" / "weights.safetensors").write_bytes(b"truncated")
+    (tmp_path / "manifest" / "artefact.json").write_text('{"format": "inversa-art')
+    write_perturbed_editor(tiny_sd, editor, seed=1)
+    write_random_cond_vae(tiny_sd, other_model, seed=1, fingerprint="0" * 64)
+
+    def edits(*uris):
+        return [{"target_class": "fox", "stochastic": "cond_vae", "vae": uri, "samples": 2} for uri in uris]
+
+    job = spec(
+        tmp_path,
+        **{"model.path": tiny_sd_path, "edits": edits(missing, weights, manifest, editor, other_model, good)},
+    )
+    result = runner.invoke(app, ["validate", str(job)])
+    problems = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(problems) == 5, result.output
+    assert all(line.startswith(f"error: edits[{index}].vae: ") for index, line in enumerate(problems))
+    assert "no trained artefact" in problems[0]
+    assert "does not match its version" in problems[1]
+    assert "not valid JSON" in problems[2]
+    assert "not a conditional-embedding VAE" in problems[3]
+    assert "trained on base model" in problems[4]
+    assert "Traceback" not in result.output
+    good_job = spec(tmp_path / "good-job", **{"model.path": tiny_sd_path, "edits": edits(good)})
+    assert runner.invoke(app, ["validate", str(good_job)]).exit_code == 0
+
+
+def test_cond_vae_edits_need_a_vae_and_a_vae_needs_cond_vae(tmp_path):
+    cases = [
+        ({"stochastic": "cond_vae", "samples": 2}, "edits.0.vae"),
+        ({"vae": "out/vaes/star"}, "edits.0.vae"),
+        ({"stochastic": "null_text_vae", "vae": "out/vaes/star"}, "edits.0.vae"),
+    ]
+    for index, (edit, named) in enumerate(cases):
+        job = spec(tmp_path / str(index), edits=[{"target_class": "fox", **edit}])
+        result = runner.invoke(app, ["validate", str(job)])
+        assert result.exit_code == 2 and named in result.output and "Traceback" not in result.output, (
+            result.output
+        )
+    # Any inversion method: the sample is of the conditional embedding.
+    job = spec(
+        tmp_path / "ok", edits=[{"target_class": "fox", "stochastic": "cond_vae", "vae": "x", "samples": 2}]
+    )
+    result = runner.invoke(app, ["validate", str(job)])
+    assert "edits.0" not in result.output and "edits[0].vae" in result.output  # only the missing artefact
+
+
 def test_a_zip_encoder_edits_alone_and_only_it_takes_a_reference_that_exists(tmp_path, tiny_sd_path, tiny_sd):
     from editor_artefact import write_perturbed_editor
     from PIL import Image

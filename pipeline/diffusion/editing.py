@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -58,7 +59,10 @@ class EditRequest:
         latent_interpolation: prompt tuning's eq. 10 variant instead of eq. 9.
         seed: the seed of a stochastic edit's sample; recorded (and unused) for deterministic edits.
         sample_temperature: None for a deterministic edit; else the method samples the edit's
-            unconditional embeddings with `seed` at this temperature (0 = the mean decode).
+            unconditional embeddings with `seed` at this temperature (0 = the mean decode), or, with
+            `embedding_vae`, its conditional embeddings.
+        embedding_vae: None, or a conditional-embedding VAE (`pipeline.methods.cond_vae`) that samples the
+            edit's conditional embeddings C''_t from its C'_t with `seed` at `sample_temperature`.
     """
 
     image_index: int
@@ -68,6 +72,7 @@ class EditRequest:
     latent_interpolation: bool = False
     seed: int = 0
     sample_temperature: float | None = None
+    embedding_vae: Any = None
 
 
 @dataclass
@@ -320,7 +325,11 @@ def run_edits(
         cond[:, row] = hook.edit_embeddings(
             latents.cond_embeddings[:, request.image_index], targets[slot], request
         )
-        if request.sample_temperature is not None:
+        if request.embedding_vae is not None:  # the sample is of C'': the unconditional side stays
+            cond[:, row] = request.embedding_vae.sample_sequence(
+                cond[:, row], schedule.timesteps, request.seed, request.sample_temperature
+            )
+        elif request.sample_temperature is not None:
             uncond[:, row] = hook.edit_uncond_embeddings(
                 latents.uncond_embeddings[:, request.image_index], request
             )

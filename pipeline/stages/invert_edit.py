@@ -31,7 +31,13 @@ import torch
 
 from pipeline import engine
 from pipeline.config import EditSpec, JobInversionConfig, MetricsConfig
-from pipeline.editors import ZipEncoder, edit_with_editors, load_editors, read_reference_image
+from pipeline.editors import (
+    ZipEncoder,
+    edit_with_editors,
+    load_editors,
+    load_embedding_vae,
+    read_reference_image,
+)
 from pipeline.engine import EditRequest
 from pipeline.inversion_state import inversion_to_bytes
 from pipeline.metrics.backbones import backbone_names
@@ -238,6 +244,10 @@ class InvertEditActor:
         self.image_encoder = _image_encoder(inversion, metrics, self.model.device)
         # Refuses an editor trained on another base model before any row is read.
         self.editors = load_editors(self.model, [ref.uri for spec in edits for ref in spec.editors])
+        self.embedding_vaes = {
+            uri: load_embedding_vae(self.model, uri)
+            for uri in dict.fromkeys(spec.vae for spec in edits if spec.vae)
+        }
         self._references: dict[str, torch.Tensor] = {}
 
     def _invert(
@@ -448,6 +458,7 @@ class InvertEditActor:
                 job.plan.latent_interpolation,
                 job.plan.seed if job.plan.sample_seed is None else job.plan.sample_seed,
                 job.plan.sample_temperature,
+                self.embedding_vaes.get(job.plan.embedding_vae),
             )
             for job in jobs
         ]
@@ -459,7 +470,15 @@ class InvertEditActor:
             elif outcome.error is not None or outcome.image is None:
                 output.fail(_edit_failure(str(outcome.error or "engine returned no image"), job.plan.edit_id))
             else:
-                output.add_edit(job.plan, outcome)
+                output.add_edit(self._with_vae_version(job.plan), outcome)
+
+    def _with_vae_version(self, plan):
+        """The plan with its conditional-embedding VAE's version in params (what produced the edit)."""
+        if plan.embedding_vae is None:
+            return plan
+        params = json.loads(plan.params)
+        params["stochastic"]["version"] = self.embedding_vaes[plan.embedding_vae].version
+        return dataclasses.replace(plan, params=json.dumps(params, sort_keys=True))
 
     def _reference(self, uri: str) -> torch.Tensor:
         """A ZIP reference image, read once per actor."""

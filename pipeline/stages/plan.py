@@ -40,6 +40,7 @@ class PlannedEdit:
         sample_temperature: the stochastic sample's temperature; None for a deterministic edit.
         sample_group: id shared by all samples of one edit spec of one source (None when deterministic).
         editors: the trained editors that make this edit (empty: a Prompt-to-Prompt edit of the inversion).
+        embedding_vae: URI of the conditional-embedding VAE that samples this edit's C'' (cond_vae), or None.
     """
 
     edit_id: str
@@ -55,6 +56,7 @@ class PlannedEdit:
     sample_temperature: float | None = None
     sample_group: str | None = None
     editors: tuple[EditorRef, ...] = ()
+    embedding_vae: str | None = None
 
 
 def applies_to(spec: EditSpec, source_class: str | None) -> bool:
@@ -164,6 +166,8 @@ def plan_edits(
                 "samples": spec.samples,
                 "temperature": spec.temperature,
             }
+            if spec.vae is not None:  # the actor adds the artefact's version
+                params["stochastic"]["vae"] = spec.vae
         stochastic = spec.stochastic is not None
         group = make_edit_id(source_id, spec, inversion, prompt, None) if stochastic else None
         for seed, sample_index, sample_seed in spec.sample_seeds():
@@ -182,6 +186,7 @@ def plan_edits(
                     sample_temperature=spec.temperature if stochastic else None,
                     sample_group=group,
                     editors=spec.editors,
+                    embedding_vae=spec.vae,
                 )
             )
     return planned, failures

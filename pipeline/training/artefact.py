@@ -33,6 +33,7 @@ WEIGHTS_NAME = "weights.safetensors"
 MANIFEST_NAME = "artefact.json"
 DIFFUSION_CLIP_KIND = "diffusion_clip"  # a DiffusionCLIP editor (`pipeline.training.diffusion_clip`)
 ZIP_ENCODER_KIND = "zip_encoder"  # a ZIP attribute encoder (`pipeline.training.zip_encoder`)
+COND_VAE_KIND = "cond_vae"  # a conditional-embedding VAE (`pipeline.training.cond_vae`)
 
 
 class ArtefactError(ValueError):
@@ -111,7 +112,15 @@ def read_manifest(uri: str) -> dict[str, Any]:
         raise ArtefactError(
             f"no trained artefact at {uri!r} ({MANIFEST_NAME} is missing); train one with `inversa train SPEC.yaml`"
         )
-    manifest = json.loads(fs.cat_file(path))
+    try:
+        manifest = json.loads(fs.cat_file(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtefactError(
+            f"artefact {uri!r}: {MANIFEST_NAME} is not valid JSON ({error}); it was modified or partly "
+            "written: train it again"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise ArtefactError(f"artefact {uri!r}: {MANIFEST_NAME} is not a JSON object; train it again")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtefactError(
             f"artefact {uri!r} has format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
@@ -135,13 +144,7 @@ def read_artefact(uri: str, kind: str | None = None) -> Artefact:
     manifest = read_manifest(uri)
     if kind is not None and manifest["kind"] != kind:
         raise ArtefactError(f"artefact {uri!r} is a {manifest['kind']!r} artefact, not {kind!r}")
-    fs, root = fsspec.core.url_to_fs(uri)
-    data = fs.cat_file(f"{root}/{WEIGHTS_NAME}")
-    if hashlib.sha256(data).hexdigest() != manifest["version"]:
-        raise ArtefactError(
-            f"artefact {uri!r}: {WEIGHTS_NAME} does not match its version {manifest['version'][:12]}; "
-            "it was modified or partly written: train it again"
-        )
+    data = verified_weights(uri, manifest)
     return Artefact(
         uri=uri,
         kind=manifest["kind"],
@@ -151,6 +154,25 @@ def read_artefact(uri: str, kind: str | None = None) -> Artefact:
         metrics=manifest["metrics"],
         weights=load_safetensors(data),
     )
+
+
+def verified_weights(uri: str, manifest: dict[str, Any]) -> bytes:
+    """The bytes of the artefact's weights file, checked against the version its manifest names.
+
+    Raises:
+        ArtefactError: the weights file is missing, or its sha256 is not the manifest's version.
+    """
+    fs, root = fsspec.core.url_to_fs(uri)
+    path = f"{root}/{WEIGHTS_NAME}"
+    if not fs.exists(path):
+        raise ArtefactError(f"artefact {uri!r}: {WEIGHTS_NAME} is missing; train it again")
+    data = fs.cat_file(path)
+    if hashlib.sha256(data).hexdigest() != manifest["version"]:
+        raise ArtefactError(
+            f"artefact {uri!r}: {WEIGHTS_NAME} does not match its version {manifest['version'][:12]}; "
+            "it was modified or partly written: train it again"
+        )
+    return data
 
 
 def check_base_model(manifest: dict[str, Any], uri: str, fingerprint: str, model_id: str) -> None:

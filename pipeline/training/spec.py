@@ -30,6 +30,10 @@ TASKS: dict[str, tuple[str, str]] = {
         "pipeline.training.zip_encoder:ZipEncoderConfig",
         "pipeline.training.zip_encoder:build_task",
     ),
+    "cond_vae": (
+        "pipeline.training.cond_vae:CondVAEConfig",
+        "pipeline.training.cond_vae:build_task",
+    ),
 }
 
 

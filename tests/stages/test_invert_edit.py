@@ -229,6 +229,57 @@ def test_stochastic_samples_are_rows_of_one_edit_call_and_equal_the_engines_samp
     assert not np.array_equal(output["edit_images"][0][0], output["edit_images"][0][1])
 
 
+def test_cond_vae_samples_equal_the_engines_samples_and_record_the_vae(
+    tiny_sd_path, tiny_sd, images, prompts, tmp_path
+):
+    """stochastic: cond_vae draws each sample's C'' from the spec's VAE (any inversion method); each row
+    equals the engine's edit with that VAE and sample seed, and params name the VAE's URI and version."""
+    from editor_artefact import write_random_cond_vae
+
+    from pipeline.editors import load_embedding_vae
+
+    uri = str(tmp_path / "vae")
+    version = write_random_cond_vae(tiny_sd, uri, seed=1)
+    spec = EditSpec(
+        target_class="square",
+        source_classes=("circle", "star"),
+        seeds=(4,),
+        samples=2,
+        stochastic="cond_vae",
+        vae=uri,
+        temperature=2.0,
+    )
+    inversion = JobInversionConfig.of(method="ddim", num_steps=3, guidance_scale=7.5)
+    actor = InvertEditActor(tiny_sd_path, "cpu", "float32", inversion, (spec,), MetricsConfig(), 8)
+    output = actor(source_batch(images, prompts))
+    records = [json.loads(output["edits_json"][row]) for row in range(3)]
+    assert [len(row_records) for row_records in records] == [2, 2, 0]
+    vae = load_embedding_vae(tiny_sd, uri)
+    for row in range(2):
+        reference = engine.invert(tiny_sd, images[row][None], [str(output["caption"][row])], inversion)
+        for position, record in enumerate(records[row]):
+            params = json.loads(record["params"])["stochastic"]
+            assert params == {
+                "method": "cond_vae",
+                "samples": 2,
+                "temperature": 2.0,
+                "vae": uri,
+                "version": version,
+            }
+            request = EditRequest(
+                0,
+                record["target_prompt"],
+                spec.control,
+                seed=record["sample_seed"],
+                sample_temperature=2.0,
+                embedding_vae=vae,
+            )
+            expected = engine.edit(tiny_sd, reference, [request])[0]
+            difference = np.abs(output["edit_images"][row][position].astype(int) - expected.image.numpy())
+            assert difference.max() <= 2, (row, position, difference.max())
+    assert not np.array_equal(output["edit_images"][0][0], output["edit_images"][0][1])
+
+
 def test_style_diffusion_encodes_images_with_the_vision_tower_of_the_jobs_clip():
     import torch
 

@@ -96,12 +96,13 @@ def test_stochastic_samples_fan_out_with_reproducible_seeds_and_distinct_ids():
 
 
 def test_deterministic_edits_keep_the_ids_and_params_they_had_before_samples_and_editors_existed():
-    """The edit id of a spec without samples or stochastic, computed as it was before those keys existed."""
+    """The edit id of a spec without samples, stochastic, vae or editors, computed as it was before those
+    keys existed."""
     planned, _ = plan_edits("s#1", "cat", "a photo of a cat", {}, (FOX,), InversionConfig(), BACKBONES)
     legacy_spec = {
         key: value
         for key, value in to_dict(dataclasses.asdict(FOX)).items()
-        if key not in ("samples", "stochastic", "temperature", "editors")
+        if key not in ("samples", "stochastic", "temperature", "vae", "editors")
     }
     legacy_spec["control"] = to_dict(FOX.control)
     for plan, seed in zip(planned, (0, 1), strict=True):

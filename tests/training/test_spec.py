@@ -103,3 +103,29 @@ def test_submit_runs_inversa_train_for_a_training_spec(monkeypatch):
     assert submitted["entrypoint"] == f"python -m pipeline.cli train env:{cli.SPEC_VARIABLE}"
     spec = parse_train_spec(yaml.safe_load(submitted["runtime_env"]["env_vars"][cli.SPEC_VARIABLE]))
     assert spec.run.workers == 2 and spec.kind == "diffusion_clip"
+
+
+def test_the_shipped_cond_vae_spec_round_trips_and_keeps_the_edits_of_the_job_that_uses_it():
+    from pipeline.config import load_config
+
+    spec = load_train_spec(ROOT / "jobs" / "train_cond_vae_star.yaml")
+    assert spec.kind == "cond_vae" and parse_train_spec(to_mapping(spec)) == spec
+    job = load_config(ROOT / "jobs" / "shapes_cond_vae.yaml")
+    (edit,) = job.edits
+    assert edit.stochastic == "cond_vae" and edit.vae == f"{spec.output}/artefact"
+    task = spec.task
+    # The VAE learns from the edits the job makes: same inversion, grid, guidance and word-swap windows.
+    assert (task.inversion, task.steps, task.guidance_scale) == (
+        job.inversion.method,
+        job.inversion.num_steps,
+        job.inversion.guidance_scale,
+    )
+    assert (task.cross_replace_steps, task.self_replace_steps) == (
+        edit.control.cross_replace_steps,
+        edit.control.self_replace_steps,
+    )
+    assert task.data.value == edit.target_class
+    data = yaml.safe_load((ROOT / "jobs" / "train_cond_vae_star.yaml").read_text())
+    data["cond_vae"]["gama"] = -0.1
+    with pytest.raises(ConfigError, match="cond_vae.gama"):
+        parse_train_spec(data)
