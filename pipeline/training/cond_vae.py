@@ -30,9 +30,8 @@ from pipeline.training.diffusion_clip import (
     ClipSpec,
     WorldData,
     _at_resolution,
-    check_batch,
     differentiable_decode,
-    load_clip,
+    load_task_models,
     world_training_texts,
 )
 
@@ -200,16 +199,8 @@ class CondVAETask:
         self.config = config
 
     def setup(self, device: torch.device, rank: int, world_size: int) -> None:
-        from pipeline.models.loading import load_diffusion_model
-
         config = self.config
-        check_batch(config.batch, world_size)
-        self.rank, self.world_size = rank, world_size
-        self.model = load_diffusion_model(config.model, device=device)
-        self.model.unet.requires_grad_(False)
-        self.model.vae.requires_grad_(False)
-        self.base_fingerprint = self.model.fingerprint
-        self.clip = load_clip(config.clip, device)
+        load_task_models(self, device, rank, world_size, frozen=True)
         self.distance = self._perceptual(device)
         self._prepare_edits()
         generator = torch.Generator().manual_seed(config.seed)

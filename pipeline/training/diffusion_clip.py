@@ -282,6 +282,22 @@ def differentiable_decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.
     return vae.decode(latents / vae.config.scaling_factor + shift).sample
 
 
+def load_task_models(task, device: torch.device, rank: int, world_size: int, frozen: bool) -> None:
+    """The setup the CLIP-guided TrainTasks share: the batch split checked, then `task.rank`,
+    `task.world_size`, `task.model` (the base model; every weight frozen when `frozen`),
+    `task.base_fingerprint` and `task.clip` (the loss's CLIP model) set from `task.config`."""
+    from pipeline.models.loading import load_diffusion_model
+
+    check_batch(task.config.batch, world_size)
+    task.rank, task.world_size = rank, world_size
+    task.model = load_diffusion_model(task.config.model, device=device)
+    if frozen:
+        for module in (task.model.unet, task.model.vae, task.model.text_encoder):
+            module.requires_grad_(False)
+    task.base_fingerprint = task.model.fingerprint
+    task.clip = load_clip(task.config.clip, device)
+
+
 class DiffusionClipTask:
     """The TrainTask of one DiffusionCLIP editor (see the module docstring)."""
 
@@ -291,14 +307,8 @@ class DiffusionClipTask:
         self.config = config
 
     def setup(self, device: torch.device, rank: int, world_size: int) -> None:
-        from pipeline.models.loading import load_diffusion_model
-
         config = self.config
-        check_batch(config.batch, world_size)
-        self.rank, self.world_size = rank, world_size
-        self.model = load_diffusion_model(config.model, device=device)
-        self.base_fingerprint = self.model.fingerprint
-        self.clip = load_clip(config.clip, device)
+        load_task_models(self, device, rank, world_size, frozen=False)
         self._prepare_pairs()
         torch.manual_seed(config.seed)
         self.adapter = resolved_adapter(config, self.model.unet)

@@ -197,15 +197,8 @@ class ZipEncoderTask:
         self.config = config
 
     def setup(self, device: torch.device, rank: int, world_size: int) -> None:
-        from pipeline.models.loading import load_diffusion_model
-
         config = self.config
-        dct.check_batch(config.batch, world_size)
-        self.rank, self.world_size = rank, world_size
-        self.model = load_diffusion_model(config.model, device=device)
-        self.model.unet.requires_grad_(False)
-        self.base_fingerprint = self.model.fingerprint
-        self.clip = dct.load_clip(config.clip, device)
+        dct.load_task_models(self, device, rank, world_size, frozen=True)
         seeds = list(range(config.reference_seed, config.reference_seed + config.references))
         self.reference_images = render_references(
             self.model, config.reference_prompt, seeds, config.reference_steps, config.reference_guidance
