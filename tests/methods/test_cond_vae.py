@@ -123,16 +123,17 @@ def _batch(tiny_sd, inverted, samples: int) -> cond_vae.TrainingBatch:
     )
 
 
-def test_training_loss_is_eq_4_written_out(tiny_sd, inverted):
-    """One UNet call per sample from the kept latent, x0 by DDIM's prediction, then
-    alpha L_CLIP + beta KL + gamma L_div with a hand-made derangement of each image's samples."""
+@pytest.mark.parametrize("samples", [2, 4])
+def test_training_loss_is_eq_4_written_out(tiny_sd, inverted, samples):
+    """One UNet call per sample from the kept latent, x0 by DDIM's prediction, the decode clamped to
+    [0, 1], then alpha L_CLIP + beta KL + gamma L_div with a hand-made derangement of each image's samples."""
     vae = _vae(tiny_sd).requires_grad_(True)
-    samples, batch = 3, _batch(tiny_sd, inverted, 3)
+    batch = _batch(tiny_sd, inverted, samples)
     weights = cond_vae.LossWeights(alpha=0.7, beta=0.2, gamma=-0.3)
     projection = torch.randn(3 * tiny_sd.image_size**2, 3, generator=torch.Generator().manual_seed(5))
 
-    def decode(latents):
-        return torch.tanh(F.interpolate(latents[:, :3], size=tiny_sd.image_size))
+    def decode(latents):  # reaches beyond [-1, 1], so the clamp to [0, 1] shows at both ends
+        return 3 * torch.tanh(20 * F.interpolate(latents[:, :3], size=tiny_sd.image_size))
 
     def image_embeddings(pixels):
         return pixels.flatten(1) @ projection
@@ -174,9 +175,11 @@ def test_training_loss_is_eq_4_written_out(tiny_sd, inverted):
     diversity = distance(images, images[permutation]).mean()
     expected = 0.7 * clip + 0.2 * torch.stack(kls).mean() + -0.3 * diversity
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
-    assert terms["clip"] == pytest.approx(float(clip), rel=1e-4)
-    assert terms["diversity"] == pytest.approx(float(diversity), rel=1e-4)
-    assert float(diversity) > 0
+    assert terms["clip"] == pytest.approx(float(clip.detach()), rel=1e-4)
+    assert terms["kl"] == pytest.approx(float(torch.stack(kls).mean().detach()), rel=1e-4)
+    assert terms["diversity"] == pytest.approx(float(diversity.detach()), rel=1e-4)
+    assert float(images.min()) == 0.0 and float(images.max()) == 1.0
+    assert float(diversity.detach()) > 0
     loss.backward()
     assert float(vae.expand_weight.grad.abs().sum()) > 0  # the gradient reaches the VAE
 
@@ -187,6 +190,47 @@ def test_kl_term_is_the_vaes_kl():
         torch.distributions.Normal(mu, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
     ).sum(dim=1)
     assert torch.allclose(kl_divergence(mu, logvar), expected, atol=1e-5)
+
+
+def test_one_sample_or_gamma_zero_leaves_out_the_diversity_term(tiny_sd, inverted):
+    """K = 1 has no pair to compare (L_div = 0, no derangement drawn); gamma = 0 is allowed."""
+
+    def terms_of(samples: int, gamma: float):
+        return cond_vae.training_loss(
+            tiny_sd.unet,
+            _vae(tiny_sd),
+            _batch(tiny_sd, inverted, samples),
+            lambda latents: F.interpolate(latents[:, :3], size=tiny_sd.image_size),
+            lambda pixels: pixels.flatten(1)[:, :3],
+            lambda a, b: (a - b).abs().flatten(1).mean(dim=1),
+            cond_vae.LossWeights(alpha=0.5, beta=0.25, gamma=gamma),
+            torch.Generator().manual_seed(0),
+        )
+
+    for samples, gamma in ((1, -0.3), (2, 0.0)):
+        loss, terms = terms_of(samples, gamma)
+        assert float(loss.detach()) == pytest.approx(0.5 * terms["clip"] + 0.25 * terms["kl"], rel=1e-5)
+    assert terms_of(1, -0.3)[1]["diversity"] == 0.0
+    assert terms_of(2, 0.0)[1]["diversity"] > 0.0
+
+
+def test_derangements_and_initial_weights_come_from_the_given_generator_only(tiny_sd):
+    """Reproducible from their seeds whatever the global random state: the training job is seeded."""
+    draws = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        draws.append(
+            (
+                cond_vae.derangement(8, torch.Generator().manual_seed(3)),
+                cond_vae.group_derangement(2, 8, torch.Generator().manual_seed(3)),
+                _vae(tiny_sd, perturbed=False).state_dict(),
+            )
+        )
+    (first, first_groups, first_weights), (second, second_groups, second_weights) = draws
+    assert torch.equal(first, second) and torch.equal(first_groups, second_groups)
+    assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)
+    # One VAE per target class: every weight (and the zero base) has an image axis of 1.
+    assert all(tensor.shape[0] == 1 for tensor in first_weights.values())
 
 
 def test_eq_4_refuses_a_positive_gamma(tiny_sd, inverted):
