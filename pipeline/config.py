@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ from pipeline.methods import InversionConfig, UnknownMethodError, get_method
 
 class ConfigError(ValueError):
     """A job spec that cannot be used; the message names the file, the key and the fix."""
+
+
+# A float literal with an exponent and no dot (`2e-4`, `-1E+3`): a float in YAML 1.2, a string to PyYAML.
+YAML_1_2_FLOAT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -474,6 +479,9 @@ def _convert(value: Any, hint: Any, origin: str, key: str) -> Any:
             raise _fail(origin, key, f"expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and YAML_1_2_FLOAT.fullmatch(value.strip()):
+            # PyYAML resolves YAML 1.1, where `2e-4` (no dot) is a string; YAML 1.2 reads a float.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _fail(origin, key, f"expected a number, got {value!r}")
         return float(value)

@@ -259,3 +259,13 @@ def test_spec_digests_of_earlier_specs_are_unchanged_by_later_keys_at_their_defa
 def test_every_shipped_job_spec_loads(path):
     config = load_config(path)
     assert config.edits and config.output.path
+
+
+def test_exponent_floats_without_a_dot_are_numbers_as_in_yaml_1_2(tmp_path):
+    """PyYAML reads `75e-1` as a string (YAML 1.1); a float field takes it as YAML 1.2 does."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "inversion: {guidance_scale: 75e-1}\n")
+    assert load_config(path).inversion.guidance_scale == 7.5
+    assert load_config(path, overrides=["inversion.guidance_scale=-2E+1"]).inversion.guidance_scale == -20.0
+    with pytest.raises(ConfigError, match="inversion.guidance_scale: expected a number, got '7.5x'"):
+        load_config(path, overrides=["inversion.guidance_scale=7.5x"])
