@@ -30,7 +30,9 @@ def test_scene_scores_of_hand_made_samples():
     def distance(a, b):
         return (a - b).abs().flatten(1).mean(dim=1)
 
-    scores = stochastic_world.scene_scores(samples, source, region, load_oracle(), distance)
+    masks = region[None].repeat(2, 1, 1)
+    masks[1, 0, 0] = True  # the second edit's own mask covers its off pixel: outside it, unchanged
+    scores = stochastic_world.scene_scores(samples, source, region, masks, load_oracle(), distance)
     unit = samples.permute(0, 3, 1, 2).float() / 255
     assert scores["diversity"] == pytest.approx(float(distance(unit[:1], unit[1:])))
     assert scores["bound"] == pytest.approx(
@@ -39,6 +41,12 @@ def test_scene_scores_of_hand_made_samples():
     # Background PSNR: 60 pixels outside the region, one of them off by 20 (first) or 10 (second) levels.
     expected = [10 * math.log10(1 / ((off / 255) ** 2 / 60)) for off in (20, 10)]
     assert scores["background_psnr"] == pytest.approx(sum(expected) / 2)
+    assert math.isinf(scores["mask_background_psnr"])  # outside its own mask the second is unchanged
+    masks[1, 0, 0] = False
+    masks[1, 1, 1] = True  # now its off pixel is outside its mask, which holds 5 pixels
+    rescored = stochastic_world.scene_scores(samples, source, region, masks, load_oracle(), distance)
+    outside = [10 * math.log10(1 / ((off / 255) ** 2 / pixels)) for off, pixels in ((20, 60), (10, 59))]
+    assert rescored["mask_background_psnr"] == pytest.approx(sum(outside) / 2)
     assert scores["region_area_std"] == pytest.approx(1.5)  # areas 4 and 1
     colour_means = torch.tensor([[200.0] * 3, [(250 + 300) / 4] * 3])
     assert scores["region_colour_std"] == pytest.approx(float(colour_means.std(dim=0, unbiased=False).mean()))
