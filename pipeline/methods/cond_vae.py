@@ -186,7 +186,8 @@ class TrainingBatch:
         prompt_embeddings: (B, L, D) C'_t.
         uncond_noise: (B, C, h, w) eps_u(x_t), the fixed unconditional branch.
         guidance_scale: w.
-        class_text: (E,) T, the target class's CLIP text embedding.
+        class_text: T, the CLIP text embedding the samples are pulled to: (E,) the target class's, or
+            (B, E) one per image (each image's own target caption).
         noise: (B * K, Z) eps_t, rows group-major (row = b * K + k).
         samples: K.
     """
@@ -250,7 +251,10 @@ def training_loss(
         raise EngineInputError(f"eq. 4 needs gamma <= 0 (it rewards diversity), got {weights.gamma}")
     predicted, mu, logvar = sampled_predictions(unet, vae, batch)
     images = (decode(predicted) / 2 + 0.5).clamp(0, 1)
-    clip = clip_distance(image_embeddings(images), batch.class_text).mean()
+    text = batch.class_text
+    if text.ndim == 2:  # one text per image: each of its K samples is compared with it
+        text = text.repeat_interleave(batch.samples, dim=0)
+    clip = clip_distance(image_embeddings(images), text).mean()
     kl = kl_divergence(mu, logvar).mean()
     groups = batch.kept_latents.shape[0]
     diversity = (

@@ -8,8 +8,10 @@ It keeps the edit's latents x_T..x_0: the paper's cheap scheme. Iteration i draw
 sampling step with a generator seeded by (seed, i); the worker's share of them gets K samples C''_t, one
 UNet call each, x0_hat decoded, and eq. 4's loss (`pipeline.methods.cond_vae.training_loss`).
 
-T, the CLIP text side of eq. 2, is the class word in `templates`, embedded and averaged (the paper's
-single-text setting); the oracle is never used here.
+T, the CLIP text side of eq. 2, is the class word in `templates`, embedded and averaged (`text:
+templates`, the paper's single-text setting), or each training image's own target caption (`text:
+captions`: the caption's other words, colour and background, then pull the samples too); the oracle is
+never used here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,6 +53,8 @@ class CondVAEConfig:
         perceptual: eq. 3's perceptual distance backbone ("lpips-alex", "features:<name>").
         feature_extractor: factory of the extractor of a "features:<name>" backbone, or None.
         data: the training images and the target class (data.value).
+        text: T of eq. 2: templates (the class word in `templates`, averaged: the paper's single-text
+            setting) or captions (each training image's target caption).
         class_word: the word the templates embed; None = data.value.
         templates: prompt templates averaged into T ("{}" is the class word).
         inversion: the inversion method of the kept edits (a registered method name).
@@ -77,6 +81,7 @@ class CondVAEConfig:
     perceptual: str = "features:shapes-oracle"
     feature_extractor: str | None = "pipeline.world.oracle:perceptual_features"
     data: WorldData = dataclasses.field(default_factory=WorldData)
+    text: Literal["templates", "captions"] = "templates"
     class_word: str | None = None
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     inversion: str = "direct"
@@ -227,11 +232,14 @@ class CondVAETask:
         with torch.no_grad():
             self.prompt_embeddings = encode_prompts(model.tokenizer, model.text_encoder, targets)
             self.uncond_embedding = encode_prompts(model.tokenizer, model.text_encoder, [""])
-            word = config.class_word or config.data.value
-            texts = [template.format(word) for template in config.templates]
-            self.class_text = torch.nn.functional.normalize(
-                self.clip.text_embeddings(texts).mean(dim=0), dim=-1
-            )
+            if config.text == "captions":  # (N, E): one T per training image
+                self.class_text = self.clip.text_embeddings(targets)
+            else:
+                word = config.class_word or config.data.value
+                texts = [template.format(word) for template in config.templates]
+                self.class_text = torch.nn.functional.normalize(
+                    self.clip.text_embeddings(texts).mean(dim=0), dim=-1
+                )
         self.schedule = DDIMSchedule.from_scheduler(model.scheduler, config.steps)
 
     def draws(self, iteration: int) -> tuple[np.ndarray, int]:
@@ -260,7 +268,7 @@ class CondVAETask:
             prompt_embeddings=self.prompt_embeddings[rows],
             uncond_noise=uncond_noise,
             guidance_scale=config.guidance_scale,
-            class_text=self.class_text,
+            class_text=self.class_text[rows] if self.class_text.ndim == 2 else self.class_text,
             noise=noise.to(latents.device),
             samples=config.samples,
         ), generator

@@ -123,12 +123,14 @@ def _batch(tiny_sd, inverted, samples: int) -> cond_vae.TrainingBatch:
     )
 
 
-@pytest.mark.parametrize("samples", [2, 4])
-def test_training_loss_is_eq_4_written_out(tiny_sd, inverted, samples):
+@pytest.mark.parametrize("samples, per_image_text", [(2, False), (4, False), (2, True)])
+def test_training_loss_is_eq_4_written_out(tiny_sd, inverted, samples, per_image_text):
     """One UNet call per sample from the kept latent, x0 by DDIM's prediction, the decode clamped to
     [0, 1], then alpha L_CLIP + beta KL + gamma L_div with a hand-made derangement of each image's samples."""
     vae = _vae(tiny_sd).requires_grad_(True)
     batch = _batch(tiny_sd, inverted, samples)
+    if per_image_text:  # T of each image its own (its target caption's embedding)
+        batch.class_text = torch.tensor([[1.0, -0.5, 0.25], [-0.2, 0.9, 0.4]])
     weights = cond_vae.LossWeights(alpha=0.7, beta=0.2, gamma=-0.3)
     projection = torch.randn(3 * tiny_sd.image_size**2, 3, generator=torch.Generator().manual_seed(5))
 
@@ -170,7 +172,8 @@ def test_training_loss_is_eq_4_written_out(tiny_sd, inverted, samples):
         kls.append(-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum())
     images = torch.cat(images)
     embeddings = image_embeddings(images)
-    clip = (1 - (embeddings @ batch.class_text) / (embeddings.norm(dim=1) * batch.class_text.norm())).mean()
+    texts = batch.class_text.expand(2, -1).repeat_interleave(samples, dim=0)  # row b K + k: image b's text
+    clip = (1 - (embeddings * texts).sum(dim=1) / (embeddings.norm(dim=1) * texts.norm(dim=1))).mean()
     permutation = cond_vae.group_derangement(2, samples, torch.Generator().manual_seed(6))
     diversity = distance(images, images[permutation]).mean()
     expected = 0.7 * clip + 0.2 * torch.stack(kls).mean() + -0.3 * diversity

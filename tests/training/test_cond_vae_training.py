@@ -153,3 +153,16 @@ def test_the_config_refuses_what_eqs_3_and_4_cannot_use():
         CondVAEConfig(gamma=0.5)
     with pytest.raises(ValueError, match="templates"):
         CondVAEConfig(templates=("a star",))
+
+
+def test_caption_texts_give_each_image_its_own_target_caption(task_config):
+    from pipeline.training.diffusion_clip import world_training_texts
+
+    task = CondVAETask(dataclasses.replace(task_config, text="captions"))
+    task.setup(torch.device("cpu"), 0, 1)
+    _, _, targets = world_training_texts(task_config.data)
+    assert torch.allclose(task.class_text, task.clip.text_embeddings(targets))
+    batch, _ = task.batch(iteration=0)
+    rows, _ = task.draws(iteration=0)
+    assert torch.equal(batch.class_text, task.class_text[torch.as_tensor(rows)])
+    assert task.step(0, lambda: None)["clip"] > 0
