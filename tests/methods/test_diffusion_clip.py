@@ -248,3 +248,60 @@ def test_each_step_evaluates_the_noise_at_the_level_it_leaves(tiny_sd):
     seen.clear()
     dc.generate(recording, grid, torch.zeros(1, 4, 2, 2))
     assert seen == [300, 200, 100]
+
+
+def test_return_grid_bounds_levels_and_precision(tiny_sd):
+    """t0 in [1, T - 1] and S in [1, t0], both ends included; levels round(k t0 / S); alphas in float64."""
+    scheduler = tiny_sd.scheduler
+    last = scheduler.config.num_train_timesteps - 1
+    assert dc.ReturnGrid.from_scheduler(scheduler, 1, 1).timesteps.tolist() == [0, 1]
+    assert dc.ReturnGrid.from_scheduler(scheduler, last, 3).return_step == last
+    assert dc.ReturnGrid.from_scheduler(scheduler, 5, 5).timesteps.tolist() == [0, 1, 2, 3, 4, 5]
+    grid = dc.ReturnGrid.from_scheduler(scheduler, 7, 3)
+    assert grid.timesteps.tolist() == [0, 2, 5, 7] and grid.alphas.dtype == torch.float64
+    with pytest.raises(ValueError, match=rf"t0={last + 1} must be in \[1, {last}\]"):
+        dc.ReturnGrid.from_scheduler(scheduler, last + 1, 3)
+
+
+def test_identity_loss_is_the_mean_absolute_difference_of_each_image():
+    edited = torch.zeros(2, 3, 2, 2)
+    source = torch.zeros(2, 3, 2, 2)
+    source[0, 0, 0, 0] = 1.2  # image 0: one of 12 values off by 1.2
+    edited[1], source[1] = 0.25, -0.25  # image 1: every value off by 0.5
+    assert torch.allclose(dc.identity_loss(edited, source), torch.tensor([0.1, 0.5]))
+
+
+def test_the_clip_loss_embeds_the_edit_mapped_to_zero_one_and_clamped():
+    seen = []
+
+    def embed(images):
+        seen.append(images)
+        return torch.nn.functional.normalize(images.flatten(1)[:, :2] + 1.0, dim=-1)
+
+    edited = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.5]).view(1, 5, 1, 1).expand(1, 5, 1, 1)
+    inputs = dc.LossInputs(
+        source_images=torch.zeros_like(edited),
+        source_embeddings=torch.nn.functional.normalize(torch.ones(1, 2), dim=-1),
+        text_direction=torch.tensor([1.0, 0.0]),
+    )
+    dc.diffusion_clip_loss(edited, embed, inputs)
+    assert torch.equal(seen[0].flatten(), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0]))
+
+
+def test_transition_weights_run_from_the_original_model_to_the_editor():
+    assert tuple(dc.transition_gammas(0.25)(500)) == (0.75, 0.25)
+    assert tuple(dc.transition_gammas(1.0)(500)) == (0.0, 1.0)
+    assert tuple(dc.transition_gammas(0.0)(500)) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="must be in"):
+        dc.transition_gammas(1.5)
+
+
+def test_a_combined_noise_schedule_names_what_is_wrong_with_its_weights():
+    noise = _constant_noise(torch.ones(1))
+    latents = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"gamma schedule gave 1 weights for 2 models"):
+        dc.combined_noise_fn([noise, noise], dc.constant_gammas((1.0,)))(latents, 10)
+    with pytest.raises(ValueError, match=r"gammas \[0\.5, 0\.2\] at t=10 must sum to 1 \(eq\. 14\)"):
+        dc.combined_noise_fn([noise, noise], dc.constant_gammas((0.5, 0.2)))(latents, 10)
+    with pytest.raises(ValueError, match=r"gammas \[0\.0, 0\.0\] at t=10 must sum to 1"):
+        dc.combined_noise_fn([noise, noise], dc.constant_gammas((0.0, 0.0)))(latents, 10)
