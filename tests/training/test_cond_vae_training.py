@@ -7,16 +7,15 @@ import dataclasses
 
 import pytest
 import torch
+from training_runs import assert_resumes_to_the_same_result, train
 
 from pipeline.metrics.clip import build_random_clip
 from pipeline.models.loading import fingerprint_modules
 from pipeline.training.artefact import read_artefact
 from pipeline.training.cond_vae import CondVAEConfig, CondVAETask
 from pipeline.training.diffusion_clip import ClipSpec, WorldData
-from pipeline.training.ray_train import RunSettings, history_of, run_training
-from pipeline.training.spec import TASKS
+from pipeline.training.ray_train import history_of
 
-FACTORY = TASKS["cond_vae"][1]
 ITERATIONS = 3
 
 
@@ -46,9 +45,8 @@ def set_up_task(task_config) -> CondVAETask:
     return task
 
 
-def _train(config: CondVAEConfig, output, interrupt_after: int | None = None) -> dict:
-    settings = RunSettings(output=str(output), iterations=ITERATIONS, checkpoint_every=1, workers=1)
-    return run_training(FACTORY, dataclasses.asdict(config), settings, interrupt_after=interrupt_after)
+def _train(config: CondVAEConfig, output) -> dict:
+    return train("cond_vae", config, output, ITERATIONS)
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +134,9 @@ def test_the_artefact_holds_the_vae_and_loads_for_jobs(one_worker_run, tiny_sd):
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(
     ray_local, one_worker_run, task_config, tmp_path
 ):
-    from ray.train import TrainingFailedError
-
-    with pytest.raises(TrainingFailedError):
-        _train(task_config, tmp_path, interrupt_after=1)
-    resumed = _train(task_config, tmp_path)
-    assert resumed["metrics"]["resumed_from"] == 1
-    assert history_of(resumed) == history_of(one_worker_run)
-    assert resumed["version"] == one_worker_run["version"]
+    assert_resumes_to_the_same_result(
+        "cond_vae", task_config, tmp_path, ITERATIONS, one_worker_run, killed_after=1
+    )
 
 
 def test_the_config_refuses_what_eqs_3_and_4_cannot_use():

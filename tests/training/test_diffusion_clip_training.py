@@ -7,14 +7,13 @@ import dataclasses
 
 import pytest
 import torch
+from training_runs import assert_resumes_to_the_same_result, train
 
 from pipeline.metrics.clip import build_random_clip
 from pipeline.training.artefact import read_artefact
 from pipeline.training.diffusion_clip import ClipSpec, DiffusionClipConfig, DiffusionClipTask, WorldData
-from pipeline.training.ray_train import RunSettings, history_of, run_training
-from pipeline.training.spec import TASKS
+from pipeline.training.ray_train import history_of
 
-FACTORY = TASKS["diffusion_clip"][1]
 ITERATIONS = 4
 
 
@@ -38,9 +37,8 @@ def task_config(tiny_sd_path, tmp_path_factory) -> DiffusionClipConfig:
     )
 
 
-def _train(config: DiffusionClipConfig, output, workers: int = 1, interrupt_after: int | None = None) -> dict:
-    settings = RunSettings(output=str(output), iterations=ITERATIONS, checkpoint_every=1, workers=workers)
-    return run_training(FACTORY, dataclasses.asdict(config), settings, interrupt_after=interrupt_after)
+def _train(config: DiffusionClipConfig, output, workers: int = 1) -> dict:
+    return train("diffusion_clip", config, output, ITERATIONS, workers=workers)
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +60,9 @@ def test_the_artefact_records_the_base_model_config_and_losses(one_worker_run, t
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(
     ray_local, one_worker_run, task_config, tmp_path
 ):
-    from ray.train import TrainingFailedError
-
-    with pytest.raises(TrainingFailedError):
-        _train(task_config, tmp_path, interrupt_after=2)
-    resumed = _train(task_config, tmp_path)
-    assert resumed["metrics"]["resumed_from"] == 2  # iterations 1-2 came from the checkpoint
-    assert history_of(resumed) == history_of(one_worker_run)
-    assert resumed["version"] == one_worker_run["version"]  # the same weights, bit for bit
+    assert_resumes_to_the_same_result(
+        "diffusion_clip", task_config, tmp_path, ITERATIONS, one_worker_run, killed_after=2
+    )
 
 
 def test_two_workers_follow_the_one_worker_loss_curve(ray_local, one_worker_run, task_config, tmp_path):

@@ -8,16 +8,15 @@ import dataclasses
 
 import pytest
 import torch
+from training_runs import assert_resumes_to_the_same_result, train
 
 from pipeline.metrics.clip import build_random_clip
 from pipeline.models.loading import fingerprint_modules
 from pipeline.training.artefact import read_artefact
 from pipeline.training.diffusion_clip import ClipSpec, WorldData
-from pipeline.training.ray_train import RunSettings, history_of, run_training
-from pipeline.training.spec import TASKS
+from pipeline.training.ray_train import history_of
 from pipeline.training.zip_encoder import REFERENCES_NAME, ZipEncoderConfig, ZipEncoderTask
 
-FACTORY = TASKS["zip_encoder"][1]
 ITERATIONS = 3
 
 
@@ -43,9 +42,8 @@ def task_config(tiny_sd_path, tmp_path_factory) -> ZipEncoderConfig:
     )
 
 
-def _train(config: ZipEncoderConfig, output, workers: int = 1, interrupt_after: int | None = None) -> dict:
-    settings = RunSettings(output=str(output), iterations=ITERATIONS, checkpoint_every=1, workers=workers)
-    return run_training(FACTORY, dataclasses.asdict(config), settings, interrupt_after=interrupt_after)
+def _train(config: ZipEncoderConfig, output, workers: int = 1) -> dict:
+    return train("zip_encoder", config, output, ITERATIONS, workers=workers)
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +83,9 @@ def test_training_leaves_the_diffusion_model_unchanged(task_config):
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(
     ray_local, one_worker_run, task_config, tmp_path
 ):
-    from ray.train import TrainingFailedError
-
-    with pytest.raises(TrainingFailedError):
-        _train(task_config, tmp_path, interrupt_after=1)
-    resumed = _train(task_config, tmp_path)
-    assert resumed["metrics"]["resumed_from"] == 1
-    assert history_of(resumed) == history_of(one_worker_run)
-    assert resumed["version"] == one_worker_run["version"]
+    assert_resumes_to_the_same_result(
+        "zip_encoder", task_config, tmp_path, ITERATIONS, one_worker_run, killed_after=1
+    )
 
 
 def test_two_workers_follow_the_one_worker_loss_curve(ray_local, one_worker_run, task_config, tmp_path):
