@@ -73,6 +73,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--beta", type=float, default=1e-5)
+    parser.add_argument("--decoder-base", choices=["mean", "input"], default="input")
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--training-path", choices=["null_text", "sampled"], default="sampled")
+    parser.add_argument("--output", type=Path, help="write the measured numbers to this JSON file")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_diffusion_model(str(ROOT / "pipeline" / "world" / "assets" / "shapes-sd"), device="cpu")
@@ -87,17 +91,27 @@ def main() -> None:
         inner_steps=5,
         epochs=args.epochs,
         beta=args.beta,
+        decoder_base=args.decoder_base,
+        vae_learning_rate=args.vae_lr,
+        training_path=args.training_path,
     )
     started = time.perf_counter()
     inversion = invert(model, images, captions, config)
-    print(f"inversion + VAE training of {len(samples)} images: {time.perf_counter() - started:.1f} s")
+    seconds = time.perf_counter() - started
+    print(f"inversion + VAE training of {len(samples)} images: {seconds:.1f} s")
     history = inversion.latents.edit_hook.history
     last = history.reconstruction[-len(history.reconstruction) // 4 :].mean().item()
     print(f"VAE: L_rec over the last quarter {last:.2e}, KL {history.kl[-1].mean().item():.2f} nats")
     source = unit(images)
-    print(
-        f"null-text reconstruction PSNR: {psnr(unit(inversion.reconstructions), source).mean().item():.2f} dB"
-    )
+    null_text_psnr = psnr(unit(inversion.reconstructions), source).mean().item()
+    print(f"null-text reconstruction PSNR: {null_text_psnr:.2f} dB")
+    report = {
+        "settings": {key: value for key, value in vars(args).items() if key != "output"},
+        "inversion_and_training_seconds": seconds,
+        "last_quarter_reconstruction_loss": last,
+        "null_text_psnr": null_text_psnr,
+        "rows": [],
+    }
     distance = build_perceptual(
         "features:shapes-oracle", device="cpu", feature_extractor=perceptual_features()
     )
@@ -115,10 +129,11 @@ def main() -> None:
     assert all(torch.equal(a.image, b.image) for a, b in zip(deterministic, again, strict=True))
     det_images = unit(torch.stack([result.image for result in deterministic]))
     det_star = np.mean([name == "star" for name in classify(det_images)])
+    det_distance = distance(det_images, source).mean().item()
     print(
-        f"deterministic edit: star rate {det_star:.2f}, LPIPS-oracle to source "
-        f"{distance(det_images, source).mean().item():.4f}, reruns identical"
+        f"deterministic edit: star rate {det_star:.2f}, LPIPS-oracle to source {det_distance:.4f}, reruns identical"
     )
+    report["deterministic"] = {"star_rate": float(det_star), "distance_to_source": det_distance}
     for temperature in args.temperatures:
         seeds = range(args.samples)
         recon_requests = [
@@ -139,11 +154,22 @@ def main() -> None:
             for i in range(len(samples))
         ]
         star = np.mean([name == "star" for name in classify(edits)])
+        row = {
+            "temperature": temperature,
+            "samples": args.samples,
+            "sampled_reconstruction_psnr": psnr(recons, per_image).mean().item(),
+            "diversity": float(np.mean(diversity)),
+            "bound": distance(edits, per_image).mean().item(),
+            "star_rate": float(star),
+        }
+        report["rows"].append(row)
         print(
             f"temperature {temperature:g}, K={args.samples}: sampled reconstruction PSNR "
-            f"{psnr(recons, per_image).mean().item():.2f} dB; edits: diversity {np.mean(diversity):.4f} "
-            f"(bound {distance(edits, per_image).mean().item():.4f}), star rate {star:.2f}"
+            f"{row['sampled_reconstruction_psnr']:.2f} dB; edits: diversity {row['diversity']:.4f} "
+            f"(bound {row['bound']:.4f}), star rate {star:.2f}"
         )
+    if args.output is not None:
+        args.output.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

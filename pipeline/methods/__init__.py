@@ -78,6 +78,13 @@ class NullTextVAEParams:
         kl_cycles: cycles of the annealing schedule over training (Fu et al.: 4).
         kl_ramp: fraction of each cycle over which beta rises linearly from 0 (Fu et al.: 0.5).
         seed: seed of the VAE's initial weights and training noise (every image uses it).
+        decoder_base: what the decoder's output is added to: "input", the encoded phi_t itself
+            (phi'_t = phi_t + D(u_t), as the conditional VAE's C'' = C' + D(u)), or "mean", phi_bar, the
+            mean of phi_t over t (phi'_t = phi_bar + D(u_t): the step-dependent part of phi_t must
+            travel through u_t).
+        training_path: where each training step starts: "sampled", the VAE's own sampled path from
+            z*_T in sampling order (what sampling does), or "null_text", null-text's reconstruction
+            path z~_t, steps in a seeded random order.
     """
 
     inversion_guidance: float = 1.0
@@ -94,6 +101,8 @@ class NullTextVAEParams:
     kl_cycles: int = 4
     kl_ramp: float = 0.5
     seed: int = 0
+    decoder_base: Literal["input", "mean"] = "input"
+    training_path: Literal["null_text", "sampled"] = "sampled"
 
 
 @dataclass(frozen=True)

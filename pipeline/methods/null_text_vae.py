@@ -13,16 +13,25 @@ Legend:
                     (sequence-level MLP: the paper found token-level MLPs collapse texture)
     u_t             mu_t + tau * sigma_t * eps_t, eps_t ~ N(0, I): the reparameterised sample; tau is the
                     sampling temperature (1 while training)
-    decoder         u_t -> phi'_t = phi_bar + D(u_t): one hidden layer, (L r) outputs, a 1x1 expansion
-                    back to D channels; phi_bar is the mean of phi_t over t and D starts at zero, so
-                    the step-dependent part of phi_t must travel through u_t
+    decoder         u_t -> D(u_t): one hidden layer, (L r) outputs, a 1x1 expansion back to D channels;
+                    D starts at zero
+    phi'_t          `decoder_base: mean`: phi_bar + D(u_t), phi_bar the mean of phi_t over t, so the
+                    step-dependent part of phi_t must travel through u_t (the paper's plain decoder);
+                    `decoder_base: input`: phi_t + D(u_t), the residual form of the conditional VAE's
+                    C'' = C' + D(u) (§3.2: "overall architecture is the same"), so the untrained VAE
+                    reconstructs exactly as null-text and training shapes the samples' spread
     L_rec           || z*_{t-1} - z_{t-1}(z~_t, phi'_t, C) ||^2 (MSE), the null-text step's loss, CFG w
     L_reg           KL(N(mu_t, sigma_t^2) || N(0, I)) = -1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)
     L_phi           alpha * L_rec + beta_k * L_reg                                           (eq. 1)
     beta_k          cyclical annealing (Fu et al.): k-th iteration of K in M cycles; beta rises linearly
                     over the first `kl_ramp` of each cycle, then stays at beta
-    training        `epochs` passes over the S steps, one step per iteration in an order drawn from the
-                    seed; every image has its own VAE (weights stacked along a leading image axis)
+    training        `epochs` passes over the S steps, one step per iteration; every image has its own VAE
+                    (weights stacked along a leading image axis). `training_path: sampled` walks each
+                    pass in sampling order from z*_T along the VAE's own sampled latents (z_{t-1} of one
+                    iteration is the next one's start, detached), as null-text fits phi_t on its own
+                    path; `training_path: null_text` starts every step from z~_t in an order drawn from
+                    the seed (teacher forcing: the per-step loss falls while the free-running samples
+                    drift from the source, benchmarks/stochastic_null_text.py)
 
 Batching: each image's VAE has its own slice of every weight, the summed loss gives each slice the
 gradient of its own image's loss, and Adam works elementwise, so B images trained together equal B
@@ -75,6 +84,8 @@ class EmbeddingVAE(torch.nn.Module):
         params: sizes (latent_dim, reduced_channels, hidden_dim).
         base: (B, L, D) phi_bar, the decoder's offset per image.
         generator: draws the initial weights; every image starts from the same draw.
+        add_input: `sample` adds the encoded embeddings to the decode (phi_t + D(u_t); base is then
+            usually zero).
     """
 
     def __init__(
@@ -85,6 +96,7 @@ class EmbeddingVAE(torch.nn.Module):
         params: NullTextVAEParams,
         base: torch.Tensor,
         generator: torch.Generator,
+        add_input: bool = False,
     ):
         super().__init__()
         reduced, hidden, latent = params.reduced_channels, params.hidden_dim, params.latent_dim
@@ -107,7 +119,7 @@ class EmbeddingVAE(torch.nn.Module):
         self.unflatten_weight, self.unflatten_bias = linear(hidden, flat)
         self.expand_weight, self.expand_bias = linear(reduced, channels, zero=True)
         self.register_buffer("base", base.detach().clone())
-        self.tokens, self.reduced = tokens, reduced
+        self.tokens, self.reduced, self.add_input = tokens, reduced, add_input
 
     @staticmethod
     def _layer(
@@ -147,10 +159,12 @@ class EmbeddingVAE(torch.nn.Module):
         noise: torch.Tensor,
         temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """phi'_t = decoder(mu + temperature * sigma * noise); returns (phi', mu, logvar)."""
+        """phi'_t = decoder(mu + temperature * sigma * noise) (+ phi_t with `add_input`); returns
+        (phi', mu, logvar)."""
         mu, logvar = self.encode(embeddings, timesteps, images)
         latents = mu + temperature * torch.exp(0.5 * logvar) * noise
-        return self.decode(latents, images), mu, logvar
+        decoded = self.decode(latents, images)
+        return (embeddings + decoded if self.add_input else decoded), mu, logvar
 
 
 @dataclasses.dataclass
@@ -190,33 +204,51 @@ def train_vae(
     batch, tokens, channels = null_text.shape[1:]
     device = null_text.device
     generator = torch.Generator().manual_seed(params.seed)
-    vae = EmbeddingVAE(batch, tokens, channels, params, null_text.mean(dim=0), generator).to(device)
+    add_input = params.decoder_base == "input"
+    base = torch.zeros_like(null_text[0]) if add_input else null_text.mean(dim=0)
+    vae = EmbeddingVAE(batch, tokens, channels, params, base, generator, add_input).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=params.vae_learning_rate)
     images = torch.arange(batch, device=device)
     timesteps = schedule.timesteps.tolist()
     # Failed images stay in the batch with finite stand-ins and a zero weight: no gradient reaches them.
     path, trajectory = torch.nan_to_num(path), torch.nan_to_num(trajectory)
+    sampled_path = params.training_path == "sampled"
     with torch.no_grad():
+        # On null-text's path the conditional branch of every step is fixed: computed once.
         cond_noise = [
-            fixed_branch_noise(unet, path[i], timesteps[i], inputs.cond_embeddings) for i in range(steps)
+            fixed_branch_noise(unet, path[i], timesteps[i], inputs.cond_embeddings)
+            for i in range(0 if sampled_path else steps)
         ]
     total = params.epochs * steps
     history = TrainingHistory(
         [], *(torch.zeros(total, batch) for _ in range(2)), [], torch.zeros(total, batch)
     )
     order: list[int] = []
+    latents = path[0]
     for iteration in range(total):
         if iteration % steps == 0:
-            order = torch.randperm(steps, generator=generator).tolist()
+            # `sampled`: every epoch walks the steps in sampling order from z*_T along the VAE's own
+            # sampled path, as null-text inversion fits phi_t on its own path.
+            order = (
+                list(range(steps)) if sampled_path else torch.randperm(steps, generator=generator).tolist()
+            )
+            latents = path[0]
         step_index = order[iteration % steps]
+        start = latents if sampled_path else path[step_index]
         beta = cyclical_beta(iteration, total, params.beta, params.kl_cycles, params.kl_ramp)
         timestep = timesteps[step_index]
         noise = torch.randn(1, params.latent_dim, generator=generator).to(device).expand(batch, -1)
         step_timesteps = torch.full((batch,), timestep)
         sampled, mu, logvar = vae.sample(null_text[step_index], step_timesteps, images, noise)
-        uncond_noise = optimised_branch_noise(unet, path[step_index], timestep, sampled)
-        guided = uncond_noise + inputs.guidance_scale * (cond_noise[step_index] - uncond_noise)
-        landed = schedule.step(guided, timestep, path[step_index])
+        uncond_noise = optimised_branch_noise(unet, start, timestep, sampled)
+        if sampled_path:
+            with torch.no_grad():
+                cond = fixed_branch_noise(unet, start, timestep, inputs.cond_embeddings)
+        else:
+            cond = cond_noise[step_index]
+        guided = uncond_noise + inputs.guidance_scale * (cond - uncond_noise)
+        landed = schedule.step(guided, timestep, start)
+        latents = torch.nan_to_num(landed.detach())
         reconstruction = (landed - trajectory[steps - step_index - 1]).pow(2).flatten(1).mean(dim=1)
         kl = kl_divergence(mu, logvar)
         losses = params.alpha * reconstruction + beta * kl

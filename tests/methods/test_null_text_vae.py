@@ -34,6 +34,10 @@ SETTINGS = dict(
     kl_cycles=2,
     vae_learning_rate=1e-2,
     seed=3,
+    # The re-derivations below follow null-text's path and the plain decoder; the defaults (the VAE's own
+    # sampled path, the residual decoder) have their own tests.
+    training_path="null_text",
+    decoder_base="mean",
 )
 
 
@@ -62,7 +66,8 @@ def _reference_decode(vae: EmbeddingVAE, image: int, phi: torch.Tensor, timestep
     mu, logvar = layer(hidden, "mu"), layer(hidden, "logvar")
     latent = mu + temperature * torch.exp(0.5 * logvar) * noise
     flat = layer(F.silu(layer(latent, "decode")), "unflatten")
-    phi_prime = vae.base[image] + layer(flat.view(phi.shape[0], -1), "expand")
+    base = phi if vae.add_input else vae.base[image]
+    phi_prime = base + layer(flat.view(phi.shape[0], -1), "expand")
     return phi_prime, mu, logvar
 
 
@@ -91,15 +96,17 @@ def test_timestep_embedding_is_sinusoidal():
     torch.testing.assert_close(embedded[1, 0], torch.cos(torch.tensor(500.0)))
 
 
-def test_first_iteration_loss_is_eq_1_written_out(tiny_sd, images):
+@pytest.mark.parametrize("decoder_base", ["mean", "input"])
+def test_first_iteration_loss_is_eq_1_written_out(tiny_sd, images, decoder_base):
     """Re-derive iteration 0 from the seed: initial weights, the step drawn, the noise, the null-text
     reconstruction path and the guided step, all through a second implementation."""
-    inversion = invert(tiny_sd, images[:2], [SOURCE, SOURCE], _config())
+    inversion = invert(tiny_sd, images[:2], [SOURCE, SOURCE], _config(decoder_base=decoder_base))
     hook, latents, schedule = inversion.latents.edit_hook, inversion.latents, inversion.schedule
     params = inversion.config.method_params
     null_text = hook.null_text
     generator = torch.Generator().manual_seed(params.seed)
-    initial = EmbeddingVAE(2, *null_text.shape[2:], params, null_text.mean(dim=0), generator)
+    base = torch.zeros_like(null_text[0]) if decoder_base == "input" else null_text.mean(dim=0)
+    initial = EmbeddingVAE(2, *null_text.shape[2:], params, base, generator, decoder_base == "input")
     step_index = torch.randperm(STEPS, generator=generator).tolist()[0]
     noise = torch.randn(1, params.latent_dim, generator=generator)[0]
     path = []
@@ -162,6 +169,24 @@ def test_temperature_zero_samples_the_mean_decode(inverted):
     assert torch.equal(hook.sample_embeddings(1, 11, 1.0), hook.sample_embeddings(1, 11, 1.0))
 
 
+def test_untrained_input_decoder_samples_null_texts_embeddings(tiny_sd, images, inverted):
+    """With the VAE left at its initial weights (lr 0) D is zero: `decoder_base: input` samples phi_t
+    itself at any temperature, so its sampled edits are null-text's; `mean` samples phi_bar."""
+    frozen = {"vae_learning_rate": 0.0, "epochs": 1}
+    residual = invert(tiny_sd, images[:2], [SOURCE, SOURCE], _config(decoder_base="input", **frozen))
+    plain = invert(tiny_sd, images[:2], [SOURCE, SOURCE], _config(**frozen))
+    null_text = residual.latents.edit_hook.null_text
+    for image in range(2):
+        assert torch.equal(residual.latents.edit_hook.sample_embeddings(image, 7, 2.0), null_text[:, image])
+        mean = null_text[:, image].mean(dim=0).expand_as(null_text[:, image])
+        torch.testing.assert_close(plain.latents.edit_hook.sample_embeddings(image, 7, 2.0), mean)
+    assert not torch.allclose(null_text[0], null_text[-1])  # phi_t depends on t, so the two differ
+    sampled = edit(tiny_sd, residual, [_request(0, 3, 2.0), _request(1, 4, 2.0)])
+    deterministic = edit(tiny_sd, inverted, [_request(0, 3, None), _request(1, 4, None)])
+    for ours, theirs in zip(sampled, deterministic, strict=True):
+        torch.testing.assert_close(ours.latents, theirs.latents)
+
+
 def test_batched_training_and_sampling_equal_per_image_runs(tiny_sd, images, inverted):
     hook = inverted.latents.edit_hook
     for image in range(2):
@@ -203,6 +228,7 @@ def test_deterministic_edits_equal_null_text_inversion(tiny_sd, images, inverted
         edit(tiny_sd, inverted, requests), edit(tiny_sd, null_text, requests), strict=True
     ):
         torch.testing.assert_close(ours.latents, theirs.latents)
+    assert torch.equal(inverted.latents.iterations, null_text.latents.iterations)
 
 
 def test_sample_request_on_a_deterministic_method_is_refused(tiny_sd, images):
@@ -211,3 +237,159 @@ def test_sample_request_on_a_deterministic_method_is_refused(tiny_sd, images):
         edit(tiny_sd, ddim, [_request(0, 1, 1.0)])
     with pytest.raises(EngineInputError, match=r"sample_temperature=-1.0"):
         edit(tiny_sd, ddim, [dataclasses.replace(_request(0, 1, 1.0), sample_temperature=-1.0)])
+
+
+def test_cyclical_beta_with_one_cycle_and_without_a_ramp():
+    # One cycle spans the whole run; no ramp (ramp 0) is beta throughout, with no division by zero.
+    assert [cyclical_beta(k, 8, 2.0, 1, 0.5) for k in range(8)] == pytest.approx(
+        [0.0, 0.5, 1.0, 1.5, 2.0, 2.0, 2.0, 2.0]
+    )
+    assert [cyclical_beta(k, 8, 2.0, 0, 0.5) for k in range(8)] == [
+        cyclical_beta(k, 8, 2.0, 1, 0.5) for k in range(8)
+    ]
+    assert [cyclical_beta(k, 8, 2.0, 2, 0.0) for k in range(8)] == [2.0] * 8
+
+
+def test_initial_weights_are_uniform_within_one_over_root_fan_in():
+    """torch.nn.Linear's default: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the last
+    layer (the 1x1 expansion) starts at zero; every image starts from the same draw."""
+    params = dataclasses.replace(_config().method_params, latent_dim=64, hidden_dim=256, reduced_channels=64)
+    vae = EmbeddingVAE(2, 5, 32, params, torch.zeros(2, 5, 32), torch.Generator().manual_seed(0))
+    for name in ("reduce", "encode", "mu", "logvar", "decode", "unflatten"):
+        weight, bias = getattr(vae, f"{name}_weight"), getattr(vae, f"{name}_bias")
+        bound = 1.0 / weight.shape[1] ** 0.5
+        for values in (weight, bias):
+            assert torch.equal(values[0], values[1])
+            assert values.abs().max() <= bound
+            assert values.max() > 0.8 * bound and values.min() < -0.8 * bound, name
+            assert abs(values.mean().item()) < 0.1 * bound, name
+    assert not vae.expand_weight.any() and not vae.expand_bias.any()
+
+
+def test_training_order_and_noise_follow_the_seed(inverted):
+    """Each epoch draws its own permutation of the S steps, then one (1, Z) noise per iteration, from
+    the generator seeded with `seed` after the initial weights."""
+    params = inverted.config.method_params
+    hook = inverted.latents.edit_hook
+    generator = torch.Generator().manual_seed(params.seed)
+    EmbeddingVAE(2, *hook.null_text.shape[2:], params, hook.null_text.mean(dim=0), generator)
+    expected = []
+    for _ in range(params.epochs):
+        expected += torch.randperm(STEPS, generator=generator).tolist()
+        for _ in range(STEPS):
+            torch.randn(1, params.latent_dim, generator=generator)
+    assert hook.history.step_index == expected
+    assert len(set(tuple(expected[i : i + STEPS]) for i in range(0, len(expected), STEPS))) > 1
+
+
+def test_samples_at_temperature_one_are_the_reparameterised_decode(inverted):
+    """After training (the expansion no longer zero), a sample is decode(mu + tau sigma eps) with eps
+    drawn (S, Z) from the request's seed: one noise row per step."""
+    hook = inverted.latents.edit_hook
+    assert hook.vae.expand_weight.abs().max() > 0
+    for temperature in (1.0, 2.5):
+        noise = torch.randn(STEPS, hook.vae.mu_weight.shape[-1], generator=torch.Generator().manual_seed(11))
+        sampled = hook.sample_embeddings(1, 11, temperature)
+        for step in range(STEPS):
+            timestep = int(inverted.schedule.timesteps[step])
+            expected, _, _ = _reference_decode(
+                hook.vae, 1, hook.null_text[step, 1], timestep, noise[step], temperature
+            )
+            torch.testing.assert_close(sampled[step], expected.detach(), rtol=1e-5, atol=1e-6)
+    # The module's own default temperature is 1 (training samples with it).
+    images, timesteps = torch.ones(STEPS, dtype=torch.long), inverted.schedule.timesteps
+    with torch.no_grad():
+        default, _, _ = hook.vae.sample(hook.null_text[:, 1], timesteps, images, noise)
+        explicit, _, _ = hook.vae.sample(hook.null_text[:, 1], timesteps, images, noise, 1.0)
+    assert torch.equal(default, explicit)
+    assert inverted.latents.edit_hook.history.beta == pytest.approx(
+        [cyclical_beta(k, 4 * STEPS, 0.5, 2, 0.5) for k in range(4 * STEPS)]
+    )
+
+
+def test_a_non_finite_vae_loss_fails_its_images_with_the_iteration_and_step(tiny_sd, images):
+    result = invert(tiny_sd, images[:2], [SOURCE, SOURCE], _config(alpha=float("inf")))
+    first_step = result.latents.edit_hook.history.step_index[0]
+    for image in range(2):
+        assert result.errors[image] == (
+            f"image {image}: non-finite loss in null-text VAE training at iteration 0 (step {first_step})"
+        )
+
+
+def test_an_image_failed_by_null_text_keeps_its_initial_vae_and_error(tiny_sd, images):
+    """Image 1's null-text loop fails; its VAE gets no gradient (its weights stay the initial draw) and
+    its error stays null-text's, while image 0 trains as it would alone."""
+    calls = {"count": 0}
+
+    def poison(module, args, kwargs, output):
+        calls["count"] += 1
+        if calls["count"] == STEPS + 2:  # the first optimisation call after the pivotal inversion
+            output.sample[1:] = float("nan")
+        return output
+
+    handle = tiny_sd.unet.register_forward_hook(poison, with_kwargs=True)
+    try:
+        result = invert(tiny_sd, images[:2], [SOURCE, SOURCE], _config())
+    finally:
+        handle.remove()
+    assert result.errors[0] is None
+    assert "non-finite loss in null-text optimisation" in result.errors[1], result.errors
+    vae = result.latents.edit_hook.vae
+    params = result.config.method_params
+    initial = EmbeddingVAE(
+        2, *vae.base.shape[1:], params, vae.base, torch.Generator().manual_seed(params.seed)
+    )
+    for name, value in initial.named_parameters():
+        assert torch.equal(getattr(vae, name)[1], value[1]), name
+    alone = invert(tiny_sd, images[:1], [SOURCE], _config()).latents.edit_hook
+    torch.testing.assert_close(
+        result.latents.edit_hook.history.loss[:, 0], alone.history.loss[:, 0], rtol=1e-4, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("field", ["epochs", "latent_dim", "reduced_channels", "hidden_dim"])
+def test_sizes_below_one_are_refused_and_one_is_accepted(tiny_sd, images, field):
+    with pytest.raises(
+        EngineInputError,
+        match=r"^null_text_vae: epochs, latent_dim, reduced_channels and hidden_dim must be at least 1\.$",
+    ):
+        invert(tiny_sd, images[:1], [SOURCE], _config(**{field: 0}))
+    result = invert(tiny_sd, images[:1], [SOURCE], _config(**{field: 1}))
+    assert result.errors == [None]
+
+
+def test_sampled_training_path_walks_every_epoch_from_z_T_along_its_own_steps(tiny_sd, images):
+    """`training_path: sampled`: each epoch trains the steps in sampling order, the first from z*_T and
+    every later one from the latent the previous iteration landed on (its guided DDIM step, re-derived
+    from the recorded UNet calls), not from null-text's path."""
+    calls = []
+
+    def record(module, args, kwargs, output):
+        latents = args[0] if args else kwargs["sample"]
+        calls.append((latents.detach().clone(), output.sample.detach().clone()))
+
+    handle = tiny_sd.unet.register_forward_hook(record, with_kwargs=True)
+    try:
+        result = invert(tiny_sd, images[:2], [SOURCE, SOURCE], _config(training_path="sampled"))
+    finally:
+        handle.remove()
+    params, schedule = result.config.method_params, result.schedule
+    history, trajectory = result.latents.edit_hook.history, result.latents.trajectory
+    iterations = params.epochs * STEPS
+    assert history.step_index == list(range(STEPS)) * params.epochs
+    training = calls[-2 * iterations :]  # per iteration: the optimised (uncond) call, then the cond call
+    timesteps = [int(t) for t in schedule.timesteps]
+    for iteration in range(iterations):
+        (start, uncond), (cond_start, cond) = training[2 * iteration], training[2 * iteration + 1]
+        assert torch.equal(start, cond_start)
+        step = iteration % STEPS
+        if step == 0:
+            assert torch.equal(start, trajectory[-1])
+        else:
+            (previous, previous_uncond), (_, previous_cond) = training[2 * iteration - 2 : 2 * iteration]
+            guided = previous_uncond + 7.5 * (previous_cond - previous_uncond)
+            expected = schedule.step(guided, timesteps[step - 1], previous)
+            torch.testing.assert_close(start, expected, rtol=1e-5, atol=1e-6)
+        landed = schedule.step(uncond + 7.5 * (cond - uncond), timesteps[step], start)
+        reconstruction = (landed - trajectory[STEPS - step - 1]).pow(2).flatten(1).mean(dim=1)
+        torch.testing.assert_close(history.reconstruction[iteration], reconstruction, rtol=1e-4, atol=1e-9)
