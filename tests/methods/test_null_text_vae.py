@@ -393,3 +393,21 @@ def test_sampled_training_path_walks_every_epoch_from_z_T_along_its_own_steps(ti
         landed = schedule.step(uncond + 7.5 * (cond - uncond), timesteps[step], start)
         reconstruction = (landed - trajectory[STEPS - step - 1]).pow(2).flatten(1).mean(dim=1)
         torch.testing.assert_close(history.reconstruction[iteration], reconstruction, rtol=1e-4, atol=1e-9)
+
+
+def test_the_residual_decoder_adds_its_decode_to_the_encoded_embeddings():
+    params = _config().method_params
+    generator = torch.Generator().manual_seed(5)
+    vae = EmbeddingVAE(1, 6, 8, params, torch.zeros(1, 6, 8), generator, add_input=True)
+    with torch.no_grad():  # a trained expansion: the untrained one is zero
+        vae.expand_weight.normal_(generator=generator)
+        vae.expand_bias.normal_(generator=generator)
+    embeddings = torch.randn(2, 6, 8, generator=generator)
+    noise = torch.randn(2, params.latent_dim, generator=generator)
+    timesteps = torch.tensor([900, 100])
+    with torch.no_grad():
+        sampled, _, _ = vae.sample(embeddings, timesteps, torch.zeros(2, dtype=torch.long), noise, 1.5)
+        for row in range(2):
+            expected, _, _ = _reference_decode(vae, 0, embeddings[row], int(timesteps[row]), noise[row], 1.5)
+            torch.testing.assert_close(sampled[row], expected)
+    assert (sampled - embeddings).abs().max() > 0.1
