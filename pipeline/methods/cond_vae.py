@@ -66,7 +66,10 @@ class ConditionalEmbeddingVAE(EmbeddingVAE):
     """
 
     def __init__(self, tokens: int, channels: int, sizes: VAESizes, generator: torch.Generator):
-        super().__init__(1, tokens, channels, sizes, torch.zeros(1, tokens, channels), generator)
+        # add_input False: sample_embeddings adds C'_t itself.
+        super().__init__(
+            1, tokens, channels, sizes, torch.zeros(1, tokens, channels), generator, add_input=False
+        )
 
     @property
     def latent_dim(self) -> int:

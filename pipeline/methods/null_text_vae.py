@@ -96,7 +96,7 @@ class EmbeddingVAE(torch.nn.Module):
         params: NullTextVAEParams,
         base: torch.Tensor,
         generator: torch.Generator,
-        add_input: bool = False,
+        add_input: bool,
     ):
         super().__init__()
         reduced, hidden, latent = params.reduced_channels, params.hidden_dim, params.latent_dim

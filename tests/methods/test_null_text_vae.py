@@ -149,6 +149,7 @@ def test_first_iteration_loss_is_eq_1_written_out(tiny_sd, images, decoder_base)
         [params.beta * min(1.0, (k % (total / 2)) / (total / 2 * 0.5)) for k in range(total)]
     )[:, None]
     history = hook.history
+    assert history.beta == pytest.approx(betas.flatten().tolist())
     torch.testing.assert_close(history.loss, 2.0 * history.reconstruction + betas * history.kl)
     assert (betas > 0).any() and (history.kl > 0).all()
 
@@ -169,7 +170,7 @@ def test_temperature_zero_samples_the_mean_decode(inverted):
     assert torch.equal(hook.sample_embeddings(1, 11, 1.0), hook.sample_embeddings(1, 11, 1.0))
 
 
-def test_untrained_input_decoder_samples_null_texts_embeddings(tiny_sd, images, inverted):
+def test_untrained_input_decoder_samples_null_texts_embeddings(tiny_sd, images):
     """With the VAE left at its initial weights (lr 0) D is zero: `decoder_base: input` samples phi_t
     itself at any temperature, so its sampled edits are null-text's; `mean` samples phi_bar."""
     frozen = {"vae_learning_rate": 0.0, "epochs": 1}
@@ -181,8 +182,16 @@ def test_untrained_input_decoder_samples_null_texts_embeddings(tiny_sd, images, 
         mean = null_text[:, image].mean(dim=0).expand_as(null_text[:, image])
         torch.testing.assert_close(plain.latents.edit_hook.sample_embeddings(image, 7, 2.0), mean)
     assert not torch.allclose(null_text[0], null_text[-1])  # phi_t depends on t, so the two differ
+    deterministic_inversion = invert(
+        tiny_sd,
+        images[:2],
+        [SOURCE, SOURCE],
+        InversionConfig.of("null_text", num_steps=STEPS, guidance_scale=7.5, inner_steps=2),
+    )
+    # null-text's iteration counts are passed on
+    assert torch.equal(residual.latents.iterations, deterministic_inversion.latents.iterations)
     sampled = edit(tiny_sd, residual, [_request(0, 3, 2.0), _request(1, 4, 2.0)])
-    deterministic = edit(tiny_sd, inverted, [_request(0, 3, None), _request(1, 4, None)])
+    deterministic = edit(tiny_sd, deterministic_inversion, [_request(0, 3, None), _request(1, 4, None)])
     for ours, theirs in zip(sampled, deterministic, strict=True):
         torch.testing.assert_close(ours.latents, theirs.latents)
 
@@ -254,7 +263,7 @@ def test_initial_weights_are_uniform_within_one_over_root_fan_in():
     """torch.nn.Linear's default: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the last
     layer (the 1x1 expansion) starts at zero; every image starts from the same draw."""
     params = dataclasses.replace(_config().method_params, latent_dim=64, hidden_dim=256, reduced_channels=64)
-    vae = EmbeddingVAE(2, 5, 32, params, torch.zeros(2, 5, 32), torch.Generator().manual_seed(0))
+    vae = EmbeddingVAE(2, 5, 32, params, torch.zeros(2, 5, 32), torch.Generator().manual_seed(0), False)
     for name in ("reduce", "encode", "mu", "logvar", "decode", "unflatten"):
         weight, bias = getattr(vae, f"{name}_weight"), getattr(vae, f"{name}_bias")
         bound = 1.0 / weight.shape[1] ** 0.5
@@ -266,13 +275,15 @@ def test_initial_weights_are_uniform_within_one_over_root_fan_in():
     assert not vae.expand_weight.any() and not vae.expand_bias.any()
 
 
-def test_training_order_and_noise_follow_the_seed(inverted):
+def test_training_order_and_noise_follow_the_seed(tiny_sd, images):
     """Each epoch draws its own permutation of the S steps, then one (1, Z) noise per iteration, from
     the generator seeded with `seed` after the initial weights."""
-    params = inverted.config.method_params
-    hook = inverted.latents.edit_hook
+    # Its own inversion, not the module's: mutmut runs only the tests that call the mutated function.
+    inversion = invert(tiny_sd, images[:2], [SOURCE, SOURCE], _config())
+    params = inversion.config.method_params
+    hook = inversion.latents.edit_hook
     generator = torch.Generator().manual_seed(params.seed)
-    EmbeddingVAE(2, *hook.null_text.shape[2:], params, hook.null_text.mean(dim=0), generator)
+    EmbeddingVAE(2, *hook.null_text.shape[2:], params, hook.null_text.mean(dim=0), generator, False)
     expected = []
     for _ in range(params.epochs):
         expected += torch.randperm(STEPS, generator=generator).tolist()
@@ -337,7 +348,7 @@ def test_an_image_failed_by_null_text_keeps_its_initial_vae_and_error(tiny_sd, i
     vae = result.latents.edit_hook.vae
     params = result.config.method_params
     initial = EmbeddingVAE(
-        2, *vae.base.shape[1:], params, vae.base, torch.Generator().manual_seed(params.seed)
+        2, *vae.base.shape[1:], params, vae.base, torch.Generator().manual_seed(params.seed), False
     )
     for name, value in initial.named_parameters():
         assert torch.equal(getattr(vae, name)[1], value[1]), name
@@ -411,3 +422,37 @@ def test_the_residual_decoder_adds_its_decode_to_the_encoded_embeddings():
             expected, _, _ = _reference_decode(vae, 0, embeddings[row], int(timesteps[row]), noise[row], 1.5)
             torch.testing.assert_close(sampled[row], expected)
     assert (sampled - embeddings).abs().max() > 0.1
+
+
+def test_null_text_training_path_starts_every_step_from_null_texts_path(tiny_sd, images):
+    """`training_path: null_text`: every iteration's optimised call starts from z~_t, null-text's
+    reconstruction path at the step drawn (teacher forcing), whatever the VAE did before."""
+    calls = []
+
+    def record(module, args, kwargs, output):
+        calls.append((args[0] if args else kwargs["sample"]).detach().clone())
+
+    handle = tiny_sd.unet.register_forward_hook(record, with_kwargs=True)
+    try:
+        result = invert(tiny_sd, images[:2], [SOURCE, SOURCE], _config())
+    finally:
+        handle.remove()
+    latents, history = result.latents, result.latents.edit_hook.history
+    path = []
+    sample(
+        tiny_sd.unet,
+        result.schedule,
+        latents.trajectory[-1],
+        latents.cond_embeddings,
+        latents.uncond_embeddings,
+        7.5,
+        after_step=lambda i, z: path.append(z.clone()) or z,
+    )
+    starts = [latents.trajectory[-1]] + path
+    training = calls[-len(history.step_index) :]  # one optimised call per iteration
+    assert set(history.step_index[:STEPS]) == set(range(STEPS))
+    assert history.step_index[:STEPS] != list(range(STEPS)) or history.step_index[STEPS : 2 * STEPS] != list(
+        range(STEPS)
+    )
+    for start, step in zip(training, history.step_index, strict=True):
+        torch.testing.assert_close(start, starts[step], rtol=1e-5, atol=1e-6)
