@@ -2,6 +2,7 @@
 implementation), reconstruction, editing through the edit hook, and refused parameters."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -15,7 +16,17 @@ from pipeline.diffusion.trajectory import InversionInputs
 from pipeline.engine import AttentionControl, EditRequest, EngineInputError, InversionConfig, edit, invert
 from pipeline.methods import StyleDiffusionParams
 from pipeline.methods.ddim_inversion import ddim_trajectory
-from pipeline.methods.style_diffusion import init_mapping, inner_iterations, train_mapping_networks
+from pipeline.methods.style_diffusion import (
+    StyleDiffusionEditHook,
+    edit_hook,
+    init_mapping,
+    inner_iterations,
+    map_tokens,
+    step_loss,
+    train_mapping_networks,
+)
+from pipeline.methods.style_diffusion import _still_active as still_active
+from pipeline.methods.style_diffusion import invert as style_diffusion_invert
 from pipeline.metrics.clip import ClipScorer
 from pipeline.models.vae import encode_images
 from pipeline.world.clip_model import SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS, register_shapes_clip
@@ -388,3 +399,219 @@ def test_image_tokens_are_every_last_layer_token_of_the_vision_tower(image_encod
     assert tokens.shape[1] == patch_tokens.shape[1] + 1  # CLS included, as Table 1's 197 = 196 + 1
     torch.testing.assert_close(tokens[:, 1:], patch_tokens)
     torch.testing.assert_close(tokens[:, 0] @ visual.proj, pooled)
+
+
+def test_map_tokens_equals_table_1_layers_with_trained_biases_and_norm():
+    """Each image's network, with non-zero biases and BatchNorm affine (as after training) and a width
+    conv (image width 6, text width 8), equals the torch.nn layers of Table 1."""
+    generator = torch.Generator().manual_seed(4)
+    networks = []
+    for seed in (0, 1):
+        weights = init_mapping(5, 6, 4, 8, seed=seed)
+        for name in weights:
+            if not name.endswith("_weight") or name == "norm_weight":
+                weights[name] = torch.randn(weights[name].shape, generator=generator)
+        networks.append(weights)
+    tokens = torch.randn(2, 5, 6, generator=generator)
+    stacked = {name: torch.stack([network[name] for network in networks]) for name in networks[0]}
+    ours = map_tokens(stacked, tokens)
+    for image in range(2):
+        network, width = _mapping_modules(networks[image])
+        with torch.no_grad():
+            network[2].weight.copy_(networks[image]["norm_weight"])
+            network[2].bias.copy_(networks[image]["norm_bias"])
+            hidden = network(tokens[image : image + 1])
+            expected = width(hidden.transpose(1, 2)).transpose(1, 2)
+        torch.testing.assert_close(ours[image : image + 1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_edit_hook_takes_the_value_input_for_round_tau_v_s_steps():
+    params = StyleDiffusionParams(value_steps=0.6)
+    assert edit_hook(params, 10).value_steps == 6
+    assert edit_hook(StyleDiffusionParams(value_steps=0.25), 10).value_steps == round(2.5)
+    hook = StyleDiffusionEditHook(2)
+    reconstruction_values = torch.randn(5, 3, 4)
+    target = torch.randn(3, 4)
+    values = hook.edit_value_embeddings(reconstruction_values, target, None)
+    torch.testing.assert_close(values[:2], reconstruction_values[:2])
+    torch.testing.assert_close(values[2:], target.expand(3, 3, 4))
+
+
+@pytest.mark.parametrize("missing", ["images", "image_encoder"])
+def test_the_method_refuses_inputs_without_images_or_an_encoder(
+    tiny_sd, images, prompts, image_encoder, missing
+):
+    inputs = _inputs(tiny_sd, images[:1], prompts[:1], image_encoder)
+    inputs = dataclasses.replace(inputs, **{missing: None})
+    with pytest.raises(
+        ValueError,
+        match=r"^style_diffusion needs the images and an image encoder \(a CLIP vision tower\)$",
+    ):
+        style_diffusion_invert(inputs, StyleDiffusionParams(inner_steps=1))
+
+
+def test_the_result_keeps_the_ddim_path_the_counts_and_every_steps_networks(
+    tiny_sd, images, prompts, image_encoder
+):
+    """The trajectory is plain DDIM inversion (w = 1) with the source prompt; the iteration counts and
+    each step's trained networks (the state a stored inversion restores) are passed on."""
+    inputs = _inputs(tiny_sd, images[:2], prompts[:2], image_encoder)
+    params = StyleDiffusionParams(inner_steps=2, early_stop_epsilon=None, learning_rate=1e-3)
+    result = style_diffusion_invert(inputs, params)
+    errors = [None, None]
+    expected = ddim_trajectory(
+        inputs.unet,
+        inputs.schedule,
+        inputs.clean_latents,
+        inputs.cond_embeddings,
+        inputs.uncond_embeddings,
+        1.0,
+        errors,
+    )
+    torch.testing.assert_close(result.trajectory, expected)
+    assert result.iterations.tolist() == [[count] * 2 for count in inner_iterations(2, 0.1, STEPS)]
+    assert result.iterations.dtype == torch.long
+    trained = train_mapping_networks(inputs, params, expected, image_encoder(inputs.images), [None, None])
+    names = list(trained.weights[0])
+    assert {"conv0_weight", "conv2_bias", "norm_weight"} <= set(names)
+    assert set(result.kept) == {f"mapping.{step}.{name}" for step in range(STEPS) for name in names}
+    for step in range(STEPS):
+        for name in names:
+            torch.testing.assert_close(result.kept[f"mapping.{step}.{name}"], trained.weights[step][name])
+    assert not torch.equal(
+        result.kept["mapping.0.conv0_weight"], result.kept[f"mapping.{STEPS - 1}.conv0_weight"]
+    )
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_without_warm_start_every_step_trains_from_the_initial_networks(
+    tiny_sd, images, prompts, image_encoder, warm_start
+):
+    """One Adam step per timestep moves each weight by at most lr: without warm start every step's
+    networks are within lr of the initial draw; with it, step i's are up to (i + 1) lr away."""
+    inputs = _inputs(tiny_sd, images[:1], prompts[:1], image_encoder)
+    learning_rate = 2e-3  # not Adam's default, which the networks must not fall back to
+    params = StyleDiffusionParams(
+        inner_steps=1, early_stop_epsilon=None, learning_rate=learning_rate, warm_start=warm_start
+    )
+    trajectory = ddim_trajectory(
+        inputs.unet,
+        inputs.schedule,
+        inputs.clean_latents,
+        inputs.cond_embeddings,
+        inputs.uncond_embeddings,
+        1.0,
+        [None],
+    )
+    tokens = image_encoder(inputs.images)
+    trained = train_mapping_networks(inputs, params, trajectory, tokens, [None])
+    initial = init_mapping(tokens.shape[1], tokens.shape[2], *inputs.cond_embeddings.shape[1:], params.seed)
+    last = trained.weights[-1]["conv2_weight"][0]
+    distance = (last - initial["conv2_weight"]).abs().max().item()
+    assert trained.iterations.tolist() == [[1]] * STEPS
+    first_move = (trained.weights[0]["conv2_weight"][0] - initial["conv2_weight"]).abs().max().item()
+    assert first_move > 0.9 * learning_rate  # Adam's first step moves a weight by about lr
+    if warm_start:
+        assert distance > 1.5 * learning_rate
+    else:
+        assert distance <= learning_rate * 1.001
+        for weights in trained.weights:
+            for name, value in initial.items():
+                assert (weights[name][0] - value).abs().max() <= learning_rate * 1.001, name
+
+
+def _poison_image_1(unet, when):
+    """A forward hook that sets image 1's output to NaN on the first call for which `when(grad)` holds
+    (grad: whether the call builds a graph, i.e. an optimised branch)."""
+    state = {"done": False, "seen_grad": False}
+
+    def hook(module, args, kwargs, output):
+        grad = torch.is_grad_enabled()
+        if not state["done"] and when(grad, state):
+            output.sample[1:] = float("nan")
+            state["done"] = True
+        state["seen_grad"] = state["seen_grad"] or grad
+        return output
+
+    return unet.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize(
+    "when, message",
+    [
+        (
+            lambda grad, state: grad,
+            "image 1: non-finite loss in StyleDiffusion mapping-network training at step 0",
+        ),
+        (
+            lambda grad, state: state["seen_grad"] and not grad,
+            "image 1: non-finite latents in StyleDiffusion mapping-network training (reconstruction step) "
+            "at step 0",
+        ),
+    ],
+    ids=["optimisation", "reconstruction step"],
+)
+def test_a_nan_fails_its_image_with_the_loop_step_and_timestep_named(
+    tiny_sd, images, prompts, image_encoder, when, message
+):
+    inputs = _inputs(tiny_sd, images[:2], prompts[:2], image_encoder)
+    params = StyleDiffusionParams(inner_steps=2, early_stop_epsilon=None, learning_rate=1e-3)
+    handle = _poison_image_1(tiny_sd.unet, when)
+    try:
+        result = style_diffusion_invert(inputs, params)
+    finally:
+        handle.remove()
+    timestep = int(inputs.schedule.timesteps[0])
+    assert result.errors[0] is None
+    assert result.errors[1] == f"{message} (timestep {timestep})"
+
+
+def test_step_loss_is_eq_8_per_image():
+    generator = torch.Generator().manual_seed(2)
+    landed, pivot = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3, generator=generator)
+    maps = [torch.rand(2, 2, 9, 5, generator=generator) for _ in range(3)]
+    pivot_maps = [torch.rand(2, 2, 9, 5, generator=generator) for _ in range(3)]
+    losses = step_loss(landed, pivot, maps, pivot_maps, 50.0)
+    for image in range(2):
+        expected = F.mse_loss(landed[image], pivot[image]) + 50.0 * sum(
+            F.mse_loss(own[image], target[image]) for own, target in zip(maps, pivot_maps, strict=True)
+        )
+        torch.testing.assert_close(losses[image], expected)
+    # Without attention layers the loss is the latent term alone.
+    torch.testing.assert_close(
+        step_loss(landed, pivot, [], [], 50.0), (landed - pivot).pow(2).flatten(1).mean(1)
+    )
+
+
+def test_a_step_ends_for_an_image_once_its_loss_is_below_epsilon_plus_i_times_2e_5():
+    """The reference code breaks on loss < epsilon + i * 2e-5: at step 5 (threshold 1.1e-4) a loss just
+    below ends the image's step, one at or above the threshold keeps it training."""
+    params = StyleDiffusionParams(early_stop_epsilon=1e-5)
+    threshold = params.early_stop_epsilon + 5 * 2e-5
+    errors = [None, None, None, None]
+    still = still_active([0, 1, 2, 3], [1.05e-4, threshold, 1.15e-4, 5e-6], 5, 801, params, errors)
+    assert still == [1, 2]
+    assert errors == [None] * 4
+    # Without epsilon nothing stops early; a non-finite loss fails its image, named.
+    never = StyleDiffusionParams(early_stop_epsilon=None)
+    assert still_active([0, 1], [0.0, float("nan")], 2, 601, never, errors) == [0]
+    assert (
+        errors[1]
+        == "image 1: non-finite loss in StyleDiffusion mapping-network training at step 2 (timestep 601)"
+    )
+
+
+def test_a_nan_in_the_ddim_inversion_fails_its_image_there(tiny_sd, images, prompts, image_encoder):
+    inputs = _inputs(tiny_sd, images[:2], prompts[:2], image_encoder)
+    handle = _poison_image_1(tiny_sd.unet, lambda grad, state: True)  # the inversion's first call
+    try:
+        result = style_diffusion_invert(inputs, StyleDiffusionParams(inner_steps=1))
+    finally:
+        handle.remove()
+    first = STEPS - 1  # the inversion walks the grid from the clean end
+    timestep = int(inputs.schedule.timesteps[first])
+    assert result.errors == [
+        None,
+        f"image 1: non-finite latents in DDIM inversion at step {first} (timestep {timestep})",
+    ]
+    assert result.iterations[:, 1].sum() == 0  # the failed image trains no network
