@@ -55,6 +55,19 @@ def _inputs(model, images, prompts, encoder, steps=STEPS):
     )
 
 
+def _ddim_path(inputs: InversionInputs, errors: list) -> torch.Tensor:
+    """StyleDiffusion's trajectory: DDIM inversion at w = 1 with the source prompt, (S+1, B, C, h, w)."""
+    return ddim_trajectory(
+        inputs.unet,
+        inputs.schedule,
+        inputs.clean_latents,
+        inputs.cond_embeddings,
+        inputs.uncond_embeddings,
+        1.0,
+        errors,
+    )
+
+
 class _AllCrossMaps:
     """Records the cross-attention probabilities of every layer, in call order."""
 
@@ -103,15 +116,7 @@ def test_batched_training_equals_each_image_alone_with_different_early_stops(
     tiny_sd, images, prompts, image_encoder
 ):
     inputs = _inputs(tiny_sd, images[:3], prompts[:3], image_encoder)
-    trajectory = ddim_trajectory(
-        inputs.unet,
-        inputs.schedule,
-        inputs.clean_latents,
-        inputs.cond_embeddings,
-        inputs.uncond_embeddings,
-        1.0,
-        [None] * 3,
-    )
+    trajectory = _ddim_path(inputs, [None] * 3)
     probe = StyleDiffusionParams(inner_steps=1, learning_rate=1e-3, early_stop_epsilon=None)
     first = train_mapping_networks(inputs, probe, trajectory, image_encoder(inputs.images), [None] * 3)
     # An epsilon between two images' first losses stops some images after one iteration at step 0.
@@ -253,15 +258,7 @@ def test_training_follows_algorithm_1_and_eqs_5_to_8(
     params = StyleDiffusionParams(
         inner_steps=4, learning_rate=1e-3, attention_weight=attention_weight, early_stop_epsilon=None
     )
-    trajectory = ddim_trajectory(
-        inputs.unet,
-        inputs.schedule,
-        inputs.clean_latents,
-        inputs.cond_embeddings,
-        inputs.uncond_embeddings,
-        1.0,
-        [None],
-    )
+    trajectory = _ddim_path(inputs, [None])
     tokens = image_encoder(inputs.images)
     ours = train_mapping_networks(inputs, params, trajectory, tokens, [None])
     weights = init_mapping(tokens.shape[1], tokens.shape[2], *inputs.cond_embeddings.shape[1:], params.seed)
@@ -458,16 +455,7 @@ def test_the_result_keeps_the_ddim_path_the_counts_and_every_steps_networks(
     inputs = _inputs(tiny_sd, images[:2], prompts[:2], image_encoder)
     params = StyleDiffusionParams(inner_steps=2, early_stop_epsilon=None, learning_rate=1e-3)
     result = style_diffusion_invert(inputs, params)
-    errors = [None, None]
-    expected = ddim_trajectory(
-        inputs.unet,
-        inputs.schedule,
-        inputs.clean_latents,
-        inputs.cond_embeddings,
-        inputs.uncond_embeddings,
-        1.0,
-        errors,
-    )
+    expected = _ddim_path(inputs, [None, None])
     torch.testing.assert_close(result.trajectory, expected)
     assert result.iterations.tolist() == [[count] * 2 for count in inner_iterations(2, 0.1, STEPS)]
     assert result.iterations.dtype == torch.long
@@ -494,15 +482,7 @@ def test_without_warm_start_every_step_trains_from_the_initial_networks(
     params = StyleDiffusionParams(
         inner_steps=1, early_stop_epsilon=None, learning_rate=learning_rate, warm_start=warm_start
     )
-    trajectory = ddim_trajectory(
-        inputs.unet,
-        inputs.schedule,
-        inputs.clean_latents,
-        inputs.cond_embeddings,
-        inputs.uncond_embeddings,
-        1.0,
-        [None],
-    )
+    trajectory = _ddim_path(inputs, [None])
     tokens = image_encoder(inputs.images)
     trained = train_mapping_networks(inputs, params, trajectory, tokens, [None])
     initial = init_mapping(tokens.shape[1], tokens.shape[2], *inputs.cond_embeddings.shape[1:], params.seed)
