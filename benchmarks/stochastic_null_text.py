@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.editors import load_null_text_vae
 from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
 from pipeline.metrics import build_perceptual, psnr
 from pipeline.metrics.diversity import mean_pairwise_distance
@@ -76,6 +77,11 @@ def main() -> None:
     parser.add_argument("--decoder-base", choices=["mean", "input"], default="input")
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--training-path", choices=["null_text", "sampled"], default="sampled")
+    parser.add_argument(
+        "--vae",
+        help="a dataset-wide null-text VAE artefact (inversa train jobs/train_null_text_vae.yaml): every "
+        "image samples from it and none is trained per image (--epochs etc. are then unused)",
+    )
     parser.add_argument("--output", type=Path, help="write the measured numbers to this JSON file")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -94,14 +100,20 @@ def main() -> None:
         decoder_base=args.decoder_base,
         vae_learning_rate=args.vae_lr,
         training_path=args.training_path,
+        vae=args.vae,
     )
+    dataset_vae = load_null_text_vae(model, args.vae) if args.vae else None
     started = time.perf_counter()
-    inversion = invert(model, images, captions, config)
+    inversion = invert(model, images, captions, config, embedding_vae=dataset_vae)
     seconds = time.perf_counter() - started
-    print(f"inversion + VAE training of {len(samples)} images: {seconds:.1f} s")
     history = inversion.latents.edit_hook.history
-    last = history.reconstruction[-len(history.reconstruction) // 4 :].mean().item()
-    print(f"VAE: L_rec over the last quarter {last:.2e}, KL {history.kl[-1].mean().item():.2f} nats")
+    last = None
+    if history is None:
+        print(f"inversion of {len(samples)} images (the dataset VAE {args.vae}): {seconds:.1f} s")
+    else:
+        print(f"inversion + VAE training of {len(samples)} images: {seconds:.1f} s")
+        last = history.reconstruction[-len(history.reconstruction) // 4 :].mean().item()
+        print(f"VAE: L_rec over the last quarter {last:.2e}, KL {history.kl[-1].mean().item():.2f} nats")
     source = unit(images)
     null_text_psnr = psnr(unit(inversion.reconstructions), source).mean().item()
     print(f"null-text reconstruction PSNR: {null_text_psnr:.2f} dB")

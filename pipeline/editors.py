@@ -34,11 +34,13 @@ from pipeline.diffusion.tokens import encode_prompts
 from pipeline.methods import diffusion_clip as dc
 from pipeline.methods import zip_attribute as za
 from pipeline.methods.cond_vae import ConditionalEmbeddingVAE, VAESizes
+from pipeline.methods.null_text_vae import EmbeddingVAE
 from pipeline.models.loading import DiffusionModel
 from pipeline.models.vae import decode_latents, encode_images
 from pipeline.training import zip_encoder
 from pipeline.training.artefact import (
     COND_VAE_KIND,
+    NULL_TEXT_VAE_KIND,
     ZIP_ENCODER_KIND,
     ArtefactError,
     check_base_model,
@@ -122,6 +124,27 @@ def load_embedding_vae(model: DiffusionModel, uri: str) -> ConditionalEmbeddingV
     vae.load_state_dict(artefact.weights)
     vae.to(model.device).eval().requires_grad_(False)
     vae.uri, vae.version = uri, artefact.version
+    return vae
+
+
+def load_null_text_vae(model: DiffusionModel, uri: str) -> EmbeddingVAE:
+    """A dataset-wide null-text VAE artefact (`inversa train`, kind null_text_vae) for `model`, frozen;
+    its `uri`, `version` and `config` (the training config) attributes name the artefact.
+
+    Raises:
+        ArtefactError: missing, modified, of another kind, or trained on another base model.
+    """
+    manifest = read_manifest(uri)
+    check_base_model(manifest, uri, model.fingerprint, model.model_id)
+    artefact = read_artefact(uri, kind=NULL_TEXT_VAE_KIND)
+    config = artefact.config
+    tokens, channels = config["tokens"], config["channels"]
+    sizes = VAESizes(config["latent_dim"], config["reduced_channels"], config["hidden_dim"])
+    base = torch.zeros(1, tokens, channels)
+    vae = EmbeddingVAE(1, tokens, channels, sizes, base, torch.Generator(), add_input=True)
+    vae.load_state_dict(artefact.weights)
+    vae.to(model.device).eval().requires_grad_(False)
+    vae.uri, vae.version, vae.config = uri, artefact.version, config
     return vae
 
 

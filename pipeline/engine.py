@@ -98,7 +98,7 @@ def _check_prompts(model: DiffusionModel, prompts: list[str], count: int, argume
         prompt_token_ids(model.tokenizer, prompt, f"{argument}[{index}]")
 
 
-def _check_config(model: DiffusionModel, config: InversionConfig, image_encoder=None):
+def _check_config(model: DiffusionModel, config: InversionConfig, image_encoder=None, embedding_vae=None):
     """The method's registry entry and parameters, or EngineInputError naming the fix."""
     try:
         info = get_method(config.method)
@@ -120,6 +120,13 @@ def _check_config(model: DiffusionModel, config: InversionConfig, image_encoder=
             f"inversion.method {config.method!r} maps the image itself through a CLIP vision tower; "
             "pass image_encoder (e.g. ClipScorer(...).image_tokens) to invert()."
         )
+    named_vae = getattr(params, "vae", None)
+    if (named_vae is None) != (embedding_vae is None):
+        raise EngineInputError(
+            f"inversion.params.vae is {named_vae!r} but invert() was given "
+            f"{'no' if embedding_vae is None else 'an'} embedding_vae; pass the VAE the spec names "
+            "(pipeline.editors.load_null_text_vae) exactly when it names one."
+        )
     return params
 
 
@@ -129,6 +136,7 @@ def invert(
     source_prompts: list[str],
     config: InversionConfig,
     image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    embedding_vae: torch.nn.Module | None = None,
 ) -> InversionResult:
     """Invert a batch of images once, with their reconstruction.
 
@@ -140,12 +148,14 @@ def invert(
         config: the method and its parameters.
         image_encoder: f(images (B, 3, H, W) in [0, 1]) -> (B, N, D') image tokens, for methods that
             encode the image itself (style_diffusion: the frozen CLIP vision tower).
+        embedding_vae: the dataset-wide VAE that `inversion.params.vae` names (null_text_vae), loaded
+            by `pipeline.editors.load_null_text_vae`; exactly when the config names one.
 
     Returns:
         InversionResult; images that failed (non-finite values) carry an error, the others are usable.
     """
     started = time.perf_counter()
-    params = _check_config(model, config, image_encoder)
+    params = _check_config(model, config, image_encoder, embedding_vae)
     _check_images(model, images)
     _check_prompts(model, source_prompts, images.shape[0], "source_prompts")
     schedule = DDIMSchedule.from_scheduler(model.scheduler, config.num_steps, config.resolved_strength)
@@ -158,6 +168,7 @@ def invert(
         guidance_scale=config.guidance_scale,
         images=images.to(model.device).permute(0, 3, 1, 2).float() / 255.0,
         image_encoder=image_encoder,
+        embedding_vae=embedding_vae,
     )
     with precision.using(model.precision):
         result = load_invert(config.method)(inputs, params)

@@ -23,6 +23,7 @@ from pipeline.stages.read import expand_shards
 from pipeline.training.artefact import (
     COND_VAE_KIND,
     DIFFUSION_CLIP_KIND,
+    NULL_TEXT_VAE_KIND,
     ZIP_ENCODER_KIND,
     ArtefactError,
     check_base_model,
@@ -282,6 +283,7 @@ def job_problems(config: JobConfig, cluster: dict[str, float] | None) -> tuple[l
     problems += factory_problems(config)
     problems += editor_problems(config)
     problems += embedding_vae_problems(config)
+    problems += null_text_vae_problems(config)
     if cluster is not None:
         shortfall = resource_shortfall(config.resources, cluster)
         problems += [f"resources: {shortfall}"] if shortfall else []
@@ -336,6 +338,48 @@ def embedding_vae_problems(config: JobConfig) -> list[str]:
         for index, spec in enumerate(config.edits)
         if spec.vae in problems
     ]
+
+
+def null_text_vae_problems(config: JobConfig) -> list[str]:
+    """Why the dataset-wide null-text VAE that `inversion.vae` names cannot be used: missing, corrupt, of
+    another kind, trained on another base model, or trained on null-text inversions made with other
+    settings than the job's (steps, w, N, lr, epsilon: its phi_t would come from another distribution)."""
+    uri = getattr(config.inversion.method_params, "vae", None)
+    if uri is None:
+        return []
+    problems, manifests = _artefact_problems(config, [uri], (NULL_TEXT_VAE_KIND,), "a null-text VAE")
+    if uri in manifests:
+        try:  # a VAE is small: its weights are read here to catch a modified or partial file
+            verified_weights(uri, manifest := manifests[uri])
+        except ArtefactError as error:
+            problems[uri] = str(error)
+        else:
+            problems.update(_null_text_settings_problem(config, uri, manifest["config"]))
+    return [f"inversion.vae: {problems[uri]}"] if uri in problems else []
+
+
+def _null_text_settings_problem(config: JobConfig, uri: str, trained: dict) -> dict[str, str]:
+    params = config.inversion.method_params
+    used = {
+        "num_steps": config.inversion.num_steps,
+        "guidance_scale": config.inversion.guidance_scale,
+        "inner_steps": params.inner_steps,
+        "learning_rate": params.learning_rate,
+        "early_stop_epsilon": params.early_stop_epsilon,
+    }
+    trained_with = {
+        "num_steps": trained.get("steps"),
+        "guidance_scale": trained.get("guidance_scale"),
+        **{key: trained.get(key) for key in ("inner_steps", "learning_rate", "early_stop_epsilon")},
+    }
+    differing = [key for key in used if trained_with[key] != used[key]]
+    if not differing:
+        return {}
+    shown = ", ".join(f"{key} {trained_with[key]!r} (the job: {used[key]!r})" for key in differing)
+    return {
+        uri: f"VAE {uri!r} was trained on null-text inversions with {shown}; invert with its settings or "
+        "train one with the job's"
+    }
 
 
 def _artefact_problems(

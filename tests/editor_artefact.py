@@ -81,3 +81,28 @@ def write_random_cond_vae(model, uri: str, seed: int, fingerprint: str | None = 
     weights = {name: tensor.detach().clone() for name, tensor in vae.state_dict().items()}
     config = {"latent_dim": 4, "reduced_channels": 2, "hidden_dim": 8, "tokens": tokens, "channels": channels}
     return write_artefact(uri, COND_VAE_KIND, weights, config, {}, fingerprint or model.fingerprint)
+
+
+def write_random_null_text_vae(
+    model, uri: str, seed: int, settings: dict | None = None, fingerprint: str | None = None
+) -> str:
+    """Write a dataset-wide null-text VAE artefact for `model` (seeded random last layer) in the format
+    `inversa train` writes, trained (as its config says) with `settings` (NullTextVAEConfig fields, e.g.
+    steps); returns its version."""
+    import dataclasses
+
+    from pipeline.methods.null_text_vae import EmbeddingVAE
+    from pipeline.training.null_text_vae import KIND as NULL_TEXT_VAE_KIND
+    from pipeline.training.null_text_vae import NullTextVAEConfig
+
+    config = NullTextVAEConfig(latent_dim=4, reduced_channels=2, hidden_dim=8, **(settings or {}))
+    tokens = model.text_encoder.config.max_position_embeddings
+    channels = model.text_encoder.config.hidden_size
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.zeros(1, tokens, channels)
+    vae = EmbeddingVAE(1, tokens, channels, config, base, generator, add_input=True)
+    with torch.no_grad():
+        vae.expand_weight.copy_(torch.randn(vae.expand_weight.shape, generator=generator))
+    weights = {name: tensor.detach().clone() for name, tensor in vae.state_dict().items()}
+    recorded = dataclasses.asdict(config) | {"tokens": tokens, "channels": channels}
+    return write_artefact(uri, NULL_TEXT_VAE_KIND, weights, recorded, {}, fingerprint or model.fingerprint)

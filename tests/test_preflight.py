@@ -215,3 +215,45 @@ def test_editor_weights_outside_eq_14s_range_and_sampled_editor_edits_are_refuse
         job = spec(tmp_path / str(index), edits=[{"target_class": "fox", **edit}])
         result = runner.invoke(app, ["validate", str(job)])
         assert result.exit_code == 2 and named in result.output and "Traceback" not in result.output
+
+
+def test_a_dataset_null_text_vae_missing_corrupt_of_another_kind_or_model_or_settings_is_named(
+    tmp_path, tiny_sd_path, tiny_sd
+):
+    from editor_artefact import write_random_cond_vae, write_random_null_text_vae
+
+    settings = {"steps": 4, "guidance_scale": 5.0, "inner_steps": 2}
+    names = ("good", "missing", "weights", "cond", "other-model", "other-steps")
+    good, missing, weights, cond, other_model, other_steps = (str(tmp_path / name) for name in names)
+    for uri in (good, weights):
+        write_random_null_text_vae(tiny_sd, uri, seed=1, settings=settings)
+    (tmp_path / "weights" / "weights.safetensors").write_bytes(b"truncated")
+    write_random_cond_vae(tiny_sd, cond, seed=1)
+    write_random_null_text_vae(tiny_sd, other_model, seed=1, settings=settings, fingerprint="0" * 64)
+    write_random_null_text_vae(tiny_sd, other_steps, seed=1, settings=settings | {"steps": 10})
+    edits = [{"target_class": "fox", "stochastic": "null_text_vae", "samples": 2}]
+
+    def job(uri: str, folder: str) -> Path:
+        inversion = {
+            "method": "null_text_vae",
+            "num_steps": 4,
+            "guidance_scale": 5.0,
+            "inner_steps": 2,
+            "vae": uri,
+        }
+        return spec(tmp_path / folder, **{"model.path": tiny_sd_path, "edits": edits, "inversion": inversion})
+
+    expected = {
+        missing: "no trained artefact",
+        weights: "does not match its version",
+        cond: "is a 'cond_vae' artefact, not a null-text VAE",
+        other_model: "trained on base model",
+        other_steps: "trained on null-text inversions with num_steps 10 (the job: 4); invert with its settings",
+    }
+    for index, (uri, message) in enumerate(expected.items()):
+        result = runner.invoke(app, ["validate", str(job(uri, f"job-{index}"))])
+        problems = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(problems) == 1, result.output
+        assert problems[0].startswith("error: inversion.vae: ") and message in problems[0], problems[0]
+        assert "Traceback" not in result.output
+    assert runner.invoke(app, ["validate", str(job(good, "good-job"))]).exit_code == 0

@@ -156,6 +156,8 @@ class InversionInputs:
         images: (B, 3, H, W) the images in [0, 1], for methods that encode the image itself.
         image_encoder: f(images (B, 3, H, W) in [0, 1]) -> (B, N, D') image tokens (a frozen CLIP
             vision tower), for methods that need one; None when the caller gave none.
+        embedding_vae: a trained dataset-wide embedding VAE (frozen) for methods that sample from one
+            instead of training their own (null_text_vae with `vae`); None when the caller gave none.
     """
 
     unet: torch.nn.Module
@@ -166,6 +168,7 @@ class InversionInputs:
     guidance_scale: float
     images: torch.Tensor | None = None
     image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+    embedding_vae: torch.nn.Module | None = None
 
     @property
     def batch_size(self) -> int:

@@ -85,6 +85,10 @@ class NullTextVAEParams:
         training_path: where each training step starts: "sampled", the VAE's own sampled path from
             z*_T in sampling order (what sampling does), or "null_text", null-text's reconstruction
             path z~_t, steps in a seeded random order.
+        vae: URI of a dataset-wide null-text VAE (`inversa train`, kind null_text_vae; the paper's
+            amortised option): every image samples from it and no per-image VAE is trained, so the
+            VAE's sizes and training settings above are the artefact's, not these. None: one VAE per
+            image, trained here.
     """
 
     inversion_guidance: float = 1.0
@@ -103,6 +107,7 @@ class NullTextVAEParams:
     seed: int = 0
     decoder_base: Literal["input", "mean"] = "input"
     training_path: Literal["null_text", "sampled"] = "sampled"
+    vae: str | None = None
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,10 @@ Legend:
                     path; `training_path: null_text` starts every step from z~_t in an order drawn from
                     the seed (teacher forcing: the per-step loss falls while the free-running samples
                     drift from the source, benchmarks/stochastic_null_text.py)
+    dataset VAE     `vae` (the paper's amortised option): one VAE (a single weight slice) trained by
+                    `inversa train` (kind null_text_vae, `pipeline.training.null_text_vae`) over many
+                    images' null-text embeddings with the same step (`sampled_null_text_step`) and loss
+                    (`step_losses`); every image of a batch samples from it and none is trained here
 
 Batching: each image's VAE has its own slice of every weight, the summed loss gives each slice the
 gradient of its own image's loss, and Adam works elementwise, so B images trained together equal B
@@ -238,20 +242,27 @@ def train_vae(
         beta = cyclical_beta(iteration, total, params.beta, params.kl_cycles, params.kl_ramp)
         timestep = timesteps[step_index]
         noise = torch.randn(1, params.latent_dim, generator=generator).to(device).expand(batch, -1)
-        step_timesteps = torch.full((batch,), timestep)
-        sampled, mu, logvar = vae.sample(null_text[step_index], step_timesteps, images, noise)
-        uncond_noise = optimised_branch_noise(unet, start, timestep, sampled)
         if sampled_path:
             with torch.no_grad():
                 cond = fixed_branch_noise(unet, start, timestep, inputs.cond_embeddings)
         else:
             cond = cond_noise[step_index]
-        guided = uncond_noise + inputs.guidance_scale * (cond - uncond_noise)
-        landed = schedule.step(guided, timestep, start)
+        landed, mu, logvar = sampled_null_text_step(
+            unet,
+            schedule,
+            vae,
+            start,
+            timestep,
+            null_text[step_index],
+            images,
+            noise,
+            cond,
+            inputs.guidance_scale,
+        )
         latents = torch.nan_to_num(landed.detach())
-        reconstruction = (landed - trajectory[steps - step_index - 1]).pow(2).flatten(1).mean(dim=1)
-        kl = kl_divergence(mu, logvar)
-        losses = params.alpha * reconstruction + beta * kl
+        losses, reconstruction, kl = step_losses(
+            landed, trajectory[steps - step_index - 1], mu, logvar, params.alpha, beta
+        )
         _fail_nonfinite(losses.detach(), errors, iteration, step_index)
         active = torch.tensor([error is None for error in errors], device=device, dtype=losses.dtype)
         optimizer.zero_grad(set_to_none=True)
@@ -265,6 +276,55 @@ def train_vae(
     return vae, history
 
 
+def sampled_null_text_step(
+    unet: torch.nn.Module,
+    schedule,
+    vae: EmbeddingVAE,
+    start: torch.Tensor,
+    timestep: int,
+    null_text: torch.Tensor,
+    rows: torch.Tensor,
+    noise: torch.Tensor,
+    cond_noise: torch.Tensor,
+    guidance_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One guided DDIM step of N latents with a sampled phi'_t as the unconditional embedding.
+
+    Args:
+        unet: eps_theta.
+        schedule: the DDIM grid.
+        start: (N, C, h, w) the latents at the start of the step.
+        timestep: t.
+        null_text: (N, L, D) phi_t.
+        rows: (N,) which VAE of `vae` encodes each row.
+        noise: (N, Z) eps_t.
+        cond_noise: (N, C, h, w) the conditional branch's noise (fixed: C is not trained).
+        guidance_scale: w.
+
+    Returns:
+        (N, C, h, w) z_{t-1} (differentiable in the VAE's weights), mu and logvar, each (N, Z).
+    """
+    timesteps = torch.full((start.shape[0],), timestep)
+    sampled, mu, logvar = vae.sample(null_text, timesteps, rows, noise)
+    uncond_noise = optimised_branch_noise(unet, start, timestep, sampled)
+    guided = uncond_noise + guidance_scale * (cond_noise - uncond_noise)
+    return schedule.step(guided, timestep, start), mu, logvar
+
+
+def step_losses(
+    landed: torch.Tensor,
+    pivot: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    alpha: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 1 per row: (L_phi, L_rec, L_reg), each (N,), for z_{t-1} `landed` against the pivot z*_{t-1}."""
+    reconstruction = (landed - pivot).pow(2).flatten(1).mean(dim=1)
+    kl = kl_divergence(mu, logvar)
+    return alpha * reconstruction + beta * kl, reconstruction, kl
+
+
 def _fail_nonfinite(losses: torch.Tensor, errors: list[str | None], iteration: int, step_index: int) -> None:
     for image, finite in enumerate(torch.isfinite(losses).tolist()):
         if not finite and errors[image] is None:
@@ -276,21 +336,35 @@ def _fail_nonfinite(losses: torch.Tensor, errors: list[str | None], iteration: i
 
 class NullTextVAEEditHook(EditHook):
     """Edits asking for a sample (`sample_temperature` set) run on a sampled phi' sequence drawn with
-    their seed; the others, and every source row, keep the optimised null-text embeddings."""
+    their seed; the others, and every source row, keep the optimised null-text embeddings.
+
+    Args:
+        vae: B per-image VAEs, or one dataset-wide VAE (`shared`) that every image samples from.
+        null_text: (S, B, L, D) phi_t.
+        timesteps: (S,) the sampling steps' timesteps.
+        history: the per-image VAEs' training history; None for a dataset-wide VAE (trained by a job).
+        shared: `vae` holds one VAE for all images.
+    """
 
     stochastic = True
 
     def __init__(
-        self, vae: EmbeddingVAE, null_text: torch.Tensor, timesteps: torch.Tensor, history: TrainingHistory
+        self,
+        vae: EmbeddingVAE,
+        null_text: torch.Tensor,
+        timesteps: torch.Tensor,
+        history: TrainingHistory | None,
+        shared: bool = False,
     ):
         self.vae, self.null_text, self.timesteps, self.history = vae, null_text, timesteps, history
+        self.shared = shared
 
     def sample_embeddings(self, image: int, seed: int, temperature: float) -> torch.Tensor:
         """(S, L, D) phi'_1..phi'_S of `image`, reproducible from `seed` (noise drawn on the CPU)."""
         steps, latent = self.null_text.shape[0], self.vae.mu_weight.shape[-1]
         noise = torch.randn(steps, latent, generator=torch.Generator().manual_seed(seed))
         device = self.null_text.device
-        images = torch.full((steps,), image, device=device, dtype=torch.long)
+        images = torch.full((steps,), 0 if self.shared else image, device=device, dtype=torch.long)
         with torch.no_grad():
             sampled, _, _ = self.vae.sample(
                 self.null_text[:, image], self.timesteps, images, noise.to(device), temperature
@@ -304,7 +378,8 @@ class NullTextVAEEditHook(EditHook):
 
 
 def invert(inputs: InversionInputs, params: NullTextVAEParams) -> MethodResult:
-    """Null-text inversion of all B images, then every image's VAE trained along its trajectory.
+    """Null-text inversion of all B images, then every image's VAE trained along its trajectory, or,
+    with `params.vae`, the dataset-wide VAE in `inputs.embedding_vae` shared by all of them.
 
     Args:
         inputs: the batch, as for null-text inversion.
@@ -318,10 +393,19 @@ def invert(inputs: InversionInputs, params: NullTextVAEParams) -> MethodResult:
         raise EngineInputError(
             "null_text_vae: epochs, latent_dim, reduced_channels and hidden_dim must be at least 1."
         )
+    if (params.vae is None) != (inputs.embedding_vae is None):
+        raise EngineInputError(
+            "null_text_vae: give the dataset-wide VAE (inputs.embedding_vae) exactly when params.vae names one."
+        )
     trajectory, optimized = pivotal_null_text(inputs, params)
     errors = list(optimized.errors)
-    vae, history = train_vae(inputs, trajectory, optimized.path, optimized.embeddings, params, errors)
-    hook = NullTextVAEEditHook(vae, optimized.embeddings, inputs.schedule.timesteps, history)
+    if inputs.embedding_vae is not None:  # the amortised option: one VAE for all images, already trained
+        hook = NullTextVAEEditHook(
+            inputs.embedding_vae, optimized.embeddings, inputs.schedule.timesteps, None, shared=True
+        )
+    else:
+        vae, history = train_vae(inputs, trajectory, optimized.path, optimized.embeddings, params, errors)
+        hook = NullTextVAEEditHook(vae, optimized.embeddings, inputs.schedule.timesteps, history)
     return MethodResult(
         trajectory=trajectory,
         uncond_embeddings=optimized.embeddings,

@@ -36,6 +36,7 @@ from pipeline.editors import (
     edit_with_editors,
     load_editors,
     load_embedding_vae,
+    load_null_text_vae,
     read_reference_image,
 )
 from pipeline.engine import EditRequest
@@ -248,6 +249,9 @@ class InvertEditActor:
             uri: load_embedding_vae(self.model, uri)
             for uri in dict.fromkeys(spec.vae for spec in edits if spec.vae)
         }
+        # null_text_vae's amortised option: one VAE for every image, read once per actor.
+        inversion_vae = getattr(inversion.method_params, "vae", None)
+        self.inversion_vae = load_null_text_vae(self.model, inversion_vae) if inversion_vae else None
         self._references: dict[str, torch.Tensor] = {}
 
     def _invert(
@@ -260,7 +264,9 @@ class InvertEditActor:
             (engine results, per image where its inversion is held or its failure, seconds per image).
         """
         try:
-            result = engine.invert(self.model, images, prompts, self.inversion, self.image_encoder)
+            result = engine.invert(
+                self.model, images, prompts, self.inversion, self.image_encoder, self.inversion_vae
+            )
         except Exception:  # retried image by image, where each image's failure is labelled
             if len(prompts) == 1:
                 raise
@@ -279,7 +285,12 @@ class InvertEditActor:
         for index, prompt in enumerate(prompts):
             try:
                 result = engine.invert(
-                    self.model, images[index : index + 1], [prompt], self.inversion, self.image_encoder
+                    self.model,
+                    images[index : index + 1],
+                    [prompt],
+                    self.inversion,
+                    self.image_encoder,
+                    self.inversion_vae,
                 )
             except Exception as error:  # this image's inversion failure
                 inverted.append(_inversion_failure(f"{type(error).__name__}: {error}"))
@@ -473,11 +484,16 @@ class InvertEditActor:
                 output.add_edit(self._with_vae_version(job.plan), outcome)
 
     def _with_vae_version(self, plan):
-        """The plan with its conditional-embedding VAE's version in params (what produced the edit)."""
-        if plan.embedding_vae is None:
+        """The plan with the version of the trained VAE its sample came from in params (what produced the
+        edit): its conditional-embedding VAE, or the inversion's dataset-wide null-text VAE."""
+        if plan.embedding_vae is not None:
+            vae = self.embedding_vaes[plan.embedding_vae]
+        elif plan.sample_seed is not None and self.inversion_vae is not None:
+            vae = self.inversion_vae
+        else:
             return plan
         params = json.loads(plan.params)
-        params["stochastic"]["version"] = self.embedding_vaes[plan.embedding_vae].version
+        params["stochastic"]["version"] = vae.version
         return dataclasses.replace(plan, params=json.dumps(params, sort_keys=True))
 
     def _reference(self, uri: str) -> torch.Tensor:

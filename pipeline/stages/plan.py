@@ -166,8 +166,9 @@ def plan_edits(
                 "samples": spec.samples,
                 "temperature": spec.temperature,
             }
-            if spec.vae is not None:  # the actor adds the artefact's version
-                params["stochastic"]["vae"] = spec.vae
+            vae = _sampled_vae(spec, inversion)
+            if vae is not None:  # the actor adds the artefact's version
+                params["stochastic"]["vae"] = vae
         stochastic = spec.stochastic is not None
         group = make_edit_id(source_id, spec, inversion, prompt, None) if stochastic else None
         for seed, sample_index, sample_seed in spec.sample_seeds():
@@ -190,6 +191,14 @@ def plan_edits(
                 )
             )
     return planned, failures
+
+
+def _sampled_vae(spec: EditSpec, inversion: InversionConfig) -> str | None:
+    """The URI of the trained VAE a stochastic edit samples from: its own (cond_vae), the inversion's
+    dataset-wide null-text VAE (null_text_vae with `vae`), or None (a VAE trained per image)."""
+    if spec.stochastic == "null_text_vae":
+        return getattr(inversion.method_params, "vae", None)
+    return spec.vae
 
 
 def _params(

@@ -34,6 +34,7 @@ MANIFEST_NAME = "artefact.json"
 DIFFUSION_CLIP_KIND = "diffusion_clip"  # a DiffusionCLIP editor (`pipeline.training.diffusion_clip`)
 ZIP_ENCODER_KIND = "zip_encoder"  # a ZIP attribute encoder (`pipeline.training.zip_encoder`)
 COND_VAE_KIND = "cond_vae"  # a conditional-embedding VAE (`pipeline.training.cond_vae`)
+NULL_TEXT_VAE_KIND = "null_text_vae"  # a dataset-wide null-text VAE (`pipeline.training.null_text_vae`)
 
 
 class ArtefactError(ValueError):

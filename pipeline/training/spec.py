@@ -34,6 +34,10 @@ TASKS: dict[str, tuple[str, str]] = {
         "pipeline.training.cond_vae:CondVAEConfig",
         "pipeline.training.cond_vae:build_task",
     ),
+    "null_text_vae": (
+        "pipeline.training.null_text_vae:NullTextVAEConfig",
+        "pipeline.training.null_text_vae:build_task",
+    ),
 }
 
 

@@ -388,16 +388,16 @@ def test_sampled_training_path_walks_every_epoch_from_z_T_along_its_own_steps(ti
     history, trajectory = result.latents.edit_hook.history, result.latents.trajectory
     iterations = params.epochs * STEPS
     assert history.step_index == list(range(STEPS)) * params.epochs
-    training = calls[-2 * iterations :]  # per iteration: the optimised (uncond) call, then the cond call
+    training = calls[-2 * iterations :]  # per iteration: the fixed (cond) call, then the optimised one
     timesteps = [int(t) for t in schedule.timesteps]
     for iteration in range(iterations):
-        (start, uncond), (cond_start, cond) = training[2 * iteration], training[2 * iteration + 1]
+        (cond_start, cond), (start, uncond) = training[2 * iteration], training[2 * iteration + 1]
         assert torch.equal(start, cond_start)
         step = iteration % STEPS
         if step == 0:
             assert torch.equal(start, trajectory[-1])
         else:
-            (previous, previous_uncond), (_, previous_cond) = training[2 * iteration - 2 : 2 * iteration]
+            (_, previous_cond), (previous, previous_uncond) = training[2 * iteration - 2 : 2 * iteration]
             guided = previous_uncond + 7.5 * (previous_cond - previous_uncond)
             expected = schedule.step(guided, timesteps[step - 1], previous)
             torch.testing.assert_close(start, expected, rtol=1e-5, atol=1e-6)
@@ -456,3 +456,65 @@ def test_null_text_training_path_starts_every_step_from_null_texts_path(tiny_sd,
     )
     for start, step in zip(training, history.step_index, strict=True):
         torch.testing.assert_close(start, starts[step], rtol=1e-5, atol=1e-6)
+
+
+def _dataset_vae(model, seed: int) -> EmbeddingVAE:
+    """A dataset-wide VAE (one set of weights) whose last layer is random, so its samples are not phi_t."""
+    params = _config().method_params
+    generator = torch.Generator().manual_seed(seed)
+    tokens, channels = (
+        model.text_encoder.config.max_position_embeddings,
+        model.text_encoder.config.hidden_size,
+    )
+    vae = EmbeddingVAE(
+        1, tokens, channels, params, torch.zeros(1, tokens, channels), generator, add_input=True
+    )
+    with torch.no_grad():
+        vae.expand_weight.copy_(torch.randn(vae.expand_weight.shape, generator=generator))
+        vae.logvar_bias.fill_(1.0)
+    return vae.requires_grad_(False)
+
+
+def test_a_dataset_vae_is_shared_by_every_image_and_left_untrained(tiny_sd, images):
+    """`vae` (the amortised option): no VAE is trained per image; every image samples from the one VAE
+    given, phi'_t = phi_t + D(mu + tau sigma eps) with its own phi_t and the seed's eps."""
+    vae = _dataset_vae(tiny_sd, seed=5)
+    before = {name: tensor.clone() for name, tensor in vae.state_dict().items()}
+    config = _config(vae="out/vaes/dataset/artefact", decoder_base="input")
+    result = invert(tiny_sd, images[:2], [SOURCE, SOURCE], config, embedding_vae=vae)
+    hook = result.latents.edit_hook
+    assert hook.vae is vae and hook.history is None
+    assert all(torch.equal(tensor, before[name]) for name, tensor in vae.state_dict().items())
+    null_text = invert(
+        tiny_sd,
+        images[:2],
+        [SOURCE, SOURCE],
+        InversionConfig.of("null_text", num_steps=STEPS, guidance_scale=7.5, inner_steps=2),
+    )
+    assert torch.equal(hook.null_text, null_text.latents.uncond_embeddings)  # null-text inversion as before
+    timesteps = [int(t) for t in result.schedule.timesteps]
+    for image in range(2):
+        noise = torch.randn(STEPS, 4, generator=torch.Generator().manual_seed(9))
+        sampled = hook.sample_embeddings(image, 9, 2.0)
+        for step in range(STEPS):
+            expected, _, _ = _reference_decode(
+                vae, 0, hook.null_text[step, image], timesteps[step], noise[step], 2.0
+            )
+            torch.testing.assert_close(sampled[step], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(hook.sample_embeddings(0, 9, 2.0), hook.null_text[:, 0])
+    # Batched edits of both images equal single edits (each image reads weights 0, not its index).
+    requests = [_request(0, 1, 1.0), _request(1, 1, 1.0)]
+    together = edit(tiny_sd, result, requests)
+    for request, joint in zip(requests, together, strict=True):
+        torch.testing.assert_close(
+            joint.latents, edit(tiny_sd, result, [request])[0].latents, rtol=1e-4, atol=1e-5
+        )
+
+
+def test_a_dataset_vae_is_passed_exactly_when_the_config_names_one(tiny_sd, images):
+    with pytest.raises(
+        EngineInputError, match="inversion.params.vae is 'out/v' but invert\\(\\) was given no"
+    ):
+        invert(tiny_sd, images[:1], [SOURCE], _config(vae="out/v"))
+    with pytest.raises(EngineInputError, match="inversion.params.vae is None but invert\\(\\) was given an"):
+        invert(tiny_sd, images[:1], [SOURCE], _config(), embedding_vae=_dataset_vae(tiny_sd, seed=1))

@@ -47,9 +47,9 @@ def run_actor(model_path, batch, inversion, monkeypatch) -> tuple[dict, list[lis
     calls = []
     original = engine.invert
 
-    def recording_invert(model, images, prompts, config, image_encoder=None):
+    def recording_invert(model, images, prompts, config, *args):
         calls.append(list(prompts))
-        return original(model, images, prompts, config, image_encoder)
+        return original(model, images, prompts, config, *args)
 
     monkeypatch.setattr(invert_edit.engine, "invert", recording_invert)
     actor = InvertEditActor(model_path, "cpu", "float32", inversion, SPECS, MetricsConfig(), 8)
@@ -122,10 +122,10 @@ def rejecting(prompt: str, monkeypatch) -> str:
     """Make the engine raise on any inversion call holding `prompt`; returns the failure's message."""
     original = engine.invert
 
-    def invert(model, images, prompts, config, image_encoder=None):
+    def invert(model, images, prompts, config, *args):
         if prompt in prompts:
             raise EngineInputError(f"prompt {prompt!r} rejected")
-        return original(model, images, prompts, config, image_encoder)
+        return original(model, images, prompts, config, *args)
 
     monkeypatch.setattr(invert_edit.engine, "invert", invert)
     return f"EngineInputError: prompt {prompt!r} rejected"
@@ -273,6 +273,57 @@ def test_cond_vae_samples_equal_the_engines_samples_and_record_the_vae(
                 seed=record["sample_seed"],
                 sample_temperature=2.0,
                 embedding_vae=vae,
+            )
+            expected = engine.edit(tiny_sd, reference, [request])[0]
+            difference = np.abs(output["edit_images"][row][position].astype(int) - expected.image.numpy())
+            assert difference.max() <= 2, (row, position, difference.max())
+    assert not np.array_equal(output["edit_images"][0][0], output["edit_images"][0][1])
+
+
+def test_a_dataset_null_text_vae_is_loaded_once_and_its_samples_equal_the_engines(
+    tiny_sd_path, tiny_sd, images, prompts, tmp_path
+):
+    """inversion.vae: the actor loads the dataset-wide null-text VAE once and inverts every batch with it
+    (no VAE is trained per image); each sample equals the engine's edit with the loaded VAE and its sample
+    seed, and params name the VAE's URI and version."""
+    from editor_artefact import write_random_null_text_vae
+
+    from pipeline.editors import load_null_text_vae
+
+    uri = str(tmp_path / "vae")
+    version = write_random_null_text_vae(tiny_sd, uri, seed=2, settings={"steps": 3, "inner_steps": 1})
+    spec = EditSpec(
+        target_class="square",
+        source_classes=("circle", "star"),
+        seeds=(4,),
+        samples=2,
+        stochastic="null_text_vae",
+        temperature=30.0,
+    )
+    inversion = JobInversionConfig.of(
+        method="null_text_vae", num_steps=3, inner_steps=1, guidance_scale=5.0, vae=uri
+    )
+    actor = InvertEditActor(tiny_sd_path, "cpu", "float32", inversion, (spec,), MetricsConfig(), 8)
+    assert actor.inversion_vae.version == version
+    output = actor(source_batch(images, prompts))
+    records = [json.loads(output["edits_json"][row]) for row in range(3)]
+    assert [len(row_records) for row_records in records] == [2, 2, 0]
+    vae = load_null_text_vae(tiny_sd, uri)
+    for row in range(2):
+        caption = str(output["caption"][row])
+        reference = engine.invert(tiny_sd, images[row][None], [caption], inversion, None, vae)
+        assert reference.latents.edit_hook.vae is vae and reference.latents.edit_hook.history is None
+        for position, record in enumerate(records[row]):
+            params = json.loads(record["params"])["stochastic"]
+            assert params == {
+                "method": "null_text_vae",
+                "samples": 2,
+                "temperature": 30.0,
+                "vae": uri,
+                "version": version,
+            }
+            request = EditRequest(
+                0, record["target_prompt"], spec.control, seed=record["sample_seed"], sample_temperature=30.0
             )
             expected = engine.edit(tiny_sd, reference, [request])[0]
             difference = np.abs(output["edit_images"][row][position].astype(int) - expected.image.numpy())

@@ -129,3 +129,27 @@ def test_the_shipped_cond_vae_spec_round_trips_and_keeps_the_edits_of_the_job_th
     data["cond_vae"]["gama"] = -0.1
     with pytest.raises(ConfigError, match="cond_vae.gama"):
         parse_train_spec(data)
+
+
+def test_the_shipped_null_text_vae_spec_round_trips_and_matches_the_job_that_samples_from_it():
+    from pipeline.config import load_config
+
+    spec = load_train_spec(ROOT / "jobs" / "train_null_text_vae.yaml")
+    assert spec.kind == "null_text_vae" and parse_train_spec(to_mapping(spec)) == spec
+    job = load_config(ROOT / "jobs" / "shapes_null_text_vae.yaml")
+    params = job.inversion.method_params
+    assert job.inversion.method == "null_text_vae" and params.vae == f"{spec.output}/artefact"
+    (edit,) = job.edits
+    assert edit.stochastic == "null_text_vae" and edit.samples > 1
+    # The VAE learns the phi_t the job's null-text inversion gives: the same settings (validate checks).
+    assert spec.task.inversion_settings() == {
+        "num_steps": job.inversion.num_steps,
+        "guidance_scale": job.inversion.guidance_scale,
+        "inner_steps": params.inner_steps,
+        "learning_rate": params.learning_rate,
+        "early_stop_epsilon": params.early_stop_epsilon,
+    }
+    data = yaml.safe_load((ROOT / "jobs" / "train_null_text_vae.yaml").read_text())
+    data["null_text_vae"]["data"]["image_count"] = 3
+    with pytest.raises(ConfigError, match="null_text_vae.data.image_count"):
+        parse_train_spec(data)
