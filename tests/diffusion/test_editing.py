@@ -125,8 +125,14 @@ def test_changed_words_are_exactly_the_words_that_differ():
 
 def test_mask_words_take_blend_words_from_each_prompt_and_exclude_words_apart(tiny_sd):
     tokenizer = tiny_sd.tokenizer
-    control = AttentionControl("replace", blend_words=("circle", "square"), blend_exclude_words=("white",))
+    control = AttentionControl(
+        "replace",
+        blend_words=("circle", "square"),
+        blend_exclude_words=("white",),
+        blend_exclude_threshold=0.7,
+    )
     words = editing.mask_words(tokenizer, SOURCE, EditRequest(0, TARGET, control))
+    assert words.exclude_threshold == 0.7  # the control's own, not the default 0.3
     ids = {prompt: tokenizer(prompt).input_ids for prompt in (SOURCE, TARGET)}
 
     def at(prompt, word):  # the single-token word's position, read off the token ids
@@ -139,3 +145,32 @@ def test_mask_words_take_blend_words_from_each_prompt_and_exclude_words_apart(ti
     )
     changed = editing.mask_words(tokenizer, SOURCE, EditRequest(0, TARGET, AttentionControl("replace")))
     assert list(changed.source) == at(SOURCE, "circle") and list(changed.target) == at(TARGET, "square")
+
+
+def test_each_mode_maps_source_tokens_to_target_tokens_as_p2p_does(tiny_sd):
+    """replace: one to one at the swapped word; refine: the shared words keep their source positions and
+    added words get alpha 0 (P2P's AttentionRefine); none: the identity."""
+    tokenizer = tiny_sd.tokenizer
+    longer = SOURCE + " with a star"
+    shared = len(tokenizer(SOURCE).input_ids) - 1  # BOS and the seven words; the EOS moves
+    refine = editing.edit_controls(
+        tokenizer, SOURCE, EditRequest(0, longer, AttentionControl("refine")), STEPS
+    )
+    for position in range(shared):
+        column = refine.matrix[:, position]  # matrix is (source, target): the target token's source
+        assert column.argmax() == position and column.sum() == 1
+        assert refine.alpha[position] == 1.0
+    assert refine.alpha[shared : shared + 3].tolist() == [0.0, 0.0, 0.0]  # "with a star" is new
+    replace = editing.edit_controls(
+        tokenizer, SOURCE, EditRequest(0, TARGET, AttentionControl("replace")), STEPS
+    )
+    circle, square = (
+        word_positions(tokenizer, prompt, word)[0]
+        for prompt, word in ((SOURCE, "circle"), (TARGET, "square"))
+    )
+    assert replace.matrix[circle, square] == 1.0 and torch.equal(
+        replace.alpha, torch.ones_like(replace.alpha)
+    )
+    none = editing.edit_controls(tokenizer, SOURCE, EditRequest(0, longer, AttentionControl("none")), STEPS)
+    assert torch.equal(none.matrix, torch.eye(tokenizer.model_max_length))
+    assert torch.equal(none.alpha, torch.ones(tokenizer.model_max_length))

@@ -218,6 +218,19 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(
     )
 
 
+def test_two_workers_follow_the_one_worker_loss_curve(ray_local, one_worker_run, task_config, tmp_path):
+    """Each worker walks its share of the batch with the noise of the whole draw; the averaged gradients
+    are the whole batch's, so the loss curve (averaged over the workers) is the one-worker curve."""
+    two = train("null_text_vae", task_config, tmp_path, ITERATIONS, workers=2)
+    assert two["metrics"]["workers"] == 2
+    for single, double in zip(history_of(one_worker_run), history_of(two), strict=True):
+        for name in ("loss", "reconstruction", "kl"):
+            assert double[name] == pytest.approx(single[name], rel=1e-3, abs=1e-7), name
+    one, both = read_artefact(one_worker_run["uri"]).weights, read_artefact(two["uri"]).weights
+    moved = float(one["expand_weight"].abs().max())
+    assert moved > 1e-4 and float((one["expand_weight"] - both["expand_weight"]).abs().max()) < 1e-2 * moved
+
+
 def _shard(path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
     with tarfile.open(path, "w") as tar:
         for key, members in samples:
