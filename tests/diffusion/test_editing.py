@@ -174,3 +174,50 @@ def test_each_mode_maps_source_tokens_to_target_tokens_as_p2p_does(tiny_sd):
     none = editing.edit_controls(tokenizer, SOURCE, EditRequest(0, longer, AttentionControl("none")), STEPS)
     assert torch.equal(none.matrix, torch.eye(tokenizer.model_max_length))
     assert torch.equal(none.alpha, torch.ones(tokenizer.model_max_length))
+
+
+def test_a_per_word_cross_window_is_read_off_the_target_prompt(tiny_sd):
+    """P2P's dict form of cross_replace_steps: the target word "square" has its own window (int(f (S + 1))
+    steps: 0.2 of 6 -> 1), the other tokens the default (0.8 of 6 -> 4)."""
+    tokenizer = tiny_sd.tokenizer
+    control = AttentionControl("replace", cross_replace_steps=0.8, cross_replace_words=(("square", 0.2),))
+    controls = editing.edit_controls(tokenizer, SOURCE, EditRequest(0, TARGET, control), STEPS)
+    square, red = (word_positions(tokenizer, TARGET, word)[0] for word in ("square", "red"))
+    assert controls.window[:, square].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert controls.window[:, red].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+class PoisonedSteer:
+    """The inversion's edit hook, but the edit rows of one image turn NaN after sampling step `step`."""
+
+    def __init__(self, hook, image: int, step: int):
+        self.hook, self.image, self.step, self.calls = hook, image, step, 0
+
+    def __getattr__(self, name):
+        return getattr(self.hook, name)
+
+    def steer(self, latent, pivot, request):
+        steered = self.hook.steer(latent, pivot, request)
+        if request.image_index == self.image:
+            steered = steered * float("nan") if self.calls == self.step else steered
+            self.calls += 1
+        return steered
+
+
+@pytest.mark.parametrize("step", [0, 3])
+def test_an_edit_that_turns_non_finite_fails_alone_naming_its_step(tiny_sd, images, step):
+    inversion = invert(
+        tiny_sd,
+        images[:2],
+        [SOURCE, SOURCE],
+        InversionConfig.of("ddim", num_steps=STEPS, guidance_scale=7.5),
+    )
+    inversion.latents.edit_hook = PoisonedSteer(inversion.latents.edit_hook, image=1, step=step)
+    requests = [EditRequest(0, TARGET), EditRequest(1, TARGET)]
+    healthy, poisoned = edit(tiny_sd, inversion, requests)
+    assert healthy.request is requests[0] and poisoned.request is requests[1]
+    timestep = int(inversion.schedule.timesteps[step])
+    assert poisoned.error == f"image 1: non-finite latents at edit step {step} (timestep {timestep})"
+    assert poisoned.image is None and poisoned.mask is None and poisoned.latents is None
+    assert healthy.error is None and healthy.image is not None and healthy.mask is not None
+    assert poisoned.seconds == healthy.seconds > 0  # the batch's time, shared
