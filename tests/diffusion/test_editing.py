@@ -212,12 +212,74 @@ def test_an_edit_that_turns_non_finite_fails_alone_naming_its_step(tiny_sd, imag
         [SOURCE, SOURCE],
         InversionConfig.of("ddim", num_steps=STEPS, guidance_scale=7.5),
     )
-    inversion.latents.edit_hook = PoisonedSteer(inversion.latents.edit_hook, image=1, step=step)
+    inversion.latents.edit_hook = PoisonedSteer(inversion.latents.edit_hook, image=0, step=step)
     requests = [EditRequest(0, TARGET), EditRequest(1, TARGET)]
-    healthy, poisoned = edit(tiny_sd, inversion, requests)
-    assert healthy.request is requests[0] and poisoned.request is requests[1]
+    # The failing edit comes first: the ones after it still get their results.
+    poisoned, healthy = edit(tiny_sd, inversion, requests)
+    assert poisoned.request is requests[0] and healthy.request is requests[1]
     timestep = int(inversion.schedule.timesteps[step])
-    assert poisoned.error == f"image 1: non-finite latents at edit step {step} (timestep {timestep})"
+    assert poisoned.error == f"image 0: non-finite latents at edit step {step} (timestep {timestep})"
     assert poisoned.image is None and poisoned.mask is None and poisoned.latents is None
     assert healthy.error is None and healthy.image is not None and healthy.mask is not None
     assert poisoned.seconds == healthy.seconds > 0  # the batch's time, shared
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"image_index": 1}, "requests[1].image_index=1 is outside the inverted batch of 1 images."),
+        ({"target_prompt": "   "}, "requests[1].target_prompt is empty; give the prompt"),
+        ({"target_prompt": ""}, "requests[1].target_prompt is empty; give the prompt"),
+        ({"target_prompt": "star " * 80}, "requests[1].target_prompt 'star star"),
+        (
+            {"sample_temperature": -1.0},
+            "requests[1].sample_temperature=-1.0 must be >= 0 (0 samples the mean).",
+        ),
+        (
+            {"control": AttentionControl("bogus")},
+            "requests[1].control.mode='bogus'; choose none, replace or refine.",
+        ),
+        *(
+            (
+                {"control": AttentionControl("replace", **{name: bounds})},
+                f"requests[1].control.{name}={bounds!r} must be",
+            )
+            for name, bounds in (
+                ("cross_replace_steps", 1.5),
+                ("self_replace_steps", (0.5, 0.2)),
+                ("unconditional_self_replace_steps", -0.1),
+                ("blend_start", 2.0),
+            )
+        ),
+        (
+            {"control": AttentionControl("replace", cross_replace_words=(("square", 1.5),))},
+            "requests[1].control.cross_replace_words['square']=1.5 must be",
+        ),
+    ],
+)
+def test_an_unusable_request_is_refused_naming_its_position_and_field(
+    tiny_sd, ddim_inversion, changes, message
+):
+    import dataclasses
+
+    from pipeline.diffusion.errors import EngineInputError
+
+    bad = dataclasses.replace(EditRequest(0, TARGET), **changes)
+    with pytest.raises(EngineInputError) as raised:
+        edit(tiny_sd, ddim_inversion, [EditRequest(0, TARGET), bad])
+    assert str(raised.value).startswith(message), str(raised.value)
+
+
+def test_a_sample_at_temperature_zero_is_accepted_and_is_the_mean_decode(tiny_sd, ddim_inversion):
+    from pipeline.methods.cond_vae import ConditionalEmbeddingVAE, VAESizes
+
+    tokens, channels = ddim_inversion.latents.cond_embeddings.shape[-2:]
+    generator = torch.Generator().manual_seed(0)
+    vae = ConditionalEmbeddingVAE(tokens, channels, VAESizes(4, 2, 8), generator).requires_grad_(False)
+    with torch.no_grad():
+        vae.expand_weight.copy_(torch.randn(vae.expand_weight.shape, generator=generator))
+    requests = [
+        EditRequest(0, TARGET, seed=seed, sample_temperature=0.0, embedding_vae=vae) for seed in (1, 2)
+    ]
+    first, second = edit(tiny_sd, ddim_inversion, requests)
+    assert first.error is None and torch.equal(first.latents, second.latents)  # the seed does not matter
