@@ -255,6 +255,13 @@ def test_an_edit_that_turns_non_finite_fails_alone_naming_its_step(tiny_sd, imag
             {"control": AttentionControl("replace", cross_replace_words=(("square", 1.5),))},
             "requests[1].control.cross_replace_words['square']=1.5 must be",
         ),
+        *(
+            (
+                {"control": AttentionControl("replace", **{kind: ("dog",)})},
+                f"requests[1].control.{kind}: 'dog' is in neither the source prompt",
+            )
+            for kind in ("blend_words", "blend_exclude_words")
+        ),
     ],
 )
 def test_an_unusable_request_is_refused_naming_its_position_and_field(
