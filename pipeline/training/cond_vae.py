@@ -36,6 +36,7 @@ from pipeline.training.diffusion_clip import (
     load_task_models,
     world_training_texts,
 )
+from pipeline.training.ray_train import VAETaskState
 
 KIND = COND_VAE_KIND
 DEFAULT_TEMPLATES = ("a {}", "a photo of a {}", "an image of a {}", "a picture of a {}", "a drawing of a {}")
@@ -195,7 +196,7 @@ def kept_edit_latents(
     return torch.cat(chunks, dim=1)
 
 
-class CondVAETask:
+class CondVAETask(VAETaskState):
     """The TrainTask of one conditional-embedding VAE (see the module docstring)."""
 
     kind = KIND
@@ -295,22 +296,10 @@ class CondVAETask:
         self.optimizer.step()
         return {"loss": float(loss.detach()), "beta": beta, **terms}
 
-    def trained_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.vae.parameters())
-
-    def state_dict(self) -> dict[str, Any]:
-        weights = {name: tensor.detach().clone() for name, tensor in self.vae.state_dict().items()}
-        return {"weights": weights, "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.vae.load_state_dict(state["weights"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
     def artefact(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
         tokens, channels = self.prompt_embeddings.shape[1:]
         config = dataclasses.asdict(self.config) | {"tokens": int(tokens), "channels": int(channels)}
-        weights = {name: tensor.detach().cpu().clone() for name, tensor in self.vae.state_dict().items()}
-        return weights, config, self.base_fingerprint
+        return self.vae_weights(), config, self.base_fingerprint
 
 
 def build_task(mapping: dict[str, Any]) -> CondVAETask:

@@ -282,10 +282,10 @@ def differentiable_decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.
     return vae.decode(latents / vae.config.scaling_factor + shift).sample
 
 
-def load_task_models(task, device: torch.device, rank: int, world_size: int, frozen: bool) -> None:
-    """The setup the CLIP-guided TrainTasks share: the batch split checked, then `task.rank`,
-    `task.world_size`, `task.model` (the base model; every weight frozen when `frozen`),
-    `task.base_fingerprint` and `task.clip` (the loss's CLIP model) set from `task.config`."""
+def load_base_model(task, device: torch.device, rank: int, world_size: int, frozen: bool) -> None:
+    """The setup every TrainTask shares: the batch split checked, then `task.rank`, `task.world_size`,
+    `task.model` (the base model; every weight frozen when `frozen`) and `task.base_fingerprint` set
+    from `task.config`."""
     from pipeline.models.loading import load_diffusion_model
 
     check_batch(task.config.batch, world_size)
@@ -295,6 +295,12 @@ def load_task_models(task, device: torch.device, rank: int, world_size: int, fro
         for module in (task.model.unet, task.model.vae, task.model.text_encoder):
             module.requires_grad_(False)
     task.base_fingerprint = task.model.fingerprint
+
+
+def load_task_models(task, device: torch.device, rank: int, world_size: int, frozen: bool) -> None:
+    """The setup the CLIP-guided TrainTasks share: `load_base_model`, then `task.clip` (the loss's CLIP
+    model) from `task.config`."""
+    load_base_model(task, device, rank, world_size, frozen)
     task.clip = load_clip(task.config.clip, device)
 
 

@@ -27,6 +27,7 @@ import torch
 from pipeline.diffusion.precision import fixed_branch_noise
 from pipeline.methods import null_text_vae
 from pipeline.training.artefact import NULL_TEXT_VAE_KIND
+from pipeline.training.ray_train import VAETaskState
 
 KIND = NULL_TEXT_VAE_KIND
 INVERSION_CHUNK = 8  # images per null-text inversion call while preparing
@@ -189,7 +190,7 @@ def _resized(images: np.ndarray, size: int) -> np.ndarray:
     return _at_resolution(images, size)
 
 
-class NullTextVAETask:
+class NullTextVAETask(VAETaskState):
     """The TrainTask of one dataset-wide null-text VAE (see the module docstring)."""
 
     kind = KIND
@@ -198,16 +199,10 @@ class NullTextVAETask:
         self.config = config
 
     def setup(self, device: torch.device, rank: int, world_size: int) -> None:
-        from pipeline.models.loading import load_diffusion_model
-        from pipeline.training.diffusion_clip import check_batch
+        from pipeline.training.diffusion_clip import load_base_model
 
         config = self.config
-        check_batch(config.batch, world_size)
-        self.rank, self.world_size = rank, world_size
-        self.model = load_diffusion_model(config.model, device=device)
-        for module in (self.model.unet, self.model.vae, self.model.text_encoder):
-            module.requires_grad_(False)
-        self.base_fingerprint = self.model.fingerprint
+        load_base_model(self, device, rank, world_size, frozen=True)
         self._invert_training_images()
         tokens, channels = self.null_text.shape[2:]
         generator = torch.Generator().manual_seed(config.seed)
@@ -301,17 +296,6 @@ class NullTextVAETask:
             totals["beta"] += beta / config.steps
         return totals
 
-    def trained_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.vae.parameters())
-
-    def state_dict(self) -> dict[str, Any]:
-        weights = {name: tensor.detach().clone() for name, tensor in self.vae.state_dict().items()}
-        return {"weights": weights, "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.vae.load_state_dict(state["weights"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
     def artefact(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
         tokens, channels = self.null_text.shape[2:]
         config = dataclasses.asdict(self.config) | {
@@ -320,8 +304,7 @@ class NullTextVAETask:
             "training_images": int(self.trajectory.shape[1]),
             "skipped_samples": self.unreadable,
         }
-        weights = {name: tensor.detach().cpu().clone() for name, tensor in self.vae.state_dict().items()}
-        return weights, config, self.base_fingerprint
+        return self.vae_weights(), config, self.base_fingerprint
 
 
 def build_task(mapping: dict[str, Any]) -> NullTextVAETask:

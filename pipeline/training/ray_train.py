@@ -60,6 +60,26 @@ class TrainTask(Protocol):
         """(weights, JSON config, base-model fingerprint) of the finished artefact."""
 
 
+class VAETaskState:
+    """`trained_parameters`, `state_dict`, `load_state_dict` and the artefact's weights of a task that
+    trains one module, `self.vae`, with `self.optimizer` (the embedding-VAE tasks)."""
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.vae.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = {name: tensor.detach().clone() for name, tensor in self.vae.state_dict().items()}
+        return {"weights": weights, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.vae.load_state_dict(state["weights"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def vae_weights(self) -> dict[str, torch.Tensor]:
+        """The VAE's tensors on the CPU, for the artefact."""
+        return {name: tensor.detach().cpu().clone() for name, tensor in self.vae.state_dict().items()}
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """How a task runs on Ray Train.

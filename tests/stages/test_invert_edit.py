@@ -229,6 +229,37 @@ def test_stochastic_samples_are_rows_of_one_edit_call_and_equal_the_engines_samp
     assert not np.array_equal(output["edit_images"][0][0], output["edit_images"][0][1])
 
 
+def assert_samples_from_a_trained_vae_equal_the_engines(
+    model, output, spec, references, uri: str, version: str, embedding_vae=None
+) -> None:
+    """Each of rows 0 and 1's samples records the VAE's URI and version and equals the engine's edit of
+    `references[row]` (the row's own inversion) with its sample seed (and `embedding_vae`, cond_vae)."""
+    records = [json.loads(output["edits_json"][row]) for row in range(3)]
+    assert [len(row_records) for row_records in records] == [spec.samples, spec.samples, 0]
+    for row in range(2):
+        for position, record in enumerate(records[row]):
+            params = json.loads(record["params"])["stochastic"]
+            assert params == {
+                "method": spec.stochastic,
+                "samples": spec.samples,
+                "temperature": spec.temperature,
+                "vae": uri,
+                "version": version,
+            }
+            request = EditRequest(
+                0,
+                record["target_prompt"],
+                spec.control,
+                seed=record["sample_seed"],
+                sample_temperature=spec.temperature,
+                embedding_vae=embedding_vae,
+            )
+            expected = engine.edit(model, references[row], [request])[0]
+            difference = np.abs(output["edit_images"][row][position].astype(int) - expected.image.numpy())
+            assert difference.max() <= 2, (row, position, difference.max())
+    assert not np.array_equal(output["edit_images"][0][0], output["edit_images"][0][1])
+
+
 def test_cond_vae_samples_equal_the_engines_samples_and_record_the_vae(
     tiny_sd_path, tiny_sd, images, prompts, tmp_path
 ):
@@ -252,32 +283,14 @@ def test_cond_vae_samples_equal_the_engines_samples_and_record_the_vae(
     inversion = JobInversionConfig.of(method="ddim", num_steps=3, guidance_scale=7.5)
     actor = InvertEditActor(tiny_sd_path, "cpu", "float32", inversion, (spec,), MetricsConfig(), 8)
     output = actor(source_batch(images, prompts))
-    records = [json.loads(output["edits_json"][row]) for row in range(3)]
-    assert [len(row_records) for row_records in records] == [2, 2, 0]
+    references = [
+        engine.invert(tiny_sd, images[row][None], [str(output["caption"][row])], inversion)
+        for row in range(2)
+    ]
     vae = load_embedding_vae(tiny_sd, uri)
-    for row in range(2):
-        reference = engine.invert(tiny_sd, images[row][None], [str(output["caption"][row])], inversion)
-        for position, record in enumerate(records[row]):
-            params = json.loads(record["params"])["stochastic"]
-            assert params == {
-                "method": "cond_vae",
-                "samples": 2,
-                "temperature": 2.0,
-                "vae": uri,
-                "version": version,
-            }
-            request = EditRequest(
-                0,
-                record["target_prompt"],
-                spec.control,
-                seed=record["sample_seed"],
-                sample_temperature=2.0,
-                embedding_vae=vae,
-            )
-            expected = engine.edit(tiny_sd, reference, [request])[0]
-            difference = np.abs(output["edit_images"][row][position].astype(int) - expected.image.numpy())
-            assert difference.max() <= 2, (row, position, difference.max())
-    assert not np.array_equal(output["edit_images"][0][0], output["edit_images"][0][1])
+    assert_samples_from_a_trained_vae_equal_the_engines(
+        tiny_sd, output, spec, references, uri, version, embedding_vae=vae
+    )
 
 
 def test_a_dataset_null_text_vae_is_loaded_once_and_its_samples_equal_the_engines(
@@ -306,29 +319,13 @@ def test_a_dataset_null_text_vae_is_loaded_once_and_its_samples_equal_the_engine
     actor = InvertEditActor(tiny_sd_path, "cpu", "float32", inversion, (spec,), MetricsConfig(), 8)
     assert actor.inversion_vae.version == version
     output = actor(source_batch(images, prompts))
-    records = [json.loads(output["edits_json"][row]) for row in range(3)]
-    assert [len(row_records) for row_records in records] == [2, 2, 0]
     vae = load_null_text_vae(tiny_sd, uri)
-    for row in range(2):
-        caption = str(output["caption"][row])
-        reference = engine.invert(tiny_sd, images[row][None], [caption], inversion, None, vae)
-        assert reference.latents.edit_hook.vae is vae and reference.latents.edit_hook.history is None
-        for position, record in enumerate(records[row]):
-            params = json.loads(record["params"])["stochastic"]
-            assert params == {
-                "method": "null_text_vae",
-                "samples": 2,
-                "temperature": 30.0,
-                "vae": uri,
-                "version": version,
-            }
-            request = EditRequest(
-                0, record["target_prompt"], spec.control, seed=record["sample_seed"], sample_temperature=30.0
-            )
-            expected = engine.edit(tiny_sd, reference, [request])[0]
-            difference = np.abs(output["edit_images"][row][position].astype(int) - expected.image.numpy())
-            assert difference.max() <= 2, (row, position, difference.max())
-    assert not np.array_equal(output["edit_images"][0][0], output["edit_images"][0][1])
+    references = [
+        engine.invert(tiny_sd, images[row][None], [str(output["caption"][row])], inversion, None, vae)
+        for row in range(2)
+    ]
+    assert all(r.latents.edit_hook.vae is vae and r.latents.edit_hook.history is None for r in references)
+    assert_samples_from_a_trained_vae_equal_the_engines(tiny_sd, output, spec, references, uri, version)
 
 
 def test_style_diffusion_encodes_images_with_the_vision_tower_of_the_jobs_clip():
