@@ -1,7 +1,7 @@
 """Training as a Ray Train job: data-parallel workers, checkpoints under the output URI, resume, artefact.
 
-Every trained thing (DiffusionCLIP editors and ZIP attribute encoders today; embedding VAEs later) is a
-`TrainTask`: a class built on each worker from its config that takes one iteration at a time.
+Every trained thing (DiffusionCLIP editors, ZIP attribute encoders, conditional-embedding and null-text
+VAEs) is a `TrainTask`: a class built on each worker from its config that takes one iteration at a time.
 `run_training` runs it with Ray Train's `TorchTrainer`:
 
     OUTPUT/train/...          Ray Train's run folder: checkpoint_* (the task's state + iteration +
