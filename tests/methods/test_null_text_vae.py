@@ -518,3 +518,14 @@ def test_a_dataset_vae_is_passed_exactly_when_the_config_names_one(tiny_sd, imag
         invert(tiny_sd, images[:1], [SOURCE], _config(vae="out/v"))
     with pytest.raises(EngineInputError, match="inversion.params.vae is None but invert\\(\\) was given an"):
         invert(tiny_sd, images[:1], [SOURCE], _config(), embedding_vae=_dataset_vae(tiny_sd, seed=1))
+
+
+@pytest.mark.parametrize("training_path", ["sampled", "null_text"])
+def test_a_one_step_schedule_trains_and_samples(tiny_sd, images, training_path):
+    """S = 1: the one step is trained every epoch from z*_T and its samples still differ by seed."""
+    config = _config(num_steps=1, decoder_base="input", training_path=training_path)
+    result = invert(tiny_sd, images[:1], [SOURCE], config)
+    hook = result.latents.edit_hook
+    assert result.errors == [None] and hook.history.step_index == [0] * config.method_params.epochs
+    assert hook.sample_embeddings(0, 1, 1.0).shape == hook.null_text[:, 0].shape
+    assert not torch.equal(hook.sample_embeddings(0, 1, 1.0), hook.sample_embeddings(0, 2, 1.0))
