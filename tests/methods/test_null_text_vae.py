@@ -529,3 +529,28 @@ def test_a_one_step_schedule_trains_and_samples(tiny_sd, images, training_path):
     assert result.errors == [None] and hook.history.step_index == [0] * config.method_params.epochs
     assert hook.sample_embeddings(0, 1, 1.0).shape == hook.null_text[:, 0].shape
     assert not torch.equal(hook.sample_embeddings(0, 1, 1.0), hook.sample_embeddings(0, 2, 1.0))
+
+
+@pytest.mark.parametrize("vae_named", [True, False])
+def test_the_method_itself_refuses_a_dataset_vae_given_exactly_when_not_named(tiny_sd, vae_named):
+    """Callers other than the engine (which checks first) get the method's own message."""
+    from pipeline.diffusion.trajectory import InversionInputs
+    from pipeline.methods import null_text_vae
+
+    embeddings = torch.zeros(1, 77, 32)
+    inputs = InversionInputs(
+        unet=tiny_sd.unet,
+        schedule=None,
+        clean_latents=torch.zeros(1, 4, 8, 8),
+        cond_embeddings=embeddings,
+        uncond_embeddings=embeddings,
+        guidance_scale=7.5,
+        embedding_vae=None if vae_named else _dataset_vae(tiny_sd, seed=1),
+    )
+    params = _config(vae="out/v" if vae_named else None).method_params
+    message = (
+        "null_text_vae: give the dataset-wide VAE (inputs.embedding_vae) exactly when params.vae names one."
+    )
+    with pytest.raises(EngineInputError) as raised:
+        null_text_vae.invert(inputs, params)
+    assert str(raised.value) == message
