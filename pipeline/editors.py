@@ -115,16 +115,12 @@ def load_embedding_vae(model: DiffusionModel, uri: str) -> ConditionalEmbeddingV
     Raises:
         ArtefactError: missing, of another kind, or trained on another base model.
     """
-    manifest = read_manifest(uri)
-    check_base_model(manifest, uri, model.fingerprint, model.model_id)
-    artefact = read_artefact(uri, kind=COND_VAE_KIND)
-    config = artefact.config
-    sizes = VAESizes(config["latent_dim"], config["reduced_channels"], config["hidden_dim"])
-    vae = ConditionalEmbeddingVAE(config["tokens"], config["channels"], sizes, torch.Generator())
-    vae.load_state_dict(artefact.weights)
-    vae.to(model.device).eval().requires_grad_(False)
-    vae.uri, vae.version = uri, artefact.version
-    return vae
+    return _load_trained_vae(
+        model,
+        uri,
+        COND_VAE_KIND,
+        lambda tokens, channels, sizes: ConditionalEmbeddingVAE(tokens, channels, sizes, torch.Generator()),
+    )
 
 
 def load_null_text_vae(model: DiffusionModel, uri: str) -> EmbeddingVAE:
@@ -134,14 +130,25 @@ def load_null_text_vae(model: DiffusionModel, uri: str) -> EmbeddingVAE:
     Raises:
         ArtefactError: missing, modified, of another kind, or trained on another base model.
     """
+    return _load_trained_vae(
+        model,
+        uri,
+        NULL_TEXT_VAE_KIND,
+        lambda tokens, channels, sizes: EmbeddingVAE(
+            1, tokens, channels, sizes, torch.zeros(1, tokens, channels), torch.Generator(), add_input=True
+        ),
+    )
+
+
+def _load_trained_vae(model: DiffusionModel, uri: str, kind: str, build) -> torch.nn.Module:
+    """The embedding VAE of kind `kind` at `uri`, built by `build(tokens, channels, sizes)` from its
+    config, with its weights, on the model's device and frozen; `uri`, `version` and `config` set."""
     manifest = read_manifest(uri)
     check_base_model(manifest, uri, model.fingerprint, model.model_id)
-    artefact = read_artefact(uri, kind=NULL_TEXT_VAE_KIND)
+    artefact = read_artefact(uri, kind=kind)
     config = artefact.config
-    tokens, channels = config["tokens"], config["channels"]
     sizes = VAESizes(config["latent_dim"], config["reduced_channels"], config["hidden_dim"])
-    base = torch.zeros(1, tokens, channels)
-    vae = EmbeddingVAE(1, tokens, channels, sizes, base, torch.Generator(), add_input=True)
+    vae = build(config["tokens"], config["channels"], sizes)
     vae.load_state_dict(artefact.weights)
     vae.to(model.device).eval().requires_grad_(False)
     vae.uri, vae.version, vae.config = uri, artefact.version, config

@@ -326,18 +326,24 @@ def embedding_vae_problems(config: JobConfig) -> list[str]:
     missing, unfinished or corrupt, of another kind, or trained on another base model (as for editors)."""
     uris = list(dict.fromkeys(spec.vae for spec in config.edits if spec.vae is not None))
     problems, manifests = _artefact_problems(config, uris, (COND_VAE_KIND,), "a conditional-embedding VAE")
-    for uri, manifest in manifests.items():
-        if uri in problems:
-            continue
-        try:  # a VAE is small: its weights are read here to catch a modified or partial file
-            verified_weights(uri, manifest)
-        except ArtefactError as error:
-            problems[uri] = str(error)
+    _verify_vae_weights(manifests, problems)
     return [
         f"edits[{index}].vae: {problems[spec.vae]}"
         for index, spec in enumerate(config.edits)
         if spec.vae in problems
     ]
+
+
+def _verify_vae_weights(manifests: dict[str, dict], problems: dict[str, str]) -> None:
+    """Add to `problems` every usable VAE whose weights do not match its version. A VAE is small, so its
+    weights are read here to catch a modified or partial file."""
+    for uri, manifest in manifests.items():
+        if uri in problems:
+            continue
+        try:
+            verified_weights(uri, manifest)
+        except ArtefactError as error:
+            problems[uri] = str(error)
 
 
 def null_text_vae_problems(config: JobConfig) -> list[str]:
@@ -348,13 +354,9 @@ def null_text_vae_problems(config: JobConfig) -> list[str]:
     if uri is None:
         return []
     problems, manifests = _artefact_problems(config, [uri], (NULL_TEXT_VAE_KIND,), "a null-text VAE")
-    if uri in manifests:
-        try:  # a VAE is small: its weights are read here to catch a modified or partial file
-            verified_weights(uri, manifest := manifests[uri])
-        except ArtefactError as error:
-            problems[uri] = str(error)
-        else:
-            problems.update(_null_text_settings_problem(config, uri, manifest["config"]))
+    _verify_vae_weights(manifests, problems)
+    if uri not in problems:
+        problems.update(_null_text_settings_problem(config, uri, manifests[uri]["config"]))
     return [f"inversion.vae: {problems[uri]}"] if uri in problems else []
 
 
