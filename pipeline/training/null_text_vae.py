@@ -148,11 +148,12 @@ def training_images(data: NullTextVAEData, size: int) -> tuple[np.ndarray, list[
         ValueError: the shards hold fewer readable samples than `data.images`.
     """
     if not data.shards:
+        from pipeline.training.diffusion_clip import _at_resolution
         from pipeline.world import generator
 
         scenes = [generator.render(generator.sample_scene(data.first_seed + i)) for i in range(data.images)]
         images = np.stack([scene.image for scene in scenes])
-        return _resized(images, size), [scene.caption for scene in scenes], 0
+        return _at_resolution(images, size), [scene.caption for scene in scenes], 0
     import fsspec
 
     from pipeline.stages.preprocess import resize_center_crop
@@ -166,12 +167,11 @@ def training_images(data: NullTextVAEData, size: int) -> tuple[np.ndarray, list[
                 try:
                     if extension is None or data.caption not in members:
                         raise SampleError("MissingField", key)
-                    image = decode_image(members[extension], f"{key}.{extension}")
                     caption = members[data.caption].decode("utf-8").strip()
+                    if not caption:
+                        raise SampleError("MissingField", key)
+                    image = decode_image(members[extension], f"{key}.{extension}")
                 except (SampleError, UnicodeDecodeError):
-                    unreadable += 1
-                    continue
-                if not caption:
                     unreadable += 1
                     continue
                 images.append(resize_center_crop(image, size))
@@ -182,12 +182,6 @@ def training_images(data: NullTextVAEData, size: int) -> tuple[np.ndarray, list[
         f"data.shards hold {len(images)} readable images with captions ({unreadable} unreadable), "
         f"fewer than data.images={data.images}; add shards or lower data.images"
     )
-
-
-def _resized(images: np.ndarray, size: int) -> np.ndarray:
-    from pipeline.training.diffusion_clip import _at_resolution
-
-    return _at_resolution(images, size)
 
 
 class NullTextVAETask(VAETaskState):
@@ -218,14 +212,7 @@ class NullTextVAETask(VAETaskState):
 
         config, model = self.config, self.model
         images, captions, self.unreadable = training_images(config.data, model.image_size)
-        inversion_config = InversionConfig.of(
-            "null_text",
-            num_steps=config.steps,
-            guidance_scale=config.guidance_scale,
-            inner_steps=config.inner_steps,
-            learning_rate=config.learning_rate,
-            early_stop_epsilon=config.early_stop_epsilon,
-        )
+        inversion_config = InversionConfig.of("null_text", **config.inversion_settings())
         trajectories, null_texts, conds = [], [], []
         for start in range(0, len(images), INVERSION_CHUNK):
             chunk = slice(start, start + INVERSION_CHUNK)
