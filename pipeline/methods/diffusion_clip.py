@@ -21,6 +21,10 @@ Legend (papers/004; latent diffusion, so x is the VAE latent and images come fro
     x^0(theta^)           the generated image DEC(generate(x_t0)) of the fine-tuned model eps_theta^
     L_direction           eq. 9: 1 - cos(E_I(x^0) - E_I(x_0), E_T(y_tar) - E_T(y_ref)), unit-norm CLIP
                           embeddings E_I, E_T
+    ΔT_keep               ΔT minus its projection on span{E_T(y'_k) - E_T(y_k)}, the text directions of
+                          attributes the edit must keep (not in the paper: it plays the part of the
+                          paper's identity loss where the CLIP entangles a kept attribute with the target;
+                          an image change along a kept direction then lowers cos(ΔI, ΔT_keep))
     L_id                  eq. 11: lambda_L1 ||x_0 - x^0||_1 (mean absolute error of images in [-1, 1];
                           the face-identity term is not used)
     loss                  eq. 10: L_direction + L_id
@@ -160,6 +164,27 @@ def direction_loss(
     """
     image_direction = edited_embeddings - source_embeddings
     return 1.0 - F.cosine_similarity(image_direction, text_direction.expand_as(image_direction), dim=-1)
+
+
+def without_kept_directions(
+    text_directions: torch.Tensor, kept_directions: torch.Tensor, rtol: float = 1e-6
+) -> torch.Tensor:
+    """ΔT_keep: the text directions with their components in the span of the kept directions removed.
+
+    Args:
+        text_directions: (N, D) ΔT.
+        kept_directions: (K, D) directions of attributes the edit must keep (K may be 0; they need not
+            be independent: the span is read off the singular values above rtol times the largest).
+        rtol: relative tolerance below which a singular direction counts as outside the span.
+
+    Returns:
+        (N, D) ΔT projected on the orthogonal complement of span(kept_directions).
+    """
+    if kept_directions.shape[0] == 0:
+        return text_directions
+    _, singular_values, right_vectors = torch.linalg.svd(kept_directions, full_matrices=False)
+    basis = right_vectors[singular_values > rtol * singular_values.max()]  # (r, D), orthonormal rows
+    return text_directions - (text_directions @ basis.T) @ basis
 
 
 def identity_loss(edited_images: torch.Tensor, source_images: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,12 @@ class DiffusionClipConfig:
         target_text: y_tar for every image; None = the caption with the attribute changed.
         text_direction: per_image (each image its own ΔT) or mean (every image the mean of the unit
             directions of all training images: what the captions' other words add to ΔT averages out).
+        keep_attributes: shapes-world attributes the edit must keep (e.g. ["color"]): for each value, the
+            mean unit direction of the training captions with the attribute changed to it is projected
+            out of ΔT (`dc.without_kept_directions`), so that a CLIP which mixes the attribute into the
+            target direction no longer rewards changing it.
+        keep_texts: (reference, target) text pairs whose directions are projected out of ΔT as well
+            (any domain: e.g. ["a red car", "a blue car"]).
         prompt: the conditioning of the UNet in both processes ("" = unconditional).
         return_step: t0 (paper: 300..600 of 1000).
         forward_steps: S_for of training (paper: 40).
@@ -103,6 +109,8 @@ class DiffusionClipConfig:
     reference_text: str | None = None
     target_text: str | None = None
     text_direction: Literal["per_image", "mean"] = "per_image"
+    keep_attributes: tuple[str, ...] = ()
+    keep_texts: tuple[tuple[str, str], ...] = ()
     prompt: str = ""
     return_step: int = 500
     forward_steps: int = 40
@@ -128,6 +136,18 @@ class DiffusionClipConfig:
             raise ValueError("set both reference_text and target_text, or neither (shapes-world captions)")
         if not 1 <= self.return_step < 1000:
             raise ValueError(f"return_step={self.return_step} must be in [1, 999] (paper: 300..600)")
+        check_kept_attributes(self.keep_attributes, self.data.attribute)
+
+
+def check_kept_attributes(keep_attributes: tuple[str, ...], attribute: str) -> None:
+    """Kept attributes are shapes-world attributes other than the edited one."""
+    from pipeline.world.generator import EDITABLE_ATTRIBUTES
+
+    for kept in keep_attributes:
+        if kept not in EDITABLE_ATTRIBUTES:
+            raise ValueError(f"keep_attributes: {kept!r} is not one of {list(EDITABLE_ATTRIBUTES)}")
+        if kept == attribute:
+            raise ValueError(f"keep_attributes: {kept!r} is the attribute being edited (data.attribute)")
 
 
 def _absolute_paths(config: DiffusionClipConfig, base: Path) -> DiffusionClipConfig:
@@ -149,10 +169,17 @@ def _absolute_paths(config: DiffusionClipConfig, base: Path) -> DiffusionClipCon
 
 def config_from_mapping(mapping: dict[str, Any]) -> DiffusionClipConfig:
     """The config from its JSON form (nested dataclasses rebuilt)."""
+    return DiffusionClipConfig(**task_fields(mapping))
+
+
+def task_fields(mapping: dict[str, Any]) -> dict[str, Any]:
+    """A training config's JSON form with its nested dataclasses and tuples rebuilt."""
     fields = dict(mapping)
     fields["clip"] = ClipSpec(**fields.get("clip", {}))
     fields["data"] = WorldData(**fields.get("data", {}))
-    return DiffusionClipConfig(**fields)
+    fields["keep_attributes"] = tuple(fields.get("keep_attributes", ()))
+    fields["keep_texts"] = tuple(tuple(pair) for pair in fields.get("keep_texts", ()))
+    return fields
 
 
 def resolved_adapter(config: DiffusionClipConfig, unet: torch.nn.Module) -> str:
@@ -257,22 +284,82 @@ def load_clip(spec: ClipSpec, device: torch.device):
     return ClipScorer(spec.model_name, spec.pretrained, device, model_config=spec.model_config)
 
 
-def training_captions(config) -> tuple[np.ndarray, list[str], list[str]]:
-    """The training images (uint8 (N, 64, 64, 3)) and their (reference, target) texts: the fixed pair of
-    `reference_text` / `target_text` when set, else each shapes-world caption and its counterfactual."""
-    images, references, targets = world_training_texts(config.data)
+def training_images_and_directions(config, clip) -> tuple[np.ndarray, torch.Tensor]:
+    """The training images and their text directions ΔT (ΔT_keep when the config keeps attributes).
+
+    References and targets are the fixed pair `reference_text` / `target_text` when set, else each
+    shapes-world caption and its counterfactual.
+
+    Returns:
+        images uint8 (N, 64, 64, 3), directions (N, D).
+    """
+    images, captions, counterfactuals = world_training_texts(config.data)
+    references, targets = captions, counterfactuals
     if config.reference_text is not None:
         references, targets = [config.reference_text] * len(images), [config.target_text] * len(images)
-    return images, references, targets
+    kept = kept_directions(clip, captions, config.keep_attributes, config.keep_texts)
+    return images, text_directions(clip, references, targets, config.text_direction, kept)
 
 
-def text_directions(clip, references: list[str], targets: list[str], mode: str) -> torch.Tensor:
-    """ΔT = E_T(target) - E_T(reference) per image, (N, D); `mean`: every row the mean unit direction."""
+def attribute_changes(captions: list[str], attribute: str) -> list[tuple[list[str], list[str]]]:
+    """For each value of a shapes-world attribute, the one-object captions whose attribute differs from
+    it and the same captions with the attribute changed to it.
+
+    Returns:
+        one (references, targets) pair of equal-length lists per value that some caption lacks.
+    """
+    from pipeline.world import generator
+
+    values = {
+        "shape": generator.SHAPES,
+        "color": tuple(generator.COLORS),
+        "background": generator.BACKGROUNDS,
+    }
+    changes = []
+    for value in values[attribute]:
+        references, targets = [], []
+        for caption in captions:
+            parsed = generator.parse_caption(caption)
+            fields = {"background": parsed["background"], **parsed["objects"][0]}
+            if fields[attribute] != value:
+                references.append(caption)
+                targets.append(generator.one_object_caption(**(fields | {attribute: value})))
+        if references:
+            changes.append((references, targets))
+    return changes
+
+
+def kept_directions(
+    clip, captions: list[str], keep_attributes: tuple[str, ...], keep_texts: tuple[tuple[str, str], ...]
+) -> torch.Tensor | None:
+    """The directions projected out of ΔT: per kept attribute and value, the mean unit direction of the
+    captions changed to that value; per kept text pair, its unit direction.
+
+    Returns:
+        (K, D), or None when nothing is kept.
+    """
+    groups = [change for attribute in keep_attributes for change in attribute_changes(captions, attribute)]
+    groups += [([reference], [target]) for reference, target in keep_texts]
+    rows = []
+    with torch.no_grad():
+        for references, targets in groups:
+            directions = clip.text_embeddings(targets) - clip.text_embeddings(references)
+            rows.append(torch.nn.functional.normalize(directions, dim=-1).mean(dim=0))
+    return torch.stack(rows) if rows else None
+
+
+def text_directions(
+    clip, references: list[str], targets: list[str], mode: str, kept: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ΔT = E_T(target) - E_T(reference) per image, (N, D); `mean`: every row the mean unit direction;
+    with `kept` (K, D), ΔT_keep (`dc.without_kept_directions`)."""
     with torch.no_grad():
         directions = clip.text_embeddings(targets) - clip.text_embeddings(references)
     if mode == "mean":
         mean = torch.nn.functional.normalize(directions, dim=-1).mean(dim=0, keepdim=True)
         directions = mean.expand_as(directions).clone()
+    if kept is not None:
+        directions = dc.without_kept_directions(directions, kept.to(directions))
     return directions
 
 
@@ -330,7 +417,7 @@ class DiffusionClipTask:
         from pipeline.models.vae import encode_images
 
         config, model = self.config, self.model
-        images, references, targets = training_captions(config)
+        images, self.text_directions = training_images_and_directions(config, self.clip)
         images = _at_resolution(images, model.image_size)
         pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float().to(model.device) / 255.0
         self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])
@@ -345,7 +432,6 @@ class DiffusionClipTask:
         self.source_images = pixels * 2.0 - 1.0
         with torch.no_grad():
             self.source_embeddings = self.clip.differentiable_image_embeddings(pixels)
-        self.text_directions = text_directions(self.clip, references, targets, config.text_direction)
 
     def _noise_fn(self, branch) -> dc.NoiseFn:
         def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:

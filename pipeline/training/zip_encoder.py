@@ -59,6 +59,9 @@ class ZipEncoderConfig:
         reference_text: t_source for every image; None = each image's caption (shapes world).
         target_text: t_target for every image; None = the caption with the attribute changed.
         text_direction: per_image or mean (see DiffusionClipConfig).
+        keep_attributes: attributes whose caption directions are projected out of ΔT (see
+            DiffusionClipConfig).
+        keep_texts: (reference, target) pairs whose directions are projected out of ΔT.
         prompt: the UNet's conditioning in both processes ("" = unconditional).
         return_step: t0, where generation starts (paper Fig. 4: 600 of 1000).
         zip_step: t_zip; Δh acts at timesteps above it (paper Fig. 4: 300).
@@ -87,6 +90,8 @@ class ZipEncoderConfig:
     reference_text: str | None = None
     target_text: str | None = None
     text_direction: Literal["per_image", "mean"] = "mean"
+    keep_attributes: tuple[str, ...] = ()
+    keep_texts: tuple[tuple[str, str], ...] = ()
     prompt: str = ""
     return_step: int = 600
     zip_step: int = 300
@@ -118,14 +123,12 @@ class ZipEncoderConfig:
             )
         if self.references < 1:
             raise ValueError(f"references={self.references} must be >= 1")
+        dct.check_kept_attributes(self.keep_attributes, self.data.attribute)
 
 
 def config_from_mapping(mapping: dict[str, Any]) -> ZipEncoderConfig:
     """The config from its JSON form (nested dataclasses rebuilt)."""
-    fields = dict(mapping)
-    fields["clip"] = ClipSpec(**fields.get("clip", {}))
-    fields["data"] = WorldData(**fields.get("data", {}))
-    return ZipEncoderConfig(**fields)
+    return ZipEncoderConfig(**dct.task_fields(mapping))
 
 
 def mid_block_channels(unet: torch.nn.Module) -> int:
@@ -219,7 +222,7 @@ class ZipEncoderTask:
         from pipeline.models.vae import encode_images
 
         config, model = self.config, self.model
-        images, references, targets = dct.training_captions(config)
+        images, self.text_directions = dct.training_images_and_directions(config, self.clip)
         images = dct._at_resolution(images, model.image_size)
         self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])
         forward_grid = dc.ReturnGrid.from_scheduler(model.scheduler, config.return_step, config.forward_steps)
@@ -228,7 +231,6 @@ class ZipEncoderTask:
         self.start_latents = torch.cat(
             [dc.forward(noise_fn, forward_grid, chunk) for chunk in latents.split(16)]
         )
-        self.text_directions = dct.text_directions(self.clip, references, targets, config.text_direction)
 
     def _noise_fn(self, branch) -> za.NoiseFn:
         def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:

@@ -305,3 +305,22 @@ def test_a_combined_noise_schedule_names_what_is_wrong_with_its_weights():
         dc.combined_noise_fn([noise, noise], dc.constant_gammas((0.5, 0.2)))(latents, 10)
     with pytest.raises(ValueError, match=r"gammas \[0\.0, 0\.0\] at t=10 must sum to 1"):
         dc.combined_noise_fn([noise, noise], dc.constant_gammas((0.0, 0.0)))(latents, 10)
+
+
+def test_kept_directions_leave_the_least_squares_residual_of_the_text_directions():
+    generator = torch.Generator().manual_seed(3)
+    text = torch.randn(5, 8, generator=generator)
+    kept = torch.randn(3, 8, generator=generator)
+    # The residual of the least-squares fit of ΔT by the kept directions: an independent statement of
+    # the projection on the orthogonal complement of their span.
+    coefficients = torch.linalg.lstsq(kept.T.double(), text.T.double()).solution
+    residual = (text.double() - (kept.T.double() @ coefficients).T).float()
+    projected = dc.without_kept_directions(text, kept)
+    torch.testing.assert_close(projected, residual, atol=1e-5, rtol=0)
+    torch.testing.assert_close(projected @ kept.T, torch.zeros(5, 3), atol=1e-5, rtol=0)
+    # A kept set with a dependent row spans the same space and removes the same components.
+    dependent = torch.cat([kept, kept[:1] + 2 * kept[1:2]])
+    torch.testing.assert_close(dc.without_kept_directions(text, dependent), residual, atol=1e-5, rtol=0)
+    # Directions already orthogonal to the kept ones are left as they are; nothing kept changes nothing.
+    torch.testing.assert_close(dc.without_kept_directions(projected, kept), projected, atol=1e-5, rtol=0)
+    assert torch.equal(dc.without_kept_directions(text, torch.zeros(0, 8)), text)

@@ -167,3 +167,99 @@ def test_text_directions_per_image_and_their_mean_unit_direction():
         F.normalize(torch.tensor([-1.0, 2.0]), dim=0) + F.normalize(torch.tensor([2.0, 4.0]), dim=0)
     ) / 2
     assert torch.allclose(mean, expected.expand(2, 2))
+
+
+def test_attribute_changes_pair_each_caption_lacking_a_value_with_the_caption_changed_to_it():
+    from pipeline.training.diffusion_clip import attribute_changes
+    from pipeline.world import generator
+
+    captions = ["a red circle on a white background", "a blue square on a gray background"]
+    changes = attribute_changes(captions, "color")
+    assert len(changes) == len(generator.COLORS)
+    for value, (references, targets) in zip(generator.COLORS, changes, strict=True):
+        assert references == [caption for caption in captions if f" {value} " not in caption]
+        for reference, target in zip(references, targets, strict=True):
+            changed = [(a, b) for a, b in zip(reference.split(), target.split(), strict=True) if a != b]
+            assert changed == [(generator.parse_caption(reference)["objects"][0]["color"], value)]
+    # a value every caption already has gives no pair (its mean direction would be empty)
+    assert len(attribute_changes(captions[:1], "color")) == len(generator.COLORS) - 1
+    backgrounds = attribute_changes(captions, "background")
+    assert [targets for _, targets in backgrounds][0] == ["a blue square on a white background"]
+
+
+def test_kept_directions_are_mean_unit_directions_per_value_and_one_per_text_pair():
+    import torch.nn.functional as F
+
+    from pipeline.training.diffusion_clip import kept_directions
+
+    class Texts:
+        def text_embeddings(self, texts):
+            # the colour word's index as one coordinate, the shape word's as another
+            from pipeline.world import generator
+
+            rows = []
+            for text in texts:
+                words = text.split()
+                colour = list(generator.COLORS).index(words[1]) if words[1] in generator.COLORS else 0
+                shape = list(generator.SHAPES).index(words[2]) if words[2] in generator.SHAPES else 0
+                rows.append(torch.tensor([float(colour), float(shape), float(len(words))]))
+            return torch.stack(rows)
+
+    captions = ["a red circle on a white background", "a green square on a white background"]
+    kept = kept_directions(Texts(), captions, ("color",), (("a red x", "a green star"),))
+    assert kept.shape == (6 + 1, 3)
+    # to red: only the green square changes (index 1 -> 0); to blue: both (0 -> 2 and 1 -> 2)
+    assert torch.allclose(kept[0], torch.tensor([-1.0, 0.0, 0.0]))
+    assert torch.allclose(kept[2], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(kept[-1], F.normalize(torch.tensor([1.0, 3.0, 0.0]), dim=0))
+    assert kept_directions(Texts(), captions, (), ()) is None
+
+
+def test_keeping_colour_removes_the_colour_directions_from_every_training_direction(task_config):
+    from pipeline.methods import diffusion_clip as dc
+    from pipeline.training.diffusion_clip import (
+        kept_directions,
+        load_clip,
+        training_images_and_directions,
+        world_training_texts,
+    )
+
+    clip = load_clip(task_config.clip, torch.device("cpu"))
+    _, captions, _ = world_training_texts(task_config.data)
+    kept = kept_directions(clip, captions, ("color",), ())
+    _, plain = training_images_and_directions(task_config, clip)
+    config = dataclasses.replace(task_config, keep_attributes=("color",))
+    images, directions = training_images_and_directions(config, clip)
+    assert images.shape[0] == task_config.data.scenes and directions.shape == plain.shape
+    torch.testing.assert_close(directions, dc.without_kept_directions(plain, kept))
+    torch.testing.assert_close(
+        directions @ kept.T, torch.zeros(len(directions), len(kept)), atol=1e-5, rtol=0
+    )
+    assert (plain @ kept.T).abs().max() > 1e-3  # the random CLIP's directions did carry colour
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"), [(("shape",), "is the attribute being edited"), (("size",), "is not one of")]
+)
+def test_a_kept_attribute_must_be_another_world_attribute(task_config, keep, message):
+    from pipeline.training.zip_encoder import ZipEncoderConfig
+
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(task_config, keep_attributes=keep)
+    with pytest.raises(ValueError, match=message):
+        ZipEncoderConfig(data=task_config.data, keep_attributes=keep)
+
+
+def test_kept_attributes_and_texts_survive_the_json_form_workers_receive(task_config):
+    import json
+
+    from pipeline.training import zip_encoder
+    from pipeline.training.diffusion_clip import config_from_mapping
+
+    config = dataclasses.replace(
+        task_config, keep_attributes=("color", "background"), keep_texts=(("a red x", "a blue x"),)
+    )
+    assert config_from_mapping(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+    zip_config = zip_encoder.ZipEncoderConfig(keep_attributes=("color",), keep_texts=(("a", "b"),))
+    mapping = json.loads(json.dumps(dataclasses.asdict(zip_config)))
+    assert zip_encoder.config_from_mapping(mapping) == zip_config
