@@ -25,6 +25,9 @@ Legend (papers/004; latent diffusion, so x is the VAE latent and images come fro
                           attributes the edit must keep (not in the paper: it plays the part of the
                           paper's identity loss where the CLIP entangles a kept attribute with the target;
                           an image change along a kept direction then lowers cos(ΔI, ΔT_keep))
+    views                 optional (not in the paper): L_direction averaged over V shifted / mirrored views
+                          of x^0 and x_0, the same V for both (reflect-padded crops), so that the editor
+                          cannot satisfy the CLIP with patterns tied to its patch grid
     L_id                  eq. 11: lambda_L1 ||x_0 - x^0||_1 (mean absolute error of images in [-1, 1];
                           the face-identity term is not used)
     loss                  eq. 10: L_direction + L_id
@@ -185,6 +188,39 @@ def without_kept_directions(
     _, singular_values, right_vectors = torch.linalg.svd(kept_directions, full_matrices=False)
     basis = right_vectors[singular_values > rtol * singular_values.max()]  # (r, D), orthonormal rows
     return text_directions - (text_directions @ basis.T) @ basis
+
+
+@dataclass(frozen=True)
+class View:
+    """One view of an image: shifted by (dx, dy) pixels (reflect-padded) and mirrored left-right if flip."""
+
+    dx: int
+    dy: int
+    flip: bool
+
+
+def random_views(count: int, max_shift: int, generator: torch.Generator) -> list[View]:
+    """`count` views with shifts uniform in [-max_shift, max_shift] and a fair coin for the mirror."""
+    shifts = torch.randint(-max_shift, max_shift + 1, (count, 2), generator=generator).tolist()
+    flips = torch.randint(0, 2, (count,), generator=generator).tolist()
+    return [View(dx, dy, bool(flip)) for (dx, dy), flip in zip(shifts, flips, strict=True)]
+
+
+def apply_views(images: torch.Tensor, views: Sequence[View]) -> torch.Tensor:
+    """Every view of every image, view-major: (V * B, C, H, W) from (B, C, H, W); differentiable.
+
+    Row v * B + b is image b seen through view v: out[..., y, x] = image[..., y - dy, x - dx], with the
+    image reflected at its borders (so a shift adds no constant band), then mirrored when flip.
+    """
+    margin = max([abs(view.dx) for view in views] + [abs(view.dy) for view in views] + [0])
+    padded = F.pad(images, (margin, margin, margin, margin), mode="reflect") if margin else images
+    height, width = images.shape[-2:]
+    out = []
+    for view in views:
+        top, left = margin - view.dy, margin - view.dx
+        crop = padded[..., top : top + height, left : left + width]
+        out.append(crop.flip(-1) if view.flip else crop)
+    return torch.cat(out)
 
 
 def identity_loss(edited_images: torch.Tensor, source_images: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,10 @@ class DiffusionClipConfig:
         keep_texts: (reference, target) text pairs whose directions are projected out of ΔT as well
             (any domain: e.g. ["a red car", "a blue car"]).
         prompt: the conditioning of the UNet in both processes ("" = unconditional).
+        clip_views: 0 (the paper: L_direction on the images as they are) or V: L_direction averaged over
+            V random views (shift and mirror; `dc.apply_views`) applied alike to x^0 and x_0, drawn
+            afresh every iteration from (seed, iteration).
+        clip_view_shift: the largest shift of a view in pixels.
         return_step: t0 (paper: 300..600 of 1000).
         forward_steps: S_for of training (paper: 40).
         generative_steps: S_gen of training (paper: 6).
@@ -112,6 +116,8 @@ class DiffusionClipConfig:
     keep_attributes: tuple[str, ...] = ()
     keep_texts: tuple[tuple[str, str], ...] = ()
     prompt: str = ""
+    clip_views: int = 0
+    clip_view_shift: int = 4
     return_step: int = 500
     forward_steps: int = 40
     generative_steps: int = 6
@@ -137,6 +143,10 @@ class DiffusionClipConfig:
         if not 1 <= self.return_step < 1000:
             raise ValueError(f"return_step={self.return_step} must be in [1, 999] (paper: 300..600)")
         check_kept_attributes(self.keep_attributes, self.data.attribute)
+        if self.clip_views < 0 or self.clip_view_shift < 0:
+            raise ValueError(
+                f"clip_views={self.clip_views} and clip_view_shift={self.clip_view_shift} must be >= 0"
+            )
 
 
 def check_kept_attributes(keep_attributes: tuple[str, ...], attribute: str) -> None:
@@ -449,12 +459,30 @@ class DiffusionClipTask:
         batch = generator.choice(len(self.start_latents), size=self.config.batch, replace=False)
         return batch[self.rank :: self.world_size]
 
+    def direction_terms(
+        self, rows: torch.Tensor, iteration: int
+    ) -> tuple[dc.EmbedFn, torch.Tensor, torch.Tensor]:
+        """(E_I, E_I(x_0), ΔT) of the direction loss for this worker's rows: as they are, or with every
+        image seen through `clip_views` views drawn from (seed, iteration), view-major (V * B rows)."""
+        config, embed = self.config, self.clip.differentiable_image_embeddings
+        if not config.clip_views:
+            return embed, self.source_embeddings[rows], self.text_directions[rows]
+        seed = int(np.random.default_rng([config.seed, iteration]).integers(2**62))
+        views = dc.random_views(
+            config.clip_views, config.clip_view_shift, torch.Generator().manual_seed(seed)
+        )
+        with torch.no_grad():
+            sources = embed(dc.apply_views((self.source_images[rows] + 1.0) / 2.0, views))
+        directions = self.text_directions[rows].repeat(len(views), 1)
+        return (lambda images: embed(dc.apply_views(images, views))), sources, directions
+
     def step(self, iteration: int, sync) -> dict[str, float]:
         rows = torch.as_tensor(self.rows(iteration))
+        embed, source_embeddings, text_directions = self.direction_terms(rows, iteration)
         inputs = dc.LossInputs(
             source_images=self.source_images[rows],
-            source_embeddings=self.source_embeddings[rows],
-            text_direction=self.text_directions[rows],
+            source_embeddings=source_embeddings,
+            text_direction=text_directions,
             l1_weight=self.config.l1_weight,
             direction_weight=self.config.direction_weight,
         )
@@ -463,7 +491,7 @@ class DiffusionClipTask:
             self.grid,
             self.start_latents[rows],
             self._decode,
-            self.clip.differentiable_image_embeddings,
+            embed,
             inputs,
         )
         if self.config.variant == "full_backprop":

@@ -324,3 +324,38 @@ def test_kept_directions_leave_the_least_squares_residual_of_the_text_directions
     # Directions already orthogonal to the kept ones are left as they are; nothing kept changes nothing.
     torch.testing.assert_close(dc.without_kept_directions(projected, kept), projected, atol=1e-5, rtol=0)
     assert torch.equal(dc.without_kept_directions(text, torch.zeros(0, 8)), text)
+
+
+def test_views_shift_with_reflected_borders_and_mirror_view_major():
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(4)
+    images = torch.rand(2, 3, 9, 11, generator=generator)
+    views = [
+        dc.View(dx=2, dy=-1, flip=False),
+        dc.View(dx=0, dy=0, flip=True),
+        dc.View(dx=-3, dy=2, flip=True),
+        dc.View(dx=1, dy=-4, flip=False),
+    ]
+    out = dc.apply_views(images, views)
+    assert out.shape == (8, 3, 9, 11)
+    # numpy's reflect padding and a crop: out[..., y, x] = image[..., y - dy, x - dx]
+    padded = np.pad(images.numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)), mode="reflect")
+    for index, view in enumerate(views):
+        crop = padded[:, :, 4 - view.dy : 4 - view.dy + 9, 4 - view.dx : 4 - view.dx + 11]
+        expected = torch.as_tensor(crop[..., ::-1].copy() if view.flip else crop)
+        torch.testing.assert_close(out[index * 2 : index * 2 + 2], expected)
+    torch.testing.assert_close(out[0, :, :-1, 2:], images[0, :, 1:, :-2])  # dy = -1, dx = 2 inside
+    assert torch.equal(dc.apply_views(images, [dc.View(0, 0, False)]), images)
+    source = images.clone().requires_grad_(True)
+    dc.apply_views(source, views).sum().backward()
+    assert source.grad is not None and source.grad.abs().sum() > 0
+
+
+def test_random_views_are_seeded_bounded_and_mirror_both_ways():
+    views = dc.random_views(64, 3, torch.Generator().manual_seed(0))
+    assert views == dc.random_views(64, 3, torch.Generator().manual_seed(0))
+    assert views != dc.random_views(64, 3, torch.Generator().manual_seed(1))
+    shifts = {shift for view in views for shift in (view.dx, view.dy)}
+    assert shifts == set(range(-3, 4))
+    assert {view.flip for view in views} == {True, False}

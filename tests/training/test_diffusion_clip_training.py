@@ -263,3 +263,37 @@ def test_kept_attributes_and_texts_survive_the_json_form_workers_receive(task_co
     zip_config = zip_encoder.ZipEncoderConfig(keep_attributes=("color",), keep_texts=(("a", "b"),))
     mapping = json.loads(json.dumps(dataclasses.asdict(zip_config)))
     assert zip_encoder.config_from_mapping(mapping) == zip_config
+
+
+def test_clip_views_see_source_and_edit_through_the_same_views_drawn_per_iteration(task_config, monkeypatch):
+    from pipeline.methods import diffusion_clip as dc
+
+    plain = DiffusionClipTask(task_config)
+    plain.setup(torch.device("cpu"), rank=0, world_size=1)
+    rows = torch.as_tensor(plain.rows(0))
+    embed, sources, directions = plain.direction_terms(rows, 0)
+    assert torch.equal(sources, plain.source_embeddings[rows]) and torch.equal(
+        directions, plain.text_directions[rows]
+    )
+
+    task = DiffusionClipTask(dataclasses.replace(task_config, clip_views=3, clip_view_shift=2))
+    task.setup(torch.device("cpu"), rank=0, world_size=1)
+    embed, sources, directions = task.direction_terms(rows, 0)
+    source_pixels = (task.source_images[rows] + 1.0) / 2.0
+    assert sources.shape == (3 * len(rows), sources.shape[1])
+    torch.testing.assert_close(directions, torch.cat([task.text_directions[rows]] * 3))
+    # the edit's embedding function sees the sources' views: an unchanged image has no direction
+    torch.testing.assert_close(embed(source_pixels), sources)
+    # the views are those of (seed, iteration): the same again for this iteration, others for the next
+    _, again, _ = task.direction_terms(rows, 0)
+    _, following, _ = task.direction_terms(rows, 1)
+    assert torch.equal(again, sources) and not torch.allclose(following, sources)
+    views_seen = []
+    original = dc.apply_views
+    monkeypatch.setattr(
+        dc, "apply_views", lambda images, views: views_seen.append(views) or original(images, views)
+    )
+    task.direction_terms(rows, 0)
+    assert len(views_seen[0]) == 3 and all(abs(v.dx) <= 2 and abs(v.dy) <= 2 for v in views_seen[0])
+    with pytest.raises(ValueError, match="clip_views=-1"):
+        dataclasses.replace(task_config, clip_views=-1)
