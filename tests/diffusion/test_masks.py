@@ -184,3 +184,39 @@ def test_composite_of_float_images_is_exact_outside_and_an_empty_mask_returns_th
     out = composite(source, edit, mask, dilation=1, feather=2)
     assert torch.equal(out[0][:, 4:9, 4:9], edit[0][:, 4:9, 4:9])
     assert torch.equal(out[0][:, far], source[0][:, far])
+
+
+def test_a_word_mask_of_no_words_is_an_empty_mask_of_the_latents_side():
+    maps = torch.rand(16, 8)
+    empty = word_mask(maps, [], resolution=4, size=6, threshold=0.3)
+    assert empty.shape == (6, 6) and empty.dtype == torch.bool and not empty.any()
+
+
+@pytest.mark.parametrize(
+    ("edit", "mask", "message"),
+    [
+        (
+            torch.zeros(2, 3, 4, 5),
+            torch.zeros(2, 4, 4, dtype=torch.bool),
+            r"source and edit .* \(2, 3, 4, 4\) torch.float32 and \(2, 3, 4, 5\) torch.float32",
+        ),
+        (
+            torch.zeros(2, 3, 4, 4, dtype=torch.float64),
+            torch.zeros(2, 4, 4, dtype=torch.bool),
+            r"same shape and dtype, got \(2, 3, 4, 4\) torch.float32 and \(2, 3, 4, 4\) torch.float64",
+        ),
+        (
+            torch.zeros(2, 3, 4, 4),
+            torch.zeros(2, 4, 5, dtype=torch.bool),
+            r"mask must be bool \(B, H, W\) matching the images, got \(2, 4, 5\) torch.bool",
+        ),
+        (
+            torch.zeros(2, 3, 4, 4),
+            torch.zeros(2, 4, 4),
+            r"mask must be bool .* got \(2, 4, 4\) torch.float32",
+        ),
+    ],
+)
+def test_composite_refuses_mismatched_images_and_masks_naming_what_it_got(edit, mask, message):
+    with pytest.raises(ValueError, match=message):
+        composite(torch.zeros(2, 3, 4, 4), edit, mask, dilation=0, feather=0)

@@ -324,6 +324,8 @@ def test_kept_directions_leave_the_least_squares_residual_of_the_text_directions
     # Directions already orthogonal to the kept ones are left as they are; nothing kept changes nothing.
     torch.testing.assert_close(dc.without_kept_directions(projected, kept), projected, atol=1e-5, rtol=0)
     assert torch.equal(dc.without_kept_directions(text, torch.zeros(0, 8)), text)
+    # A kept direction of zero length (a pair of identical texts) spans nothing and removes nothing.
+    torch.testing.assert_close(dc.without_kept_directions(text, torch.zeros(2, 8)), text)
 
 
 def test_views_shift_with_reflected_borders_and_mirror_view_major():

@@ -74,9 +74,14 @@ def test_edits_equal_the_reference_offset_loop(tiny_sd, direct):
         torch.testing.assert_close(ours.latents, theirs.latents, atol=1e-4, rtol=0)
 
 
-def test_the_correction_changes_the_edit_and_the_reconstruction_is_the_encoded_image(tiny_sd, images, direct):
+def test_the_correction_changes_the_edit_and_the_reconstruction_is_the_encoded_image(tiny_sd, images):
     """Without the source-branch correction (plain DDIM inversion with the same w) the same P2P edit
     differs, and the corrected source branch ends on z*_0."""
+    # Its own inversion, not the module's fixture: mutation testing runs, for a mutant of `invert`, only
+    # the tests recorded calling it, and a shared fixture is recorded against its first test alone.
+    direct = invert(
+        tiny_sd, images[:2], SOURCES, InversionConfig.of("direct", num_steps=STEPS, guidance_scale=GUIDANCE)
+    )
     ddim = invert(
         tiny_sd, images[:2], SOURCES, InversionConfig.of("ddim", num_steps=STEPS, guidance_scale=GUIDANCE)
     )
