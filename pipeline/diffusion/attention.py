@@ -219,7 +219,11 @@ def key_and_value_inputs(
 
 
 def cross_attention_resolutions(unet: torch.nn.Module, latent_size: int) -> list[int]:
-    """Spatial sides of the UNet's cross-attention layers for `latent_size` latents."""
+    """Spatial sides of the UNet's cross-attention layers for `latent_size` latents.
+
+    Each level down halves the side rounding up (diffusers' stride-2 convolution with padding 1 maps
+    n to ceil(n / 2)), so an odd latent of 18 has layers of 18, 9, 5 and 3.
+    """
     sides = set()
     for name in unet.attn_processors:
         if "attn2" not in name:
@@ -231,7 +235,10 @@ def cross_attention_resolutions(unet: torch.nn.Module, latent_size: int) -> list
             index = int(name.split(".")[1])
             levels = len(unet.config.block_out_channels)
             level = index if block == "down_blocks" else levels - 1 - index
-        sides.add(latent_size // 2**level)
+        side = latent_size
+        for _ in range(level):
+            side = (side + 1) // 2
+        sides.add(side)
     return sorted(sides)
 
 
@@ -240,7 +247,7 @@ def mask_resolution_for(unet: torch.nn.Module, latent_size: int) -> int:
     sides = cross_attention_resolutions(unet, latent_size)
     if not sides:
         raise ValueError("the UNet has no cross-attention layers; attention control needs them")
-    candidates = [side for side in sides if side >= latent_size // 4]
+    candidates = [side for side in sides if 4 * side >= latent_size]
     return min(candidates) if candidates else max(sides)
 
 

@@ -201,3 +201,118 @@ def test_recorded_maps_sum_over_layers_at_the_mask_resolution_only():
     controller(second.clone(), is_cross=True, heads=2)
     expected = first.view(2, 2, 2, 16, L)[1].mean(dim=1) + second.view(2, 2, 2, 16, L)[1].mean(dim=1)
     torch.testing.assert_close(controller.cross_maps, expected)
+
+
+def _unet(down: tuple[str, ...], up: tuple[str, ...], mid: str | None = "UNetMidBlock2DCrossAttn"):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8,) * len(down),
+        down_block_types=down,
+        up_block_types=up,
+        mid_block_type=mid,
+        layers_per_block=1,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    ).eval()
+
+
+class _SideRecorder:
+    """An attention processor that records the spatial side of every cross-attention call."""
+
+    def __init__(self, sides: set[int]):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self.sides, self.inner = sides, AttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        if encoder_hidden_states is not None:
+            self.sides.add(round(hidden_states.shape[1] ** 0.5))
+        return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def _measured_sides(unet, latent_size: int) -> list[int]:
+    sides: set[int] = set()
+    unet.set_attn_processor(_SideRecorder(sides))
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, latent_size, latent_size), 1, encoder_hidden_states=torch.zeros(1, 3, 8))
+    return sorted(sides)
+
+
+SD_LAYOUT = (
+    ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+@pytest.mark.parametrize(
+    ("down", "up", "mid", "latent_size", "mask_side"),
+    [
+        (*SD_LAYOUT, "UNetMidBlock2DCrossAttn", 16, 4),  # Stable Diffusion 1.x's layout: 64 -> 16
+        (*SD_LAYOUT, "UNetMidBlock2DCrossAttn", 18, 5),  # sides 18, 9, 5, 3: the smallest >= 4.5
+        (*SD_LAYOUT, "UNetMidBlock2DCrossAttn", 6, 2),  # sides 6, 3, 2, 1: the smallest >= 1.5
+        (*SD_LAYOUT, "UNetMidBlock2DCrossAttn", 9, 3),  # sides 9, 5, 3, 2: the smallest >= 2.25
+        # self-attention-only blocks have no cross-attention layer to count
+        (
+            ("AttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            ("UpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D"),
+            None,
+            16,
+            8,
+        ),
+        (("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"), ("UpBlock2D",) * 3, None, 16, 16),
+        (("DownBlock2D",) * 3, ("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"), None, 16, 16),
+        (("DownBlock2D",) * 3, ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), None, 16, 8),
+        # only the mid block attends, below a quarter of the latent: the largest side there is
+        (("DownBlock2D",) * 4, ("UpBlock2D",) * 4, "UNetMidBlock2DCrossAttn", 16, 2),
+        (
+            ("DownBlock2D",) * 3 + ("CrossAttnDownBlock2D", "DownBlock2D"),
+            ("UpBlock2D", "CrossAttnUpBlock2D") + ("UpBlock2D",) * 3,
+            "UNetMidBlock2DCrossAttn",
+            32,
+            4,
+        ),
+    ],
+)
+def test_cross_attention_sides_are_the_ones_a_forward_pass_meets(down, up, mid, latent_size, mask_side):
+    from pipeline.diffusion.attention import cross_attention_resolutions, mask_resolution_for
+
+    unet = _unet(down, up, mid)
+    assert cross_attention_resolutions(unet, latent_size) == _measured_sides(unet, latent_size)
+    assert mask_resolution_for(unet, latent_size) == mask_side
+
+
+def test_a_unet_without_cross_attention_cannot_be_controlled():
+    from pipeline.diffusion.attention import mask_resolution_for
+
+    unet = _unet(("DownBlock2D",) * 2, ("UpBlock2D",) * 2, None)
+    with pytest.raises(
+        ValueError, match="^the UNet has no cross-attention layers; attention control needs them$"
+    ):
+        mask_resolution_for(unet, 16)
+
+
+@pytest.mark.parametrize("layout", ["tokens", "spatial"])
+def test_the_processor_asks_the_controller_with_the_layers_query_count(layout):
+    from diffusers.models.attention_processor import Attention
+
+    from pipeline.diffusion.attention import ControlledAttnProcessor
+
+    class Asked:
+        def __init__(self):
+            self.questions = []
+
+        def wants_probs(self, is_cross, num_queries):
+            self.questions.append((is_cross, num_queries))
+            return False
+
+    attn = Attention(query_dim=6, heads=2, dim_head=3)
+    controller = Asked()
+    # 20 queries of 6 channels: (B, N, C) tokens or (B, C, H, W) = (1, 6, 4, 5) spatial
+    hidden = torch.rand(1, 20, 6) if layout == "tokens" else torch.rand(1, 6, 4, 5)
+    ControlledAttnProcessor(controller)(attn, hidden)
+    assert controller.questions == [(False, 20)]
