@@ -175,11 +175,11 @@ class ControlledAttnProcessor:
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:  # before the keys: self-attention attends to the normed input
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         key_states, value_states = key_and_value_inputs(attn, hidden_states, encoder_hidden_states, split)
         batch_size, sequence_length, _ = key_states.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
         key = attn.head_to_batch_dim(attn.to_k(key_states))
         value = attn.head_to_batch_dim(attn.to_v(value_states))

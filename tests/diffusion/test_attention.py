@@ -316,3 +316,81 @@ def test_the_processor_asks_the_controller_with_the_layers_query_count(layout):
     hidden = torch.rand(1, 20, 6) if layout == "tokens" else torch.rand(1, 6, 4, 5)
     ControlledAttnProcessor(controller)(attn, hidden)
     assert controller.questions == [(False, 20)]
+
+
+def _layer(kind: str):
+    """A diffusers attention layer of each kind the processor must handle, with random weights."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    if kind == "spatial":  # VAE-style: 4-D input, group norm, spatial norm, residual, output rescaled
+        return Attention(
+            query_dim=32,  # SpatialNorm's own group norm has 32 groups
+            heads=2,
+            dim_head=4,
+            norm_num_groups=4,
+            spatial_norm_dim=3,
+            residual_connection=True,
+            rescale_output_factor=2.0,
+            bias=True,
+        ).eval()
+    return Attention(  # cross-attention with a normed encoder input
+        query_dim=8, cross_attention_dim=6, heads=2, dim_head=4, cross_attention_norm="layer_norm"
+    ).eval()
+
+
+def _inputs(kind: str) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    if kind == "spatial":
+        return {
+            "hidden_states": torch.randn(2, 32, 4, 5, generator=generator),
+            "temb": torch.randn(2, 3, 2, 3, generator=generator),  # SpatialNorm's zq
+        }
+    mask = torch.ones(2, 7)
+    mask[0, 5:] = 0  # the first row may not attend to its last two tokens
+    return {
+        "hidden_states": torch.randn(2, 20, 8, generator=generator),
+        "encoder_hidden_states": torch.randn(2, 7, 6, generator=generator),
+        "attention_mask": ((1 - mask) * -10000.0)[:, None, :],  # (B, 1, L), as the UNet passes it
+    }
+
+
+class _Identity:
+    """A controller that asks for every map and returns it unchanged."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def wants_probs(self, is_cross, num_queries):
+        return True
+
+    def __call__(self, probs, is_cross, heads):
+        self.calls += 1
+        return probs
+
+
+@pytest.mark.parametrize("kind", ["spatial", "cross"])
+@pytest.mark.parametrize("controlled", [False, True])
+def test_the_processor_computes_diffusers_attention_on_every_kind_of_layer(kind, controlled):
+    """Both paths (fused, and explicit probabilities for a controller) equal diffusers' AttnProcessor
+    on 4-D spatial layers with group and spatial norms, residual and rescaling, and on cross-attention
+    with a normed encoder input and an attention mask."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from pipeline.diffusion.attention import ControlledAttnProcessor
+
+    attn, inputs = _layer(kind), _inputs(kind)
+    with torch.no_grad():
+        expected = AttnProcessor()(attn, **inputs)
+        controller = _Identity() if controlled else None
+        out = ControlledAttnProcessor(controller)(attn, **inputs)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert controller is None or controller.calls == 1
+    # the mask and the norms matter here, so a path that drops one of them fails the comparison
+    with torch.no_grad():
+        plain = (
+            {**inputs, "attention_mask": None}
+            if kind == "cross"
+            else {**inputs, "temb": torch.zeros_like(inputs["temb"])}
+        )
+        assert (AttnProcessor()(attn, **plain) - expected).abs().max() > 1e-3
