@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.diffusion_clip_world import _value, heldout_scenes
 from pipeline.methods.diffusion_clip import without_kept_directions
 from pipeline.training.diffusion_clip import (
     ClipSpec,
@@ -30,25 +31,10 @@ from pipeline.training.diffusion_clip import (
     text_directions,
     world_training_texts,
 )
-from pipeline.training.world_data import HELDOUT_SEED_OFFSET
 from pipeline.world import generator
 from pipeline.world.clip_model import SHAPES_CLIP_CONFIG, SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS
 
 SHAPES_CLIP = ClipSpec(SHAPES_CLIP_NAME, str(SHAPES_CLIP_WEIGHTS), str(SHAPES_CLIP_CONFIG))
-
-
-def _value(scene: generator.Scene, attribute: str) -> str:
-    return scene.background if attribute == "background" else getattr(scene.objects[0], attribute)
-
-
-def heldout(count: int, attribute: str, value: str) -> list[generator.Scene]:
-    scenes, seed = [], HELDOUT_SEED_OFFSET
-    while len(scenes) < count:
-        scene = generator.sample_scene(seed, two_object_fraction=0.0)
-        seed += 1
-        if _value(scene, attribute) != value:
-            scenes.append(scene)
-    return scenes
 
 
 def image_embeddings(clip, images: list[np.ndarray]) -> torch.Tensor:
@@ -89,7 +75,7 @@ def main() -> None:
     _, captions, counterfactuals = world_training_texts(WorldData(args.scenes, args.attribute, args.value, 0))
     kept = kept_directions(clip, captions, tuple(args.keep), ())
     mean_direction = text_directions(clip, captions, counterfactuals, "mean")[:1]
-    scenes = heldout(args.scenes, args.attribute, args.value)
+    scenes = heldout_scenes(args.scenes, [(args.attribute, args.value)])
     sources = [generator.render(s) for s in scenes]
     own = text_directions(
         clip,

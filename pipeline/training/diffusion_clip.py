@@ -320,20 +320,15 @@ def attribute_changes(captions: list[str], attribute: str) -> list[tuple[list[st
     """
     from pipeline.world import generator
 
-    values = {
-        "shape": generator.SHAPES,
-        "color": tuple(generator.COLORS),
-        "background": generator.BACKGROUNDS,
-    }
+    parsed = [generator.parse_caption(caption) for caption in captions]
+    fields = [{"background": p["background"], **p["objects"][0]} for p in parsed]
     changes = []
-    for value in values[attribute]:
+    for value in generator.ATTRIBUTE_VALUES[attribute]:
         references, targets = [], []
-        for caption in captions:
-            parsed = generator.parse_caption(caption)
-            fields = {"background": parsed["background"], **parsed["objects"][0]}
-            if fields[attribute] != value:
+        for caption, caption_fields in zip(captions, fields, strict=True):
+            if caption_fields[attribute] != value:
                 references.append(caption)
-                targets.append(generator.one_object_caption(**(fields | {attribute: value})))
+                targets.append(generator.one_object_caption(**(caption_fields | {attribute: value})))
         if references:
             changes.append((references, targets))
     return changes

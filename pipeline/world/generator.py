@@ -39,6 +39,7 @@ TEXTURED_BACKGROUNDS = ("striped", "checkered", "cloudy")
 BACKGROUNDS = tuple(SOLID_BACKGROUNDS) + TEXTURED_BACKGROUNDS
 OBJECT_ATTRIBUTES = ("shape", "color")
 EDITABLE_ATTRIBUTES = ("shape", "color", "background")
+ATTRIBUTE_VALUES = {"shape": SHAPES, "color": tuple(COLORS), "background": BACKGROUNDS}
 
 # Radius ranges (pixels, centre to farthest point) for scenes of one and of two objects.
 _RADIUS_ONE = (10.0, 20.0)
@@ -140,11 +141,12 @@ def parse_caption(caption: str) -> dict:
 
 
 def _check_value(attribute: str, value: str) -> None:
-    allowed = {"shape": SHAPES, "color": tuple(COLORS), "background": BACKGROUNDS}
-    if attribute not in allowed:
+    if attribute not in ATTRIBUTE_VALUES:
         raise ValueError(f"unknown attribute {attribute!r}; editable attributes are {EDITABLE_ATTRIBUTES}")
-    if value not in allowed[attribute]:
-        raise ValueError(f"{attribute} {value!r} is not in the shapes world; use one of {allowed[attribute]}")
+    if value not in ATTRIBUTE_VALUES[attribute]:
+        raise ValueError(
+            f"{attribute} {value!r} is not in the shapes world; use one of {ATTRIBUTE_VALUES[attribute]}"
+        )
 
 
 def sample_scene(
