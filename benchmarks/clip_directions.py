@@ -1,6 +1,7 @@
 """Which image changes a CLIP's text direction rewards: the direction loss's view of true counterfactuals.
 
     python -m benchmarks.clip_directions [--scenes 64] [--attribute shape] [--value star] [--keep color]
+        [--clip-weights pipeline/world/assets/shapes_clip_guide.safetensors]
 
 DiffusionCLIP's and ZIP's direction loss (papers/004 eq. 9) pulls the image direction
 ΔI = E_I(edit) - E_I(source) towards the text direction ΔT. For held-out one-object scenes (seeds from
@@ -15,6 +16,7 @@ The training images (seeds from 0) give the kept directions and the mean ΔT, as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -69,9 +71,12 @@ def main() -> None:
     parser.add_argument("--value", default="star")
     parser.add_argument("--keep", nargs="*", default=["color"])
     parser.add_argument("--output", default=None, help="write the table as JSON here")
+    parser.add_argument(
+        "--clip-weights", default=str(SHAPES_CLIP_WEIGHTS), help="weights of the shapes CLIP architecture"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
-    clip = load_clip(SHAPES_CLIP, torch.device("cpu"))
+    clip = load_clip(dataclasses.replace(SHAPES_CLIP, pretrained=args.clip_weights), torch.device("cpu"))
     _, captions, counterfactuals = world_training_texts(WorldData(args.scenes, args.attribute, args.value, 0))
     kept = kept_directions(clip, captions, tuple(args.keep), ())
     mean_direction = text_directions(clip, captions, counterfactuals, "mean")[:1]
@@ -106,7 +111,16 @@ def main() -> None:
         print(f"{change:<32}" + "".join(f"{row[name]:>24.3f}" for name in names))
     if args.output:
         with open(args.output, "w") as file:
-            json.dump({"scenes": args.scenes, "keep": args.keep, "cosines": table}, file, indent=1)
+            json.dump(
+                {
+                    "scenes": args.scenes,
+                    "keep": args.keep,
+                    "clip_weights": args.clip_weights,
+                    "cosines": table,
+                },
+                file,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train the shapes world's models: VAE, open_clip model, UNet + CLIP text encoder, and oracle.
 
-    python -m pipeline.training {vae|vae-decoder|clip|unet|oracle|vae-broad|all|card} [--config jobs/train_shapes_world.yaml]
+    python -m pipeline.training {vae|vae-decoder|clip|clip-guide|unet|vae-broad|oracle|all|card} [--config jobs/train_shapes_world.yaml]
 
 (`python -m pipeline.world.train ...` is the same command.) Every stage is seeded, renders its scenes in
 memory with `pipeline.world.generator`, stops at its step count or its wall-time budget (whichever
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.training.world_clip import train_clip
+from pipeline.training.world_clip import train_clip, train_clip_guide
 from pipeline.training.world_config import DEFAULT_CONFIG, TrainConfig, load_train_config
 from pipeline.training.world_oracle import train_oracle
 from pipeline.training.world_unet import train_unet
@@ -41,6 +41,7 @@ def stages(resume: bool = False) -> dict[str, Callable[[TrainConfig], object]]:
         "vae": train_vae,
         "vae-decoder": train_vae_decoder,
         "clip": train_clip,
+        "clip-guide": train_clip_guide,
         "unet": lambda config: train_unet(config, resume=resume),
         "vae-broad": train_vae_broad,
         "oracle": train_oracle,

@@ -1,7 +1,10 @@
-"""The shapes world's tiny open_clip model (`shapes-clip-vit-tiny`), trained contrastively (`clip` stage).
+"""The shapes world's tiny open_clip models (`shapes-clip-vit-tiny`), trained contrastively.
 
-Writes OUTPUT/shapes_clip.safetensors; its architecture is the shipped open_clip config
-(`pipeline.world.clip_model`).
+The `clip` stage writes OUTPUT/shapes_clip.safetensors (the metric CLIP); the `clip-guide` stage writes
+OUTPUT/shapes_clip_guide.safetensors, the same architecture trained longer with counterfactual hard
+negatives (each chosen scene also enters the batch with one attribute changed, as NegCLIP adds
+minimally changed captions), which trained editors' direction loss uses. The architecture is the
+shipped open_clip config (`pipeline.world.clip_model`).
 """
 
 from __future__ import annotations
@@ -17,21 +20,39 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pipeline.training.loop import Budget, MetricsLog, optimize, seed_everything, training_device
-from pipeline.training.world_config import TrainConfig
+from pipeline.training.world_config import ClipConfig, TrainConfig
 from pipeline.training.world_data import SceneSet, heldout_scenes, training_scenes
 from pipeline.world import generator
-from pipeline.world.clip_model import SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS, register_shapes_clip
+from pipeline.world.clip_model import (
+    SHAPES_CLIP_GUIDE_WEIGHTS,
+    SHAPES_CLIP_NAME,
+    SHAPES_CLIP_WEIGHTS,
+    register_shapes_clip,
+)
 
 CLIP_SEED_OFFSET = 2
 
 
 def train_clip(config: TrainConfig):
+    """The `clip` stage: the metric CLIP, OUTPUT/shapes_clip.safetensors (see `train_contrastive`)."""
+    return train_contrastive(config, config.clip, SHAPES_CLIP_WEIGHTS.name, "clip")
+
+
+def train_clip_guide(config: TrainConfig):
+    """The `clip-guide` stage: the guidance CLIP, OUTPUT/shapes_clip_guide.safetensors."""
+    return train_contrastive(config, config.clip_guide, SHAPES_CLIP_GUIDE_WEIGHTS.name, "clip_guide")
+
+
+def train_contrastive(config: TrainConfig, clip: ClipConfig, weights_name: str, record: str):
     """Train the tiny open_clip model contrastively; identical captions in a batch count as positives.
 
     Records top-1 caption retrieval on held-out one-object scenes.
 
     Args:
         config: the training job.
+        clip: this stage's settings (`config.clip` or `config.clip_guide`).
+        weights_name: the file written under OUTPUT.
+        record: the stage's key in OUTPUT/train_metrics.json.
 
     Returns:
         The trained open_clip model, on the CPU in eval mode.
@@ -43,34 +64,91 @@ def train_clip(config: TrainConfig):
     model, _, _ = open_clip.create_model_and_transforms(SHAPES_CLIP_NAME, device=device)
     tokenizer = open_clip.get_tokenizer(SHAPES_CLIP_NAME)
     tokens = tokenizer(data.captions)
-    caption_ids = np.unique(np.array(data.captions), return_inverse=True)[1]
     normalize = clip_normalizer(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip.lr, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=clip.lr, weight_decay=0.05)
+
+    excluded = frozenset(config.data.heldout_captions)
+    hard_negatives = round(clip.counterfactual_fraction * clip.batch)
 
     def loss_step() -> torch.Tensor:
-        index = rng.choice(len(data.images), config.clip.batch, replace=False)
-        image_features, text_features, logit_scale = model(
-            normalize(data.images[index]).to(device), tokens[torch.as_tensor(index)].to(device)
-        )[:3]
-        logits = logit_scale * image_features @ text_features.T
-        same = torch.as_tensor(
-            caption_ids[index][:, None] == caption_ids[index][None, :], dtype=torch.float32
+        index = rng.choice(len(data.images), clip.batch, replace=False)
+        images, batch_tokens, batch_captions = (
+            data.images[index],
+            tokens[torch.as_tensor(index)],
+            [data.captions[i] for i in index],
         )
-        targets = same / same.sum(1, keepdim=True)
-        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        if hard_negatives:
+            # Training scene i is seed i's scene (`training_scenes`), so it can be re-drawn and edited.
+            edited_images, edited_captions = counterfactual_scenes(
+                index[:hard_negatives].tolist(), config.data.two_object_fraction, excluded, rng
+            )
+            images = np.concatenate([images, edited_images])
+            batch_tokens = torch.cat([batch_tokens, tokenizer(edited_captions)])
+            batch_captions = batch_captions + edited_captions
+        image_features, text_features, logit_scale = model(
+            normalize(images).to(device), batch_tokens.to(device)
+        )[:3]
+        return contrastive_loss(logit_scale * image_features @ text_features.T, batch_captions)
 
-    budget = Budget(config.clip.steps, config.clip.max_minutes)
+    budget = Budget(clip.steps, clip.max_minutes)
     model.train()
-    optimize(loss_step, optimizer, budget, stage="clip", peak_lr=config.clip.lr)
+    optimize(loss_step, optimizer, budget, stage=record, peak_lr=clip.lr)
     model.cpu().eval()
     accuracy = clip_caption_accuracy(model, tokenizer, heldout_scenes(config, two_object_fraction=0.0))
-    SHAPES_CLIP_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    weights = Path(config.output) / SHAPES_CLIP_WEIGHTS.name
+    weights = Path(config.output) / weights_name
+    weights.parent.mkdir(parents=True, exist_ok=True)
     save_file({key: value.contiguous() for key, value in model.state_dict().items()}, weights)
     MetricsLog(config.output).record(
-        "clip", {"steps": budget.step, "wall_s": round(budget.elapsed), **accuracy}
-    )
+        record,
+        {"steps": budget.step, "wall_s": round(budget.elapsed), "counterfactual_fraction": clip.counterfactual_fraction,
+         **accuracy},
+    )  # fmt: skip
     return model
+
+
+def contrastive_loss(logits: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE where every image and text of the same caption count as positives.
+
+    Args:
+        logits: (N, N) scaled image-text similarities, image i against text j.
+        captions: the N captions (row i's image and column i's text share caption i).
+    """
+    caption_ids = np.unique(np.array(captions), return_inverse=True)[1]
+    same = torch.as_tensor(caption_ids[:, None] == caption_ids[None, :], dtype=logits.dtype)
+    targets = same / same.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def counterfactual_scenes(
+    seeds: list[int], two_object_fraction: float, excluded: frozenset[str], rng: np.random.Generator
+) -> tuple[np.ndarray, list[str]]:
+    """Each seed's training scene with one attribute of its first object (or its background) changed.
+
+    The attribute is drawn uniformly from shape, colour and background, the new value uniformly from
+    the others; a change whose caption is a held-out one is re-drawn, so held-out captions stay unseen.
+
+    Args:
+        seeds: the scenes' seeds (as `training_scenes` drew them, held-out captions excluded).
+        two_object_fraction: the data config's, to re-draw the same scenes.
+        excluded: captions never rendered for training.
+        rng: the stage's generator.
+
+    Returns:
+        uint8 (len(seeds), 64, 64, 3) images and their captions.
+    """
+    images, captions = [], []
+    for seed in seeds:
+        scene = generator.sample_scene(seed, two_object_fraction, exclude_captions=excluded)
+        while True:
+            attribute = str(rng.choice(tuple(generator.ATTRIBUTE_VALUES)))
+            current = scene.background if attribute == "background" else getattr(scene.objects[0], attribute)
+            value = str(rng.choice([v for v in generator.ATTRIBUTE_VALUES[attribute] if v != current]))
+            edited = generator.counterfactual(scene, attribute, value)
+            if edited.caption not in excluded:
+                break
+        images.append(edited.image)
+        captions.append(edited.caption)
+    return np.stack(images), captions
 
 
 def clip_normalizer(model) -> Callable[[np.ndarray], torch.Tensor]:

@@ -139,12 +139,22 @@ class ClipConfig:
         batch: scenes per step (drawn without replacement).
         lr: peak learning rate.
         max_minutes: wall-time budget.
+        counterfactual_fraction: the share of each batch's scenes that also enter it with one attribute
+            changed (shape, colour or background; the rest of the scene kept), as hard negatives whose
+            captions differ from their source's by one word (0 for the shipped metric CLIP).
     """
 
     steps: int
     batch: int
     lr: float
     max_minutes: float
+    counterfactual_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.counterfactual_fraction <= 1.0:
+            raise ValueError(
+                f"clip.counterfactual_fraction must be in [0, 1], got {self.counterfactual_fraction}"
+            )
 
 
 @dataclass(frozen=True)
@@ -202,7 +212,9 @@ class TrainConfig:
         vae: the vae stage.
         vae_decoder: the vae-decoder stage.
         vae_broad: the vae-broad stage.
-        clip: the clip stage.
+        clip: the clip stage (the metric CLIP, `shapes_clip.safetensors`).
+        clip_guide: the clip-guide stage (the same architecture trained longer with counterfactual hard
+            negatives, `shapes_clip_guide.safetensors`: the direction loss of trained editors).
         unet: the unet stage.
     """
 
@@ -216,6 +228,7 @@ class TrainConfig:
     vae_decoder: VAEDecoderConfig
     vae_broad: VAEBroadConfig
     clip: ClipConfig
+    clip_guide: ClipConfig
     unet: UNetConfig
 
 

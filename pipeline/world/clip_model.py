@@ -20,6 +20,8 @@ SHAPES_CLIP_NAME = "shapes-clip-vit-tiny"
 SHAPES_CLIP_CONFIG_DIR = ASSETS / "open_clip"
 SHAPES_CLIP_CONFIG = SHAPES_CLIP_CONFIG_DIR / f"{SHAPES_CLIP_NAME}.json"
 SHAPES_CLIP_WEIGHTS = ASSETS / "shapes_clip.safetensors"
+# The same architecture trained longer with counterfactual hard negatives: the guidance of trained editors.
+SHAPES_CLIP_GUIDE_WEIGHTS = ASSETS / "shapes_clip_guide.safetensors"
 
 
 def register_shapes_clip() -> str:

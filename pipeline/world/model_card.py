@@ -124,7 +124,9 @@ def write_model_card(
         "| diffusion | `shapes-sd/` (diffusers folder) | AutoencoderKL 64x64x3 -> 16x16x4, CLIPTextModel with CLIP's BPE "
         "tokenizer, UNet2DConditionModel with cross-attention; DDIM scheduler with SD's scaled_linear betas |",
         "| CLIP | `shapes_clip.safetensors`, `open_clip/shapes-clip-vit-tiny.json` | open_clip ViT (patch 8, 64 px) + "
-        "text transformer, context 77, vocab 49,408; name `shapes-clip-vit-tiny` |",
+        "text transformer, context 77, vocab 49,408; name `shapes-clip-vit-tiny`; the metric backbone |",
+        "| guidance CLIP | `shapes_clip_guide.safetensors` | the same architecture trained longer with counterfactual "
+        "hard negatives; the direction loss of the DiffusionCLIP and ZIP training specs |",
         "| oracle | `oracle.safetensors`, `oracle.json` | CNN with shape / color / background heads "
         "(`pipeline.world.oracle`); evaluation only, never a training signal |",
         "",
@@ -148,7 +150,7 @@ def write_model_card(
         "    python -m pipeline.world.train all --config jobs/train_shapes_world.yaml",
         "    python -m benchmarks.world_quality --write  # quality numbers below; rewrites this card",
         "",
-        "`all` runs vae, vae-decoder, clip, unet, vae-broad, oracle in turn; `vae-decoder` fine-tunes the decoder",
+        "`all` runs vae, vae-decoder, clip, clip-guide, unet, vae-broad, oracle in turn; `vae-decoder` fine-tunes the decoder",
         "only (the encoder, hence the UNet's latent space, is kept; the unet stage saves the decoder that is in",
         "the cache when it finishes); `vae-broad` fine-tunes the shipped VAE on off-palette scenes",
         "(`pipeline/world/broad.py`) with the encoder's latents of the world's scenes anchored to the shipped",
@@ -161,7 +163,7 @@ def write_model_card(
         "| stage | steps | wall time (s) | metrics |",
         "| --- | --- | --- | --- |",
     ]
-    for stage in ("vae", "vae_decoder", "clip", "unet", "vae_broad", "oracle"):
+    for stage in ("vae", "vae_decoder", "clip", "clip_guide", "unet", "vae_broad", "oracle"):
         record = dict(training.get(stage, {}))
         steps, wall = record.pop("steps", "-"), record.pop("wall_s", "-")
         lines.append(f"| {stage} | {steps} | {wall} | {_fmt(record) if record else 'not trained'} |")

@@ -22,7 +22,7 @@ def _job(tmp_path):
 
 
 def test_stages_run_in_the_documented_order():
-    assert list(cli.stages()) == ["vae", "vae-decoder", "clip", "unet", "vae-broad", "oracle"]
+    assert list(cli.stages()) == ["vae", "vae-decoder", "clip", "clip-guide", "unet", "vae-broad", "oracle"]
 
 
 def test_world_train_is_the_same_command():

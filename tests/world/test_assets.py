@@ -11,9 +11,16 @@ from transformers import AutoTokenizer
 
 from pipeline.models.loading import load_diffusion_model
 from pipeline.training.fingerprints import sha256_file
+from pipeline.training.world_clip import clip_normalizer
 from pipeline.training.world_vae import vae_psnr, vae_reconstructions
 from pipeline.world import generator
-from pipeline.world.clip_model import SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS, register_shapes_clip
+from pipeline.world.clip_model import (
+    SHAPES_CLIP_GUIDE_WEIGHTS,
+    SHAPES_CLIP_NAME,
+    SHAPES_CLIP_WEIGHTS,
+    load_shapes_clip,
+    register_shapes_clip,
+)
 from pipeline.world.model_card import ASSETS, CARD_NAME, read_card_fingerprints
 from pipeline.world.oracle import images_to_tensor, load_oracle, shape_classifier
 from pipeline.world.sampling import sample_images
@@ -115,6 +122,48 @@ def test_open_clip_loads_by_name_and_matches_captions(fresh_scenes):
     prefers_right = ((image_features * right).sum(1) > (image_features * wrong).sum(1)).float().mean()
     # Chance is 0.5; the shipped model, trained for a few minutes, is far above it but not perfect.
     assert prefers_right > 0.65
+
+
+@needs_clip
+@torch.no_grad()
+def test_guidance_clip_tells_one_word_changes_apart_and_its_star_direction_is_the_stars(fresh_scenes):
+    model, _, tokenizer = load_shapes_clip(weights=SHAPES_CLIP_GUIDE_WEIGHTS)
+    normalize = clip_normalizer(model)
+    scenes = [r for r in fresh_scenes if r.scene.objects[0].shape != "star"][:32]
+
+    def images(rendered):
+        return model.encode_image(normalize(np.stack([r.image for r in rendered])), normalize=True)
+
+    def texts(captions):
+        return model.encode_text(tokenizer(captions), normalize=True)
+
+    sources, source_texts = images(scenes), texts([r.caption for r in scenes])
+    for attribute in ("shape", "color", "background"):
+        changed = []
+        for r in scenes:
+            current = (
+                r.scene.background if attribute == "background" else getattr(r.scene.objects[0], attribute)
+            )
+            other = next(v for v in generator.ATTRIBUTE_VALUES[attribute] if v != current)
+            changed.append(generator.edit_scene(r.scene, attribute, other))
+        wrong = texts([generator.caption_for(scene) for scene in changed])
+        right_wins = ((sources * source_texts).sum(1) > (sources * wrong).sum(1)).float().mean()
+        assert right_wins >= 0.9, attribute
+    # The direction loss's view (benchmarks/clip_directions.py): per image, the true star edit's image
+    # direction follows its text direction far more than a recolouring's does.
+    stars = [generator.counterfactual(r.scene, "shape", "star") for r in scenes]
+    blues = [
+        generator.counterfactual(r.scene, "color", "blue")
+        for r in scenes
+        if r.scene.objects[0].color != "blue"
+    ]
+    text_direction = texts([r.caption for r in stars]) - source_texts
+    keep = [i for i, r in enumerate(scenes) if r.scene.objects[0].color != "blue"]
+    star_cos = torch.nn.functional.cosine_similarity(images(stars) - sources, text_direction).mean()
+    blue_cos = torch.nn.functional.cosine_similarity(
+        images(blues) - sources[keep], text_direction[keep]
+    ).mean()
+    assert star_cos > 0.6 and star_cos > blue_cos + 0.4
 
 
 @torch.no_grad()

@@ -1,0 +1,121 @@
+"""The clip stage: its contrastive loss, its counterfactual hard negatives, and a short run."""
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.training import world_clip
+from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
+from pipeline.world import generator
+
+
+def _config(tmp_path, section="clip", **clip):
+    settings = {"steps": 2, "batch": 8, "lr": 1e-3, "max_minutes": 5} | clip
+    overrides = [f"output={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "data.train_scenes=24",
+                 "data.heldout_scenes=4"] + [f"{section}.{key}={value}" for key, value in settings.items()]  # fmt: skip
+    return load_train_config(DEFAULT_CONFIG, overrides)
+
+
+def test_loss_with_distinct_captions_is_open_clips_clip_loss():
+    torch.manual_seed(0)
+    image_features = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    text_features = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    logit_scale = torch.tensor(7.0)
+    expected = open_clip.loss.ClipLoss()(image_features, text_features, logit_scale)
+    captions = [f"caption {i}" for i in range(6)]
+    got = world_clip.contrastive_loss(logit_scale * image_features @ text_features.T, captions)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_loss_shares_the_target_among_texts_of_the_same_caption():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.5, 3.0, 1.0], [0.0, 1.0, 2.0]])
+    captions = ["a", "b", "a"]
+    rows = torch.log_softmax(logits, dim=1)
+    columns = torch.log_softmax(logits.T, dim=1)
+    # image 0 and 2 both match texts 0 and 2, half each; image 1 only text 1 (and the same for texts)
+    by_hand = -(
+        (rows[0, 0] + rows[0, 2]) / 2 + rows[1, 1] + (rows[2, 0] + rows[2, 2]) / 2
+        + (columns[0, 0] + columns[0, 2]) / 2 + columns[1, 1] + (columns[2, 0] + columns[2, 2]) / 2
+    ) / 6  # fmt: skip
+    assert torch.allclose(world_clip.contrastive_loss(logits, captions), by_hand, atol=1e-6)
+
+
+def test_counterfactuals_change_one_attribute_of_their_scene():
+    seeds = list(range(40))
+    images, captions = world_clip.counterfactual_scenes(seeds, 0.15, frozenset(), np.random.default_rng(0))
+    assert images.shape == (40, 64, 64, 3) and images.dtype == np.uint8
+    changed = []
+    for seed, image, caption in zip(seeds, images, captions, strict=True):
+        scene = generator.sample_scene(seed, 0.15)
+        source, edited = (
+            generator.parse_caption(generator.caption_for(scene)),
+            generator.parse_caption(caption),
+        )
+        differing = [
+            (attribute, index)
+            for index, (old, new) in enumerate(zip(source["objects"], edited["objects"], strict=True))
+            for attribute in ("shape", "color")
+            if old[attribute] != new[attribute]
+        ] + [("background", 0)] * (source["background"] != edited["background"])
+        assert len(differing) == 1 and differing[0][1] == 0, (seed, caption)
+        attribute = differing[0][0]
+        value = edited["background"] if attribute == "background" else edited["objects"][0][attribute]
+        assert np.array_equal(image, generator.counterfactual(scene, attribute, value).image)
+        changed.append(attribute)
+    assert set(changed) == {"shape", "color", "background"}
+
+
+def test_counterfactuals_never_render_an_excluded_caption():
+    seeds = list(range(30))
+    rng = np.random.default_rng(1)
+    first = world_clip.counterfactual_scenes(seeds, 0.0, frozenset(), rng)[1]
+    excluded = frozenset(first)  # every change drawn the first time is now held out
+    again = world_clip.counterfactual_scenes(seeds, 0.0, excluded, np.random.default_rng(1))[1]
+    assert not set(again) & excluded
+
+
+def test_counterfactual_fraction_outside_zero_one_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="counterfactual_fraction"):
+        _config(tmp_path, counterfactual_fraction=1.5)
+
+
+def test_the_guide_stage_trains_on_twice_the_scenes_and_writes_its_own_file(tmp_path, monkeypatch):
+    config = _config(tmp_path, section="clip_guide", counterfactual_fraction=1.0, steps=1)
+    seen = []
+    original = world_clip.contrastive_loss
+
+    def recording(logits, captions):
+        seen.append(list(captions))
+        return original(logits, captions)
+
+    monkeypatch.setattr(world_clip, "contrastive_loss", recording)
+    world_clip.train_clip_guide(config)
+    assert len(seen) == 1 and len(seen[0]) == 16
+    sources, edited = seen[0][:8], seen[0][8:]
+    assert all(source != change for source, change in zip(sources, edited, strict=True))
+    metrics = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
+    assert set(metrics) == {"clip_guide"}
+    assert metrics["clip_guide"]["steps"] == 1 and metrics["clip_guide"]["counterfactual_fraction"] == 1.0
+    assert 0.0 <= metrics["clip_guide"]["heldout_caption_top1_of_144"] <= 1.0
+    assert [path.name for path in (tmp_path / "out").glob("*.safetensors")] == [
+        "shapes_clip_guide.safetensors"
+    ]
+
+
+def test_the_metric_clip_stage_has_no_hard_negatives_by_default(tmp_path, monkeypatch):
+    config = _config(tmp_path, steps=1)
+    assert config.clip.counterfactual_fraction == 0.0
+    seen = []
+    original = world_clip.contrastive_loss
+    monkeypatch.setattr(
+        world_clip,
+        "contrastive_loss",
+        lambda logits, captions: seen.append(captions) or original(logits, captions),
+    )
+    world_clip.train_clip(config)
+    assert [len(captions) for captions in seen] == [8]
+    assert (tmp_path / "out" / "shapes_clip.safetensors").is_file()
