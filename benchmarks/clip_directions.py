@@ -7,7 +7,7 @@ DiffusionCLIP's and ZIP's direction loss (papers/004 eq. 9) pulls the image dire
 ΔI = E_I(edit) - E_I(source) towards the text direction ΔT. For held-out one-object scenes (seeds from
 HELDOUT_SEED_OFFSET) that lack the value, this renders the shapes world's ground-truth counterfactuals
 (the attribute set to the value; and, as distractors, the object recoloured to each colour, the
-background changed to each background) and prints the mean cos(ΔI, ΔT) of each, for ΔT per image and
+background changed to each background, the object shrunk to 0.6x or moved down by 8 pixels) and prints the mean cos(ΔI, ΔT) of each, for ΔT per image and
 mean, with and without the kept attributes' directions projected out (`keep_attributes`). A text
 direction that rewards a distractor as much as the true edit teaches an editor the distractor.
 The training images (seeds from 0) give the kept directions and the mean ΔT, as in training.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
 import numpy as np
 import torch
@@ -59,7 +60,19 @@ def changes(scenes: list[generator.Scene], attribute: str, value: str) -> dict[s
                 None if _value(s, other) == candidate else generator.counterfactual(s, other, candidate).image
                 for s in scenes
             ]
+    # Changes no caption names: an editor that finds them rewarded learns them for free.
+    for name, scale, shift in (("object 0.6x its size", 0.6, 0.0), ("object moved down 8 px", 1.0, 8.0)):
+        edits[name] = [generator.render(_resized_or_moved(s, scale, shift)).image for s in scenes]
     return edits
+
+
+def _resized_or_moved(scene: generator.Scene, scale: float, shift: float) -> generator.Scene:
+    """The scene with its first object's radius scaled and its centre moved down (kept inside the image)."""
+    obj = scene.objects[0]
+    radius = obj.radius * scale
+    y = min(obj.center[1] + shift, generator.IMAGE_SIZE - radius - 1.0)
+    moved = dataclasses.replace(obj, radius=radius, center=(obj.center[0], y))
+    return dataclasses.replace(scene, objects=(moved, *scene.objects[1:]))
 
 
 def main() -> None:
@@ -115,7 +128,7 @@ def main() -> None:
                 {
                     "scenes": args.scenes,
                     "keep": args.keep,
-                    "clip_weights": args.clip_weights,
+                    "clip_weights": os.path.relpath(args.clip_weights),
                     "cosines": table,
                 },
                 file,

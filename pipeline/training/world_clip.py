@@ -9,6 +9,7 @@ shipped open_clip config (`pipeline.world.clip_model`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,7 @@ def train_contrastive(config: TrainConfig, clip: ClipConfig, weights_name: str, 
 
     excluded = frozenset(config.data.heldout_captions)
     hard_negatives = round(clip.counterfactual_fraction * clip.batch)
+    resized = round(clip.resized_fraction * clip.batch)
 
     def loss_step() -> torch.Tensor:
         index = rng.choice(len(data.images), clip.batch, replace=False)
@@ -85,6 +87,13 @@ def train_contrastive(config: TrainConfig, clip: ClipConfig, weights_name: str, 
             images = np.concatenate([images, edited_images])
             batch_tokens = torch.cat([batch_tokens, tokenizer(edited_captions)])
             batch_captions = batch_captions + edited_captions
+        if resized:
+            chosen = index[clip.batch - resized :].tolist()
+            images = np.concatenate(
+                [images, resized_scenes(chosen, config.data.two_object_fraction, excluded, rng)]
+            )
+            batch_tokens = torch.cat([batch_tokens, tokens[torch.as_tensor(chosen)]])
+            batch_captions = batch_captions + [data.captions[i] for i in chosen]
         image_features, text_features, logit_scale = model(
             normalize(images).to(device), batch_tokens.to(device)
         )[:3]
@@ -101,7 +110,7 @@ def train_contrastive(config: TrainConfig, clip: ClipConfig, weights_name: str, 
     MetricsLog(config.output).record(
         record,
         {"steps": budget.step, "wall_s": round(budget.elapsed), "counterfactual_fraction": clip.counterfactual_fraction,
-         **accuracy},
+         "resized_fraction": clip.resized_fraction, **accuracy},
     )  # fmt: skip
     return model
 
@@ -149,6 +158,36 @@ def counterfactual_scenes(
         images.append(edited.image)
         captions.append(edited.caption)
     return np.stack(images), captions
+
+
+def resized_scenes(
+    seeds: list[int], two_object_fraction: float, excluded: frozenset[str], rng: np.random.Generator
+) -> np.ndarray:
+    """Each seed's training scene with its first object's radius scaled by U(0.6, 1.0) and its centre
+    moved by up to 8 pixels each way (kept inside the image); the caption does not change.
+
+    Args:
+        seeds: the scenes' seeds (as `training_scenes` drew them).
+        two_object_fraction: the data config's, to re-draw the same scenes.
+        excluded: captions never rendered for training.
+        rng: the stage's generator.
+
+    Returns:
+        uint8 (len(seeds), 64, 64, 3) images.
+    """
+    scenes = [generator.sample_scene(seed, two_object_fraction, exclude_captions=excluded) for seed in seeds]
+    return np.stack([generator.render(resized_scene(scene, rng)).image for scene in scenes])
+
+
+def resized_scene(scene: generator.Scene, rng: np.random.Generator) -> generator.Scene:
+    """`scene` with its first object's radius x U(0.6, 1.0) and centre moved by U(-8, 8) pixels per axis,
+    clipped so that the object stays inside the image; shape, colour, background and caption kept."""
+    first = scene.objects[0]
+    radius = first.radius * float(rng.uniform(0.6, 1.0))
+    low, high = radius + 1.0, generator.IMAGE_SIZE - radius - 1.0
+    center = tuple(float(np.clip(c + rng.uniform(-8.0, 8.0), low, high)) for c in first.center)
+    moved = dataclasses.replace(first, radius=radius, center=center)
+    return dataclasses.replace(scene, objects=(moved, *scene.objects[1:]))
 
 
 def clip_normalizer(model) -> Callable[[np.ndarray], torch.Tensor]:

@@ -142,6 +142,9 @@ class ClipConfig:
         counterfactual_fraction: the share of each batch's scenes that also enter it with one attribute
             changed (shape, colour or background; the rest of the scene kept), as hard negatives whose
             captions differ from their source's by one word (0 for the shipped metric CLIP).
+        resized_fraction: the share of each batch's scenes that also enter it with their first object
+            resized (radius x 0.6 to 1.0) and moved, under the same caption: positives that teach the model
+            that size and place are not in the caption (0 for the shipped metric CLIP).
     """
 
     steps: int
@@ -149,12 +152,12 @@ class ClipConfig:
     lr: float
     max_minutes: float
     counterfactual_fraction: float = 0.0
+    resized_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.counterfactual_fraction <= 1.0:
-            raise ValueError(
-                f"clip.counterfactual_fraction must be in [0, 1], got {self.counterfactual_fraction}"
-            )
+        for name in ("counterfactual_fraction", "resized_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"clip.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

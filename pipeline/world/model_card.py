@@ -126,7 +126,7 @@ def write_model_card(
         "| CLIP | `shapes_clip.safetensors`, `open_clip/shapes-clip-vit-tiny.json` | open_clip ViT (patch 8, 64 px) + "
         "text transformer, context 77, vocab 49,408; name `shapes-clip-vit-tiny`; the metric backbone |",
         "| guidance CLIP | `shapes_clip_guide.safetensors` | the same architecture trained longer with counterfactual "
-        "hard negatives; the direction loss of the DiffusionCLIP and ZIP training specs |",
+        "hard negatives and resized positives; for trained editors' direction loss (a training spec's `clip.pretrained`) |",
         "| oracle | `oracle.safetensors`, `oracle.json` | CNN with shape / color / background heads "
         "(`pipeline.world.oracle`); evaluation only, never a training signal |",
         "",

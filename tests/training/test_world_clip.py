@@ -84,7 +84,9 @@ def test_counterfactual_fraction_outside_zero_one_is_refused(tmp_path):
 
 
 def test_the_guide_stage_trains_on_twice_the_scenes_and_writes_its_own_file(tmp_path, monkeypatch):
-    config = _config(tmp_path, section="clip_guide", counterfactual_fraction=1.0, steps=1)
+    config = _config(
+        tmp_path, section="clip_guide", counterfactual_fraction=1.0, resized_fraction=0.0, steps=1
+    )
     seen = []
     original = world_clip.contrastive_loss
 
@@ -119,3 +121,43 @@ def test_the_metric_clip_stage_has_no_hard_negatives_by_default(tmp_path, monkey
     world_clip.train_clip(config)
     assert [len(captions) for captions in seen] == [8]
     assert (tmp_path / "out" / "shapes_clip.safetensors").is_file()
+
+
+def test_resized_scenes_keep_the_caption_and_move_only_the_first_object_within_bounds():
+    rng = np.random.default_rng(0)
+    radii, shifts = [], []
+    for seed in range(60):
+        scene = generator.sample_scene(seed, 0.3)
+        resized = world_clip.resized_scene(scene, rng)
+        assert generator.caption_for(resized) == generator.caption_for(scene)
+        assert resized.objects[1:] == scene.objects[1:] and resized.background == scene.background
+        old, new = scene.objects[0], resized.objects[0]
+        radii.append(new.radius / old.radius)
+        shifts += [new.center[0] - old.center[0], new.center[1] - old.center[1]]
+        assert all(new.radius + 1.0 <= c <= generator.IMAGE_SIZE - new.radius - 1.0 for c in new.center)
+    assert min(radii) >= 0.6 and max(radii) <= 1.0 and max(radii) - min(radii) > 0.3
+    assert max(map(abs, shifts)) <= 8.0 and np.std(shifts) > 2.0
+    rendered = world_clip.resized_scenes([3, 4], 0.3, frozenset(), np.random.default_rng(5))
+    again = np.random.default_rng(5)
+    expected = [
+        generator.render(world_clip.resized_scene(generator.sample_scene(s, 0.3), again)).image
+        for s in (3, 4)
+    ]
+    assert np.array_equal(rendered, np.stack(expected))
+
+
+def test_the_guide_stage_enters_resized_positives_under_their_own_captions(tmp_path, monkeypatch):
+    config = _config(
+        tmp_path, section="clip_guide", counterfactual_fraction=0.5, resized_fraction=0.25, steps=1
+    )
+    seen = []
+    original = world_clip.contrastive_loss
+    monkeypatch.setattr(
+        world_clip,
+        "contrastive_loss",
+        lambda logits, captions: seen.append(captions) or original(logits, captions),
+    )
+    world_clip.train_clip_guide(config)
+    (captions,) = seen
+    assert len(captions) == 8 + 4 + 2
+    assert captions[12:] == captions[6:8]  # the last two scenes again, resized, same captions
