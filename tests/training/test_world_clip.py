@@ -20,6 +20,19 @@ def _config(tmp_path, section="clip", **clip):
     return load_train_config(DEFAULT_CONFIG, overrides)
 
 
+def _captions_of_each_step(monkeypatch, stage, config) -> list[list[str]]:
+    """Run a clip stage, recording the captions of every batch its loss sees."""
+    seen = []
+    original = world_clip.contrastive_loss
+    monkeypatch.setattr(
+        world_clip,
+        "contrastive_loss",
+        lambda logits, captions: seen.append(list(captions)) or original(logits, captions),
+    )
+    stage(config)
+    return seen
+
+
 def test_loss_with_distinct_captions_is_open_clips_clip_loss():
     torch.manual_seed(0)
     image_features = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
@@ -87,15 +100,7 @@ def test_the_guide_stage_trains_on_twice_the_scenes_and_writes_its_own_file(tmp_
     config = _config(
         tmp_path, section="clip_guide", counterfactual_fraction=1.0, resized_fraction=0.0, steps=1
     )
-    seen = []
-    original = world_clip.contrastive_loss
-
-    def recording(logits, captions):
-        seen.append(list(captions))
-        return original(logits, captions)
-
-    monkeypatch.setattr(world_clip, "contrastive_loss", recording)
-    world_clip.train_clip_guide(config)
+    seen = _captions_of_each_step(monkeypatch, world_clip.train_clip_guide, config)
     assert len(seen) == 1 and len(seen[0]) == 16
     sources, edited = seen[0][:8], seen[0][8:]
     assert all(source != change for source, change in zip(sources, edited, strict=True))
@@ -111,14 +116,7 @@ def test_the_guide_stage_trains_on_twice_the_scenes_and_writes_its_own_file(tmp_
 def test_the_metric_clip_stage_has_no_hard_negatives_by_default(tmp_path, monkeypatch):
     config = _config(tmp_path, steps=1)
     assert config.clip.counterfactual_fraction == 0.0
-    seen = []
-    original = world_clip.contrastive_loss
-    monkeypatch.setattr(
-        world_clip,
-        "contrastive_loss",
-        lambda logits, captions: seen.append(captions) or original(logits, captions),
-    )
-    world_clip.train_clip(config)
+    seen = _captions_of_each_step(monkeypatch, world_clip.train_clip, config)
     assert [len(captions) for captions in seen] == [8]
     assert (tmp_path / "out" / "shapes_clip.safetensors").is_file()
 
@@ -150,14 +148,6 @@ def test_the_guide_stage_enters_resized_positives_under_their_own_captions(tmp_p
     config = _config(
         tmp_path, section="clip_guide", counterfactual_fraction=0.5, resized_fraction=0.25, steps=1
     )
-    seen = []
-    original = world_clip.contrastive_loss
-    monkeypatch.setattr(
-        world_clip,
-        "contrastive_loss",
-        lambda logits, captions: seen.append(captions) or original(logits, captions),
-    )
-    world_clip.train_clip_guide(config)
-    (captions,) = seen
+    (captions,) = _captions_of_each_step(monkeypatch, world_clip.train_clip_guide, config)
     assert len(captions) == 8 + 4 + 2
     assert captions[12:] == captions[6:8]  # the last two scenes again, resized, same captions
