@@ -34,6 +34,7 @@ from pipeline.training.diffusion_clip import (
     text_directions,
     world_training_texts,
 )
+from pipeline.training.world_clip import resize_first_object
 from pipeline.world import generator
 from pipeline.world.clip_model import SHAPES_CLIP_CONFIG, SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS
 
@@ -61,18 +62,12 @@ def changes(scenes: list[generator.Scene], attribute: str, value: str) -> dict[s
                 for s in scenes
             ]
     # Changes no caption names: an editor that finds them rewarded learns them for free.
-    for name, scale, shift in (("object 0.6x its size", 0.6, 0.0), ("object moved down 8 px", 1.0, 8.0)):
-        edits[name] = [generator.render(_resized_or_moved(s, scale, shift)).image for s in scenes]
+    for name, scale, shift in (
+        ("object 0.6x its size", 0.6, (0.0, 0.0)),
+        ("object moved down 8 px", 1.0, (0.0, 8.0)),
+    ):
+        edits[name] = [generator.render(resize_first_object(s, scale, shift)).image for s in scenes]
     return edits
-
-
-def _resized_or_moved(scene: generator.Scene, scale: float, shift: float) -> generator.Scene:
-    """The scene with its first object's radius scaled and its centre moved down (kept inside the image)."""
-    obj = scene.objects[0]
-    radius = obj.radius * scale
-    y = min(obj.center[1] + shift, generator.IMAGE_SIZE - radius - 1.0)
-    moved = dataclasses.replace(obj, radius=radius, center=(obj.center[0], y))
-    return dataclasses.replace(scene, objects=(moved, *scene.objects[1:]))
 
 
 def main() -> None:

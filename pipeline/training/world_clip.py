@@ -3,7 +3,8 @@
 The `clip` stage writes OUTPUT/shapes_clip.safetensors (the metric CLIP); the `clip-guide` stage writes
 OUTPUT/shapes_clip_guide.safetensors, the same architecture trained longer with counterfactual hard
 negatives (each chosen scene also enters the batch with one attribute changed, as NegCLIP adds
-minimally changed captions), which trained editors' direction loss uses. The architecture is the
+minimally changed captions) and resized positives (the object resized and moved under the same
+caption), which trained editors' direction loss uses. The architecture is the
 shipped open_clip config (`pipeline.world.clip_model`).
 """
 
@@ -180,12 +181,20 @@ def resized_scenes(
 
 
 def resized_scene(scene: generator.Scene, rng: np.random.Generator) -> generator.Scene:
-    """`scene` with its first object's radius x U(0.6, 1.0) and centre moved by U(-8, 8) pixels per axis,
-    clipped so that the object stays inside the image; shape, colour, background and caption kept."""
+    """`scene` with its first object's radius x U(0.6, 1.0) and centre moved by U(-8, 8) pixels per axis
+    (see `resize_first_object`)."""
+    scale = float(rng.uniform(0.6, 1.0))
+    shift = (float(rng.uniform(-8.0, 8.0)), float(rng.uniform(-8.0, 8.0)))
+    return resize_first_object(scene, scale, shift)
+
+
+def resize_first_object(scene: generator.Scene, scale: float, shift: tuple[float, float]) -> generator.Scene:
+    """`scene` with its first object's radius x `scale` and centre moved by `shift` (x, y) pixels, clipped
+    so that the object stays inside the image; shape, colour, background and caption kept."""
     first = scene.objects[0]
-    radius = first.radius * float(rng.uniform(0.6, 1.0))
+    radius = first.radius * scale
     low, high = radius + 1.0, generator.IMAGE_SIZE - radius - 1.0
-    center = tuple(float(np.clip(c + rng.uniform(-8.0, 8.0), low, high)) for c in first.center)
+    center = tuple(float(np.clip(c + d, low, high)) for c, d in zip(first.center, shift, strict=True))
     moved = dataclasses.replace(first, radius=radius, center=center)
     return dataclasses.replace(scene, objects=(moved, *scene.objects[1:]))
 

@@ -217,7 +217,8 @@ class TrainConfig:
         vae_broad: the vae-broad stage.
         clip: the clip stage (the metric CLIP, `shapes_clip.safetensors`).
         clip_guide: the clip-guide stage (the same architecture trained longer with counterfactual hard
-            negatives, `shapes_clip_guide.safetensors`: the direction loss of trained editors).
+            negatives and resized positives, `shapes_clip_guide.safetensors`: the direction loss of
+            trained editors).
         unet: the unet stage.
     """
 
