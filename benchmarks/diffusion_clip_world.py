@@ -12,7 +12,9 @@ the oracle reads the result. Reported per editor:
 - transition: mean oracle probability of the target value at each gamma of the continuous transition
   (original model 1 - gamma, editor gamma), and whether it rises monotonically.
 With two editors, on the scenes that have neither value: both_success, the fraction the oracle reads
-with both values under the noise combination gamma = (0.5, 0.5) (eq. 14).
+with both values under the noise combination gamma = (0.5, 0.5) (eq. 14), and with `--handovers T ...`
+under the piecewise-constant gamma_i(t) of each handover T: the first editor alone on the steps with
+t >= T, the second alone below (`combination_handover`).
 """
 
 from __future__ import annotations
@@ -87,13 +89,20 @@ def evaluate(model, oracle, editors, scenes, settings: EditSettings, gammas: lis
     return report
 
 
-def evaluate_combination(model, oracle, editors, scenes, settings: EditSettings) -> dict:
-    """Fraction of scenes the oracle reads with every editor's value under equal weights (eq. 14)."""
+def evaluate_combination(
+    model, oracle, editors, scenes, settings: EditSettings, handover: int | None = None
+) -> dict:
+    """Fraction of scenes the oracle reads with every editor's value under equal weights (eq. 14), or,
+    with `handover` T (two editors), with the first editor alone at t >= T and the second below."""
     images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
     with torch.no_grad():
         start = forward_to_return_step(model, images, settings)
-    gammas = [1.0 / len(editors)] * len(editors)
-    names, _ = oracle_readings(oracle, generate_with_editors(model, start, editors, gammas, settings))
+    if handover is None:
+        gammas, windows = [1.0 / len(editors)] * len(editors), None
+    else:
+        gammas, windows = [1.0, 1.0], [(handover, 10**9), (0, handover - 1)]
+    edited = generate_with_editors(model, start, editors, gammas, settings, windows)
+    names, _ = oracle_readings(oracle, edited)
     per_editor = {}
     both = np.ones(len(scenes), dtype=bool)
     for editor in editors:
@@ -101,7 +110,12 @@ def evaluate_combination(model, oracle, editors, scenes, settings: EditSettings)
         hit = np.array([name == value for name in names[attribute]])
         per_editor[f"{attribute}->{value}"] = float(hit.mean())
         both &= hit
-    return {"gammas": gammas, "all_success": float(both.mean()), "per_editor": per_editor}
+    return {
+        "gammas": gammas,
+        **({"windows": windows} if windows else {}),
+        "all_success": float(both.mean()),
+        "per_editor": per_editor,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -116,8 +130,17 @@ def main(argv: list[str] | None = None) -> dict:
         "--generative-steps", type=int, default=None, help="S_gen (default: the editor's, 40)"
     )
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument(
+        "--handovers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="with two editors: timesteps T at which the first editor hands over to the second",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.handovers and len(args.editors) != 2:
+        parser.error("--handovers needs exactly two editors")
     torch.set_num_threads(args.threads)
     model = load_diffusion_model(args.model)
     oracle = load_oracle()
@@ -135,6 +158,10 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = [(e.config["data"]["attribute"], e.config["data"]["value"]) for e in editors]
         scenes = heldout_scenes(args.scenes, pairs)
         results["combination"] = evaluate_combination(model, oracle, editors, scenes, settings)
+        results["combination_handover"] = {
+            str(handover): evaluate_combination(model, oracle, editors, scenes, settings, handover)
+            for handover in args.handovers
+        }
     print(json.dumps(results, indent=1), flush=True)
     return results
 

@@ -133,17 +133,41 @@ class EditorRef:
             single editor gives the continuous transition); a ZIP encoder's scale of Δh in [0, 1].
         reference: a ZIP encoder's reference image (path or URI of a PNG/JPEG, resized to the model's
             resolution); None = the reference the encoder rendered when it was trained.
+        window: a DiffusionCLIP editor's timesteps [low, high] (inclusive, of the scheduler's 1000) in
+            which its gamma applies, 0 outside: eq. 14's gamma_i(t) piecewise constant, as the reference
+            code's hybrid_config sets it (e.g. a shape editor on [250, 999], a colour editor on [0, 249]);
+            None = every step.
     """
 
     uri: str
     gamma: float = 1.0
     reference: str | None = None
+    window: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (len(self.window) != 2 or not 0 <= self.window[0] <= self.window[1]):
+            raise ValueError(
+                f"editor {self.uri}: window {list(self.window)} must be two timesteps, low then high, with 0 <= low <= high"
+            )
 
     def to_mapping(self) -> dict[str, Any]:
         mapping = {"uri": self.uri, "gamma": self.gamma}
-        if self.reference is not None:  # editors without a reference keep the ids they had before
+        # Editors without a reference or window keep the ids they had before.
+        if self.reference is not None:
             mapping["reference"] = self.reference
+        if self.window is not None:
+            mapping["window"] = list(self.window)
         return mapping
+
+
+def most_weight_at_once(editors: tuple[EditorRef, ...]) -> float:
+    """The largest sum of the editors' gammas active at one timestep (windows None = every step)."""
+    windows = [editor.window or (0, 10**9) for editor in editors]
+    # A sum of interval indicators is largest at the start of one of the intervals.
+    return max(
+        sum(e.gamma for e, (low, high) in zip(editors, windows, strict=True) if low <= start <= high)
+        for start, _ in windows
+    )
 
 
 @dataclass(frozen=True)
@@ -192,8 +216,11 @@ class EditSpec:
         if not self.editors:
             return
         gammas = [editor.gamma for editor in self.editors]
-        if any(not 0.0 <= gamma <= 1.0 for gamma in gammas) or sum(gammas) > 1.0 + 1e-6:
-            raise ValueError(f"editors' gammas {gammas} must each lie in [0, 1] and sum to at most 1")
+        if any(not 0.0 <= gamma <= 1.0 for gamma in gammas) or most_weight_at_once(self.editors) > 1.0 + 1e-6:
+            raise ValueError(
+                f"editors' gammas {gammas} must each lie in [0, 1] and sum to at most 1 "
+                "(where windows are given: at every timestep, over the editors active there)"
+            )
         if self.stochastic is not None or self.samples != 1 or len(self.seeds) != 1:
             raise ValueError(
                 "an edit with editors is deterministic: leave out stochastic and samples and give one seed"

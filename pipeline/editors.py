@@ -7,6 +7,8 @@ ZIP's attribute encoders (the frozen model steered through its h-space by a refe
     images = edit_with_editors(model, images, [star], [1.0])               # one attribute
     images = edit_with_editors(model, images, [star, blue], [0.5, 0.5])    # both (eq. 14)
     images = edit_with_editors(model, images, [star], [0.3])               # continuous transition
+    images = edit_with_editors(model, images, [star, blue], [1.0, 1.0],    # star first, then blue
+                               windows=[(250, 999), (0, 249)])
 
 The images go forward to t0 with the original model (eq. 12, S_for steps) and come back (eq. 13, S_gen
 steps) with the noise sum_i gamma_i eps_i of the editors plus (1 - sum_i gamma_i) eps of the original
@@ -226,24 +228,28 @@ def generate_with_editors(
     editors: Sequence[Editor],
     gammas: Sequence[float],
     settings: EditSettings,
+    windows: Sequence[dc.Window | None] | None = None,
 ) -> torch.Tensor:
-    """Generate from x_t0 with sum_i gamma_i eps_i of the editors and (1 - sum_i gamma_i) eps of the
-    original model (eq. 14); returns (B, H, W, 3) uint8 images.
+    """Generate from x_t0 with sum_i gamma_i(t) eps_i of the editors and 1 - sum_i gamma_i(t) of the
+    original model's eps (eq. 14); returns (B, H, W, 3) uint8 images.
 
     Args:
         model: the base model the editors were trained on.
         start_latents: x_t0 from `forward_to_return_step` with the same t0 and prompt.
         editors: M loaded editors.
-        gammas: M weights in [0, 1] with sum <= 1.
+        gammas: M weights in [0, 1]; where windows overlap, those active together sum to at most 1.
         settings: t0, S_gen and the conditioning.
+        windows: M inclusive timestep windows (low, high) in which each editor's gamma applies (0
+            outside; a high beyond the scheduler's last timestep runs to it), None for an editor active
+            at every step; None = every editor at every step. E.g. a shape editor on (250, 999) and a
+            colour editor on (0, 249) hand the generation from one to the other.
     """
     if len(gammas) != len(editors):
         raise ValueError(f"need one gamma per editor: {len(editors)} editors, {len(gammas)} gammas")
-    if any(not 0.0 <= gamma <= 1.0 for gamma in gammas) or sum(gammas) > 1.0 + 1e-6:
-        raise ValueError(f"gammas {list(gammas)} must lie in [0, 1] and sum to at most 1")
+    windows = [dc.ALL_STEPS if window is None else window for window in (windows or [None] * len(editors))]
+    schedule = dc.windowed_gammas(gammas, windows, model.scheduler.config.num_train_timesteps)
     noise_fns = [_noise_fn(model, unet, settings.prompt) for unet in (model.unet, *(e.unet for e in editors))]
-    weights = (max(0.0, 1.0 - float(sum(gammas))), *(float(gamma) for gamma in gammas))
-    combined = dc.combined_noise_fn(noise_fns, dc.constant_gammas(weights))
+    combined = dc.combined_noise_fn(noise_fns, schedule)
     grid = dc.ReturnGrid.from_scheduler(model.scheduler, settings.return_step, settings.generative_steps)
     with torch.no_grad():
         return decode_latents(model, dc.generate(combined, grid, start_latents))
@@ -256,6 +262,7 @@ def edit_with_editors(
     gammas: Sequence[float],
     settings: EditSettings | None = None,
     reference: torch.Tensor | None = None,
+    windows: Sequence[dc.Window | None] | None = None,
 ) -> torch.Tensor:
     """Forward to t0 and generate back with the weighted editors.
 
@@ -266,6 +273,7 @@ def edit_with_editors(
         gammas: M weights in [0, 1] with sum <= 1; the original model gets 1 - sum.
         settings: grid and conditioning (default: what the first editor was trained for).
         reference: (H, W, 3) uint8, a ZIP encoder's reference image (None = its own first reference).
+        windows: DiffusionCLIP editors' timestep windows (`generate_with_editors`); None = every step.
 
     Returns:
         (B, H, W, 3) uint8 edited images.
@@ -280,13 +288,15 @@ def edit_with_editors(
             raise ArtefactError(
                 f"a ZIP encoder edits alone, not combined with other editors: {[e.uri for e in editors]}"
             )
+        if windows is not None and any(window is not None for window in windows):
+            raise ArtefactError("a ZIP encoder takes no timestep window: its steps are set by its t_zip")
         return edit_with_zip(model, images, editors[0], reference, scale=gammas[0], settings=settings)
     if reference is not None:
         raise ArtefactError("a reference image steers ZIP encoders only, not DiffusionCLIP editors")
     settings = settings or EditSettings.of(editors[0])
     with torch.no_grad():
         start = forward_to_return_step(model, images, settings)
-    return generate_with_editors(model, start, editors, gammas, settings)
+    return generate_with_editors(model, start, editors, gammas, settings, windows)
 
 
 def zip_reference_code(

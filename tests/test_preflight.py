@@ -10,6 +10,7 @@ from job_data import fake_model, spec, write_small_shards
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.config import load_config
 from pipeline.errors import JobError
 from pipeline.preflight import durable_output, factory_problem, model_problems, resolve_shards
 
@@ -210,11 +211,24 @@ def test_editor_weights_outside_eq_14s_range_and_sampled_editor_edits_are_refuse
         ({"editors": [{"uri": "a", "gamma": 0.7}, {"uri": "b", "gamma": 0.6}]}, "sum to at most 1"),
         ({"editors": [{"uri": "a", "gamma": -0.1}]}, "sum to at most 1"),
         ({"editors": [{"uri": "a"}], "seeds": [0, 1]}, "give one seed"),
+        (
+            {"editors": [{"uri": "a", "window": [200, 999]}, {"uri": "b", "gamma": 0.5, "window": [0, 200]}]},
+            "at every timestep, over the editors active there",
+        ),
+        (
+            {"editors": [{"uri": "a", "window": [300, 200]}]},
+            "window [300, 200] must be two timesteps, low then high",
+        ),
+        ({"editors": [{"uri": "a", "window": [300]}]}, "expected 2 items"),
     ]
     for index, (edit, named) in enumerate(cases):
         job = spec(tmp_path / str(index), edits=[{"target_class": "fox", **edit}])
         result = runner.invoke(app, ["validate", str(job)])
         assert result.exit_code == 2 and named in result.output and "Traceback" not in result.output
+    handover = [{"uri": "a", "window": [201, 999]}, {"uri": "b", "gamma": 1.0, "window": [0, 200]}]
+    config = load_config(spec(tmp_path / "handover", edits=[{"target_class": "fox", "editors": handover}]))
+    assert [ref.window for ref in config.edits[0].editors] == [(201, 999), (0, 200)]
+    assert [ref.to_mapping()["window"] for ref in config.edits[0].editors] == [[201, 999], [0, 200]]
 
 
 def test_a_dataset_null_text_vae_missing_corrupt_of_another_kind_or_model_or_settings_is_named(

@@ -39,6 +39,10 @@ Legend (papers/004; latent diffusion, so x is the VAE latent and images come fro
                           x_{t-1} = sqrt(a_{t-1}) sum_i gamma_i f_i + sqrt(1 - a_{t-1}) sum_i gamma_i eps_i,
                           which equals one DDIM step with eps = sum_i gamma_i eps_i (f is affine in eps)
     continuous transition the pair (original eps_theta, fine-tuned eps_theta^) with weights (1 - gamma, gamma)
+    windows               gamma_i(t) = gamma_i for t in editor i's window [low_i, high_i], else 0, and the
+                          original model gets 1 - sum_i gamma_i(t): eq. 14 with piecewise-constant weights,
+                          as the reference code's `hybrid_config` ({threshold: ratios}) sets them, e.g. one
+                          editor on the early (large t) steps where the structure forms and another after
 """
 
 from __future__ import annotations
@@ -379,3 +383,50 @@ def transition_gammas(gamma: float) -> GammaSchedule:
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"transition gamma={gamma} must be in [0, 1]")
     return constant_gammas((1.0 - gamma, gamma))
+
+
+# A window of timesteps [low, high] (inclusive) in which an editor's weight applies.
+Window = tuple[int, int]
+ALL_STEPS: Window = (0, 10**9)
+
+
+def windowed_gammas(
+    gammas: Sequence[float], windows: Sequence[Window], num_train_timesteps: int = 1000
+) -> GammaSchedule:
+    """Weights (original model, editor 1, ..., editor M) at t: editor i weighs gamma_i inside its window
+    [low_i, high_i] and 0 outside; the original model gets the rest, 1 - sum_i gamma_i(t) (eq. 14).
+
+    Args:
+        gammas: M weights in [0, 1].
+        windows: M inclusive timestep windows (low, high), 0 <= low <= high; a high of T or more runs to
+            the last timestep T - 1.
+        num_train_timesteps: the scheduler's T; every t in [0, T) is checked.
+
+    Raises:
+        ValueError: counts differ, a weight or window is out of range, or at some t the editors active
+            there weigh more than 1 together.
+    """
+    if len(gammas) != len(windows):
+        raise ValueError(f"need one window per editor: {len(gammas)} gammas, {len(windows)} windows")
+    for gamma, (low, high) in zip(gammas, windows, strict=True):
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma={gamma} must be in [0, 1]")
+        if not 0 <= low <= high or low >= num_train_timesteps:
+            raise ValueError(
+                f"window [{low}, {high}] must satisfy 0 <= low <= high, low < {num_train_timesteps}"
+            )
+    table = torch.zeros(num_train_timesteps, len(gammas) + 1, dtype=torch.float64)
+    for index, (gamma, (low, high)) in enumerate(zip(gammas, windows, strict=True), start=1):
+        table[low : min(high, num_train_timesteps - 1) + 1, index] = float(gamma)
+    editors_total = table[:, 1:].sum(1)
+    if bool((editors_total > 1.0 + 1e-6).any()):
+        worst = int(editors_total.argmax())
+        raise ValueError(
+            f"the editors active at t={worst} weigh {float(editors_total[worst]):.6g} together; "
+            "at every t their gammas must sum to at most 1"
+        )
+    # Rounding (0.7 + 0.3) must not leave the original model a weight of 1e-16 and so an extra UNet call.
+    rest = 1.0 - editors_total
+    table[:, 0] = torch.where(rest > 1e-9, rest, torch.zeros_like(rest))
+    rows = [tuple(float(w) for w in row) for row in table.tolist()]
+    return lambda timestep: rows[timestep]

@@ -508,32 +508,41 @@ class InvertEditActor:
         edit by edit so only the failing edit gets its "edit" failure."""
         groups: dict[tuple, list[EditJob]] = {}
         for job in jobs:
-            groups.setdefault(
-                tuple((ref.uri, ref.gamma, ref.reference) for ref in job.plan.editors), []
-            ).append(job)
-        for combination, group in groups.items():
-            editors = [self.editors[uri] for uri, _, _ in combination]
-            gammas = [gamma for _, gamma, _ in combination]
-            reference = next((ref for _, _, ref in combination if ref is not None), None)
+            groups.setdefault(job.plan.editors, []).append(job)
+        for refs, group in groups.items():
+            combination = EditorCombination(
+                editors=[self.editors[ref.uri] for ref in refs],
+                gammas=[ref.gamma for ref in refs],
+                windows=[ref.window for ref in refs],
+                reference=next((ref.reference for ref in refs if ref.reference is not None), None),
+            )
             for start in range(0, len(group), self.edit_batch_size):
                 chunk = group[start : start + self.edit_batch_size]
                 try:
-                    self._editor_chunk(images, chunk, editors, gammas, outputs, reference)
+                    self._editor_chunk(images, chunk, combination, outputs)
                 except Exception:  # retried edit by edit, where each edit's failure is labelled
                     for job in chunk:
                         try:
-                            self._editor_chunk(images, [job], editors, gammas, outputs, reference)
+                            self._editor_chunk(images, [job], combination, outputs)
                         except Exception as error:  # this edit's failure
                             message = f"{type(error).__name__}: {error}"
                             outputs[job.row].fail(_edit_failure(message, job.plan.edit_id))
 
     def _editor_chunk(
-        self, images: np.ndarray, chunk: list[EditJob], editors, gammas, outputs, reference: str | None
+        self, images: np.ndarray, chunk: list[EditJob], combination: EditorCombination, outputs
     ) -> None:
         started = time.perf_counter()
         sources = torch.from_numpy(np.ascontiguousarray(images[[job.image_index for job in chunk]]))
-        reference_image = None if reference is None else self._reference(reference)
-        edited = edit_with_editors(self.model, sources, editors, gammas, reference=reference_image)
+        reference = combination.reference
+        editors = combination.editors
+        edited = edit_with_editors(
+            self.model,
+            sources,
+            editors,
+            combination.gammas,
+            reference=None if reference is None else self._reference(reference),
+            windows=combination.windows,
+        )
         seconds = (time.perf_counter() - started) / len(chunk)
         versions = {editor.uri: editor.version for editor in editors}
         zip_edit = any(isinstance(editor, ZipEncoder) for editor in editors)
@@ -545,6 +554,17 @@ class InvertEditActor:
                 record["version"] = versions[record["uri"]]
             plan = dataclasses.replace(job.plan, params=json.dumps(params, sort_keys=True))
             outputs[job.row].add_edit(plan, EditorOutcome(image, seconds))
+
+
+@dataclass(frozen=True)
+class EditorCombination:
+    """The loaded editors of one edit, their weights, their timestep windows (None = every step) and the
+    ZIP reference URI (None = the encoder's own)."""
+
+    editors: list
+    gammas: list[float]
+    windows: list[tuple[int, int] | None]
+    reference: str | None
 
 
 def _gpu_peak_bytes(device: torch.device) -> float:

@@ -225,6 +225,60 @@ def test_generation_with_combined_noise_is_eq_14(tiny_sd):
     torch.testing.assert_close(dc.generate(dc.combined_noise_fn(models, weights_at), grid, start), latents)
 
 
+def test_windowed_weights_give_each_editor_its_gamma_inside_its_window_and_the_rest_to_the_original():
+    schedule = dc.windowed_gammas(
+        (1.0, 0.7, 0.3), ((250, 10**6), (0, 249), (100, 149)), num_train_timesteps=1000
+    )
+    assert tuple(schedule(999)) == (0.0, 1.0, 0.0, 0.0)  # a high beyond T - 1 runs to the last step
+    assert tuple(schedule(250)) == (0.0, 1.0, 0.0, 0.0)
+    assert tuple(schedule(249)) == (0.30000000000000004, 0.0, 0.7, 0.0)  # 1 - 0.7 in float64
+    assert tuple(schedule(149)) == (0.0, 0.0, 0.7, 0.3)
+    # 0.6 + 0.3 + 0.1 sums to 1 - 1.1e-16 in float64: the original model gets 0, not an extra UNet call.
+    assert dc.windowed_gammas((0.6, 0.3, 0.1), (dc.ALL_STEPS,) * 3)(5)[0] == 0.0
+    assert tuple(schedule(100)) == (0.0, 0.0, 0.7, 0.3)
+    assert tuple(schedule(99)) == (0.30000000000000004, 0.0, 0.7, 0.0)
+    assert tuple(schedule(0)) == (0.30000000000000004, 0.0, 0.7, 0.0)
+    every_step = dc.windowed_gammas((0.25,), (dc.ALL_STEPS,))
+    assert all(tuple(every_step(t)) == tuple(dc.transition_gammas(0.25)(t)) for t in (0, 500, 999))
+
+
+def test_windowed_weights_refuse_overlaps_above_one_and_bad_windows():
+    with pytest.raises(ValueError, match=r"the editors active at t=200 weigh 1\.2 together"):
+        dc.windowed_gammas((0.6, 0.6), ((200, 999), (0, 200)))
+    dc.windowed_gammas((0.6, 0.6), ((201, 999), (0, 200)))  # touching windows do not overlap
+    with pytest.raises(ValueError, match="one window per editor"):
+        dc.windowed_gammas((0.5,), ())
+    with pytest.raises(ValueError, match=r"gamma=1\.5 must be in \[0, 1\]"):
+        dc.windowed_gammas((1.5,), (dc.ALL_STEPS,))
+    for window in ((300, 200), (-1, 10), (1000, 1200)):
+        with pytest.raises(ValueError, match="must satisfy 0 <= low <= high, low < 1000"):
+            dc.windowed_gammas((0.5,), (window,))
+
+
+def test_a_windowed_generation_hands_over_from_one_editor_to_the_other(tiny_sd):
+    """Editor 1 on the steps with t >= 250, editor 2 below: the same as generating with editor 1 down to
+    the handover level and continuing from there with editor 2 alone."""
+    grid = dc.ReturnGrid.from_scheduler(tiny_sd.scheduler, 500, 6)
+    base, first, second = (
+        (lambda x, t: x * 0.1),
+        (lambda x, t: torch.sin(x)),
+        (lambda x, t: torch.cos(x) * t / 500),
+    )
+    start = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    schedule = dc.windowed_gammas((1.0, 1.0), ((250, 999), (0, 249)))
+    windowed = dc.generate(dc.combined_noise_fn([base, first, second], schedule), grid, start)
+    handover = next(level for level in range(grid.num_steps, 0, -1) if int(grid.timesteps[level]) < 250)
+    assert 1 < handover < grid.num_steps  # both editors take steps
+    latents = start
+    for level in range(grid.num_steps, 0, -1):
+        model = first if level > handover else second
+        a, a_next = grid.alpha(level), grid.alpha(level - 1)
+        noise = model(latents, int(grid.timesteps[level]))
+        clean = (latents - (1 - a) ** 0.5 * noise) / a**0.5
+        latents = a_next**0.5 * clean + (1 - a_next) ** 0.5 * noise
+    torch.testing.assert_close(windowed, latents)
+
+
 def test_noise_combination_refuses_weights_that_do_not_sum_to_one():
     with pytest.raises(ValueError, match="sum"):
         dc.combined_noise([torch.zeros(1), torch.ones(1)], [0.5, 0.6])

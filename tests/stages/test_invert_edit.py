@@ -395,6 +395,45 @@ def test_editor_edits_equal_the_editors_applied_by_hand_and_record_what_made_the
     assert gammas == [[], [0.7], [0.5, 0.5]]  # Prompt-to-Prompt edits first, then the editors'
 
 
+def test_editors_with_timestep_windows_hand_over_as_edit_with_editors_does_and_record_their_windows(
+    tiny_sd_path, tiny_sd, images, prompts, tmp_path
+):
+    """Eq. 14 with piecewise-constant gamma_i(t): the star editor on t >= 300 (the first of the two
+    generative steps, t = 400), the blue editor below (t = 200)."""
+    from editor_artefact import write_perturbed_editor
+
+    from pipeline.config import EditorRef
+    from pipeline.editors import edit_with_editors, load_editor
+
+    star, blue = str(tmp_path / "star"), str(tmp_path / "blue")
+    write_perturbed_editor(tiny_sd, star, 1)
+    write_perturbed_editor(tiny_sd, blue, 2)
+    refs = (EditorRef(star, 1.0, window=(300, 999)), EditorRef(blue, 1.0, window=(0, 299)))
+    specs = (EditSpec(target_class="triangle", editors=refs),)
+    actor = InvertEditActor(
+        tiny_sd_path,
+        "cpu",
+        "float32",
+        JobInversionConfig.of(method="ddim", num_steps=3),
+        specs,
+        MetricsConfig(),
+        8,
+    )
+    output = actor(source_batch(images, prompts))
+    loaded = [load_editor(tiny_sd, uri) for uri in (star, blue)]
+    windows = [(300, 999), (0, 299)]
+    by_hand = edit_with_editors(tiny_sd, images[:3], loaded, [1.0, 1.0], windows=windows)
+    star_only = edit_with_editors(tiny_sd, images[:3], loaded[:1], [1.0])
+    for row in range(3):
+        (record,) = json.loads(output["edits_json"][row])
+        assert [entry["window"] for entry in json.loads(record["params"])["editors"]] == [
+            [300, 999],
+            [0, 299],
+        ]
+        assert np.array_equal(output["edit_images"][row][0], by_hand[row].numpy())
+        assert not np.array_equal(output["edit_images"][row][0], star_only[row].numpy())  # blue took a step
+
+
 def test_zip_encoder_edits_equal_edit_with_zip_by_hand_with_and_without_a_user_reference(
     tiny_sd_path, tiny_sd, images, prompts, tmp_path
 ):

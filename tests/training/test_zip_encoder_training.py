@@ -149,6 +149,8 @@ def test_a_zip_encoder_edits_alone_and_only_on_its_base_model(one_worker_run, ti
     encoder = load_editor(tiny_sd, one_worker_run["uri"])
     with pytest.raises(ArtefactError, match="edits alone"):
         edit_with_editors(tiny_sd, images, [encoder, encoder], [0.5, 0.5])
+    with pytest.raises(ArtefactError, match="takes no timestep window: its steps are set by its t_zip"):
+        edit_with_editors(tiny_sd, images, [encoder], [1.0], windows=[(0, 300)])
     other = dataclasses.replace(tiny_sd, fingerprint="0" * 64)
     with pytest.raises(ArtefactError, match="trained on base model"):
         load_editor(other, one_worker_run["uri"])
