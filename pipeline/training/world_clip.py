@@ -72,6 +72,7 @@ def train_contrastive(config: TrainConfig, clip: ClipConfig, weights_name: str, 
     excluded = frozenset(config.data.heldout_captions)
     hard_negatives = round(clip.counterfactual_fraction * clip.batch)
     resized = round(clip.resized_fraction * clip.batch)
+    wobbly = round(clip.wobbly_fraction * clip.batch)
 
     def loss_step() -> torch.Tensor:
         index = rng.choice(len(data.images), clip.batch, replace=False)
@@ -95,6 +96,13 @@ def train_contrastive(config: TrainConfig, clip: ClipConfig, weights_name: str, 
             )
             batch_tokens = torch.cat([batch_tokens, tokens[torch.as_tensor(chosen)]])
             batch_captions = batch_captions + [data.captions[i] for i in chosen]
+        if wobbly:  # drawn after the others, so that runs without them keep their random draws
+            chosen = index[:wobbly].tolist()
+            images = np.concatenate(
+                [images, wobbly_scenes(chosen, config.data.two_object_fraction, excluded, rng)]
+            )
+            batch_tokens = torch.cat([batch_tokens, tokens[torch.as_tensor(chosen)]])
+            batch_captions = batch_captions + [data.captions[i] for i in chosen]
         image_features, text_features, logit_scale = model(
             normalize(images).to(device), batch_tokens.to(device)
         )[:3]
@@ -111,7 +119,7 @@ def train_contrastive(config: TrainConfig, clip: ClipConfig, weights_name: str, 
     MetricsLog(config.output).record(
         record,
         {"steps": budget.step, "wall_s": round(budget.elapsed), "counterfactual_fraction": clip.counterfactual_fraction,
-         "resized_fraction": clip.resized_fraction, **accuracy},
+         "resized_fraction": clip.resized_fraction, "wobbly_fraction": clip.wobbly_fraction, **accuracy},
     )  # fmt: skip
     return model
 
@@ -197,6 +205,55 @@ def resize_first_object(scene: generator.Scene, scale: float, shift: tuple[float
     center = tuple(float(np.clip(c + d, low, high)) for c, d in zip(first.center, shift, strict=True))
     moved = dataclasses.replace(first, radius=radius, center=center)
     return dataclasses.replace(scene, objects=(moved, *scene.objects[1:]))
+
+
+# Relative amplitude of each bending harmonic (orders 2 and 3: dents and bulges; order 5 would make a
+# star of a circle, so it is left out) and of the colour's mottling.
+WOBBLE_AMPLITUDE = 0.15
+MOTTLE_AMPLITUDE = 0.3
+
+
+def wobbly_scenes(
+    seeds: list[int], two_object_fraction: float, excluded: frozenset[str], rng: np.random.Generator
+) -> np.ndarray:
+    """Each seed's training scene rendered by `wobbly_image`; the caption does not change.
+
+    Returns:
+        uint8 (len(seeds), 64, 64, 3) images.
+    """
+    scenes = [generator.sample_scene(seed, two_object_fraction, exclude_captions=excluded) for seed in seeds]
+    return np.stack([wobbly_image(scene, rng) for scene in scenes])
+
+
+def wobbly_image(scene: generator.Scene, rng: np.random.Generator) -> np.ndarray:
+    """`scene` rendered with its first object's outline bent and its colour mottled.
+
+    Each outline point's distance from the centre is scaled by 1 + sum_k a_k cos(k theta + phi_k) over
+    the orders k = 2, 3 (a_k ~ U(0, WOBBLE_AMPLITUDE)); the colour is multiplied by 1 + MOTTLE_AMPLITUDE
+    times a smooth field in [-1, 1] (a 4 x 4 grid of uniform values, bilinearly upsampled). Background and
+    the other objects are rendered as `generator.render` does.
+
+    Returns:
+        uint8 (64, 64, 3).
+    """
+    first = scene.objects[0]
+    outline = generator.object_outline(first)
+    offsets = outline - np.asarray(first.center)
+    angles = np.arctan2(offsets[:, 1], offsets[:, 0])
+    bend = np.ones_like(angles)
+    for order in (2, 3):
+        bend += rng.uniform(0.0, WOBBLE_AMPLITUDE) * np.cos(order * angles + rng.uniform(0.0, 2.0 * np.pi))
+    coverage = generator.polygon_coverage(np.asarray(first.center) + offsets * bend[:, None])
+    grid = torch.as_tensor(rng.uniform(-1.0, 1.0, (1, 1, 4, 4)), dtype=torch.float32)
+    field = F.interpolate(grid, size=(generator.IMAGE_SIZE,) * 2, mode="bilinear", align_corners=True)[0, 0]
+    colour = np.asarray(generator.COLORS[first.color], np.float32)
+    mottled = colour[None, None] * (1.0 + MOTTLE_AMPLITUDE * field.numpy()[..., None])
+    canvas = generator.background_image(scene.background, scene.seed).astype(np.float32)
+    canvas = canvas * (1.0 - coverage[..., None]) + mottled * coverage[..., None]
+    for obj in scene.objects[1:]:
+        alpha = generator.object_coverage(obj)[..., None]
+        canvas = canvas * (1.0 - alpha) + np.asarray(generator.COLORS[obj.color], np.float32) * alpha
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
 
 def clip_normalizer(model) -> Callable[[np.ndarray], torch.Tensor]:

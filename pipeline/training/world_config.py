@@ -145,6 +145,10 @@ class ClipConfig:
         resized_fraction: the share of each batch's scenes that also enter it with their first object
             resized (radius x 0.6 to 1.0) and moved, under the same caption: positives that teach the model
             that size and place are not in the caption (0 for the shipped metric CLIP).
+        wobbly_fraction: the share of each batch's scenes that also enter it with their first object's
+            outline bent by smooth low-order harmonics and its colour mottled, under the same caption:
+            positives that teach the model that a dented, blotchy triangle is still a triangle (0 for the
+            shipped CLIPs).
     """
 
     steps: int
@@ -153,9 +157,10 @@ class ClipConfig:
     max_minutes: float
     counterfactual_fraction: float = 0.0
     resized_fraction: float = 0.0
+    wobbly_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("counterfactual_fraction", "resized_fraction"):
+        for name in ("counterfactual_fraction", "resized_fraction", "wobbly_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"clip.{name} must be in [0, 1], got {getattr(self, name)}")
 

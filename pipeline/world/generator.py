@@ -208,7 +208,7 @@ def render(scene: Scene) -> RenderedScene:
         RenderedScene with image (64, 64, 3) uint8 and masks (n_objects, 64, 64) bool.
     """
     canvas = background_image(scene.background, scene.seed).astype(np.float32)
-    coverages = [_coverage(obj) for obj in scene.objects]
+    coverages = [object_coverage(obj) for obj in scene.objects]
     for obj, coverage in zip(scene.objects, coverages, strict=True):
         alpha = coverage[..., None]
         canvas = canvas * (1.0 - alpha) + np.asarray(COLORS[obj.color], np.float32) * alpha
@@ -295,7 +295,7 @@ def shape_polygon(shape: str, center: tuple[float, float], radius: float) -> lis
     raise ValueError(f"shape {shape!r} is not in the shapes world; use one of {SHAPES}")
 
 
-def _coverage(obj: SceneObject) -> np.ndarray:
+def object_coverage(obj: SceneObject) -> np.ndarray:
     """Fraction of each pixel the object covers, float32 (64, 64) in [0, 1]."""
     size = IMAGE_SIZE * SUPERSAMPLE
     layer = Image.new("L", (size, size), 0)
@@ -307,8 +307,42 @@ def _coverage(obj: SceneObject) -> np.ndarray:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     else:
         draw.polygon([(x * scale, y * scale) for x, y in polygon], fill=255)
+    return _downsampled(layer)
+
+
+def polygon_coverage(points: np.ndarray) -> np.ndarray:
+    """Fraction of each pixel a polygon covers, float32 (64, 64) in [0, 1], antialiased as objects are.
+
+    Args:
+        points: (N, 2) vertices (x, y) in pixel coordinates.
+    """
+    size = IMAGE_SIZE * SUPERSAMPLE
+    layer = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(layer).polygon(
+        [(float(x) * SUPERSAMPLE, float(y) * SUPERSAMPLE) for x, y in points], fill=255
+    )
+    return _downsampled(layer)
+
+
+def _downsampled(layer: Image.Image) -> np.ndarray:
     high = np.asarray(layer, np.float32) / 255.0
-    return high.reshape(IMAGE_SIZE, scale, IMAGE_SIZE, scale).mean(axis=(1, 3))
+    return high.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def object_outline(obj: SceneObject, points: int = 120) -> np.ndarray:
+    """About `points` points (N, 2) along the object's outline in order: the circle's, or each polygon
+    edge cut into equal pieces (so that the outline can be bent smoothly)."""
+    polygon = shape_polygon(obj.shape, obj.center, obj.radius)
+    if polygon is None:
+        angles = np.linspace(0.0, 2.0 * np.pi, points, endpoint=False)
+        return np.stack(
+            [obj.center[0] + obj.radius * np.cos(angles), obj.center[1] + obj.radius * np.sin(angles)], 1
+        )
+    corners = np.asarray(polygon, np.float64)
+    per_edge = max(1, points // len(corners))
+    steps = np.arange(per_edge)[:, None] / per_edge
+    edges = [a + steps * (b - a) for a, b in zip(corners, np.roll(corners, -1, axis=0), strict=True)]
+    return np.concatenate(edges)
 
 
 def _attributes(scene: Scene, masks: np.ndarray) -> dict:

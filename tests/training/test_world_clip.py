@@ -151,3 +151,50 @@ def test_the_guide_stage_enters_resized_positives_under_their_own_captions(tmp_p
     (captions,) = _captions_of_each_step(monkeypatch, world_clip.train_clip_guide, config)
     assert len(captions) == 8 + 4 + 2
     assert captions[12:] == captions[6:8]  # the last two scenes again, resized, same captions
+
+
+def test_wobbly_images_bend_and_mottle_only_the_first_object_and_keep_its_colour_on_average():
+    rng = np.random.default_rng(0)
+    moved = []
+    for seed in range(40):
+        scene = generator.sample_scene(seed, 0.3)
+        rendered = generator.render(scene)
+        wobbly = world_clip.wobbly_image(scene, rng).astype(np.float64)
+        first = scene.objects[0]
+        # Bent by at most 2 x 0.15 of the radius (the two harmonics), so pixels farther away are untouched.
+        ys, xs = np.mgrid[: generator.IMAGE_SIZE, : generator.IMAGE_SIZE] + 0.5
+        far = np.hypot(xs - first.center[0], ys - first.center[1]) > first.radius * 1.3 + 2.0
+        assert np.array_equal(wobbly[far], rendered.image[far].astype(np.float64))  # other objects too
+        inside = _object_core(rendered.masks[0], wobbly)
+        colour = np.asarray(generator.COLORS[first.color], np.float64)
+        assert np.all(np.abs(inside.mean(0) - colour) <= 0.3 * colour + 2.0)  # the mottle averages out
+        moved.append(float(np.abs(wobbly - rendered.image).mean()))
+    assert min(moved) > 0.0  # every first object bent or mottled
+    images = world_clip.wobbly_scenes([3, 4], 0.3, frozenset(), np.random.default_rng(5))
+    again = np.random.default_rng(5)
+    expected = [world_clip.wobbly_image(generator.sample_scene(s, 0.3), again) for s in (3, 4)]
+    assert np.array_equal(images, np.stack(expected))
+
+
+def _object_core(mask: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Pixels (N, 3) of `image` well inside the object's mask (away from its bent edge)."""
+    from scipy.ndimage import binary_erosion
+
+    core = binary_erosion(mask, iterations=max(2, int(mask.sum() ** 0.5 * 0.3)))
+    return image[core]
+
+
+def test_the_guide_stage_enters_wobbly_positives_under_their_own_captions(tmp_path, monkeypatch):
+    config = _config(
+        tmp_path,
+        section="clip_guide",
+        counterfactual_fraction=0.0,
+        resized_fraction=0.0,
+        wobbly_fraction=0.25,
+        steps=1,
+    )
+    (captions,) = _captions_of_each_step(monkeypatch, world_clip.train_clip_guide, config)
+    assert len(captions) == 8 + 2
+    assert captions[8:] == captions[:2]  # the first two scenes again, bent and mottled, same captions
+    with pytest.raises(ConfigError, match="wobbly_fraction"):
+        _config(tmp_path, wobbly_fraction=-0.1)

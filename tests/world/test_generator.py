@@ -101,7 +101,7 @@ def test_background_edit_changes_only_pixels_outside_objects():
         source, edited = render(scene), counterfactual(scene, "background", new_value := new_background)
         fully_inside = np.zeros((64, 64), bool)
         for obj in scene.objects:
-            fully_inside |= generator._coverage(obj) >= 1.0
+            fully_inside |= generator.object_coverage(obj) >= 1.0
         assert not (_changed(source.image, edited.image) & fully_inside).any()
         assert edited.attributes["background"] == new_value
 
