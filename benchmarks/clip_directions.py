@@ -7,7 +7,8 @@ DiffusionCLIP's and ZIP's direction loss (papers/004 eq. 9) pulls the image dire
 ΔI = E_I(edit) - E_I(source) towards the text direction ΔT. For held-out one-object scenes (seeds from
 HELDOUT_SEED_OFFSET) that lack the value, this renders the shapes world's ground-truth counterfactuals
 (the attribute set to the value; and, as distractors, the object recoloured to each colour, the
-background changed to each background, the object shrunk to 0.6x or moved down by 8 pixels) and prints the mean cos(ΔI, ΔT) of each, for ΔT per image and
+background changed to each background, the object shrunk to 0.6x, moved down by 8 pixels, or bent and mottled as
+`world_clip.wobbly_image` does) and prints the mean cos(ΔI, ΔT) of each, for ΔT per image and
 mean, with and without the kept attributes' directions projected out (`keep_attributes`). A text
 direction that rewards a distractor as much as the true edit teaches an editor the distractor.
 The training images (seeds from 0) give the kept directions and the mean ΔT, as in training.
@@ -34,7 +35,7 @@ from pipeline.training.diffusion_clip import (
     text_directions,
     world_training_texts,
 )
-from pipeline.training.world_clip import resize_first_object
+from pipeline.training.world_clip import resize_first_object, wobbly_image
 from pipeline.world import generator
 from pipeline.world.clip_model import SHAPES_CLIP_CONFIG, SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS
 
@@ -67,6 +68,9 @@ def changes(scenes: list[generator.Scene], attribute: str, value: str) -> dict[s
         ("object moved down 8 px", 1.0, (0.0, 8.0)),
     ):
         edits[name] = [generator.render(resize_first_object(s, scale, shift)).image for s in scenes]
+    # Bent and mottled (the guidance CLIP's wobbly positives), drawn from a fixed seed.
+    rng = np.random.default_rng(0)
+    edits["object bent and mottled"] = [wobbly_image(s, rng) for s in scenes]
     return edits
 
 

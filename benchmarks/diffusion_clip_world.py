@@ -89,14 +89,18 @@ def evaluate(model, oracle, editors, scenes, settings: EditSettings, gammas: lis
     return report
 
 
+def combination_start(model, scenes, settings: EditSettings) -> torch.Tensor:
+    """x_t0 of the combination's scenes, shared by every weighting of the editors."""
+    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
+    with torch.no_grad():
+        return forward_to_return_step(model, images, settings)
+
+
 def evaluate_combination(
-    model, oracle, editors, scenes, settings: EditSettings, handover: int | None = None
+    model, oracle, editors, scenes, start: torch.Tensor, settings: EditSettings, handover: int | None = None
 ) -> dict:
     """Fraction of scenes the oracle reads with every editor's value under equal weights (eq. 14), or,
     with `handover` T (two editors), with the first editor alone at t >= T and the second below."""
-    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
-    with torch.no_grad():
-        start = forward_to_return_step(model, images, settings)
     if handover is None:
         gammas, windows = [1.0 / len(editors)] * len(editors), None
     else:
@@ -157,9 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     if len(editors) > 1:
         pairs = [(e.config["data"]["attribute"], e.config["data"]["value"]) for e in editors]
         scenes = heldout_scenes(args.scenes, pairs)
-        results["combination"] = evaluate_combination(model, oracle, editors, scenes, settings)
+        start = combination_start(model, scenes, settings)
+        results["combination"] = evaluate_combination(model, oracle, editors, scenes, start, settings)
         results["combination_handover"] = {
-            str(handover): evaluate_combination(model, oracle, editors, scenes, settings, handover)
+            str(handover): evaluate_combination(model, oracle, editors, scenes, start, settings, handover)
             for handover in args.handovers
         }
     print(json.dumps(results, indent=1), flush=True)
