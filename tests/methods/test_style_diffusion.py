@@ -276,9 +276,15 @@ def test_training_follows_algorithm_1_and_eqs_5_to_8(
     assert ours.iterations[:, 0].tolist() == [4, 4, 4]
     # Adam with beta1 = 0 steps lr * sign(g) on its first iteration, so a weight whose gradient is float
     # noise moves by +-lr either way, and that noise depends on the thread count: the two implementations
-    # differ by up to 1.3e-4 (mean 1.2e-5) on one thread. A wrong equation moves the values far more
-    # (attention weight 0 vs 50: max 0.098; lr 1e-3 vs 1.1e-3: max 0.12).
-    torch.testing.assert_close(ours.values[:, 0], values[:, 0], atol=1e-3, rtol=0)
+    # differ by up to 1.3e-4 (mean 1.2e-5) on one thread, and by up to 2.7e-3 (mean 2.6e-4) with
+    # torch 2.14.1's kernels, where sign flips compound over the steps. A wrong equation moves the values
+    # far more (attention weight 0 vs 50: max 0.098; lr 1e-3 vs 1.1e-3: max 0.12); the reconstruction
+    # below is held to 2e-5.
+    difference = (ours.values[:, 0] - values[:, 0]).abs()
+    assert float(difference.max()) < 1e-2 and float(difference.mean()) < 1e-3, (
+        difference.max(),
+        difference.mean(),
+    )
     torch.testing.assert_close(ours.reconstruction, reconstruction, atol=2e-5, rtol=1e-4)
 
 
