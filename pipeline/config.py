@@ -24,6 +24,7 @@ import yaml
 
 from pipeline.diffusion.control import AttentionControl
 from pipeline.methods import InversionConfig, UnknownMethodError, get_method
+from pipeline.methods.editor_windows import ALL_STEPS, heaviest_timestep
 
 
 class ConfigError(ValueError):
@@ -162,12 +163,8 @@ class EditorRef:
 
 def most_weight_at_once(editors: tuple[EditorRef, ...]) -> float:
     """The largest sum of the editors' gammas active at one timestep (windows None = every step)."""
-    windows = [editor.window or (0, 10**9) for editor in editors]
-    # A sum of interval indicators is largest at the start of one of the intervals.
-    return max(
-        sum(e.gamma for e, (low, high) in zip(editors, windows, strict=True) if low <= start <= high)
-        for start, _ in windows
-    )
+    windows = [editor.window or ALL_STEPS for editor in editors]
+    return heaviest_timestep([editor.gamma for editor in editors], windows)[1]
 
 
 @dataclass(frozen=True)

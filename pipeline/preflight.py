@@ -318,7 +318,31 @@ def editor_problems(config: JobConfig) -> list[str]:
     kinds = {uri: manifest["kind"] for uri, manifest in manifests.items()}
     for index, spec in enumerate(config.edits):
         lines += _zip_edit_problems(f"edits[{index}].editors", spec.editors, kinds)
-    return lines
+    return lines + _window_problems(config)
+
+
+def _window_problems(config: JobConfig) -> list[str]:
+    """Editor windows that start after the model's last timestep (read from the model folder's
+    scheduler config, so without torch; where there is none, the edit refuses them row by row)."""
+    timesteps = _train_timesteps(config.model.path)
+    if timesteps is None:
+        return []
+    return [
+        f"edits[{index}].editors: window {list(ref.window)} of {ref.uri!r} starts after the model's last "
+        f"timestep {timesteps - 1}; give it a low end below {timesteps}"
+        for index, spec in enumerate(config.edits)
+        for ref in spec.editors
+        if ref.window is not None and ref.window[0] >= timesteps
+    ]
+
+
+def _train_timesteps(path: str) -> int | None:
+    """The scheduler's T (num_train_timesteps, diffusers' default 1000) of a local model folder."""
+    scheduler_config = Path(path) / "scheduler" / "scheduler_config.json"
+    try:
+        return int(json.loads(scheduler_config.read_text()).get("num_train_timesteps", 1000))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def embedding_vae_problems(config: JobConfig) -> list[str]:

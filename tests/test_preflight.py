@@ -231,6 +231,23 @@ def test_editor_weights_outside_eq_14s_range_and_sampled_editor_edits_are_refuse
     assert [ref.to_mapping()["window"] for ref in config.edits[0].editors] == [[201, 999], [0, 200]]
 
 
+def test_a_window_starting_after_the_models_last_timestep_is_refused_by_validate(tmp_path):
+    model = fake_model(tmp_path / "model")
+    (model / "scheduler").mkdir()
+    (model / "scheduler/scheduler_config.json").write_text('{"num_train_timesteps": 1000}')
+
+    def window_lines(window: list[int]) -> list[str]:
+        edits = [{"target_class": "fox", "editors": [{"uri": "a", "window": window}]}]
+        job = spec(tmp_path / str(window[0]), **{"model.path": str(model), "edits": edits})
+        result = runner.invoke(app, ["validate", str(job)])
+        assert result.exit_code == 2 and "Traceback" not in result.output  # "a" does not exist either
+        return [line for line in result.output.splitlines() if line.startswith("error:") and "window" in line]
+
+    [line] = window_lines([1000, 1200])
+    assert "edits[0].editors" in line and "window [1000, 1200]" in line and "last timestep 999" in line
+    assert window_lines([999, 1200]) == []
+
+
 def test_a_dataset_null_text_vae_missing_corrupt_of_another_kind_or_model_or_settings_is_named(
     tmp_path, tiny_sd_path, tiny_sd
 ):

@@ -56,6 +56,11 @@ from diffusers import DDIMScheduler
 
 from pipeline.diffusion.ddim import ddim_move
 
+# Re-exported: callers name windows as dc.Window and dc.ALL_STEPS.
+from pipeline.methods.editor_windows import ALL_STEPS as ALL_STEPS
+from pipeline.methods.editor_windows import Window as Window
+from pipeline.methods.editor_windows import heaviest_timestep
+
 # eps_theta(x_t, t) -> (B, C, h, w); the caller binds the UNet and the conditioning.
 NoiseFn = Callable[[torch.Tensor, int], torch.Tensor]
 # latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], differentiable.
@@ -385,11 +390,6 @@ def transition_gammas(gamma: float) -> GammaSchedule:
     return constant_gammas((1.0 - gamma, gamma))
 
 
-# A window of timesteps [low, high] (inclusive) in which an editor's weight applies.
-Window = tuple[int, int]
-ALL_STEPS: Window = (0, 10**9)
-
-
 def windowed_gammas(
     gammas: Sequence[float], windows: Sequence[Window], num_train_timesteps: int = 1000
 ) -> GammaSchedule:
@@ -418,13 +418,13 @@ def windowed_gammas(
     table = torch.zeros(num_train_timesteps, len(gammas) + 1, dtype=torch.float64)
     for index, (gamma, (low, high)) in enumerate(zip(gammas, windows, strict=True), start=1):
         table[low : min(high, num_train_timesteps - 1) + 1, index] = float(gamma)
-    editors_total = table[:, 1:].sum(1)
-    if bool((editors_total > 1.0 + 1e-6).any()):
-        worst = int(editors_total.argmax())
+    worst, heaviest = heaviest_timestep(gammas, windows)
+    if heaviest > 1.0 + 1e-6:
         raise ValueError(
-            f"the editors active at t={worst} weigh {float(editors_total[worst]):.6g} together; "
+            f"the editors active at t={worst} weigh {heaviest:.6g} together; "
             "at every t their gammas must sum to at most 1"
         )
+    editors_total = table[:, 1:].sum(1)
     # Rounding (0.7 + 0.3) must not leave the original model a weight of 1e-16 and so an extra UNet call.
     rest = 1.0 - editors_total
     table[:, 0] = torch.where(rest > 1e-9, rest, torch.zeros_like(rest))

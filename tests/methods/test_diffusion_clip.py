@@ -245,6 +245,8 @@ def test_windowed_weights_give_each_editor_its_gamma_inside_its_window_and_the_r
 def test_windowed_weights_refuse_overlaps_above_one_and_bad_windows():
     with pytest.raises(ValueError, match=r"the editors active at t=200 weigh 1\.2 together"):
         dc.windowed_gammas((0.6, 0.6), ((200, 999), (0, 200)))
+    with pytest.raises(ValueError, match="t=300 weigh 1.01"):
+        dc.windowed_gammas((0.51, 0.5), ((300, 999), (0, 300)))
     dc.windowed_gammas((0.6, 0.6), ((201, 999), (0, 200)))  # touching windows do not overlap
     with pytest.raises(ValueError, match="one window per editor"):
         dc.windowed_gammas((0.5,), ())
