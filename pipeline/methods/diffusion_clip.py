@@ -21,6 +21,9 @@ Legend (papers/004; latent diffusion, so x is the VAE latent and images come fro
     x^0(theta^)           the generated image DEC(generate(x_t0)) of the fine-tuned model eps_theta^
     L_direction           eq. 9: 1 - cos(E_I(x^0) - E_I(x_0), E_T(y_tar) - E_T(y_ref)), unit-norm CLIP
                           embeddings E_I, E_T
+    log form              the reference code's training loss -log((2 - L_direction) / 2) = -log((1 + cos) / 2)
+                          (`clip_finetune`), per image: 0 where cos = 1 like eq. 9, but its gradient
+                          1 / (1 + cos) times eq. 9's weighs the images that have moved least the most
     ΔT_keep               ΔT minus its projection on span{E_T(y'_k) - E_T(y_k)}, the text directions of
                           attributes the edit must keep (not in the paper: it plays the part of the
                           paper's identity loss where the CLIP entangles a kept attribute with the target;
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +251,7 @@ class LossInputs:
         text_direction: (B, D) or (D,) ΔT.
         l1_weight: lambda_L1 (paper: 0.3).
         direction_weight: weight of L_direction (paper: 1).
+        direction_form: "cosine" (eq. 9 as written) or "log" (the reference code's -log((1 + cos) / 2)).
     """
 
     source_images: torch.Tensor
@@ -254,6 +259,7 @@ class LossInputs:
     text_direction: torch.Tensor
     l1_weight: float = 0.3
     direction_weight: float = 1.0
+    direction_form: Literal["cosine", "log"] = "cosine"
 
 
 def diffusion_clip_loss(
@@ -267,13 +273,28 @@ def diffusion_clip_loss(
         inputs: the batch's sources, text direction and weights.
 
     Returns:
-        The scalar loss and its detached terms {"direction", "l1"} (batch means).
+        The scalar loss and its detached terms {"direction", "l1"} (batch means; "direction" is eq. 9's
+        1 - cos whichever form is trained, so that runs of both forms compare).
     """
     edited_embeddings = embed(((edited_images + 1.0) / 2.0).clamp(0.0, 1.0))
-    direction = direction_loss(edited_embeddings, inputs.source_embeddings, inputs.text_direction).mean()
+    per_image = direction_loss(edited_embeddings, inputs.source_embeddings, inputs.text_direction)
+    trained = per_image if inputs.direction_form == "cosine" else log_direction_loss(per_image)
     l1 = identity_loss(edited_images, inputs.source_images).mean()
-    loss = inputs.direction_weight * direction + inputs.l1_weight * l1
-    return loss, {"direction": direction.detach(), "l1": l1.detach()}
+    loss = inputs.direction_weight * trained.mean() + inputs.l1_weight * l1
+    return loss, {"direction": per_image.mean().detach(), "l1": l1.detach()}
+
+
+def log_direction_loss(direction_losses: torch.Tensor) -> torch.Tensor:
+    """The reference code's form of L_direction: -log((2 - L) / 2) = -log((1 + cos) / 2), elementwise.
+
+    Args:
+        direction_losses: eq. 9's L_direction = 1 - cos, any shape, values in [0, 2].
+
+    Returns:
+        Same shape, values in [0, inf): 0 where cos = 1.
+    """
+    # cos = -1 (L = 2) would be log(0); clamp to float32's tiny so the loss stays finite.
+    return -torch.log(((2.0 - direction_losses) / 2.0).clamp_min(torch.finfo(direction_losses.dtype).tiny))
 
 
 def full_backprop_loss(

@@ -96,7 +96,12 @@ class DiffusionClipConfig:
         inference_generative_steps: S_gen recorded for editing (paper: 40).
         l1_weight: lambda_L1 (paper: 0.3).
         direction_weight: weight of L_direction (paper: 1).
+        direction_form: cosine (eq. 9's 1 - cos) or log (the reference code's -log((1 + cos) / 2)).
         lr: Adam learning rate (paper: 4e-6 for 256 px pixel-space models).
+        lr_growth: the learning rate is multiplied by this every `lr_growth_every` iterations (paper:
+            "increased linearly by 1.2 per 50 iterations"; the reference code's StepLR, gamma 1.2, per
+            epoch of 50 images); 1 keeps it constant. Set from the iteration, so a resumed run agrees.
+        lr_growth_every: iterations between growth steps.
         batch: pairs per iteration over all workers (a multiple of the worker count).
         variant: full_backprop (one loss through all S_gen steps) or memory_efficient (a loss and an
             optimiser step per generative step).
@@ -125,7 +130,10 @@ class DiffusionClipConfig:
     inference_generative_steps: int = 40
     l1_weight: float = 0.3
     direction_weight: float = 1.0
+    direction_form: Literal["cosine", "log"] = "cosine"
     lr: float = 4e-6
+    lr_growth: float = 1.0
+    lr_growth_every: int = 50
     batch: int = 8
     variant: Literal["full_backprop", "memory_efficient"] = "full_backprop"
     adapter: Literal["auto", "full", "lora"] = "auto"
@@ -143,6 +151,10 @@ class DiffusionClipConfig:
         if not 1 <= self.return_step < 1000:
             raise ValueError(f"return_step={self.return_step} must be in [1, 999] (paper: 300..600)")
         check_kept_attributes(self.keep_attributes, self.data.attribute)
+        if self.lr_growth <= 0 or self.lr_growth_every < 1:
+            raise ValueError(
+                f"lr_growth={self.lr_growth} must be > 0 and lr_growth_every={self.lr_growth_every} >= 1"
+            )
         if self.clip_views < 0 or self.clip_view_shift < 0:
             raise ValueError(
                 f"clip_views={self.clip_views} and clip_view_shift={self.clip_view_shift} must be >= 0"
@@ -480,7 +492,10 @@ class DiffusionClipTask:
             text_direction=text_directions,
             l1_weight=self.config.l1_weight,
             direction_weight=self.config.direction_weight,
+            direction_form=self.config.direction_form,
         )
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(iteration)
         arguments = (
             self._noise_fn(optimised_branch_noise),
             self.grid,
@@ -504,6 +519,10 @@ class DiffusionClipTask:
             for name, value in {"loss": loss.detach(), **terms}.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         return {name: value / count for name, value in totals.items()}
+
+    def learning_rate(self, iteration: int) -> float:
+        """lr * lr_growth ** (iteration // lr_growth_every), iterations counted from 0."""
+        return self.config.lr * self.config.lr_growth ** (iteration // self.config.lr_growth_every)
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         return self.parameters

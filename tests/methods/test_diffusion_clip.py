@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -94,6 +95,37 @@ def test_loss_weights_the_l1_identity_term_by_lambda():
     loss, terms = dc.diffusion_clip_loss(edited, embed, inputs)
     assert float(terms["l1"]) == pytest.approx(0.5)
     assert float(loss) == pytest.approx(float(terms["direction"]) + 0.3 * 0.5)
+
+
+def test_the_log_form_is_the_reference_codes_minus_log_of_half_one_plus_cos():
+    cosines = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0], dtype=torch.float64)
+    expected = -torch.log((1 + cosines) / 2)
+    logs = dc.log_direction_loss(1 - cosines)
+    torch.testing.assert_close(logs[:4], expected[:4])
+    assert float(logs[0]) == 0.0 and torch.isfinite(logs[4])
+    # Its gradient is eq. 9's times 1 / (1 + cos): the images that moved least weigh most.
+    losses = (1 - cosines[1:4]).clone().requires_grad_(True)
+    dc.log_direction_loss(losses).sum().backward()
+    torch.testing.assert_close(losses.grad, 1 / (1 + cosines[1:4]))
+
+
+def test_the_log_form_trains_on_the_mean_of_per_image_logs_and_reports_eq_9():
+    generator = torch.Generator().manual_seed(3)
+    source = torch.tanh(torch.randn(3, 3, 4, 4, generator=generator))
+    edited = torch.tanh(torch.randn(3, 3, 4, 4, generator=generator))
+    projection = torch.randn(48, 6, generator=generator)
+    embed = lambda images: torch.nn.functional.normalize(images.flatten(1) @ projection, dim=-1)  # noqa: E731
+    text = torch.randn(6, generator=generator)
+    inputs = dc.LossInputs(source, embed((source + 1) / 2), text, l1_weight=0.3, direction_form="log")
+    loss, terms = dc.diffusion_clip_loss(edited, embed, inputs)
+    per_image = dc.direction_loss(embed((edited + 1) / 2), inputs.source_embeddings, text)
+    l1 = (edited - source).abs().mean()
+    torch.testing.assert_close(loss, (-torch.log(1 - per_image / 2)).mean() + 0.3 * l1)
+    torch.testing.assert_close(terms["direction"], per_image.mean())
+    cosine_loss, _ = dc.diffusion_clip_loss(
+        edited, embed, dataclasses.replace(inputs, direction_form="cosine")
+    )
+    torch.testing.assert_close(cosine_loss, per_image.mean() + 0.3 * l1)
 
 
 @pytest.fixture(scope="module")

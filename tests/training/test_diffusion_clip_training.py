@@ -4,6 +4,7 @@ data-parallel workers against one, the artefact, and editing with what was train
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -147,6 +148,37 @@ def test_an_iteration_steps_the_optimiser_once_or_once_per_generative_step(
     metrics = task.step(0, lambda: synced.append(True))
     assert set(metrics) == {"loss", "direction", "l1"} and len(synced) == optimizer_steps
     assert {int(state["step"]) for state in task.optimizer.state.values()} == {optimizer_steps}
+
+
+def test_the_learning_rate_grows_by_the_papers_factor_every_so_many_iterations(task_config):
+    task = DiffusionClipTask(dataclasses.replace(task_config, lr=1e-4, lr_growth=1.2, lr_growth_every=50))
+    expected = {0: 1e-4, 49: 1e-4, 50: 1.2e-4, 99: 1.2e-4, 100: 1.44e-4, 310: 1e-4 * 1.2**6}
+    for iteration, lr in expected.items():
+        assert task.learning_rate(iteration) == pytest.approx(lr)
+    assert DiffusionClipTask(task_config).learning_rate(1000) == task_config.lr  # no growth by default
+
+
+def test_each_iteration_runs_at_its_own_learning_rate_and_the_log_form_trains(task_config):
+    config = dataclasses.replace(task_config, lr_growth=2.0, lr_growth_every=1, direction_form="log")
+    task = DiffusionClipTask(config)
+    task.setup(torch.device("cpu"), rank=0, world_size=1)
+    logged = task.step(3, lambda: None)
+    assert task.optimizer.param_groups[0]["lr"] == pytest.approx(task_config.lr * 8)
+    cosine_task = DiffusionClipTask(task_config)
+    cosine_task.setup(torch.device("cpu"), rank=0, world_size=1)
+    cosine = cosine_task.step(3, lambda: None)
+    # The same batch before any step: eq. 9's terms agree, the trained loss is the log form's (convex in
+    # L, so its mean is at least its value at the mean L).
+    assert logged["direction"] == pytest.approx(cosine["direction"]) and logged["l1"] == pytest.approx(
+        cosine["l1"]
+    )
+    assert cosine["loss"] == pytest.approx(cosine["direction"] + task_config.l1_weight * cosine["l1"])
+    log_term = logged["loss"] - task_config.l1_weight * logged["l1"]
+    assert log_term >= -math.log(1 - logged["direction"] / 2) - 1e-6 and log_term != pytest.approx(
+        logged["direction"]
+    )
+    with pytest.raises(ValueError, match="lr_growth"):
+        dataclasses.replace(task_config, lr_growth=0.0)
 
 
 def test_text_directions_per_image_and_their_mean_unit_direction():
