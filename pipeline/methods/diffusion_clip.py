@@ -24,6 +24,10 @@ Legend (papers/004; latent diffusion, so x is the VAE latent and images come fro
     log form              the reference code's training loss -log((2 - L_direction) / 2) = -log((1 + cos) / 2)
                           (`clip_finetune`), per image: 0 where cos = 1 like eq. 9, but its gradient
                           1 / (1 + cos) times eq. 9's weighs the images that have moved least the most
+    floor                 optional (not in the paper): L_direction counts only above a floor, max(0, L - floor),
+                          so an image whose edit already scores the cosine that true edits of the attribute
+                          score (1 - floor) is no longer pushed further along the CLIP's direction, where a
+                          small CLIP rewards changes that are not the attribute
     ΔT_keep               ΔT minus its projection on span{E_T(y'_k) - E_T(y_k)}, the text directions of
                           attributes the edit must keep (not in the paper: it plays the part of the
                           paper's identity loss where the CLIP entangles a kept attribute with the target;
@@ -252,6 +256,7 @@ class LossInputs:
         l1_weight: lambda_L1 (paper: 0.3).
         direction_weight: weight of L_direction (paper: 1).
         direction_form: "cosine" (eq. 9 as written) or "log" (the reference code's -log((1 + cos) / 2)).
+        direction_floor: L_direction below this counts as 0 (max(0, L - floor), before the form); 0 = eq. 9.
     """
 
     source_images: torch.Tensor
@@ -260,6 +265,7 @@ class LossInputs:
     l1_weight: float = 0.3
     direction_weight: float = 1.0
     direction_form: Literal["cosine", "log"] = "cosine"
+    direction_floor: float = 0.0
 
 
 def diffusion_clip_loss(
@@ -278,7 +284,8 @@ def diffusion_clip_loss(
     """
     edited_embeddings = embed(((edited_images + 1.0) / 2.0).clamp(0.0, 1.0))
     per_image = direction_loss(edited_embeddings, inputs.source_embeddings, inputs.text_direction)
-    trained = per_image if inputs.direction_form == "cosine" else log_direction_loss(per_image)
+    above_floor = (per_image - inputs.direction_floor).clamp_min(0.0)
+    trained = above_floor if inputs.direction_form == "cosine" else log_direction_loss(above_floor)
     l1 = identity_loss(edited_images, inputs.source_images).mean()
     loss = inputs.direction_weight * trained.mean() + inputs.l1_weight * l1
     return loss, {"direction": per_image.mean().detach(), "l1": l1.detach()}

@@ -97,6 +97,9 @@ class DiffusionClipConfig:
         l1_weight: lambda_L1 (paper: 0.3).
         direction_weight: weight of L_direction (paper: 1).
         direction_form: cosine (eq. 9's 1 - cos) or log (the reference code's -log((1 + cos) / 2)).
+        direction_floor: L_direction counts only above it, max(0, L - floor) (not in the paper): set it to
+            1 - the cosine that true edits of the attribute score (`benchmarks/clip_directions.py`), so the
+            editor is not pushed past them into changes the CLIP rewards more than the attribute.
         lr: Adam learning rate (paper: 4e-6 for 256 px pixel-space models).
         lr_growth: the learning rate is multiplied by this every `lr_growth_every` iterations (paper:
             "increased linearly by 1.2 per 50 iterations"; the reference code's StepLR, gamma 1.2, per
@@ -131,6 +134,7 @@ class DiffusionClipConfig:
     l1_weight: float = 0.3
     direction_weight: float = 1.0
     direction_form: Literal["cosine", "log"] = "cosine"
+    direction_floor: float = 0.0
     lr: float = 4e-6
     lr_growth: float = 1.0
     lr_growth_every: int = 50
@@ -151,6 +155,10 @@ class DiffusionClipConfig:
         if not 1 <= self.return_step < 1000:
             raise ValueError(f"return_step={self.return_step} must be in [1, 999] (paper: 300..600)")
         check_kept_attributes(self.keep_attributes, self.data.attribute)
+        if not 0.0 <= self.direction_floor < 2.0:
+            raise ValueError(
+                f"direction_floor={self.direction_floor} must be in [0, 2) (L_direction's range)"
+            )
         if self.lr_growth <= 0 or self.lr_growth_every < 1:
             raise ValueError(
                 f"lr_growth={self.lr_growth} must be > 0 and lr_growth_every={self.lr_growth_every} >= 1"
@@ -493,6 +501,7 @@ class DiffusionClipTask:
             l1_weight=self.config.l1_weight,
             direction_weight=self.config.direction_weight,
             direction_form=self.config.direction_form,
+            direction_floor=self.config.direction_floor,
         )
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(iteration)

@@ -128,6 +128,28 @@ def test_the_log_form_trains_on_the_mean_of_per_image_logs_and_reports_eq_9():
     torch.testing.assert_close(cosine_loss, per_image.mean() + 0.3 * l1)
 
 
+def test_a_floor_stops_the_direction_loss_pushing_images_already_past_it():
+    generator = torch.Generator().manual_seed(4)
+    source = torch.tanh(torch.randn(4, 3, 4, 4, generator=generator))
+    edited = torch.tanh(torch.randn(4, 3, 4, 4, generator=generator)).requires_grad_(True)
+    projection = torch.randn(48, 6, generator=generator)
+    embed = lambda images: torch.nn.functional.normalize(images.flatten(1) @ projection, dim=-1)  # noqa: E731
+    text = torch.randn(6, generator=generator)
+    inputs = dc.LossInputs(source, embed((source + 1) / 2), text, l1_weight=0.0)
+    per_image = dc.direction_loss(embed((edited + 1) / 2), inputs.source_embeddings, text).detach()
+    floor = float(per_image.median())
+    for form, of in (("cosine", lambda x: x), ("log", dc.log_direction_loss)):
+        floored = dataclasses.replace(inputs, direction_floor=floor, direction_form=form)
+        loss, terms = dc.diffusion_clip_loss(edited, embed, floored)
+        torch.testing.assert_close(loss, of((per_image - floor).clamp_min(0)).mean())
+        torch.testing.assert_close(terms["direction"], per_image.mean())  # eq. 9 reported as it is
+    edited.grad = None
+    loss.backward()
+    below = per_image <= floor
+    assert bool(below.any()) and bool((edited.grad[below] == 0).all())
+    assert bool((edited.grad[~below].abs().sum((1, 2, 3)) > 0).all())
+
+
 @pytest.fixture(scope="module")
 def trainable(tiny_sd):
     """A float64 copy of the tiny UNet with gradients, a scheduler whose clean end is alpha = 1, and

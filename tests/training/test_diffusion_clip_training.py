@@ -179,6 +179,13 @@ def test_each_iteration_runs_at_its_own_learning_rate_and_the_log_form_trains(ta
     )
     with pytest.raises(ValueError, match="lr_growth"):
         dataclasses.replace(task_config, lr_growth=0.0)
+    with pytest.raises(ValueError, match="direction_floor"):
+        dataclasses.replace(task_config, direction_floor=2.0)
+    # A floor above every image's L_direction leaves only the L1 term to train on.
+    floored = DiffusionClipTask(dataclasses.replace(task_config, direction_floor=1.99))
+    floored.setup(torch.device("cpu"), rank=0, world_size=1)
+    metrics = floored.step(3, lambda: None)
+    assert metrics["loss"] == pytest.approx(task_config.l1_weight * metrics["l1"])
 
 
 def test_text_directions_per_image_and_their_mean_unit_direction():
