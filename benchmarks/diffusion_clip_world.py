@@ -1,7 +1,8 @@
 """DiffusionCLIP editors on held-out shapes-world scenes, judged by the oracle (evaluation only).
 
     python -m benchmarks.diffusion_clip_world out/editors/star/artefact [out/editors/blue/artefact] \
-        [--scenes 32] [--forward-steps 200] [--generative-steps 40] [--gammas 0 0.25 0.5 0.75 1]
+        [--scenes 32] [--forward-steps 200] [--generative-steps 40] [--gammas 0 0.25 0.5 0.75 1] \
+        [--weights 0.7,0.3 ...] [--handovers 300 ...] [--combination-only]
 
 For held-out one-object scenes (seeds from HELDOUT_SEED_OFFSET, disjoint from training) whose
 attribute does not already have the editor's value, each editor edits every scene (gamma = 1) and
@@ -14,7 +15,9 @@ the oracle reads the result. Reported per editor:
 With two editors, on the scenes that have neither value: both_success, the fraction the oracle reads
 with both values under the noise combination gamma = (0.5, 0.5) (eq. 14), and with `--handovers T ...`
 under the piecewise-constant gamma_i(t) of each handover T: the first editor alone on the steps with
-t >= T, the second alone below (`combination_handover`).
+t >= T, the second alone below (`combination_handover`), and with `--weights g1,g2 ...` under each
+other constant weighting (`combination_weights`; eq. 14 allows any sum <= 1, the original model
+taking the rest). `--combination-only` skips the single-editor readings.
 """
 
 from __future__ import annotations
@@ -97,29 +100,48 @@ def combination_start(model, scenes, settings: EditSettings) -> torch.Tensor:
 
 
 def evaluate_combination(
-    model, oracle, editors, scenes, start: torch.Tensor, settings: EditSettings, handover: int | None = None
+    model,
+    oracle,
+    editors,
+    scenes,
+    start: torch.Tensor,
+    settings: EditSettings,
+    handover: int | None = None,
+    weights: list[float] | None = None,
 ) -> dict:
-    """Fraction of scenes the oracle reads with every editor's value under equal weights (eq. 14), or,
-    with `handover` T (two editors), with the first editor alone at t >= T and the second below."""
+    """Fraction of scenes the oracle reads with every editor's value under `weights` (eq. 14; equal
+    weights when None), or, with `handover` T (two editors), with the first editor alone at t >= T
+    and the second below."""
     if handover is None:
-        gammas, windows = [1.0 / len(editors)] * len(editors), None
+        gammas, windows = weights or [1.0 / len(editors)] * len(editors), None
     else:
         gammas, windows = [1.0, 1.0], [(handover, 10**9), (0, handover - 1)]
     edited = generate_with_editors(model, start, editors, gammas, settings, windows)
-    names, _ = oracle_readings(oracle, edited)
-    per_editor = {}
+    names, probabilities = oracle_readings(oracle, edited)
+    per_editor, per_editor_probability = {}, {}
     both = np.ones(len(scenes), dtype=bool)
     for editor in editors:
         attribute, value = editor.config["data"]["attribute"], editor.config["data"]["value"]
         hit = np.array([name == value for name in names[attribute]])
         per_editor[f"{attribute}->{value}"] = float(hit.mean())
+        target = probabilities[attribute][:, HEADS[attribute].index(value)]
+        per_editor_probability[f"{attribute}->{value}"] = round(float(target.mean()), 4)
         both &= hit
     return {
         "gammas": gammas,
         **({"windows": windows} if windows else {}),
         "all_success": float(both.mean()),
         "per_editor": per_editor,
+        "per_editor_target_probability": per_editor_probability,
     }
+
+
+def _weights(text: str) -> list[float]:
+    """'0.7,0.3' -> [0.7, 0.3]; the sum is checked by the edit itself (eq. 14: at most 1)."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of weights") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,10 +163,22 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         help="with two editors: timesteps T at which the first editor hands over to the second",
     )
+    parser.add_argument(
+        "--weights",
+        type=_weights,
+        nargs="*",
+        default=[],
+        help="further constant weightings of the editors' noise, one comma-separated list each",
+    )
+    parser.add_argument("--combination-only", action="store_true", help="skip the single-editor readings")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.handovers and len(args.editors) != 2:
         parser.error("--handovers needs exactly two editors")
+    if args.combination_only and len(args.editors) < 2:
+        parser.error("--combination-only needs two editors or more")
+    if any(len(weights) != len(args.editors) for weights in args.weights):
+        parser.error(f"--weights: give one weight per editor ({len(args.editors)}), e.g. 0.7,0.3")
     torch.set_num_threads(args.threads)
     model = load_diffusion_model(args.model)
     oracle = load_oracle()
@@ -153,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         editors[0], forward_steps=args.forward_steps, generative_steps=args.generative_steps
     )
     results = {"setup": f"{args.scenes} held-out one-object scenes per editor, {settings}"}
-    for editor in editors:
+    for editor in [] if args.combination_only else editors:
         pair = (editor.config["data"]["attribute"], editor.config["data"]["value"])
         scenes = heldout_scenes(args.scenes, [pair])
         results.update(evaluate(model, oracle, [editor], scenes, settings, args.gammas))
@@ -166,6 +200,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["combination_handover"] = {
             str(handover): evaluate_combination(model, oracle, editors, scenes, start, settings, handover)
             for handover in args.handovers
+        }
+        results["combination_weights"] = {
+            ",".join(f"{weight:g}" for weight in weights): evaluate_combination(
+                model, oracle, editors, scenes, start, settings, weights=weights
+            )
+            for weights in args.weights
         }
     print(json.dumps(results, indent=1), flush=True)
     return results

@@ -17,7 +17,9 @@ EDITOR_CONFIG = {
 }
 
 
-def write_perturbed_editor(model, uri: str, seed: int, fingerprint: str | None = None) -> str:
+def write_perturbed_editor(
+    model, uri: str, seed: int, fingerprint: str | None = None, config: dict | None = None
+) -> str:
     """Write a full-weight editor whose UNet is `model`'s plus seeded noise; returns its version.
 
     Args:
@@ -25,13 +27,15 @@ def write_perturbed_editor(model, uri: str, seed: int, fingerprint: str | None =
         uri: the artefact folder.
         seed: seeds the perturbation (different seeds, different editors).
         fingerprint: the base model fingerprint recorded (default: the model's own).
+        config: training-config entries added to the minimal one (e.g. its `data`).
     """
     generator = torch.Generator().manual_seed(seed)
     weights = {
         name: tensor + 0.05 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
         for name, tensor in model.unet.state_dict().items()
     }
-    return write_artefact(uri, KIND, weights, EDITOR_CONFIG, {}, fingerprint or model.fingerprint)
+    config = {**EDITOR_CONFIG, **(config or {})}
+    return write_artefact(uri, KIND, weights, config, {}, fingerprint or model.fingerprint)
 
 
 def write_random_zip_encoder(model, uri: str, seed: int) -> str:

@@ -1,0 +1,67 @@
+"""The DiffusionCLIP benchmark (benchmarks/diffusion_clip_world.py) end to end on a tiny random-weight
+model at the world's 64 px with two perturbed editors: a weighting's per-editor readings against the
+editor applied alone by hand, and its argument checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from editor_artefact import write_perturbed_editor
+
+from benchmarks import diffusion_clip_world as bench
+from pipeline.editors import EditSettings, generate_with_editors, load_editor
+from pipeline.models.build import SDArchitecture, build_random_sd
+from pipeline.models.loading import load_diffusion_model
+from pipeline.world.oracle import HEADS, load_oracle
+
+STAR = {"data": {"attribute": "shape", "value": "star"}}
+BLUE = {"data": {"attribute": "color", "value": "blue"}}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dc-bench")
+    build_random_sd(root / "sd", SDArchitecture(image_size=64), seed=0, unet_output_scale=0.05)
+    model = load_diffusion_model(str(root / "sd"))
+    uris = [str(root / "star"), str(root / "blue")]
+    write_perturbed_editor(model, uris[0], seed=1, config=STAR)
+    write_perturbed_editor(model, uris[1], seed=2, config=BLUE)
+    return model, str(root / "sd"), uris
+
+
+def test_a_weighting_reads_as_its_editors_applied_by_hand(world):
+    model, model_path, uris = world
+    common = ["--model", model_path, "--scenes", "3", "--forward-steps", "2", "--generative-steps", "2"]
+    results = bench.main([*uris, *common, "--weights", "1,0", "0,1", "--combination-only"])
+    assert "shape->star" not in results and "color->blue" not in results  # --combination-only
+    assert set(results["combination_weights"]) == {"1,0", "0,1"}
+    scenes = bench.heldout_scenes(3, [("shape", "star"), ("color", "blue")])
+    editors = [load_editor(model, uri) for uri in uris]
+    settings = EditSettings.of(editors[0], forward_steps=2, generative_steps=2)
+    start = bench.combination_start(model, scenes, settings)
+    oracle = load_oracle()
+    for weights, alone, (attribute, value) in [("1,0", 0, ("shape", "star")), ("0,1", 1, ("color", "blue"))]:
+        edited = generate_with_editors(model, start, [editors[alone]], [1.0], settings)
+        names, probabilities = bench.oracle_readings(oracle, edited)
+        reading = results["combination_weights"][weights]
+        assert reading["gammas"] == [float(weights[0]), float(weights[2])]
+        key = f"{attribute}->{value}"
+        assert reading["per_editor"][key] == float(np.mean([name == value for name in names[attribute]]))
+        target = probabilities[attribute][:, HEADS[attribute].index(value)]
+        assert reading["per_editor_target_probability"][key] == round(float(target.mean()), 4)
+    # The probabilities tell the two weightings apart (the fractions alone may both be 0 for a
+    # random model), so a weighting that is not passed through to the edit fails above.
+    probabilities = [
+        results["combination_weights"][w]["per_editor_target_probability"] for w in ("1,0", "0,1")
+    ]
+    assert probabilities[0] != probabilities[1]
+
+
+def test_weights_must_name_one_weight_per_editor(world):
+    _, model_path, uris = world
+    with pytest.raises(SystemExit):
+        bench.main([*uris, "--model", model_path, "--weights", "0.5"])
+    with pytest.raises(SystemExit):
+        bench.main([uris[0], "--model", model_path, "--combination-only"])
+    with pytest.raises(SystemExit):
+        bench.main([*uris, "--model", model_path, "--weights", "0.5,x"])
