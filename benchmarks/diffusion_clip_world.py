@@ -59,6 +59,11 @@ def oracle_readings(oracle, images: torch.Tensor) -> tuple[dict[str, list[str]],
     return names, {head: logits[head].softmax(1) for head in HEADS}
 
 
+def mean_target_probability(probabilities: dict[str, torch.Tensor], attribute: str, value: str) -> float:
+    """The oracle's mean probability of `value` on the `attribute` head, to 4 places."""
+    return round(float(probabilities[attribute][:, HEADS[attribute].index(value)].mean()), 4)
+
+
 def evaluate(model, oracle, editors, scenes, settings: EditSettings, gammas: list[float]) -> dict[str, dict]:
     """Success, kept attributes and the transition curve of each editor on `scenes`."""
     images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
@@ -72,7 +77,7 @@ def evaluate(model, oracle, editors, scenes, settings: EditSettings, gammas: lis
         for gamma in gammas:
             edited = generate_with_editors(model, start, [editor], [gamma], settings)
             names, probabilities = oracle_readings(oracle, edited)
-            curve.append(round(float(probabilities[attribute][:, HEADS[attribute].index(value)].mean()), 4))
+            curve.append(mean_target_probability(probabilities, attribute, value))
         edited = generate_with_editors(model, start, [editor], [1.0], settings)
         names, _ = oracle_readings(oracle, edited)
         kept = {
@@ -124,8 +129,9 @@ def evaluate_combination(
         attribute, value = editor.config["data"]["attribute"], editor.config["data"]["value"]
         hit = np.array([name == value for name in names[attribute]])
         per_editor[f"{attribute}->{value}"] = float(hit.mean())
-        target = probabilities[attribute][:, HEADS[attribute].index(value)]
-        per_editor_probability[f"{attribute}->{value}"] = round(float(target.mean()), 4)
+        per_editor_probability[f"{attribute}->{value}"] = mean_target_probability(
+            probabilities, attribute, value
+        )
         both &= hit
     return {
         "gammas": gammas,

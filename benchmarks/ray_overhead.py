@@ -6,10 +6,10 @@ carries its share; the writer sums them per shard into the manifest's compute_se
 actor per stage the two stages overlap, so a ratio below 1 is possible on a multi-shard input.
 
     python -m benchmarks.ray_overhead --shards 6 --per-shard 4 --num-steps 4
-    python -m benchmarks.ray_overhead --architecture sd15 --device cuda --precision mixed \
+    python -m benchmarks.ray_overhead --architecture sd15-random --device cuda --precision mixed \
         --shards 4 --per-shard 32 --batch-size 8 --num-steps 50 --json benchmarks/results/job-gpu.json
 
-`--architecture tiny` (a 32 px random model, the default), `reduced-sd` (256 px) or `sd15` (SD 1.5's
+`--architecture tiny` (a 32 px random model, the default), `reduced-sd` (256 px) or `sd15-random` (SD 1.5's
 UNet / VAE / text encoder at 512 px, random weights, the per-image cost of the real model) builds the
 model once; on `--device cuda` the invert/edit actor takes one GPU and NVML samples the device's
 utilisation every 20 ms through the whole job (`gpu_busy`: the mean; the issue's target is >= 0.8).
@@ -34,15 +34,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def _architecture(name: str):
-    from benchmarks.throughput import REDUCED_SD_ARCHITECTURE
-    from pipeline.models.build import SD15_ARCHITECTURE, SDArchitecture
+    """The random model of `--architecture`: throughput's named models, or a 32 px toy."""
+    from benchmarks.throughput import RANDOM_MODELS
+    from pipeline.models.build import SDArchitecture
 
-    architectures = {
-        "tiny": SDArchitecture(image_size=32),
-        "reduced-sd": REDUCED_SD_ARCHITECTURE,
-        "sd15": SD15_ARCHITECTURE,
-    }
-    return architectures[name]
+    return {"tiny": SDArchitecture(image_size=32), **RANDOM_MODELS}[name]
 
 
 def job_spec(args, folder: Path) -> dict:
@@ -139,7 +135,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--method", default="null_text")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-cpus", type=int, default=2)
-    parser.add_argument("--architecture", choices=["tiny", "reduced-sd", "sd15"], default="tiny")
+    parser.add_argument("--architecture", choices=["tiny", "reduced-sd", "sd15-random"], default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "tf32", "mixed", "bf16"], default="fp32")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
