@@ -2,7 +2,7 @@
 
     python -m benchmarks.diffusion_clip_world out/editors/star/artefact [out/editors/blue/artefact] \
         [--scenes 32] [--forward-steps 200] [--generative-steps 40] [--gammas 0 0.25 0.5 0.75 1] \
-        [--weights 0.7,0.3 ...] [--handovers 300 ...] [--combination-only]
+        [--weights 0.7,0.3 ...] [--handovers 300 ...] [--combination-only] [--combination conjunction]
 
 For held-out one-object scenes (seeds from HELDOUT_SEED_OFFSET, disjoint from training) whose
 attribute does not already have the editor's value, each editor edits every scene (gamma = 1) and
@@ -11,13 +11,16 @@ the oracle reads the result. Reported per editor:
 - success: fraction the oracle reads as the target value; kept_*: fraction whose other attributes
   the oracle still reads as the source's.
 - transition: mean oracle probability of the target value at each gamma of the continuous transition
-  (original model 1 - gamma, editor gamma), and whether it rises monotonically.
+  (original model 1 - gamma, editor gamma), whether it rises monotonically, and the success at each
+  gamma (`transition_success`).
 With two editors, on the scenes that have neither value: both_success, the fraction the oracle reads
 with both values under the noise combination gamma = (0.5, 0.5) (eq. 14), and with `--handovers T ...`
 under the piecewise-constant gamma_i(t) of each handover T: the first editor alone on the steps with
 t >= T, the second alone below (`combination_handover`), and with `--weights g1,g2 ...` under each
 other constant weighting (`combination_weights`; eq. 14 allows any sum <= 1, the original model
-taking the rest). `--combination-only` skips the single-editor readings.
+taking the rest). `--combination-only` skips the single-editor readings. `--combination conjunction`
+combines every weighting as eps + sum_i gamma_i (eps_i - eps) with any gammas >= 0 (the same weighted
+sum with the original's share 1 - sum allowed below 0), and so also takes transition gammas above 1.
 """
 
 from __future__ import annotations
@@ -64,8 +67,17 @@ def mean_target_probability(probabilities: dict[str, torch.Tensor], attribute: s
     return round(float(probabilities[attribute][:, HEADS[attribute].index(value)].mean()), 4)
 
 
-def evaluate(model, oracle, editors, scenes, settings: EditSettings, gammas: list[float]) -> dict[str, dict]:
-    """Success, kept attributes and the transition curve of each editor on `scenes`."""
+def evaluate(
+    model,
+    oracle,
+    editors,
+    scenes,
+    settings: EditSettings,
+    gammas: list[float],
+    combination: str = "convex",
+    success_gamma: float = 1.0,
+) -> dict[str, dict]:
+    """Success and kept attributes at `success_gamma`, and the transition curve, of each editor on `scenes`."""
     images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
     started = time.perf_counter()
     with torch.no_grad():
@@ -73,12 +85,15 @@ def evaluate(model, oracle, editors, scenes, settings: EditSettings, gammas: lis
     report = {"forward_seconds": round(time.perf_counter() - started, 1)}
     for editor in editors:
         attribute, value = editor.config["data"]["attribute"], editor.config["data"]["value"]
-        curve = []
+        curve, hits = [], []
         for gamma in gammas:
-            edited = generate_with_editors(model, start, [editor], [gamma], settings)
+            edited = generate_with_editors(model, start, [editor], [gamma], settings, combination=combination)
             names, probabilities = oracle_readings(oracle, edited)
             curve.append(mean_target_probability(probabilities, attribute, value))
-        edited = generate_with_editors(model, start, [editor], [1.0], settings)
+            hits.append(float(np.mean([name == value for name in names[attribute]])))
+        edited = generate_with_editors(
+            model, start, [editor], [success_gamma], settings, combination=combination
+        )
         names, _ = oracle_readings(oracle, edited)
         kept = {
             f"kept_{head}": float(
@@ -89,10 +104,12 @@ def evaluate(model, oracle, editors, scenes, settings: EditSettings, gammas: lis
         }
         report[f"{attribute}->{value}"] = {
             "success": float(np.mean([name == value for name in names[attribute]])),
+            **({"success_gamma": success_gamma} if success_gamma != 1.0 else {}),
             **kept,
             "transition_gammas": gammas,
             "transition_target_probability": curve,
             "transition_monotonic": all(b >= a for a, b in zip(curve, curve[1:], strict=False)),
+            "transition_success": hits,
         }
     return report
 
@@ -113,6 +130,7 @@ def evaluate_combination(
     settings: EditSettings,
     handover: int | None = None,
     weights: list[float] | None = None,
+    combination: str = "convex",
 ) -> dict:
     """Fraction of scenes the oracle reads with every editor's value under `weights` (eq. 14; equal
     weights when None), or, with `handover` T (two editors), with the first editor alone at t >= T
@@ -121,7 +139,7 @@ def evaluate_combination(
         gammas, windows = weights or [1.0 / len(editors)] * len(editors), None
     else:
         gammas, windows = [1.0, 1.0], [(handover, 10**9), (0, handover - 1)]
-    edited = generate_with_editors(model, start, editors, gammas, settings, windows)
+    edited = generate_with_editors(model, start, editors, gammas, settings, windows, combination)
     names, probabilities = oracle_readings(oracle, edited)
     per_editor, per_editor_probability = {}, {}
     both = np.ones(len(scenes), dtype=bool)
@@ -136,6 +154,7 @@ def evaluate_combination(
     return {
         "gammas": gammas,
         **({"windows": windows} if windows else {}),
+        **({"combination": combination} if combination != "convex" else {}),
         "all_success": float(both.mean()),
         "per_editor": per_editor,
         "per_editor_target_probability": per_editor_probability,
@@ -177,6 +196,18 @@ def main(argv: list[str] | None = None) -> dict:
         help="further constant weightings of the editors' noise, one comma-separated list each",
     )
     parser.add_argument("--combination-only", action="store_true", help="skip the single-editor readings")
+    parser.add_argument(
+        "--combination",
+        choices=["convex", "conjunction"],
+        default="convex",
+        help="how the editors' noises combine in every weighting (conjunction: gammas >= 0, any sum)",
+    )
+    parser.add_argument(
+        "--success-gamma",
+        type=float,
+        default=1.0,
+        help="the gamma at which each editor's success and kept attributes are read (above 1: conjunction)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.handovers and len(args.editors) != 2:
@@ -196,20 +227,26 @@ def main(argv: list[str] | None = None) -> dict:
     for editor in [] if args.combination_only else editors:
         pair = (editor.config["data"]["attribute"], editor.config["data"]["value"])
         scenes = heldout_scenes(args.scenes, [pair])
-        results.update(evaluate(model, oracle, [editor], scenes, settings, args.gammas))
+        results.update(
+            evaluate(
+                model, oracle, [editor], scenes, settings, args.gammas, args.combination, args.success_gamma
+            )
+        )
         print(json.dumps(results, indent=1), flush=True)
     if len(editors) > 1:
         pairs = [(e.config["data"]["attribute"], e.config["data"]["value"]) for e in editors]
         scenes = heldout_scenes(args.scenes, pairs)
         start = combination_start(model, scenes, settings)
-        results["combination"] = evaluate_combination(model, oracle, editors, scenes, start, settings)
+        results["combination"] = evaluate_combination(
+            model, oracle, editors, scenes, start, settings, combination=args.combination
+        )
         results["combination_handover"] = {
             str(handover): evaluate_combination(model, oracle, editors, scenes, start, settings, handover)
             for handover in args.handovers
         }
         results["combination_weights"] = {
             ",".join(f"{weight:g}" for weight in weights): evaluate_combination(
-                model, oracle, editors, scenes, start, settings, weights=weights
+                model, oracle, editors, scenes, start, settings, weights=weights, combination=args.combination
             )
             for weights in args.weights
         }

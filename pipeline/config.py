@@ -193,6 +193,10 @@ class EditSpec:
             editors' return step with the base model and comes back with the weighted DiffusionCLIP
             editors, or with a ZIP encoder's Δh), not a Prompt-to-Prompt edit of the inversion; the
             prompt still names the target for scoring.
+        combination: how DiffusionCLIP editors' noises combine: convex (eq. 14: gammas in [0, 1]
+            summing to at most 1, the base model taking the rest) or conjunction (each editor's change
+            from the base model added with its gamma >= 0, eps + sum_i gamma_i (eps_i - eps), so two
+            editors at gamma 1 each apply in full; for editors that each move only their own attribute).
     """
 
     target_class: str
@@ -208,15 +212,24 @@ class EditSpec:
     temperature: float = 1.0
     vae: str | None = None
     editors: tuple[EditorRef, ...] = ()
+    combination: Literal["convex", "conjunction"] = "convex"
 
     def __post_init__(self) -> None:
         if not self.editors:
+            if self.combination != "convex":
+                raise ValueError("combination applies to editors: give editors or leave combination out")
             return
         gammas = [editor.gamma for editor in self.editors]
-        if any(not 0.0 <= gamma <= 1.0 for gamma in gammas) or most_weight_at_once(self.editors) > 1.0 + 1e-6:
+        if self.combination == "conjunction":
+            if any(not 0.0 <= gamma < float("inf") for gamma in gammas):
+                raise ValueError(f"editors' gammas {gammas} must be finite and >= 0 in a conjunction")
+        elif (
+            any(not 0.0 <= gamma <= 1.0 for gamma in gammas) or most_weight_at_once(self.editors) > 1.0 + 1e-6
+        ):
             raise ValueError(
                 f"editors' gammas {gammas} must each lie in [0, 1] and sum to at most 1 "
-                "(where windows are given: at every timestep, over the editors active there)"
+                "(where windows are given: at every timestep, over the editors active there), "
+                "or set combination: conjunction to add each editor's change in full"
             )
         if self.stochastic is not None or self.samples != 1 or len(self.seeds) != 1:
             raise ValueError(
@@ -234,6 +247,8 @@ class EditSpec:
                 mapping.pop(key)
         if not self.editors:  # edits without editors keep the ids and digests they had before editors
             mapping.pop("editors")
+        if self.combination == "convex":  # likewise edits from before the conjunction
+            mapping.pop("combination")
         if self.vae is None:  # likewise edits without a conditional-embedding VAE
             mapping.pop("vae")
         return mapping

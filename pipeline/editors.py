@@ -9,6 +9,8 @@ ZIP's attribute encoders (the frozen model steered through its h-space by a refe
     images = edit_with_editors(model, images, [star], [0.3])               # continuous transition
     images = edit_with_editors(model, images, [star, blue], [1.0, 1.0],    # star first, then blue
                                windows=[(250, 999), (0, 249)])
+    images = edit_with_editors(model, images, [star, blue], [1.0, 1.0],    # both changes added in full
+                               combination="conjunction")
 
 The images go forward to t0 with the original model (eq. 12, S_for steps) and come back (eq. 13, S_gen
 steps) with the noise sum_i gamma_i eps_i of the editors plus (1 - sum_i gamma_i) eps of the original
@@ -229,6 +231,7 @@ def generate_with_editors(
     gammas: Sequence[float],
     settings: EditSettings,
     windows: Sequence[dc.Window | None] | None = None,
+    combination: dc.Combination = "convex",
 ) -> torch.Tensor:
     """Generate from x_t0 with sum_i gamma_i(t) eps_i of the editors and 1 - sum_i gamma_i(t) of the
     original model's eps (eq. 14); returns (B, H, W, 3) uint8 images.
@@ -243,11 +246,13 @@ def generate_with_editors(
             outside; a high beyond the scheduler's last timestep runs to it), None for an editor active
             at every step; None = every editor at every step. E.g. a shape editor on (250, 999) and a
             colour editor on (0, 249) hand the generation from one to the other.
+        combination: "convex" (eq. 14 as the paper has it) or "conjunction" (each editor's change
+            eps_i - eps_theta added in full, with weight gamma_i >= 0; `dc.windowed_gammas`).
     """
     if len(gammas) != len(editors):
         raise ValueError(f"need one gamma per editor: {len(editors)} editors, {len(gammas)} gammas")
     windows = [dc.ALL_STEPS if window is None else window for window in (windows or [None] * len(editors))]
-    schedule = dc.windowed_gammas(gammas, windows, model.scheduler.config.num_train_timesteps)
+    schedule = dc.windowed_gammas(gammas, windows, model.scheduler.config.num_train_timesteps, combination)
     noise_fns = [_noise_fn(model, unet, settings.prompt) for unet in (model.unet, *(e.unet for e in editors))]
     combined = dc.combined_noise_fn(noise_fns, schedule)
     grid = dc.ReturnGrid.from_scheduler(model.scheduler, settings.return_step, settings.generative_steps)
@@ -263,6 +268,7 @@ def edit_with_editors(
     settings: EditSettings | None = None,
     reference: torch.Tensor | None = None,
     windows: Sequence[dc.Window | None] | None = None,
+    combination: dc.Combination = "convex",
 ) -> torch.Tensor:
     """Forward to t0 and generate back with the weighted editors.
 
@@ -270,10 +276,12 @@ def edit_with_editors(
         model: the base model.
         images: (B, H, W, 3) uint8 at the model's resolution.
         editors: M >= 1 loaded editors.
-        gammas: M weights in [0, 1] with sum <= 1; the original model gets 1 - sum.
+        gammas: M weights in [0, 1] with sum <= 1 (any weights >= 0 as a conjunction); the original model
+            gets 1 - sum.
         settings: grid and conditioning (default: what the first editor was trained for).
         reference: (H, W, 3) uint8, a ZIP encoder's reference image (None = its own first reference).
         windows: DiffusionCLIP editors' timestep windows (`generate_with_editors`); None = every step.
+        combination: how DiffusionCLIP editors' noises combine (`generate_with_editors`).
 
     Returns:
         (B, H, W, 3) uint8 edited images.
@@ -290,13 +298,17 @@ def edit_with_editors(
             )
         if windows is not None and any(window is not None for window in windows):
             raise ArtefactError("a ZIP encoder takes no timestep window: its steps are set by its t_zip")
+        if combination != "convex":
+            raise ArtefactError(
+                "a ZIP encoder edits alone: combination: conjunction needs DiffusionCLIP editors"
+            )
         return edit_with_zip(model, images, editors[0], reference, scale=gammas[0], settings=settings)
     if reference is not None:
         raise ArtefactError("a reference image steers ZIP encoders only, not DiffusionCLIP editors")
     settings = settings or EditSettings.of(editors[0])
     with torch.no_grad():
         start = forward_to_return_step(model, images, settings)
-    return generate_with_editors(model, start, editors, gammas, settings, windows)
+    return generate_with_editors(model, start, editors, gammas, settings, windows, combination)
 
 
 def zip_reference_code(

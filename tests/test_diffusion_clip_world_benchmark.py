@@ -57,6 +57,56 @@ def test_a_weighting_reads_as_its_editors_applied_by_hand(world):
     assert probabilities[0] != probabilities[1]
 
 
+def test_a_conjunction_reads_as_edit_by_hand_and_takes_gammas_above_one(world, monkeypatch):
+    """Both editors at gamma 1 (sum 2) and one editor's transition up to gamma 2, as a conjunction."""
+    model, model_path, uris = world
+    calls = []
+
+    def recorded(model, start, editors, gammas, *args, **kwargs):
+        calls.append(list(gammas))
+        return generate_with_editors(model, start, editors, gammas, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "generate_with_editors", recorded)
+    common = ["--model", model_path, "--scenes", "3", "--forward-steps", "2", "--generative-steps", "2"]
+    both = bench.main(
+        [*uris, *common, "--weights", "1,1", "--combination-only", "--combination", "conjunction"]
+    )
+    alone = bench.main(
+        [uris[0], *common, "--gammas", "1", "2", "--combination", "conjunction", "--success-gamma", "2"]
+    )
+    # equal weights and the weighting; the transition; the success read
+    assert calls == [[0.5, 0.5], [1.0, 1.0], [1.0], [2.0], [2.0]]
+    editors = [load_editor(model, uri) for uri in uris]
+    settings = EditSettings.of(editors[0], forward_steps=2, generative_steps=2)
+    oracle = load_oracle()
+    scenes = bench.heldout_scenes(3, [("shape", "star"), ("color", "blue")])
+    start = bench.combination_start(model, scenes, settings)
+    edited = generate_with_editors(model, start, editors, [1.0, 1.0], settings, combination="conjunction")
+    _, probabilities = bench.oracle_readings(oracle, edited)
+    reading = both["combination_weights"]["1,1"]
+    assert reading["combination"] == "conjunction"
+    assert reading["per_editor_target_probability"]["color->blue"] == bench.mean_target_probability(
+        probabilities, "color", "blue"
+    )
+    scenes = bench.heldout_scenes(3, [("shape", "star")])
+    start = bench.combination_start(model, scenes, settings)
+    transition = alone["shape->star"]
+    for position, gamma in enumerate((1.0, 2.0)):
+        edited = generate_with_editors(
+            model, start, editors[:1], [gamma], settings, combination="conjunction"
+        )
+        names, probabilities = bench.oracle_readings(oracle, edited)
+        expected = bench.mean_target_probability(probabilities, "shape", "star")
+        assert transition["transition_target_probability"][position] == expected
+        assert transition["transition_success"][position] == float(
+            np.mean([n == "star" for n in names["shape"]])
+        )
+    assert transition["transition_target_probability"][0] != transition["transition_target_probability"][1]
+    assert (transition["success_gamma"], transition["success"]) == (2.0, transition["transition_success"][1])
+    kept = float(np.mean([n == s.objects[0].color for n, s in zip(names["color"], scenes, strict=True)]))
+    assert transition["kept_color"] == kept  # read at the success gamma, 2
+
+
 def test_weights_must_name_one_weight_per_editor(world):
     _, model_path, uris = world
     with pytest.raises(SystemExit):

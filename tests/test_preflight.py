@@ -220,6 +220,9 @@ def test_editor_weights_outside_eq_14s_range_and_sampled_editor_edits_are_refuse
             "window [300, 200] must be two timesteps, low then high",
         ),
         ({"editors": [{"uri": "a", "window": [300]}]}, "expected 2 items"),
+        ({"editors": [{"uri": "a", "gamma": -0.1}], "combination": "conjunction"}, "finite and >= 0"),
+        ({"combination": "conjunction"}, "combination applies to editors"),
+        ({"editors": [{"uri": "a"}], "combination": "and"}, "combination"),
     ]
     for index, (edit, named) in enumerate(cases):
         job = spec(tmp_path / str(index), edits=[{"target_class": "fox", **edit}])
@@ -229,6 +232,11 @@ def test_editor_weights_outside_eq_14s_range_and_sampled_editor_edits_are_refuse
     config = load_config(spec(tmp_path / "handover", edits=[{"target_class": "fox", "editors": handover}]))
     assert [ref.window for ref in config.edits[0].editors] == [(201, 999), (0, 200)]
     assert [ref.to_mapping()["window"] for ref in config.edits[0].editors] == [[201, 999], [0, 200]]
+    both = [{"uri": "a", "gamma": 1.0}, {"uri": "b", "gamma": 1.5}]
+    edit = {"target_class": "fox", "editors": both, "combination": "conjunction"}
+    config = load_config(spec(tmp_path / "conjunction", edits=[edit]))
+    assert config.edits[0].combination == "conjunction"
+    assert config.edits[0].to_mapping()["combination"] == "conjunction"
 
 
 def test_a_window_starting_after_the_models_last_timestep_is_refused_by_validate(tmp_path):

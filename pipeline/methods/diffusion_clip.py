@@ -50,6 +50,10 @@ Legend (papers/004; latent diffusion, so x is the VAE latent and images come fro
                           original model gets 1 - sum_i gamma_i(t): eq. 14 with piecewise-constant weights,
                           as the reference code's `hybrid_config` ({threshold: ratios}) sets them, e.g. one
                           editor on the early (large t) steps where the structure forms and another after
+    conjunction           eps = eps_theta + sum_i gamma_i(t) (eps_i - eps_theta): eq. 14's weights over (original,
+                          editors) with the original's 1 - sum_i gamma_i(t) allowed below 0, so that each
+                          editor's change applies in full instead of being shared out; the AND of Composable
+                          Diffusion (Liu et al., ECCV 2022) in noise space, not in the DiffusionCLIP paper
 """
 
 from __future__ import annotations
@@ -418,27 +422,40 @@ def transition_gammas(gamma: float) -> GammaSchedule:
     return constant_gammas((1.0 - gamma, gamma))
 
 
+Combination = Literal["convex", "conjunction"]
+
+
 def windowed_gammas(
-    gammas: Sequence[float], windows: Sequence[Window], num_train_timesteps: int = 1000
+    gammas: Sequence[float],
+    windows: Sequence[Window],
+    num_train_timesteps: int = 1000,
+    combination: Combination = "convex",
 ) -> GammaSchedule:
     """Weights (original model, editor 1, ..., editor M) at t: editor i weighs gamma_i inside its window
     [low_i, high_i] and 0 outside; the original model gets the rest, 1 - sum_i gamma_i(t) (eq. 14).
 
     Args:
-        gammas: M weights in [0, 1].
+        gammas: M weights, in [0, 1] for "convex", >= 0 for "conjunction".
         windows: M inclusive timestep windows (low, high), 0 <= low <= high; a high of T or more runs to
             the last timestep T - 1.
         num_train_timesteps: the scheduler's T; every t in [0, T) is checked.
+        combination: "convex" (eq. 14: the editors active at t weigh at most 1 together, the original
+            model's share stays in [0, 1]) or "conjunction" (any sum; the original's share may be
+            negative: eps_theta + sum_i gamma_i(t) (eps_i - eps_theta)).
 
     Raises:
-        ValueError: counts differ, a weight or window is out of range, or at some t the editors active
-            there weigh more than 1 together.
+        ValueError: counts differ, a weight or window is out of range, or, when convex, at some t the
+            editors active there weigh more than 1 together.
     """
     if len(gammas) != len(windows):
         raise ValueError(f"need one window per editor: {len(gammas)} gammas, {len(windows)} windows")
+    if combination not in ("convex", "conjunction"):
+        raise ValueError(f"combination={combination!r} must be 'convex' or 'conjunction'")
     for gamma, (low, high) in zip(gammas, windows, strict=True):
-        if not 0.0 <= gamma <= 1.0:
+        if combination == "convex" and not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma={gamma} must be in [0, 1]")
+        if not 0.0 <= gamma < float("inf"):
+            raise ValueError(f"gamma={gamma} must be finite and >= 0")
         if not 0 <= low <= high or low >= num_train_timesteps:
             raise ValueError(
                 f"window [{low}, {high}] must satisfy 0 <= low <= high, low < {num_train_timesteps}"
@@ -447,14 +464,14 @@ def windowed_gammas(
     for index, (gamma, (low, high)) in enumerate(zip(gammas, windows, strict=True), start=1):
         table[low : min(high, num_train_timesteps - 1) + 1, index] = float(gamma)
     worst, heaviest = heaviest_timestep(gammas, windows)
-    if heaviest > 1.0 + 1e-6:
+    if combination == "convex" and heaviest > 1.0 + 1e-6:
         raise ValueError(
-            f"the editors active at t={worst} weigh {heaviest:.6g} together; "
-            "at every t their gammas must sum to at most 1"
+            f"the editors active at t={worst} weigh {heaviest:.6g} together; at every t their gammas must "
+            "sum to at most 1 (or combine them as a conjunction)"
         )
     editors_total = table[:, 1:].sum(1)
     # Rounding (0.7 + 0.3) must not leave the original model a weight of 1e-16 and so an extra UNet call.
     rest = 1.0 - editors_total
-    table[:, 0] = torch.where(rest > 1e-9, rest, torch.zeros_like(rest))
+    table[:, 0] = torch.where(rest.abs() > 1e-9, rest, torch.zeros_like(rest))
     rows = [tuple(float(w) for w in row) for row in table.tolist()]
     return lambda timestep: rows[timestep]

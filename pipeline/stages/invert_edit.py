@@ -508,13 +508,14 @@ class InvertEditActor:
         edit by edit so only the failing edit gets its "edit" failure."""
         groups: dict[tuple, list[EditJob]] = {}
         for job in jobs:
-            groups.setdefault(job.plan.editors, []).append(job)
-        for refs, group in groups.items():
+            groups.setdefault((job.plan.editors, job.plan.editor_combination), []).append(job)
+        for (refs, mode), group in groups.items():
             combination = EditorCombination(
                 editors=[self.editors[ref.uri] for ref in refs],
                 gammas=[ref.gamma for ref in refs],
                 windows=[ref.window for ref in refs],
                 reference=next((ref.reference for ref in refs if ref.reference is not None), None),
+                mode=mode,
             )
             for start in range(0, len(group), self.edit_batch_size):
                 chunk = group[start : start + self.edit_batch_size]
@@ -542,6 +543,7 @@ class InvertEditActor:
             combination.gammas,
             reference=None if reference is None else self._reference(reference),
             windows=combination.windows,
+            combination=combination.mode,
         )
         seconds = (time.perf_counter() - started) / len(chunk)
         versions = {editor.uri: editor.version for editor in editors}
@@ -558,13 +560,14 @@ class InvertEditActor:
 
 @dataclass(frozen=True)
 class EditorCombination:
-    """The loaded editors of one edit, their weights, their timestep windows (None = every step) and the
-    ZIP reference URI (None = the encoder's own)."""
+    """The loaded editors of one edit, their weights, their timestep windows (None = every step), the
+    ZIP reference URI (None = the encoder's own) and how the editors' noises combine."""
 
     editors: list
     gammas: list[float]
     windows: list[tuple[int, int] | None]
     reference: str | None
+    mode: str = "convex"
 
 
 def _gpu_peak_bytes(device: torch.device) -> float:

@@ -40,6 +40,7 @@ class PlannedEdit:
         sample_temperature: the stochastic sample's temperature; None for a deterministic edit.
         sample_group: id shared by all samples of one edit spec of one source (None when deterministic).
         editors: the trained editors that make this edit (empty: a Prompt-to-Prompt edit of the inversion).
+        editor_combination: how the editors' noises combine ("convex" or "conjunction", `EditSpec`).
         embedding_vae: URI of the conditional-embedding VAE that samples this edit's C'' (cond_vae), or None.
     """
 
@@ -56,6 +57,7 @@ class PlannedEdit:
     sample_temperature: float | None = None
     sample_group: str | None = None
     editors: tuple[EditorRef, ...] = ()
+    editor_combination: str = "convex"
     embedding_vae: str | None = None
 
 
@@ -187,6 +189,7 @@ def plan_edits(
                     sample_temperature=spec.temperature if stochastic else None,
                     sample_group=group,
                     editors=spec.editors,
+                    editor_combination=spec.combination,
                     embedding_vae=spec.vae,
                 )
             )
@@ -210,6 +213,7 @@ def _params(
             "edit": spec.name or spec.target_class,
             "method": "diffusion_clip",
             "editors": to_dict(spec.editors),
+            **({"combination": spec.combination} if spec.combination != "convex" else {}),
             "metrics": backbones,
         }
     return {

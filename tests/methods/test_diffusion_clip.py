@@ -311,6 +311,40 @@ def test_windowed_weights_refuse_overlaps_above_one_and_bad_windows():
             dc.windowed_gammas((0.5,), (window,))
 
 
+def test_a_conjunction_adds_each_editors_change_from_the_original_in_full():
+    """eps_theta + sum_i gamma_i(t) (eps_i - eps_theta), computed directly, against the schedule's weights
+    over (original, editors): the original's share goes negative and windows still apply."""
+    base, first, second = (
+        (lambda x, t: x * 0.1),
+        (lambda x, t: torch.sin(x)),
+        (lambda x, t: torch.cos(x) * t / 500),
+    )
+    schedule = dc.windowed_gammas((1.0, 0.7), (dc.ALL_STEPS, (0, 249)), combination="conjunction")
+    assert tuple(schedule(100)) == pytest.approx((-0.7, 1.0, 0.7))
+    assert tuple(schedule(300)) == (0.0, 1.0, 0.0)  # 1 - 1 exactly: no UNet call of the original
+    combined = dc.combined_noise_fn([base, first, second], schedule)
+    latents = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    for timestep, second_weight in ((100, 0.7), (300, 0.0)):
+        expected = base(latents, timestep) + 1.0 * (first(latents, timestep) - base(latents, timestep))
+        expected = expected + second_weight * (second(latents, timestep) - base(latents, timestep))
+        torch.testing.assert_close(combined(latents, timestep), expected)
+
+
+def test_a_conjunction_takes_any_weights_at_or_above_zero_and_convex_stays_the_default():
+    assert tuple(dc.windowed_gammas((1.5, 1.0), (dc.ALL_STEPS,) * 2, combination="conjunction")(0)) == (
+        -1.5,
+        1.5,
+        1.0,
+    )
+    with pytest.raises(ValueError, match="weigh 2 together"):
+        dc.windowed_gammas((1.0, 1.0), (dc.ALL_STEPS,) * 2)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            dc.windowed_gammas((bad,), (dc.ALL_STEPS,), combination="conjunction")
+    with pytest.raises(ValueError, match="'convex' or 'conjunction'"):
+        dc.windowed_gammas((0.5,), (dc.ALL_STEPS,), combination="sum")
+
+
 def test_a_windowed_generation_hands_over_from_one_editor_to_the_other(tiny_sd):
     """Editor 1 on the steps with t >= 250, editor 2 below: the same as generating with editor 1 down to
     the handover level and continuing from there with editor 2 alone."""

@@ -434,6 +434,45 @@ def test_editors_with_timestep_windows_hand_over_as_edit_with_editors_does_and_r
         assert not np.array_equal(output["edit_images"][row][0], star_only[row].numpy())  # blue took a step
 
 
+def test_a_conjunction_of_editors_adds_both_editors_in_full_as_edit_with_editors_does_and_says_so(
+    tiny_sd_path, tiny_sd, images, prompts, tmp_path
+):
+    """Star and blue at gamma 1 each (the base model at -1, which eq. 14's convex weights refuse) beside
+    the star editor alone: each equals edit_with_editors by hand, and only the conjunction records it."""
+    from editor_artefact import write_perturbed_editor
+
+    from pipeline.config import EditorRef
+    from pipeline.editors import edit_with_editors, load_editor
+
+    star, blue = str(tmp_path / "star"), str(tmp_path / "blue")
+    write_perturbed_editor(tiny_sd, star, 1)
+    write_perturbed_editor(tiny_sd, blue, 2)
+    both = (EditorRef(star, 1.0), EditorRef(blue, 1.0))
+    specs = (
+        EditSpec(target_class="triangle", editors=both[:1]),
+        EditSpec(
+            target_class="square", source_classes=("circle", "star"), editors=both, combination="conjunction"
+        ),
+    )
+    inversion = JobInversionConfig.of(method="ddim", num_steps=3)
+    actor = InvertEditActor(tiny_sd_path, "cpu", "float32", inversion, specs, MetricsConfig(), 8)
+    output = actor(source_batch(images, prompts))
+    loaded = [load_editor(tiny_sd, uri) for uri in (star, blue)]
+    by_hand = {
+        "triangle": edit_with_editors(tiny_sd, images[:2], loaded[:1], [1.0]),
+        "square": edit_with_editors(tiny_sd, images[:2], loaded, [1.0, 1.0], combination="conjunction"),
+    }
+    assert not np.array_equal(by_hand["triangle"].numpy(), by_hand["square"].numpy())
+    for row in range(2):  # the two rows (circle, star) that both edits apply to
+        records = json.loads(output["edits_json"][row])
+        assert sorted(record["target_class"] for record in records) == ["square", "triangle"]
+        for position, record in enumerate(records):
+            expected = by_hand[record["target_class"]][row].numpy()
+            assert np.array_equal(output["edit_images"][row][position], expected)
+            combination = json.loads(record["params"]).get("combination")
+            assert combination == ("conjunction" if record["target_class"] == "square" else None)
+
+
 def test_zip_encoder_edits_equal_edit_with_zip_by_hand_with_and_without_a_user_reference(
     tiny_sd_path, tiny_sd, images, prompts, tmp_path
 ):

@@ -102,7 +102,7 @@ def test_deterministic_edits_keep_the_ids_and_params_they_had_before_samples_and
     legacy_spec = {
         key: value
         for key, value in to_dict(dataclasses.asdict(FOX)).items()
-        if key not in ("samples", "stochastic", "temperature", "vae", "editors")
+        if key not in ("samples", "stochastic", "temperature", "vae", "editors", "combination")
     }
     legacy_spec["control"] = to_dict(FOX.control)
     for plan, seed in zip(planned, (0, 1), strict=True):
