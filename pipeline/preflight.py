@@ -317,7 +317,7 @@ def editor_problems(config: JobConfig) -> list[str]:
     lines = [f"edits.editors: {problems[uri]}" for uri in uris if uri in problems]
     kinds = {uri: manifest["kind"] for uri, manifest in manifests.items()}
     for index, spec in enumerate(config.edits):
-        lines += _zip_edit_problems(f"edits[{index}].editors", spec.editors, kinds)
+        lines += _zip_edit_problems(f"edits[{index}].editors", spec.editors, kinds, spec.combination)
     return lines + _window_problems(config)
 
 
@@ -437,12 +437,17 @@ def _artefact_problems(
     return problems, manifests
 
 
-def _zip_edit_problems(where: str, editors, kinds: dict[str, str]) -> list[str]:
-    """A ZIP encoder combined with other editors; a reference on a non-ZIP editor or one that is missing."""
+def _zip_edit_problems(where: str, editors, kinds: dict[str, str], combination: str = "convex") -> list[str]:
+    """A ZIP encoder combined with other editors or as a conjunction; a reference on a non-ZIP editor or
+    one that is missing."""
     lines = []
     zip_refs = [ref for ref in editors if kinds.get(ref.uri) == ZIP_ENCODER_KIND]
     if zip_refs and len(editors) > 1:
         lines.append(f"{where}: ZIP encoder {zip_refs[0].uri!r} edits alone; give it an edit of its own")
+    elif zip_refs and combination != "convex":
+        lines.append(
+            f"{where}: ZIP encoder {zip_refs[0].uri!r} takes no combination; leave out combination: {combination}"
+        )
     for ref in editors:
         if ref.reference is None:
             continue

@@ -193,14 +193,16 @@ def test_a_zip_encoder_edits_alone_and_only_it_takes_a_reference_that_exists(tmp
         },
         {"target_class": "fox", "editors": [{"uri": clip_editor, "reference": str(reference)}]},
         {"target_class": "fox", "editors": [{"uri": encoder, "reference": str(tmp_path / "missing.png")}]},
+        {"target_class": "fox", "editors": [{"uri": encoder}], "combination": "conjunction"},
     ]
     job = spec(tmp_path, **{"model.path": tiny_sd_path, "edits": edits})
     result = runner.invoke(app, ["validate", str(job)])
     problems = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(problems) == 3, result.output
+    assert result.exit_code == 2 and len(problems) == 4, result.output
     assert "edits[0].editors" in problems[0] and "edits alone" in problems[0]
     assert "edits[1].editors" in problems[1] and "steers ZIP encoders only" in problems[1]
     assert "edits[2].editors" in problems[2] and "does not exist" in problems[2]
+    assert "edits[3].editors" in problems[3] and "takes no combination" in problems[3]
     good = [{"target_class": "fox", "editors": [{"uri": encoder, "reference": str(reference)}]}]
     good_job = spec(tmp_path / "good", **{"model.path": tiny_sd_path, "edits": good})
     assert runner.invoke(app, ["validate", str(good_job)]).exit_code == 0
