@@ -85,16 +85,20 @@ def evaluate(
     report = {"forward_seconds": round(time.perf_counter() - started, 1)}
     for editor in editors:
         attribute, value = editor.config["data"]["attribute"], editor.config["data"]["value"]
-        curve, hits = [], []
+        curve, hits, success_names = [], [], None
         for gamma in gammas:
             edited = generate_with_editors(model, start, [editor], [gamma], settings, combination=combination)
             names, probabilities = oracle_readings(oracle, edited)
             curve.append(mean_target_probability(probabilities, attribute, value))
             hits.append(float(np.mean([name == value for name in names[attribute]])))
-        edited = generate_with_editors(
-            model, start, [editor], [success_gamma], settings, combination=combination
-        )
-        names, _ = oracle_readings(oracle, edited)
+            if gamma == success_gamma:  # the success reading is this one: not generated again
+                success_names = names
+        if success_names is None:
+            edited = generate_with_editors(
+                model, start, [editor], [success_gamma], settings, combination=combination
+            )
+            success_names, _ = oracle_readings(oracle, edited)
+        names = success_names
         kept = {
             f"kept_{head}": float(
                 np.mean([n == _value(s, head) for n, s in zip(names[head], scenes, strict=True)])

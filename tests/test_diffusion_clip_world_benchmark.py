@@ -74,8 +74,8 @@ def test_a_conjunction_reads_as_edit_by_hand_and_takes_gammas_above_one(world, m
     alone = bench.main(
         [uris[0], *common, "--gammas", "1", "2", "--combination", "conjunction", "--success-gamma", "2"]
     )
-    # equal weights and the weighting; the transition; the success read
-    assert calls == [[0.5, 0.5], [1.0, 1.0], [1.0], [2.0], [2.0]]
+    # equal weights and the weighting; the transition, whose gamma-2 reading is the success read
+    assert calls == [[0.5, 0.5], [1.0, 1.0], [1.0], [2.0]]
     editors = [load_editor(model, uri) for uri in uris]
     settings = EditSettings.of(editors[0], forward_steps=2, generative_steps=2)
     oracle = load_oracle()
@@ -105,6 +105,15 @@ def test_a_conjunction_reads_as_edit_by_hand_and_takes_gammas_above_one(world, m
     assert (transition["success_gamma"], transition["success"]) == (2.0, transition["transition_success"][1])
     kept = float(np.mean([n == s.objects[0].color for n, s in zip(names["color"], scenes, strict=True)]))
     assert transition["kept_color"] == kept  # read at the success gamma, 2
+    calls.clear()  # a success gamma outside the transition is generated on its own
+    apart = bench.main(
+        [uris[0], *common, "--gammas", "1", "--combination", "conjunction", "--success-gamma", "2"]
+    )
+    assert calls == [[1.0], [2.0]]
+    assert (apart["shape->star"]["success"], apart["shape->star"]["kept_color"]) == (
+        transition["success"],
+        transition["kept_color"],
+    )
 
 
 def test_weights_must_name_one_weight_per_editor(world):
