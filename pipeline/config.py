@@ -24,7 +24,7 @@ import yaml
 
 from pipeline.diffusion.control import AttentionControl
 from pipeline.methods import InversionConfig, UnknownMethodError, get_method
-from pipeline.methods.editor_windows import ALL_STEPS, heaviest_timestep
+from pipeline.methods.editor_windows import ALL_STEPS, Combination, check_weights
 
 
 class ConfigError(ValueError):
@@ -161,12 +161,6 @@ class EditorRef:
         return mapping
 
 
-def most_weight_at_once(editors: tuple[EditorRef, ...]) -> float:
-    """The largest sum of the editors' gammas active at one timestep (windows None = every step)."""
-    windows = [editor.window or ALL_STEPS for editor in editors]
-    return heaviest_timestep([editor.gamma for editor in editors], windows)[1]
-
-
 @dataclass(frozen=True)
 class EditSpec:
     """One entry of the edit plan.
@@ -212,25 +206,18 @@ class EditSpec:
     temperature: float = 1.0
     vae: str | None = None
     editors: tuple[EditorRef, ...] = ()
-    combination: Literal["convex", "conjunction"] = "convex"
+    combination: Combination = "convex"
 
     def __post_init__(self) -> None:
         if not self.editors:
             if self.combination != "convex":
                 raise ValueError("combination applies to editors: give editors or leave combination out")
             return
-        gammas = [editor.gamma for editor in self.editors]
-        if self.combination == "conjunction":
-            if any(not 0.0 <= gamma < float("inf") for gamma in gammas):
-                raise ValueError(f"editors' gammas {gammas} must be finite and >= 0 in a conjunction")
-        elif (
-            any(not 0.0 <= gamma <= 1.0 for gamma in gammas) or most_weight_at_once(self.editors) > 1.0 + 1e-6
-        ):
-            raise ValueError(
-                f"editors' gammas {gammas} must each lie in [0, 1] and sum to at most 1 "
-                "(where windows are given: at every timestep, over the editors active there), "
-                "or set combination: conjunction to add each editor's change in full"
-            )
+        check_weights(
+            [editor.gamma for editor in self.editors],
+            [editor.window or ALL_STEPS for editor in self.editors],
+            self.combination,
+        )
         if self.stochastic is not None or self.samples != 1 or len(self.seeds) != 1:
             raise ValueError(
                 "an edit with editors is deterministic: leave out stochastic and samples and give one seed"

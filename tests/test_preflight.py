@@ -215,7 +215,7 @@ def test_editor_weights_outside_eq_14s_range_and_sampled_editor_edits_are_refuse
         ({"editors": [{"uri": "a"}], "seeds": [0, 1]}, "give one seed"),
         (
             {"editors": [{"uri": "a", "window": [200, 999]}, {"uri": "b", "gamma": 0.5, "window": [0, 200]}]},
-            "at every timestep, over the editors active there",
+            "the editors active at t=200 weigh 1.5 together",
         ),
         (
             {"editors": [{"uri": "a", "window": [300, 200]}]},

@@ -70,8 +70,9 @@ from pipeline.diffusion.ddim import ddim_move
 
 # Re-exported: callers name windows as dc.Window and dc.ALL_STEPS.
 from pipeline.methods.editor_windows import ALL_STEPS as ALL_STEPS
+from pipeline.methods.editor_windows import Combination as Combination
 from pipeline.methods.editor_windows import Window as Window
-from pipeline.methods.editor_windows import heaviest_timestep
+from pipeline.methods.editor_windows import check_weights
 
 # eps_theta(x_t, t) -> (B, C, h, w); the caller binds the UNet and the conditioning.
 NoiseFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -422,9 +423,6 @@ def transition_gammas(gamma: float) -> GammaSchedule:
     return constant_gammas((1.0 - gamma, gamma))
 
 
-Combination = Literal["convex", "conjunction"]
-
-
 def windowed_gammas(
     gammas: Sequence[float],
     windows: Sequence[Window],
@@ -447,15 +445,8 @@ def windowed_gammas(
         ValueError: counts differ, a weight or window is out of range, or, when convex, at some t the
             editors active there weigh more than 1 together.
     """
-    if len(gammas) != len(windows):
-        raise ValueError(f"need one window per editor: {len(gammas)} gammas, {len(windows)} windows")
-    if combination not in ("convex", "conjunction"):
-        raise ValueError(f"combination={combination!r} must be 'convex' or 'conjunction'")
-    for gamma, (low, high) in zip(gammas, windows, strict=True):
-        if combination == "convex" and not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma={gamma} must be in [0, 1]")
-        if not 0.0 <= gamma < float("inf"):
-            raise ValueError(f"gamma={gamma} must be finite and >= 0")
+    check_weights(gammas, windows, combination)
+    for low, high in windows:
         if not 0 <= low <= high or low >= num_train_timesteps:
             raise ValueError(
                 f"window [{low}, {high}] must satisfy 0 <= low <= high, low < {num_train_timesteps}"
@@ -463,12 +454,6 @@ def windowed_gammas(
     table = torch.zeros(num_train_timesteps, len(gammas) + 1, dtype=torch.float64)
     for index, (gamma, (low, high)) in enumerate(zip(gammas, windows, strict=True), start=1):
         table[low : min(high, num_train_timesteps - 1) + 1, index] = float(gamma)
-    worst, heaviest = heaviest_timestep(gammas, windows)
-    if combination == "convex" and heaviest > 1.0 + 1e-6:
-        raise ValueError(
-            f"the editors active at t={worst} weigh {heaviest:.6g} together; at every t their gammas must "
-            "sum to at most 1 (or combine them as a conjunction)"
-        )
     editors_total = table[:, 1:].sum(1)
     # Rounding (0.7 + 0.3) must not leave the original model a weight of 1e-16 and so an extra UNet call.
     rest = 1.0 - editors_total

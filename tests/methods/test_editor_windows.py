@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from pipeline.methods.editor_windows import ALL_STEPS, heaviest_timestep
+from pipeline.methods.editor_windows import ALL_STEPS, check_weights, heaviest_timestep
 
 
 def brute_force_heaviest(gammas, windows, timesteps=1200):
@@ -41,3 +41,33 @@ def test_touching_windows_do_not_overlap_and_shared_timesteps_do():
 def test_a_window_per_editor_is_required():
     with pytest.raises(ValueError, match="one window per editor"):
         heaviest_timestep((0.5, 0.5), (ALL_STEPS,))
+
+
+@pytest.mark.parametrize(
+    ("gammas", "windows", "combination", "message"),
+    [
+        ((0.7, 0.6), (ALL_STEPS, ALL_STEPS), "convex", r"active at t=0 weigh 1\.3 together"),
+        ((0.6, 0.6), ((200, 999), (0, 200)), "convex", r"active at t=200 weigh 1\.2 together"),
+        ((1.5,), (ALL_STEPS,), "convex", r"must each lie in \[0, 1\]"),
+        ((-0.1,), (ALL_STEPS,), "convex", r"must each lie in \[0, 1\]"),
+        ((float("nan"),), (ALL_STEPS,), "convex", r"must each lie in \[0, 1\]"),
+        ((2.0, -0.1), (ALL_STEPS, ALL_STEPS), "conjunction", "finite and >= 0 in a conjunction"),
+        ((float("nan"),), (ALL_STEPS,), "conjunction", "finite and >= 0 in a conjunction"),
+        ((float("inf"),), (ALL_STEPS,), "conjunction", "finite and >= 0 in a conjunction"),
+        ((0.5,), (ALL_STEPS,), "sum", "must be one of"),
+        ((0.5, 0.5), (ALL_STEPS,), "conjunction", "one window per editor"),
+    ],
+)
+def test_weights_that_do_not_suit_the_combination_are_refused(gammas, windows, combination, message):
+    with pytest.raises(ValueError, match=message):
+        check_weights(gammas, windows, combination)
+
+
+def test_weights_that_suit_the_combination_pass():
+    # Convex: each in [0, 1] and at most 1 at any one timestep (disjoint windows may each weigh 1).
+    check_weights((0.7, 0.3), (ALL_STEPS, ALL_STEPS), "convex")
+    check_weights((1.0, 1.0), ((201, 999), (0, 200)), "convex")
+    check_weights((0.33, 0.56, 0.11), (ALL_STEPS,) * 3, "convex")  # sums to 1.0000000000000002
+    # Conjunction: any finite non-negative weights, whatever their sum.
+    check_weights((2.0, 1.0, 0.0), (ALL_STEPS,) * 3, "conjunction")
+    check_weights((), (), "convex")
