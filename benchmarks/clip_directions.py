@@ -1,7 +1,7 @@
 """Which image changes a CLIP's text direction rewards: the direction loss's view of true counterfactuals.
 
     python -m benchmarks.clip_directions [--scenes 64] [--attribute shape] [--value star] [--keep color]
-        [--clip-weights pipeline/world/assets/shapes_clip_guide.safetensors]
+        [--clip-weights pipeline/world/assets/shapes_clip_guide.safetensors] [--clip-config ARCHITECTURE.json]
 
 DiffusionCLIP's and ZIP's direction loss (papers/004 eq. 9) pulls the image direction
 ΔI = E_I(edit) - E_I(source) towards the text direction ΔT. For held-out one-object scenes (seeds from
@@ -17,9 +17,9 @@ The training images (seeds from 0) give the kept directions and the mean ΔT, as
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,9 +37,7 @@ from pipeline.training.diffusion_clip import (
 )
 from pipeline.training.world_clip import resize_first_object, wobbly_image
 from pipeline.world import generator
-from pipeline.world.clip_model import SHAPES_CLIP_CONFIG, SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS
-
-SHAPES_CLIP = ClipSpec(SHAPES_CLIP_NAME, str(SHAPES_CLIP_WEIGHTS), str(SHAPES_CLIP_CONFIG))
+from pipeline.world.clip_model import SHAPES_CLIP_CONFIG, SHAPES_CLIP_WEIGHTS
 
 
 def image_embeddings(clip, images: list[np.ndarray]) -> torch.Tensor:
@@ -84,11 +82,17 @@ def main() -> None:
     parser.add_argument("--keep", nargs="*", default=["color"])
     parser.add_argument("--output", default=None, help="write the table as JSON here")
     parser.add_argument(
-        "--clip-weights", default=str(SHAPES_CLIP_WEIGHTS), help="weights of the shapes CLIP architecture"
+        "--clip-weights", default=str(SHAPES_CLIP_WEIGHTS), help="weights of the CLIP architecture"
+    )
+    parser.add_argument(
+        "--clip-config",
+        default=str(SHAPES_CLIP_CONFIG),
+        help="the weights' open_clip architecture (a JSON config, registered under its file stem)",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
-    clip = load_clip(dataclasses.replace(SHAPES_CLIP, pretrained=args.clip_weights), torch.device("cpu"))
+    spec = ClipSpec(Path(args.clip_config).stem, args.clip_weights, args.clip_config)
+    clip = load_clip(spec, torch.device("cpu"))
     _, captions, counterfactuals = world_training_texts(WorldData(args.scenes, args.attribute, args.value, 0))
     kept = kept_directions(clip, captions, tuple(args.keep), ())
     mean_direction = text_directions(clip, captions, counterfactuals, "mean")[:1]
@@ -128,6 +132,7 @@ def main() -> None:
                     "scenes": args.scenes,
                     "keep": args.keep,
                     "clip_weights": os.path.relpath(args.clip_weights),
+                    "clip_config": os.path.relpath(args.clip_config),
                     "cosines": table,
                 },
                 file,

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from pipeline.metrics.clip import register_model_config
 from pipeline.training.loop import Budget, MetricsLog, optimize, seed_everything, training_device
 from pipeline.training.world_config import ClipConfig, TrainConfig
 from pipeline.training.world_data import SceneSet, heldout_scenes, training_scenes
 from pipeline.world import generator
 from pipeline.world.clip_model import (
     SHAPES_CLIP_GUIDE_WEIGHTS,
-    SHAPES_CLIP_NAME,
     SHAPES_CLIP_WEIGHTS,
     register_shapes_clip,
 )
@@ -61,10 +61,10 @@ def train_contrastive(config: TrainConfig, clip: ClipConfig, weights_name: str, 
     """
     rng = seed_everything(config.seed + CLIP_SEED_OFFSET)
     data = training_scenes(config)
-    register_shapes_clip()
+    architecture = clip_architecture(clip)
     device = training_device()
-    model, _, _ = open_clip.create_model_and_transforms(SHAPES_CLIP_NAME, device=device)
-    tokenizer = open_clip.get_tokenizer(SHAPES_CLIP_NAME)
+    model, _, _ = open_clip.create_model_and_transforms(architecture, device=device)
+    tokenizer = open_clip.get_tokenizer(architecture)
     tokens = tokenizer(data.captions)
     normalize = clip_normalizer(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=clip.lr, weight_decay=0.05)
@@ -119,9 +119,17 @@ def train_contrastive(config: TrainConfig, clip: ClipConfig, weights_name: str, 
     MetricsLog(config.output).record(
         record,
         {"steps": budget.step, "wall_s": round(budget.elapsed), "counterfactual_fraction": clip.counterfactual_fraction,
-         "resized_fraction": clip.resized_fraction, "wobbly_fraction": clip.wobbly_fraction, **accuracy},
+         "resized_fraction": clip.resized_fraction, "wobbly_fraction": clip.wobbly_fraction,
+         "architecture": architecture, **accuracy},
     )  # fmt: skip
     return model
+
+
+def clip_architecture(clip: ClipConfig) -> str:
+    """Register the stage's open_clip architecture and return its name (the shipped one by default)."""
+    if clip.architecture is None:
+        return register_shapes_clip()
+    return register_model_config(clip.architecture)
 
 
 def contrastive_loss(logits: torch.Tensor, captions: list[str]) -> torch.Tensor:

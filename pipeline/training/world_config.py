@@ -149,6 +149,9 @@ class ClipConfig:
             outline bent by smooth low-order harmonics and its colour mottled, under the same caption:
             positives that teach the model that a dented, blotchy triangle is still a triangle (0 for the
             shipped CLIPs).
+        architecture: an open_clip model config JSON (registered under its file stem) to train instead
+            of the shipped `shapes-clip-vit-tiny`, e.g. a finer patch grid; editors name the same file as
+            their `clip.model_config`.
     """
 
     steps: int
@@ -158,6 +161,7 @@ class ClipConfig:
     counterfactual_fraction: float = 0.0
     resized_fraction: float = 0.0
     wobbly_fraction: float = 0.0
+    architecture: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("counterfactual_fraction", "resized_fraction", "wobbly_fraction"):

@@ -11,6 +11,7 @@ from pipeline.config import ConfigError
 from pipeline.training import world_clip
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.world import generator
+from pipeline.world.clip_model import SHAPES_CLIP_CONFIG
 
 
 def _config(tmp_path, section="clip", **clip):
@@ -198,3 +199,30 @@ def test_the_guide_stage_enters_wobbly_positives_under_their_own_captions(tmp_pa
     assert captions[8:] == captions[:2]  # the first two scenes again, bent and mottled, same captions
     with pytest.raises(ConfigError, match="wobbly_fraction"):
         _config(tmp_path, wobbly_fraction=-0.1)
+
+
+def test_a_stage_trains_the_architecture_its_config_names_and_editors_load_it(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.training.diffusion_clip import ClipSpec, load_clip
+
+    shipped = json.loads(SHAPES_CLIP_CONFIG.read_text())
+    finer = {**shipped, "vision_cfg": {**shipped["vision_cfg"], "patch_size": 4}}
+    architecture = tmp_path / "shapes-clip-test-p4.json"
+    architecture.write_text(json.dumps(finer))
+    config = _config(tmp_path, section="clip_guide", steps=1, architecture=str(architecture))
+    world_clip.train_clip_guide(config)
+    metrics = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
+    assert metrics["clip_guide"]["architecture"] == "shapes-clip-test-p4"
+    weights = tmp_path / "out" / "shapes_clip_guide.safetensors"
+    # A 4-pixel patch embedding: (width, 3, 4, 4), not the shipped (width, 3, 8, 8).
+    assert load_file(weights)["visual.conv1.weight"].shape == (shipped["vision_cfg"]["width"], 3, 4, 4)
+    clip = load_clip(ClipSpec("shapes-clip-test-p4", str(weights), str(architecture)), torch.device("cpu"))
+    embeddings = clip.image_embeddings(torch.rand(2, 3, 64, 64))
+    assert embeddings.shape == (2, shipped["embed_dim"]) and torch.isfinite(embeddings).all()
+
+
+def test_an_architecture_file_that_is_missing_is_named(tmp_path):
+    config = _config(tmp_path, section="clip_guide", steps=1, architecture=str(tmp_path / "nowhere.json"))
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        world_clip.train_clip_guide(config)
