@@ -1,6 +1,7 @@
 """The clip stage: its contrastive loss, its counterfactual hard negatives, and a short run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -12,6 +13,8 @@ from pipeline.training import world_clip
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.world import generator
 from pipeline.world.clip_model import SHAPES_CLIP_CONFIG
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path, section="clip", **clip):
@@ -226,3 +229,13 @@ def test_an_architecture_file_that_is_missing_is_named(tmp_path):
     config = _config(tmp_path, section="clip_guide", steps=1, architecture=str(tmp_path / "nowhere.json"))
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         world_clip.train_clip_guide(config)
+
+
+def test_the_finer_patch_architecture_in_jobs_is_the_shipped_one_with_4_pixel_patches():
+    from pipeline.metrics.clip import register_model_config
+
+    path = ROOT / "jobs" / "architectures" / "shapes-clip-vit-tiny-p4.json"
+    finer, shipped = json.loads(path.read_text()), json.loads(SHAPES_CLIP_CONFIG.read_text())
+    assert register_model_config(path) == "shapes-clip-vit-tiny-p4"
+    assert finer["vision_cfg"].pop("patch_size") == 4 and shipped["vision_cfg"].pop("patch_size") == 8
+    assert finer == shipped
