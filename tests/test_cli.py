@@ -115,7 +115,7 @@ def token_cluster():
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 240  # a loaded 2-core machine can take over 2 minutes
         while time.time() < deadline:
             probe = subprocess.run(
                 [
