@@ -19,6 +19,7 @@ import fsspec
 from pipeline.config import JobConfig, MetricsConfig, ResourcesConfig, StageResources
 from pipeline.errors import JobError
 from pipeline.factories import factory_problem
+from pipeline.methods.editor_windows import Combination
 from pipeline.stages.read import expand_shards
 from pipeline.training.artefact import (
     COND_VAE_KIND,
@@ -437,7 +438,7 @@ def _artefact_problems(
     return problems, manifests
 
 
-def _zip_edit_problems(where: str, editors, kinds: dict[str, str], combination: str = "convex") -> list[str]:
+def _zip_edit_problems(where: str, editors, kinds: dict[str, str], combination: Combination) -> list[str]:
     """A ZIP encoder combined with other editors or as a conjunction; a reference on a non-ZIP editor or
     one that is missing."""
     lines = []
