@@ -35,6 +35,11 @@ Legend (papers/004; latent diffusion, so x is the VAE latent and images come fro
     views                 optional (not in the paper): L_direction averaged over V shifted / mirrored views
                           of x^0 and x_0, the same V for both (reflect-padded crops), so that the editor
                           cannot satisfy the CLIP with patterns tied to its patch grid
+    ensemble              optional (not in the paper): L_direction averaged over K CLIPs, each with its own
+                          E_I, E_T and ΔT of the same texts, so that a change which one CLIP mistakes for
+                          the attribute (its shortcut) is rewarded only as far as the others agree; rows of
+                          the K members are stacked member-major, zero-padded to the widest embedding
+                          (`member_rows`), which leaves every cosine of eq. 9 that member's own
     L_id                  eq. 11: lambda_L1 ||x_0 - x^0||_1 (mean absolute error of images in [-1, 1];
                           the face-identity term is not used)
     loss                  eq. 10: L_direction + L_id
@@ -210,6 +215,29 @@ def without_kept_directions(
     _, singular_values, right_vectors = torch.linalg.svd(kept_directions, full_matrices=False)
     basis = right_vectors[singular_values > rtol * singular_values.max()]  # (r, D), orthonormal rows
     return text_directions - (text_directions @ basis.T) @ basis
+
+
+def member_rows(per_member: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Several CLIPs' embeddings (or directions) of the same N rows as one tensor for `direction_loss`.
+
+    Each member's rows are zero-padded to the widest member's width, so the cosine between two rows of
+    one member is that member's own and the mean of `direction_loss` over all rows is the members' mean
+    L_direction (each member weighs the same).
+
+    Args:
+        per_member: K tensors (N, D_k), one per CLIP, rows in the same order.
+
+    Returns:
+        (K * N, max_k D_k), member-major: row k * N + n is member k's row n.
+    """
+    width = max(rows.shape[-1] for rows in per_member)
+    return torch.cat([F.pad(rows, (0, width - rows.shape[-1])) for rows in per_member])
+
+
+def ensemble_embed(embeds: Sequence[EmbedFn]) -> EmbedFn:
+    """E_I of K CLIPs as one EmbedFn: images (B, 3, H, W) in [0, 1] -> `member_rows` of their unit-norm
+    embeddings, (K * B, max_k D_k)."""
+    return lambda images: member_rows([embed(images) for embed in embeds])
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,10 @@ class DiffusionClipConfig:
     Attributes:
         model: the base model (diffusers folder or hub id).
         clip: the CLIP model of the directional loss.
+        extra_clips: further CLIP models (not in the paper): L_direction is averaged over `clip` and these,
+            each with its own ΔT of the same texts (and the same kept directions and views), so that a
+            change one CLIP mistakes for the attribute is rewarded only as far as the others agree
+            (`dc.member_rows`).
         data: the training images.
         reference_text: y_ref for every image; None = each image's caption (shapes world).
         target_text: y_tar for every image; None = the caption with the attribute changed.
@@ -117,6 +121,7 @@ class DiffusionClipConfig:
 
     model: str = "pipeline/world/assets/shapes-sd"
     clip: ClipSpec = dataclasses.field(default_factory=ClipSpec)
+    extra_clips: tuple[ClipSpec, ...] = ()
     data: WorldData = dataclasses.field(default_factory=WorldData)
     reference_text: str | None = None
     target_text: str | None = None
@@ -189,12 +194,15 @@ def _absolute_paths(config: DiffusionClipConfig, base: Path) -> DiffusionClipCon
             return value
         return str((base / value).resolve())
 
-    clip = dataclasses.replace(
-        config.clip,
-        pretrained=resolved(config.clip.pretrained),
-        model_config=resolved(config.clip.model_config),
-    )
-    return dataclasses.replace(config, model=resolved(config.model), clip=clip)
+    def resolved_clip(spec: ClipSpec) -> ClipSpec:
+        return dataclasses.replace(
+            spec, pretrained=resolved(spec.pretrained), model_config=resolved(spec.model_config)
+        )
+
+    changes: dict[str, Any] = {"model": resolved(config.model), "clip": resolved_clip(config.clip)}
+    if any(field.name == "extra_clips" for field in dataclasses.fields(config)):
+        changes["extra_clips"] = tuple(resolved_clip(spec) for spec in config.extra_clips)
+    return dataclasses.replace(config, **changes)
 
 
 def config_from_mapping(mapping: dict[str, Any]) -> DiffusionClipConfig:
@@ -206,6 +214,8 @@ def task_fields(mapping: dict[str, Any]) -> dict[str, Any]:
     """A training config's JSON form with its nested dataclasses and tuples rebuilt."""
     fields = dict(mapping)
     fields["clip"] = ClipSpec(**fields.get("clip", {}))
+    if "extra_clips" in fields:
+        fields["extra_clips"] = tuple(ClipSpec(**spec) for spec in fields["extra_clips"])
     fields["data"] = WorldData(**fields.get("data", {}))
     fields["keep_attributes"] = tuple(fields.get("keep_attributes", ()))
     fields["keep_texts"] = tuple(tuple(pair) for pair in fields.get("keep_texts", ()))
@@ -427,6 +437,7 @@ class DiffusionClipTask:
     def setup(self, device: torch.device, rank: int, world_size: int) -> None:
         config = self.config
         load_task_models(self, device, rank, world_size, frozen=False)
+        self.clips = [self.clip] + [load_clip(spec, device) for spec in config.extra_clips]
         self._prepare_pairs()
         torch.manual_seed(config.seed)
         self.adapter = resolved_adapter(config, self.model.unet)
@@ -437,12 +448,18 @@ class DiffusionClipTask:
         )
 
     def _prepare_pairs(self) -> None:
-        """x_0 (images and latents), x_t0 by eq. 12, E_I(x_0) and ΔT of every training image."""
+        """x_0 (images and latents), x_t0 by eq. 12, and E_I(x_0) and ΔT of every training image by every
+        CLIP of the loss, (K, N, D) (`dc.member_rows`' padding)."""
         from pipeline.diffusion.tokens import encode_prompts
         from pipeline.models.vae import encode_images
 
         config, model = self.config, self.model
-        images, self.text_directions = training_images_and_directions(config, self.clip)
+        directions = []
+        for clip in self.clips:
+            images, clip_directions = training_images_and_directions(config, clip)
+            directions.append(clip_directions)
+        self.text_directions = dc.member_rows(directions).unflatten(0, (len(self.clips), -1))
+        self.embed = dc.ensemble_embed([clip.differentiable_image_embeddings for clip in self.clips])
         images = _at_resolution(images, model.image_size)
         pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float().to(model.device) / 255.0
         self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])
@@ -456,7 +473,7 @@ class DiffusionClipTask:
         )
         self.source_images = pixels * 2.0 - 1.0
         with torch.no_grad():
-            self.source_embeddings = self.clip.differentiable_image_embeddings(pixels)
+            self.source_embeddings = self.embed(pixels).unflatten(0, (len(self.clips), -1))
 
     def _noise_fn(self, branch) -> dc.NoiseFn:
         def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
@@ -478,17 +495,22 @@ class DiffusionClipTask:
         self, rows: torch.Tensor, iteration: int
     ) -> tuple[dc.EmbedFn, torch.Tensor, torch.Tensor]:
         """(E_I, E_I(x_0), ΔT) of the direction loss for this worker's rows: as they are, or with every
-        image seen through `clip_views` views drawn from (seed, iteration), view-major (V * B rows)."""
-        config, embed = self.config, self.clip.differentiable_image_embeddings
+        image seen through `clip_views` views drawn from (seed, iteration), view-major (V * B rows);
+        with several CLIPs, their rows member-major (K * B or K * V * B rows)."""
+        config, embed = self.config, self.embed
         if not config.clip_views:
-            return embed, self.source_embeddings[rows], self.text_directions[rows]
+            return (
+                embed,
+                self.source_embeddings[:, rows].flatten(0, 1),
+                self.text_directions[:, rows].flatten(0, 1),
+            )
         seed = int(np.random.default_rng([config.seed, iteration]).integers(2**62))
         views = dc.random_views(
             config.clip_views, config.clip_view_shift, torch.Generator().manual_seed(seed)
         )
         with torch.no_grad():
             sources = embed(dc.apply_views((self.source_images[rows] + 1.0) / 2.0, views))
-        directions = self.text_directions[rows].repeat(len(views), 1)
+        directions = self.text_directions[:, rows].repeat(1, len(views), 1).flatten(0, 1)
         return (lambda images: embed(dc.apply_views(images, views))), sources, directions
 
     def step(self, iteration: int, sync) -> dict[str, float]:

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from pipeline.diffusion.tokens import encode_prompts
@@ -505,3 +506,38 @@ def test_random_views_are_seeded_bounded_and_mirror_both_ways():
     shifts = {shift for view in views for shift in (view.dx, view.dy)}
     assert shifts == set(range(-3, 4))
     assert {view.flip for view in views} == {True, False}
+
+
+def test_an_ensembles_direction_loss_is_the_mean_of_each_clips_own():
+    generator = torch.Generator().manual_seed(0)
+    narrow_sources, narrow_edits, narrow_texts = F.normalize(
+        torch.randn(3, 4, 3, generator=generator), dim=-1
+    )
+    wide_sources, wide_edits, wide_texts = F.normalize(torch.randn(3, 4, 5, generator=generator), dim=-1)
+    stacked = dc.direction_loss(
+        dc.member_rows([narrow_edits, wide_edits]),
+        dc.member_rows([narrow_sources, wide_sources]),
+        dc.member_rows([narrow_texts, wide_texts]),
+    )
+    narrow = dc.direction_loss(narrow_edits, narrow_sources, narrow_texts)
+    wide = dc.direction_loss(wide_edits, wide_sources, wide_texts)
+    # member-major rows, each the member's own L_direction; the batch mean weighs the members equally
+    torch.testing.assert_close(stacked, torch.cat([narrow, wide]))
+    torch.testing.assert_close(stacked.mean(), (narrow.mean() + wide.mean()) / 2)
+    assert dc.member_rows([narrow_edits, wide_edits]).shape == (8, 5)
+
+
+def test_an_ensembles_embedding_is_each_clips_embedding_of_the_same_images_member_major():
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def narrow(batch: torch.Tensor) -> torch.Tensor:  # (B, 3)
+        return F.normalize(batch.mean(dim=(2, 3)), dim=-1)
+
+    def wide(batch: torch.Tensor) -> torch.Tensor:  # (B, 5)
+        return F.normalize(batch.flatten(1)[:, :5], dim=-1)
+
+    embedded = dc.ensemble_embed([narrow, wide])(images)
+    torch.testing.assert_close(embedded[:2, :3], narrow(images))
+    torch.testing.assert_close(embedded[:2, 3:], torch.zeros(2, 2))
+    torch.testing.assert_close(embedded[2:], wide(images))
+    torch.testing.assert_close(dc.ensemble_embed([wide])(images), wide(images))

@@ -311,8 +311,8 @@ def test_clip_views_see_source_and_edit_through_the_same_views_drawn_per_iterati
     plain.setup(torch.device("cpu"), rank=0, world_size=1)
     rows = torch.as_tensor(plain.rows(0))
     embed, sources, directions = plain.direction_terms(rows, 0)
-    assert torch.equal(sources, plain.source_embeddings[rows]) and torch.equal(
-        directions, plain.text_directions[rows]
+    assert torch.equal(sources, plain.source_embeddings[0, rows]) and torch.equal(
+        directions, plain.text_directions[0, rows]
     )
 
     task = DiffusionClipTask(dataclasses.replace(task_config, clip_views=3, clip_view_shift=2))
@@ -320,7 +320,7 @@ def test_clip_views_see_source_and_edit_through_the_same_views_drawn_per_iterati
     embed, sources, directions = task.direction_terms(rows, 0)
     source_pixels = (task.source_images[rows] + 1.0) / 2.0
     assert sources.shape == (3 * len(rows), sources.shape[1])
-    torch.testing.assert_close(directions, torch.cat([task.text_directions[rows]] * 3))
+    torch.testing.assert_close(directions, torch.cat([task.text_directions[0, rows]] * 3))
     # the edit's embedding function sees the sources' views: an unchanged image has no direction
     torch.testing.assert_close(embed(source_pixels), sources)
     # the views are those of (seed, iteration): the same again for this iteration, others for the next
@@ -336,3 +336,48 @@ def test_clip_views_see_source_and_edit_through_the_same_views_drawn_per_iterati
     assert len(views_seen[0]) == 3 and all(abs(v.dx) <= 2 and abs(v.dy) <= 2 for v in views_seen[0])
     with pytest.raises(ValueError, match="clip_views=-1"):
         dataclasses.replace(task_config, clip_views=-1)
+
+
+def test_extra_clips_each_give_their_own_directions_and_embeddings_member_major(task_config, tmp_path):
+    import json
+
+    from pipeline.metrics.clip import tiny_clip_config
+    from pipeline.training.diffusion_clip import (
+        config_from_mapping,
+        load_clip,
+        training_images_and_directions,
+    )
+
+    other = build_random_clip(
+        tmp_path, tiny_clip_config() | {"embed_dim": 24}, name="tiny-clip-other", seed=1
+    )
+    relative = ClipSpec(other.model_name, other.checkpoint_path.name, other.config_path.name)
+    config = dataclasses.replace(
+        task_config, extra_clips=(relative,), keep_attributes=("color",), clip_views=2, clip_view_shift=1
+    )
+    config = config.with_absolute_paths(tmp_path)
+    spec = ClipSpec(other.model_name, str(other.checkpoint_path), str(other.config_path))
+    assert config.extra_clips == (spec,)
+    assert config_from_mapping(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+
+    task = DiffusionClipTask(config)
+    task.setup(torch.device("cpu"), rank=0, world_size=1)
+    single = DiffusionClipTask(dataclasses.replace(config, extra_clips=()))
+    single.setup(torch.device("cpu"), rank=0, world_size=1)
+    width = single.text_directions.shape[-1]
+    assert width > 24 and task.text_directions.shape == (2, config.data.scenes, width)
+    # member 0 is the first CLIP's ΔT_keep, member 1 the other CLIP's own, zero-padded to the wider one
+    torch.testing.assert_close(task.text_directions[0], single.text_directions[0])
+    _, own = training_images_and_directions(config, load_clip(spec, torch.device("cpu")))
+    torch.testing.assert_close(task.text_directions[1, :, :24], own)
+    assert not task.text_directions[1, :, 24:].any()
+
+    rows = torch.as_tensor(task.rows(0))
+    embed, sources, directions = task.direction_terms(rows, 0)
+    _, single_sources, single_directions = single.direction_terms(rows, 0)
+    views_rows = 2 * len(rows)  # member-major, then view-major within each member
+    assert sources.shape == directions.shape == (2 * views_rows, width)
+    torch.testing.assert_close(sources[:views_rows], single_sources)
+    torch.testing.assert_close(directions[:views_rows], single_directions)
+    torch.testing.assert_close(directions[views_rows:, :24], own[rows].repeat(2, 1))
+    torch.testing.assert_close(embed((task.source_images[rows] + 1.0) / 2.0), sources)
