@@ -243,7 +243,8 @@ def zip_loss(
         edited_images: DEC(P_t(eps~)), (B, 3, H, W) in [-1, 1], differentiable.
         images: DEC(P_t(eps)), (B, 3, H, W) in [-1, 1] (no gradient needed).
         embed: the CLIP image encoder (images in [0, 1] -> unit-norm embeddings).
-        text_direction: ΔT = E_T(t_target) - E_T(t_source), (B, D) or (D,).
+        text_direction: ΔT = E_T(t_target) - E_T(t_source), (B, D) or (D,); with an ensemble of K CLIPs
+            (`diffusion_clip.ensemble_embed`, whose rows are member-major), (K * B, D).
         weights: lambda_clip and lambda_recon.
 
     Returns:
@@ -251,7 +252,9 @@ def zip_loss(
     """
     # One call for both, as for the noise: equal images give exactly equal embeddings.
     both = embed(((torch.cat([edited_images, images.detach()]) + 1.0) / 2.0).clamp(0.0, 1.0))
-    edited_embeddings, embeddings = both.chunk(2)
+    # (K * 2B, D) -> each member's edited rows, then their unedited rows: (K * B, D) each.
+    halves = both.unflatten(0, (-1, 2, edited_images.shape[0]))
+    edited_embeddings, embeddings = halves[:, 0].flatten(0, 1), halves[:, 1].flatten(0, 1)
     direction = direction_loss(edited_embeddings, embeddings, text_direction).mean()
     l1 = F.l1_loss(edited_images, images)
     loss = weights.clip * direction + weights.recon * l1

@@ -341,6 +341,24 @@ def training_images_and_directions(config, clip) -> tuple[np.ndarray, torch.Tens
     return images, text_directions(clip, references, targets, config.text_direction, kept)
 
 
+def load_clips(config, device: torch.device, clip) -> list:
+    """The CLIPs of the direction loss: `clip` (already loaded from `config.clip`) and `config.extra_clips`."""
+    return [clip] + [load_clip(spec, device) for spec in config.extra_clips]
+
+
+def ensemble_images_and_directions(config, clips: list) -> tuple[np.ndarray, torch.Tensor]:
+    """`training_images_and_directions` by each of K CLIPs, their ΔT stacked as `dc.member_rows` pads them.
+
+    Returns:
+        images uint8 (N, 64, 64, 3), directions (K, N, max_k D_k).
+    """
+    directions = []
+    for clip in clips:
+        images, clip_directions = training_images_and_directions(config, clip)
+        directions.append(clip_directions)
+    return images, dc.member_rows(directions).unflatten(0, (len(clips), -1))
+
+
 def attribute_changes(captions: list[str], attribute: str) -> list[tuple[list[str], list[str]]]:
     """For each value of a shapes-world attribute, the one-object captions whose attribute differs from
     it and the same captions with the attribute changed to it.
@@ -437,7 +455,7 @@ class DiffusionClipTask:
     def setup(self, device: torch.device, rank: int, world_size: int) -> None:
         config = self.config
         load_task_models(self, device, rank, world_size, frozen=False)
-        self.clips = [self.clip] + [load_clip(spec, device) for spec in config.extra_clips]
+        self.clips = load_clips(config, device, self.clip)
         self._prepare_pairs()
         torch.manual_seed(config.seed)
         self.adapter = resolved_adapter(config, self.model.unet)
@@ -454,11 +472,7 @@ class DiffusionClipTask:
         from pipeline.models.vae import encode_images
 
         config, model = self.config, self.model
-        directions = []
-        for clip in self.clips:
-            images, clip_directions = training_images_and_directions(config, clip)
-            directions.append(clip_directions)
-        self.text_directions = dc.member_rows(directions).unflatten(0, (len(self.clips), -1))
+        images, self.text_directions = ensemble_images_and_directions(config, self.clips)
         self.embed = dc.ensemble_embed([clip.differentiable_image_embeddings for clip in self.clips])
         images = _at_resolution(images, model.image_size)
         pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float().to(model.device) / 255.0

@@ -47,6 +47,7 @@ class ZipEncoderConfig:
     Attributes:
         model: the base model (diffusers folder or hub id); frozen.
         clip: the CLIP model of the direction loss.
+        extra_clips: further CLIP models; L_direction is averaged over all (see DiffusionClipConfig).
         data: the training images.
         reference_prompt: t_target of the Visual Generator: the prompt the reference images are rendered
             from.
@@ -81,6 +82,7 @@ class ZipEncoderConfig:
 
     model: str = "pipeline/world/assets/shapes-sd"
     clip: ClipSpec = dataclasses.field(default_factory=ClipSpec)
+    extra_clips: tuple[ClipSpec, ...] = ()
     data: WorldData = dataclasses.field(default_factory=WorldData)
     reference_prompt: str = "a yellow star on a white background"
     references: int = 8
@@ -202,6 +204,7 @@ class ZipEncoderTask:
     def setup(self, device: torch.device, rank: int, world_size: int) -> None:
         config = self.config
         dct.load_task_models(self, device, rank, world_size, frozen=True)
+        self.clips = dct.load_clips(config, device, self.clip)
         seeds = list(range(config.reference_seed, config.reference_seed + config.references))
         self.reference_images = render_references(
             self.model, config.reference_prompt, seeds, config.reference_steps, config.reference_guidance
@@ -217,12 +220,13 @@ class ZipEncoderTask:
         self.loss_weights = za.LossWeights(clip=config.clip_weight, recon=config.recon_weight)
 
     def _prepare_pairs(self) -> None:
-        """x_t0 of every training image (eq. 12 with S_for steps) and its ΔT."""
+        """x_t0 of every training image (eq. 12 with S_for steps) and its ΔT by every CLIP, (K, N, D)."""
         from pipeline.diffusion.tokens import encode_prompts
         from pipeline.models.vae import encode_images
 
         config, model = self.config, self.model
-        images, self.text_directions = dct.training_images_and_directions(config, self.clip)
+        images, self.text_directions = dct.ensemble_images_and_directions(config, self.clips)
+        self.embed = dc.ensemble_embed([clip.differentiable_image_embeddings for clip in self.clips])
         images = dct._at_resolution(images, model.image_size)
         self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])
         forward_grid = dc.ReturnGrid.from_scheduler(model.scheduler, config.return_step, config.forward_steps)
@@ -266,8 +270,8 @@ class ZipEncoderTask:
             self.start_latents[rows],
             self.config.zip_step,
             self._decode,
-            self.clip.differentiable_image_embeddings,
-            self.text_directions[rows],
+            self.embed,
+            self.text_directions[:, rows].flatten(0, 1),
             self.loss_weights,
         )
         levels = int((self.grid.timesteps[1:] > self.config.zip_step).sum())
@@ -291,8 +295,8 @@ class ZipEncoderTask:
             self.start_latents[rows],
             self.config.zip_step,
             self._decode,
-            self.clip.differentiable_image_embeddings,
-            self.text_directions[rows],
+            self.embed,
+            self.text_directions[:, rows].flatten(0, 1),
             self.loss_weights,
         )
         self.optimizer.zero_grad()

@@ -191,6 +191,29 @@ def test_the_loss_is_eq_6(batch):
     assert torch.allclose(loss, 0.7 * expected_direction + 2.0 * expected_l1, atol=1e-6)
 
 
+def test_with_an_ensemble_of_clips_the_direction_term_is_the_mean_of_each_clips_own():
+    generator = torch.Generator().manual_seed(5)
+    edited, images = (torch.rand(3, 3, 8, 8, generator=generator) * 2 - 1 for _ in range(2))
+
+    def wide(batch: torch.Tensor) -> torch.Tensor:  # another CLIP, 5 wide
+        return F.normalize(batch.flatten(1)[:, :5], dim=-1)
+
+    narrow_direction, wide_direction = (
+        torch.randn(3, 3, generator=generator),
+        torch.randn(3, 5, generator=generator),
+    )
+    weights = za.LossWeights(clip=1.0, recon=0.5)
+    _, narrow = za.zip_loss(edited, images, _embed, narrow_direction, weights)
+    _, alone = za.zip_loss(edited, images, wide, wide_direction, weights)
+    embed = dc.ensemble_embed([_embed, wide])
+    loss, terms = za.zip_loss(
+        edited, images, embed, dc.member_rows([narrow_direction, wide_direction]), weights
+    )
+    expected = (narrow["direction"] + alone["direction"]) / 2
+    torch.testing.assert_close(terms["direction"], expected)
+    torch.testing.assert_close(loss, expected + 0.5 * (edited - images).abs().mean())
+
+
 def test_training_losses_come_from_the_levels_above_t_zip_and_reach_only_the_head(grid):
     torch.manual_seed(0)
     head = za.AttributeHead(channels=4, hidden=4)

@@ -159,3 +159,39 @@ def test_a_zip_encoder_edits_alone_and_only_on_its_base_model(one_worker_run, ti
 def test_zip_step_must_lie_below_the_return_step():
     with pytest.raises(ValueError, match="zip_step"):
         ZipEncoderConfig(return_step=300, zip_step=300)
+
+
+def test_extra_clips_give_the_loss_each_clips_own_directions_member_major(task_config, tmp_path, monkeypatch):
+    from pipeline.methods import zip_attribute as za
+    from pipeline.metrics.clip import tiny_clip_config
+    from pipeline.training.diffusion_clip import load_clip, training_images_and_directions
+
+    other = build_random_clip(
+        tmp_path, tiny_clip_config() | {"embed_dim": 24}, name="tiny-clip-zip-other", seed=1
+    )
+    spec = ClipSpec(other.model_name, str(other.checkpoint_path), str(other.config_path))
+    config = dataclasses.replace(task_config, extra_clips=(spec,))
+    task = ZipEncoderTask(config)
+    task.setup(torch.device("cpu"), 0, 1)
+    width = task.text_directions.shape[-1]
+    assert task.text_directions.shape == (2, config.data.scenes, width) and width > 24
+    _, first = training_images_and_directions(config, task.clip)
+    _, own = training_images_and_directions(config, load_clip(spec, torch.device("cpu")))
+    torch.testing.assert_close(task.text_directions[0], first)
+    torch.testing.assert_close(task.text_directions[1, :, :24], own)
+
+    seen = {}
+    original = za.full_pass_loss
+
+    def recording(*arguments):
+        seen["embed"], seen["directions"] = arguments[6], arguments[7]
+        return original(*arguments)
+
+    monkeypatch.setattr(za, "full_pass_loss", recording)
+    task.step(0, lambda: None)
+    rows = torch.as_tensor(task.draw(0)[0])
+    torch.testing.assert_close(
+        seen["directions"], torch.cat([first[rows], torch.nn.functional.pad(own[rows], (0, width - 24))])
+    )
+    images = torch.rand(len(rows), 3, 64, 64)
+    assert seen["embed"](images).shape == (2 * len(rows), width)
