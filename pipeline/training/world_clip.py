@@ -112,15 +112,23 @@ def train_contrastive(config: TrainConfig, clip: ClipConfig, weights_name: str, 
     model.train()
     optimize(loss_step, optimizer, budget, stage=record, peak_lr=clip.lr)
     model.cpu().eval()
+    stored = {
+        key: value.to(getattr(torch, clip.save_dtype)).contiguous()
+        for key, value in model.state_dict().items()
+    }
+    # Measured on the weights as stored: a float16 file loads into float32 with its rounding.
+    model.load_state_dict(stored)
     accuracy = clip_caption_accuracy(model, tokenizer, heldout_scenes(config, two_object_fraction=0.0))
+    if clip.output_name is not None:
+        weights_name, record = f"{clip.output_name}.safetensors", clip.output_name
     weights = Path(config.output) / weights_name
     weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, weights)
+    save_file(stored, weights)
     MetricsLog(config.output).record(
         record,
         {"steps": budget.step, "wall_s": round(budget.elapsed), "counterfactual_fraction": clip.counterfactual_fraction,
          "resized_fraction": clip.resized_fraction, "wobbly_fraction": clip.wobbly_fraction,
-         "architecture": architecture, **accuracy},
+         "architecture": architecture, "save_dtype": clip.save_dtype, **accuracy},
     )  # fmt: skip
     return model
 

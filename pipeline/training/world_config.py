@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pipeline.config import ConfigError, apply_override, build_dataclass, load_raw
 from pipeline.world import generator
@@ -152,6 +153,11 @@ class ClipConfig:
         architecture: an open_clip model config JSON (registered under its file stem) to train instead
             of the shipped `shapes-clip-vit-tiny`, e.g. a finer patch grid; editors name the same file as
             their `clip.model_config`.
+        output_name: the weights file OUTPUT/{output_name}.safetensors and its train_metrics.json record,
+            for a second CLIP of a stage beside the shipped one (e.g. `shapes_clip_guide_p4`); None = the
+            stage's own (`shapes_clip` / `clip`, `shapes_clip_guide` / `clip_guide`).
+        save_dtype: float32, or float16 to store the weights at half the size (they load as float32;
+            the held-out accuracy is measured on the stored, rounded weights).
     """
 
     steps: int
@@ -162,6 +168,8 @@ class ClipConfig:
     resized_fraction: float = 0.0
     wobbly_fraction: float = 0.0
     architecture: str | None = None
+    output_name: str | None = None
+    save_dtype: Literal["float32", "float16"] = "float32"
 
     def __post_init__(self) -> None:
         for name in ("counterfactual_fraction", "resized_fraction", "wobbly_fraction"):

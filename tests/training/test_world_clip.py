@@ -239,3 +239,34 @@ def test_the_finer_patch_architecture_in_jobs_is_the_shipped_one_with_4_pixel_pa
     assert register_model_config(path) == "shapes-clip-vit-tiny-p4"
     assert finer["vision_cfg"].pop("patch_size") == 4 and shipped["vision_cfg"].pop("patch_size") == 8
     assert finer == shipped
+
+
+def test_a_stage_writes_a_named_second_clip_in_float16_and_scores_the_rounded_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    scored = []
+    original = world_clip.clip_caption_accuracy
+
+    def recording(model, *arguments):
+        scored.append({name: value.clone() for name, value in model.state_dict().items()})
+        return original(model, *arguments)
+
+    monkeypatch.setattr(world_clip, "clip_caption_accuracy", recording)
+    config = _config(
+        tmp_path, section="clip_guide", steps=1, output_name="shapes_clip_guide_half", save_dtype="float16"
+    )
+    world_clip.train_clip_guide(config)
+    out = tmp_path / "out"
+    assert not (out / "shapes_clip_guide.safetensors").exists()  # the shipped guide's file is left alone
+    stored = load_file(out / "shapes_clip_guide_half.safetensors")
+    assert {value.dtype for value in stored.values()} == {torch.float16}
+    # the accuracy was measured on exactly the stored weights, loaded back as float32
+    ((name, value),) = [(name, value) for name, value in scored[0].items() if name == "visual.conv1.weight"]
+    assert value.dtype == torch.float32 and torch.equal(value, stored[name].float())
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert (
+        set(metrics) == {"shapes_clip_guide_half"}
+        and metrics["shapes_clip_guide_half"]["save_dtype"] == "float16"
+    )
+    with pytest.raises(ConfigError, match="save_dtype"):
+        _config(tmp_path, save_dtype="int8")
