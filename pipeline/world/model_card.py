@@ -127,6 +127,9 @@ def write_model_card(
         "text transformer, context 77, vocab 49,408; name `shapes-clip-vit-tiny`; the metric backbone |",
         "| guidance CLIP | `shapes_clip_guide.safetensors` | the same architecture trained longer with counterfactual "
         "hard negatives and resized positives; for trained editors' direction loss (a training spec's `clip.pretrained`) |",
+        "| guidance CLIP, 4-pixel patches | `shapes_clip_guide_p4.safetensors` (float16), "
+        "`jobs/architectures/shapes-clip-vit-tiny-p4.json` | the guidance CLIP's recipe on 4x4 patches (name "
+        "`shapes-clip-vit-tiny-p4`); the second CLIP of the star editor's direction loss (`extra_clips`) |",
         "| oracle | `oracle.safetensors`, `oracle.json` | CNN with shape / color / background heads "
         "(`pipeline.world.oracle`); evaluation only, never a training signal |",
         "",
@@ -160,10 +163,26 @@ def write_model_card(
         "The UNet loss weights latent pixels covered by objects by 1 + object_loss_weight x coverage and uses",
         "Min-SNR-gamma weighting (Hang et al. 2023); see `diffusion_loss` in `pipeline/training/world_unet.py`.",
         "",
+        "The 4-pixel-patch guidance CLIP is a second clip-guide run beside the shipped one:",
+        "",
+        "    python -m pipeline.training clip-guide --set output=pipeline/world/assets --threads 2 \\",
+        "        --set clip_guide.architecture=jobs/architectures/shapes-clip-vit-tiny-p4.json \\",
+        "        --set clip_guide.steps=2500 --set clip_guide.max_minutes=60 \\",
+        "        --set clip_guide.output_name=shapes_clip_guide_p4 --set clip_guide.save_dtype=float16",
+        "",
         "| stage | steps | wall time (s) | metrics |",
         "| --- | --- | --- | --- |",
     ]
-    for stage in ("vae", "vae_decoder", "clip", "clip_guide", "unet", "vae_broad", "oracle"):
+    for stage in (
+        "vae",
+        "vae_decoder",
+        "clip",
+        "clip_guide",
+        "shapes_clip_guide_p4",
+        "unet",
+        "vae_broad",
+        "oracle",
+    ):
         record = dict(training.get(stage, {}))
         steps, wall = record.pop("steps", "-"), record.pop("wall_s", "-")
         lines.append(f"| {stage} | {steps} | {wall} | {_fmt(record) if record else 'not trained'} |")
