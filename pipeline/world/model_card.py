@@ -129,7 +129,7 @@ def write_model_card(
         "hard negatives and resized positives; for trained editors' direction loss (a training spec's `clip.pretrained`) |",
         "| guidance CLIP, 4-pixel patches | `shapes_clip_guide_p4.safetensors` (float16), "
         "`jobs/architectures/shapes-clip-vit-tiny-p4.json` | the guidance CLIP's recipe on 4x4 patches (name "
-        "`shapes-clip-vit-tiny-p4`); the second CLIP of the star editor's direction loss (`extra_clips`) |",
+        "`shapes-clip-vit-tiny-p4`); the second CLIP (`extra_clips`) of `jobs/train_diffusion_clip_star_ensemble.yaml` |",
         "| oracle | `oracle.safetensors`, `oracle.json` | CNN with shape / color / background heads "
         "(`pipeline.world.oracle`); evaluation only, never a training signal |",
         "",
