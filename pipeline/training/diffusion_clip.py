@@ -333,12 +333,8 @@ def training_images_and_directions(config, clip) -> tuple[np.ndarray, torch.Tens
     Returns:
         images uint8 (N, 64, 64, 3), directions (N, D).
     """
-    images, captions, counterfactuals = world_training_texts(config.data)
-    references, targets = captions, counterfactuals
-    if config.reference_text is not None:
-        references, targets = [config.reference_text] * len(images), [config.target_text] * len(images)
-    kept = kept_directions(clip, captions, config.keep_attributes, config.keep_texts)
-    return images, text_directions(clip, references, targets, config.text_direction, kept)
+    images, captions, references, targets = _training_texts(config)
+    return images, _directions_by(clip, config, captions, references, targets)
 
 
 def load_clips(config, device: torch.device, clip) -> list:
@@ -347,16 +343,32 @@ def load_clips(config, device: torch.device, clip) -> list:
 
 
 def ensemble_images_and_directions(config, clips: list) -> tuple[np.ndarray, torch.Tensor]:
-    """`training_images_and_directions` by each of K CLIPs, their ΔT stacked as `dc.member_rows` pads them.
+    """`training_images_and_directions` by each of K CLIPs (the images rendered once), their ΔT stacked as
+    `dc.member_rows` pads them.
 
     Returns:
         images uint8 (N, 64, 64, 3), directions (K, N, max_k D_k).
     """
-    directions = []
-    for clip in clips:
-        images, clip_directions = training_images_and_directions(config, clip)
-        directions.append(clip_directions)
+    images, captions, references, targets = _training_texts(config)
+    directions = [_directions_by(clip, config, captions, references, targets) for clip in clips]
     return images, dc.member_rows(directions).unflatten(0, (len(clips), -1))
+
+
+def _training_texts(config) -> tuple[np.ndarray, list[str], list[str], list[str]]:
+    """The training images, their captions, and the (y_ref, y_tar) texts of their directions."""
+    images, captions, counterfactuals = world_training_texts(config.data)
+    references, targets = captions, counterfactuals
+    if config.reference_text is not None:
+        references, targets = [config.reference_text] * len(images), [config.target_text] * len(images)
+    return images, captions, references, targets
+
+
+def _directions_by(
+    clip, config, captions: list[str], references: list[str], targets: list[str]
+) -> torch.Tensor:
+    """ΔT (ΔT_keep when the config keeps attributes) of the texts by one CLIP, (N, D)."""
+    kept = kept_directions(clip, captions, config.keep_attributes, config.keep_texts)
+    return text_directions(clip, references, targets, config.text_direction, kept)
 
 
 def attribute_changes(captions: list[str], attribute: str) -> list[tuple[list[str], list[str]]]:
