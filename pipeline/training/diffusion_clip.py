@@ -199,9 +199,14 @@ def _absolute_paths(config: DiffusionClipConfig, base: Path) -> DiffusionClipCon
             spec, pretrained=resolved(spec.pretrained), model_config=resolved(spec.model_config)
         )
 
-    changes: dict[str, Any] = {"model": resolved(config.model), "clip": resolved_clip(config.clip)}
-    if any(field.name == "extra_clips" for field in dataclasses.fields(config)):
-        changes["extra_clips"] = tuple(resolved_clip(spec) for spec in config.extra_clips)
+    changes: dict[str, Any] = {"model": resolved(config.model)}
+    # Every CLIP the config names, alone or in a tuple, whatever its field is called.
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, ClipSpec):
+            changes[field.name] = resolved_clip(value)
+        elif isinstance(value, tuple) and value and all(isinstance(spec, ClipSpec) for spec in value):
+            changes[field.name] = tuple(resolved_clip(spec) for spec in value)
     return dataclasses.replace(config, **changes)
 
 
@@ -340,6 +345,12 @@ def training_images_and_directions(config, clip) -> tuple[np.ndarray, torch.Tens
 def load_clips(config, device: torch.device, clip) -> list:
     """The CLIPs of the direction loss: `clip` (already loaded from `config.clip`) and `config.extra_clips`."""
     return [clip] + [load_clip(spec, device) for spec in config.extra_clips]
+
+
+def ensemble_image_embed(clips: list) -> dc.EmbedFn:
+    """E_I of the direction loss over K CLIPs: images (B, 3, H, W) in [0, 1] -> member-major rows
+    (K * B, max_k D_k), with gradients (`dc.ensemble_embed`)."""
+    return dc.ensemble_embed([clip.differentiable_image_embeddings for clip in clips])
 
 
 def ensemble_images_and_directions(config, clips: list) -> tuple[np.ndarray, torch.Tensor]:
@@ -485,7 +496,7 @@ class DiffusionClipTask:
 
         config, model = self.config, self.model
         images, self.text_directions = ensemble_images_and_directions(config, self.clips)
-        self.embed = dc.ensemble_embed([clip.differentiable_image_embeddings for clip in self.clips])
+        self.embed = ensemble_image_embed(self.clips)
         images = _at_resolution(images, model.image_size)
         pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float().to(model.device) / 255.0
         self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])

@@ -226,7 +226,7 @@ class ZipEncoderTask:
 
         config, model = self.config, self.model
         images, self.text_directions = dct.ensemble_images_and_directions(config, self.clips)
-        self.embed = dc.ensemble_embed([clip.differentiable_image_embeddings for clip in self.clips])
+        self.embed = dct.ensemble_image_embed(self.clips)
         images = dct._at_resolution(images, model.image_size)
         self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])
         forward_grid = dc.ReturnGrid.from_scheduler(model.scheduler, config.return_step, config.forward_steps)

@@ -159,3 +159,20 @@ def test_caption_texts_give_each_image_its_own_target_caption(task_config):
     rows, _ = task.draws(iteration=0)
     assert torch.equal(batch.class_text, task.class_text[torch.as_tensor(rows)])
     assert task.step(0, lambda: None)["clip"] > 0
+
+
+def test_relative_clip_and_model_paths_become_absolute(task_config, tmp_path):
+    # The cond-VAE config names one CLIP and no extra ones: every ClipSpec field resolves by its type.
+    clip_file, config_file, model_dir = tmp_path / "clip.safetensors", tmp_path / "clip.json", tmp_path / "sd"
+    clip_file.touch(), config_file.touch(), model_dir.mkdir()
+    relative = dataclasses.replace(
+        task_config,
+        model="sd",
+        clip=ClipSpec("tiny-clip", "clip.safetensors", "clip.json"),
+    )
+    resolved = relative.with_absolute_paths(tmp_path)
+    assert resolved.clip == ClipSpec("tiny-clip", str(clip_file), str(config_file))
+    assert resolved.model == str(model_dir)
+    # A tag or a file that is not there stays as written.
+    tagged = dataclasses.replace(relative, clip=ClipSpec("ViT-B-32", "laion2b_s34b_b79k", None))
+    assert tagged.with_absolute_paths(tmp_path).clip == tagged.clip
