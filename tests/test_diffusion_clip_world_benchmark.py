@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from editor_artefact import write_perturbed_editor
 
 from benchmarks import diffusion_clip_world as bench
 from pipeline.editors import EditSettings, generate_with_editors, load_editor
 from pipeline.models.build import SDArchitecture, build_random_sd
 from pipeline.models.loading import load_diffusion_model
+from pipeline.world import generator
 from pipeline.world.oracle import HEADS, load_oracle
 
 STAR = {"data": {"attribute": "shape", "value": "star"}}
@@ -49,6 +51,19 @@ def test_a_weighting_reads_as_its_editors_applied_by_hand(world):
         assert reading["per_editor"][key] == float(np.mean([name == value for name in names[attribute]]))
         target = probabilities[attribute][:, HEADS[attribute].index(value)]
         assert reading["per_editor_target_probability"][key] == round(float(target.mean()), 4)
+        # The ground truth of a combination changes both attributes, whichever editor is weighted.
+        truths = [
+            generator.render(generator.edit_scene(generator.edit_scene(s, "shape", "star"), "color", "blue"))
+            for s in scenes
+        ]
+        checks = bench.truth_checks(
+            edited,
+            torch.as_tensor(np.stack([generator.render(s).image for s in scenes])),
+            torch.as_tensor(np.stack([truth.image for truth in truths])),
+        )
+        assert reading["closer_than_source"] == float(np.mean(checks["closer"]))
+        assert reading["gt_psnr_db"] == round(float(np.mean(checks["gt_psnr_db"])), 2)
+        assert reading["all_faithful_success"] <= reading["all_success"]
     # The probabilities tell the two weightings apart (the fractions alone may both be 0 for a
     # random model), so a weighting that is not passed through to the edit fails above.
     probabilities = [
@@ -101,8 +116,18 @@ def test_a_conjunction_reads_as_edit_by_hand_and_takes_gammas_above_one(world, m
         assert transition["transition_success"][position] == float(
             np.mean([n == "star" for n in names["shape"]])
         )
+        sources = np.stack([generator.render(scene).image for scene in scenes]).astype(np.float64)
+        truths = np.stack([generator.counterfactual(scene, "shape", "star").image for scene in scenes])
+        truths = truths.astype(np.float64)
+        closer = ((edited.numpy().astype(np.float64) - truths) ** 2).mean(axis=(1, 2, 3)) < (
+            (sources - truths) ** 2
+        ).mean(axis=(1, 2, 3))
+        hits = np.array([n == "star" for n in names["shape"]])
+        assert transition["transition_faithful_success"][position] == float(np.mean(hits & closer))
     assert transition["transition_target_probability"][0] != transition["transition_target_probability"][1]
     assert (transition["success_gamma"], transition["success"]) == (2.0, transition["transition_success"][1])
+    assert transition["faithful_success"] == transition["transition_faithful_success"][1]
+    assert transition["closer_than_source"] == float(np.mean(closer))
     kept = float(np.mean([n == s.objects[0].color for n, s in zip(names["color"], scenes, strict=True)]))
     assert transition["kept_color"] == kept  # read at the success gamma, 2
     calls.clear()  # a success gamma outside the transition is generated on its own
@@ -124,3 +149,23 @@ def test_weights_must_name_one_weight_per_editor(world):
         bench.main([uris[0], "--model", model_path, "--combination-only"])
     with pytest.raises(SystemExit):
         bench.main([*uris, "--model", model_path, "--weights", "0.5,x"])
+
+
+def test_truth_checks_count_an_edit_only_when_it_is_nearer_the_truth_than_its_source():
+    rng = np.random.default_rng(0)
+    sources = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    truths = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    halfway = ((sources.astype(np.int64) + truths) // 2).astype(np.uint8)
+    inverted = 255 - truths
+    # the source itself (not closer: no change), halfway to the truth, the truth's negative, the truth
+    edited = np.stack([sources[0], halfway[1], inverted[2], truths[3]])
+    checks = bench.truth_checks(*(torch.as_tensor(images) for images in (edited, sources, truths)))
+    assert checks["closer"].tolist() == [False, True, False, True]
+    error = ((edited / 255.0 - truths / 255.0) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(checks["gt_psnr_db"][:3], 10 * np.log10(1 / error[:3]))
+    assert checks["gt_psnr_db"][3] == np.inf
+    source_error = ((sources / 255.0 - truths / 255.0) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(checks["source_gt_psnr_db"], 10 * np.log10(1 / source_error))
+    summary = bench.truth_summary(np.array([True, True, True, False]), checks)
+    assert summary["faithful_success"] == 0.25  # only the halfway edit is both read and closer
+    assert summary["closer_than_source"] == 0.5
