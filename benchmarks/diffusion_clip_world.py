@@ -24,7 +24,8 @@ with both values (all_faithful_success: and nearer than the source to the scene 
 under the piecewise-constant gamma_i(t) of each handover T: the first editor alone on the steps with
 t >= T, the second alone below (`combination_handover`), and with `--weights g1,g2 ...` under each
 other constant weighting (`combination_weights`; eq. 14 allows any sum <= 1, the original model
-taking the rest). `--combination-only` skips the single-editor readings. `--combination conjunction`
+taking the rest). `--combination-only` skips the single-editor readings; `--word-swap-steps S` adds, per editor, the same
+readings of direct inversion + Prompt-to-Prompt word swap to the counterfactual caption (S steps). `--combination conjunction`
 combines every weighting as eps + sum_i gamma_i (eps_i - eps) with any gammas >= 0 (the same weighted
 sum with the original's share 1 - sum allowed below 0), and so also takes transition gammas above 1.
 """
@@ -99,9 +100,22 @@ def truth_summary(hits: np.ndarray, checks: dict[str, np.ndarray]) -> dict[str, 
         "faithful_success": float(np.mean(hits & checks["closer"])),
         "closer_than_source": float(np.mean(checks["closer"])),
         "gt_psnr_db": round(float(np.mean(checks["gt_psnr_db"])), 2),
-        "gt_psnr_db": round(float(np.mean(checks["gt_psnr_db"])), 2),
         "source_gt_psnr_db": round(float(np.mean(checks["source_gt_psnr_db"])), 2),
     }
+
+
+def text_only_edits(model, scenes, attribute: str, value: str, steps: int) -> torch.Tensor:
+    """Direct inversion + P2P word swap of every scene to its counterfactual caption; (B, H, W, 3) uint8."""
+    from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
+
+    sources = [generator.render(scene) for scene in scenes]
+    targets = [generator.counterfactual(scene, attribute, value).caption for scene in scenes]
+    images = torch.as_tensor(np.stack([source.image for source in sources]))
+    config = InversionConfig.of("direct", num_steps=steps, guidance_scale=7.5)
+    inversion = invert(model, images, [source.caption for source in sources], config)
+    control = AttentionControl("replace", cross_replace_steps=0.8, self_replace_steps=0.4)
+    results = edit(model, inversion, [EditRequest(i, target, control) for i, target in enumerate(targets)])
+    return torch.stack([torch.as_tensor(result.image) for result in results])
 
 
 def mean_target_probability(probabilities: dict[str, torch.Tensor], attribute: str, value: str) -> float:
@@ -166,6 +180,19 @@ def evaluate(
             "transition_faithful_success": faithful,
         }
     return report
+
+
+def word_swap_reading(model, oracle, scenes, attribute: str, value: str, steps: int) -> dict[str, float]:
+    """The same readings for text-only editing of the same scenes (`text_only_edits`): a reference for
+    what the model itself draws when asked for the value."""
+    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
+    truths = torch.as_tensor(
+        np.stack([generator.counterfactual(scene, attribute, value).image for scene in scenes])
+    )
+    edited = text_only_edits(model, scenes, attribute, value, steps)
+    names, _ = oracle_readings(oracle, edited)
+    hit = np.array([name == value for name in names[attribute]])
+    return {"success": float(hit.mean()), **truth_summary(hit, truth_checks(edited, images, truths))}
 
 
 def combination_start(model, scenes, settings: EditSettings) -> torch.Tensor:
@@ -272,6 +299,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=1.0,
         help="the gamma at which each editor's success and kept attributes are read (above 1: conjunction)",
     )
+    parser.add_argument(
+        "--word-swap-steps",
+        type=int,
+        default=0,
+        help="also read direct inversion + P2P word swap of each editor's scenes, with this many steps",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.handovers and len(args.editors) != 2:
@@ -296,6 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
                 model, oracle, [editor], scenes, settings, args.gammas, args.combination, args.success_gamma
             )
         )
+        if args.word_swap_steps:
+            results[f"{pair[0]}->{pair[1]} word swap"] = word_swap_reading(
+                model, oracle, scenes, *pair, args.word_swap_steps
+            )
         print(json.dumps(results, indent=1), flush=True)
     if len(editors) > 1:
         pairs = [(e.config["data"]["attribute"], e.config["data"]["value"]) for e in editors]

@@ -6,7 +6,9 @@ For held-out one-object scenes (seeds from HELDOUT_SEED_OFFSET, disjoint from tr
 does not already have the encoder's value, reported:
 
 - success: fraction the oracle reads as the target value, with the encoder's own first reference
-  (rendered by the model at training time); kept_*: fraction whose other attributes stay the source's.
+  (rendered by the model at training time); kept_*: fraction whose other attributes stay the source's;
+  faithful_success, closer_than_source, gt_psnr_db: against the world's ground-truth edit, as in
+  `benchmarks/diffusion_clip_world.py` (here and in each consistency reading).
 - frozen: the UNet's, VAE's and text encoder's fingerprint before and after every edit, and the one the
   artefact was trained on; all three must be equal (the model is never changed).
 - transition: mean oracle probability of the target value at Δh scales 0, 0.25, ..., 1.
@@ -30,7 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.diffusion_clip_world import _value, heldout_scenes, oracle_readings
+from benchmarks.diffusion_clip_world import (
+    _value,
+    heldout_scenes,
+    oracle_readings,
+    text_only_edits,
+    truth_checks,
+    truth_summary,
+)
 from pipeline.editors import (
     EditSettings,
     ZipEncoder,
@@ -59,25 +68,15 @@ def _target_probability(probabilities: dict[str, torch.Tensor], attribute: str, 
     return probabilities[attribute][:, HEADS[attribute].index(value)]
 
 
-def text_only_edits(model, scenes, attribute: str, value: str, steps: int) -> torch.Tensor:
-    """Direct inversion + P2P word swap of every scene to its counterfactual caption; (B, H, W, 3) uint8."""
-    from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
-
-    sources = [generator.render(scene) for scene in scenes]
-    targets = [generator.counterfactual(scene, attribute, value).caption for scene in scenes]
-    images = torch.as_tensor(np.stack([source.image for source in sources]))
-    config = InversionConfig.of("direct", num_steps=steps, guidance_scale=7.5)
-    inversion = invert(model, images, [source.caption for source in sources], config)
-    control = AttentionControl("replace", cross_replace_steps=0.8, self_replace_steps=0.4)
-    results = edit(model, inversion, [EditRequest(i, target, control) for i, target in enumerate(targets)])
-    return torch.stack([torch.as_tensor(result.image) for result in results])
-
-
-def spread(oracle, edited: torch.Tensor, attribute: str, value: str) -> dict[str, float]:
+def spread(
+    oracle, edited: torch.Tensor, attribute: str, value: str, sources: torch.Tensor, truths: torch.Tensor
+) -> dict[str, float]:
     names, probabilities = oracle_readings(oracle, edited)
     target = _target_probability(probabilities, attribute, value)
+    hit = np.array([name == value for name in names[attribute]])
     return {
-        "success": float(np.mean([name == value for name in names[attribute]])),
+        "success": float(hit.mean()),
+        **truth_summary(hit, truth_checks(edited, sources, truths)),
         "target_probability_mean": round(float(target.mean()), 4),
         "target_probability_std": round(float(target.std()), 4),
     }
@@ -86,6 +85,9 @@ def spread(oracle, edited: torch.Tensor, attribute: str, value: str) -> dict[str
 def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings, args) -> tuple[dict, dict]:
     attribute, value = encoder.config["data"]["attribute"], encoder.config["data"]["value"]
     images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
+    truths = torch.as_tensor(
+        np.stack([generator.counterfactual(scene, attribute, value).image for scene in scenes])
+    )
     before = model_fingerprint(model)
     started = time.perf_counter()
     with torch.no_grad():
@@ -119,6 +121,9 @@ def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings,
     report = {
         f"{attribute}->{value}": {
             "success": float(np.mean([name == value for name in names[attribute]])),
+            **truth_summary(
+                np.array([name == value for name in names[attribute]]), truth_checks(edited, images, truths)
+            ),
             **kept,
             "transition_scales": list(args.scales),
             "transition_target_probability": curve,
@@ -131,9 +136,9 @@ def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings,
             "unchanged": before == after == load_manifest_fingerprint(encoder),
         },
         "consistency": {
-            "zip_user_reference": spread(oracle, with_user, attribute, value),
-            "zip_own_reference": spread(oracle, edited, attribute, value),
-            "text_only_direct_p2p": spread(oracle, text_only, attribute, value),
+            "zip_user_reference": spread(oracle, with_user, attribute, value, images, truths),
+            "zip_own_reference": spread(oracle, edited, attribute, value, images, truths),
+            "text_only_direct_p2p": spread(oracle, text_only, attribute, value, images, truths),
         },
         "references": {
             "edit_vs_source_pixels": round(pixels(edited, images), 2),

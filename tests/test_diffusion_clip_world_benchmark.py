@@ -133,7 +133,17 @@ def test_a_conjunction_reads_as_edit_by_hand_and_takes_gammas_above_one(world, m
     calls.clear()  # a success gamma outside the transition is generated on its own
     apart = bench.main(
         [uris[0], *common, "--gammas", "1", "--combination", "conjunction", "--success-gamma", "2"]
+        + ["--word-swap-steps", "2"]
     )
+    swapped = bench.text_only_edits(model, scenes, "shape", "star", 2)
+    names, _ = bench.oracle_readings(oracle, swapped)
+    assert apart["shape->star word swap"]["success"] == float(np.mean([n == "star" for n in names["shape"]]))
+    swap_checks = bench.truth_checks(
+        swapped,
+        torch.as_tensor(np.stack([generator.render(s).image for s in scenes])),
+        torch.as_tensor(np.stack([generator.counterfactual(s, "shape", "star").image for s in scenes])),
+    )
+    assert apart["shape->star word swap"]["gt_psnr_db"] == round(float(np.mean(swap_checks["gt_psnr_db"])), 2)
     assert calls == [[1.0], [2.0]]
     assert (apart["shape->star"]["success"], apart["shape->star"]["kept_color"]) == (
         transition["success"],

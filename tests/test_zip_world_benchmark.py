@@ -46,5 +46,14 @@ def test_the_benchmark_reports_a_frozen_model_and_the_encoders_own_edits(tmp_pat
     for name, distance in distances.items():
         assert abs(results["references"][name] - distance) <= 0.005 + 1e-9, name  # rounded to 2 places
     assert distances["edit_first_vs_second_reference_pixels"] > 0.1
+    # The ground-truth readings are of the same edit against the scenes rendered with a star.
+    truths = torch.as_tensor(
+        np.stack([zip_world.generator.counterfactual(s, "shape", "star").image for s in scenes])
+    )
+    checks = zip_world.truth_checks(edited, images, truths)
+    assert report["gt_psnr_db"] == round(float(np.mean(checks["gt_psnr_db"])), 2)
+    assert report["closer_than_source"] == float(np.mean(checks["closer"]))
+    assert consistency["zip_own_reference"]["gt_psnr_db"] == report["gt_psnr_db"]
+    assert consistency["text_only_direct_p2p"]["gt_psnr_db"] != report["gt_psnr_db"]
     assert json.loads((tmp_path / "results" / "zip_world.json").read_text())["frozen"]["unchanged"]
     assert (tmp_path / "results" / "zip_world.png").stat().st_size > 0
