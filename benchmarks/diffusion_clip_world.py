@@ -132,8 +132,11 @@ def evaluate(
     gammas: list[float],
     combination: str = "convex",
     success_gamma: float = 1.0,
+    strips: dict[str, list[np.ndarray]] | None = None,
 ) -> dict[str, dict]:
-    """Success and kept attributes at `success_gamma`, and the transition curve, of each editor on `scenes`."""
+    """Success and kept attributes at `success_gamma`, and the transition curve, of each editor on `scenes`;
+    `strips` (when given) receives per editor the rows source, ground truth, and the edit at each gamma,
+    uint8 (B, H, W, 3) each."""
     images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
     started = time.perf_counter()
     with torch.no_grad():
@@ -145,6 +148,7 @@ def evaluate(
             np.stack([generator.counterfactual(scene, attribute, value).image for scene in scenes])
         )
         curve, hits, faithful, success_edit = [], [], [], None
+        rows = [images.numpy(), truths.numpy()]
         for gamma in gammas:
             edited = generate_with_editors(model, start, [editor], [gamma], settings, combination=combination)
             names, probabilities = oracle_readings(oracle, edited)
@@ -152,6 +156,7 @@ def evaluate(
             curve.append(mean_target_probability(probabilities, attribute, value))
             hits.append(float(hit.mean()))
             faithful.append(float(np.mean(hit & truth_checks(edited, images, truths)["closer"])))
+            rows.append(edited.numpy())
             if gamma == success_gamma:  # the success reading is this one: not generated again
                 success_edit = (edited, names)
         if success_edit is None:
@@ -160,6 +165,8 @@ def evaluate(
             )
             success_edit = (edited, oracle_readings(oracle, edited)[0])
         edited, names = success_edit
+        if strips is not None:
+            strips[f"{attribute}-{value}"] = rows
         hit = np.array([name == value for name in names[attribute]])
         kept = {
             f"kept_{head}": float(
@@ -193,6 +200,14 @@ def word_swap_reading(model, oracle, scenes, attribute: str, value: str, steps: 
     names, _ = oracle_readings(oracle, edited)
     hit = np.array([name == value for name in names[attribute]])
     return {"success": float(hit.mean()), **truth_summary(hit, truth_checks(edited, images, truths))}
+
+
+def save_strip(rows: list[np.ndarray], path: str, count: int = 12) -> None:
+    """A PNG at twice the size: one row of `count` scenes per entry of `rows` (uint8 (B, H, W, 3) each)."""
+    from PIL import Image
+
+    grid = np.concatenate([np.concatenate(list(row[:count]), axis=1) for row in rows], axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
 
 
 def combination_start(model, scenes, settings: EditSettings) -> torch.Tensor:
@@ -305,6 +320,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=0,
         help="also read direct inversion + P2P word swap of each editor's scenes, with this many steps",
     )
+    parser.add_argument(
+        "--strip",
+        default=None,
+        help="write PREFIX_ATTRIBUTE-VALUE.png per editor: sources, ground truth, the edit at each gamma",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.handovers and len(args.editors) != 2:
@@ -321,12 +341,21 @@ def main(argv: list[str] | None = None) -> dict:
         editors[0], forward_steps=args.forward_steps, generative_steps=args.generative_steps
     )
     results = {"setup": f"{args.scenes} held-out one-object scenes per editor, {settings}"}
+    strips: dict[str, list[np.ndarray]] = {}
     for editor in [] if args.combination_only else editors:
         pair = (editor.config["data"]["attribute"], editor.config["data"]["value"])
         scenes = heldout_scenes(args.scenes, [pair])
         results.update(
             evaluate(
-                model, oracle, [editor], scenes, settings, args.gammas, args.combination, args.success_gamma
+                model,
+                oracle,
+                [editor],
+                scenes,
+                settings,
+                args.gammas,
+                args.combination,
+                args.success_gamma,
+                strips,
             )
         )
         if args.word_swap_steps:
@@ -351,6 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
             for weights in args.weights
         }
+    for name, rows in strips.items() if args.strip else ():
+        save_strip(rows, f"{args.strip}_{name}.png")
     print(json.dumps(results, indent=1), flush=True)
     return results
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from editor_artefact import write_perturbed_editor
+from PIL import Image
 
 from benchmarks import diffusion_clip_world as bench
 from pipeline.editors import EditSettings, generate_with_editors, load_editor
@@ -72,7 +73,7 @@ def test_a_weighting_reads_as_its_editors_applied_by_hand(world):
     assert probabilities[0] != probabilities[1]
 
 
-def test_a_conjunction_reads_as_edit_by_hand_and_takes_gammas_above_one(world, monkeypatch):
+def test_a_conjunction_reads_as_edit_by_hand_and_takes_gammas_above_one(world, monkeypatch, tmp_path):
     """Both editors at gamma 1 (sum 2) and one editor's transition up to gamma 2, as a conjunction."""
     model, model_path, uris = world
     calls = []
@@ -133,8 +134,18 @@ def test_a_conjunction_reads_as_edit_by_hand_and_takes_gammas_above_one(world, m
     calls.clear()  # a success gamma outside the transition is generated on its own
     apart = bench.main(
         [uris[0], *common, "--gammas", "1", "--combination", "conjunction", "--success-gamma", "2"]
-        + ["--word-swap-steps", "2"]
+        + ["--word-swap-steps", "2", "--strip", str(tmp_path / "strip")]
     )
+    # The strip: sources, ground truth, the gamma-1 edit (nearest-neighbour doubled), 3 scenes a row.
+    strip = np.asarray(Image.open(tmp_path / "strip_shape-star.png"))[::2, ::2]
+    assert strip.shape == (3 * 64, 3 * 64, 3)
+    rows = [strip[64 * k : 64 * (k + 1)] for k in range(3)]
+    for position, scene in enumerate(scenes):
+        columns = slice(64 * position, 64 * (position + 1))
+        assert np.array_equal(rows[0][:, columns], generator.render(scene).image)
+        assert np.array_equal(rows[1][:, columns], generator.counterfactual(scene, "shape", "star").image)
+    edited = generate_with_editors(model, start, editors[:1], [1.0], settings, combination="conjunction")
+    assert np.array_equal(rows[2], np.concatenate(list(edited.numpy()), axis=1))
     swapped = bench.text_only_edits(model, scenes, "shape", "star", 2)
     names, _ = bench.oracle_readings(oracle, swapped)
     assert apart["shape->star word swap"]["success"] == float(np.mean([n == "star" for n in names["shape"]]))
