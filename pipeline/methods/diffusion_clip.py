@@ -43,6 +43,12 @@ Legend (papers/004; latent diffusion, so x is the VAE latent and images come fro
     L_id                  eq. 11: lambda_L1 ||x_0 - x^0||_1 (mean absolute error of images in [-1, 1];
                           the face-identity term is not used)
     loss                  eq. 10: L_direction + L_id
+    L_prior               optional (not in the paper): score distillation (Poole et al., DreamFusion, 2022)
+                          from the frozen original model as a prior on x^0's latent z: z_t = sqrt(a_t) z
+                          + sqrt(1 - a_t) eps at one drawn t, and a loss whose gradient in z is
+                          (eps_theta(z_t, t) - eps) / numel (the UNet's Jacobian dropped), which moves z
+                          towards images the original model finds likely, so that the editor is not
+                          rewarded for fragments that fool the CLIP but are not images of the domain
     full backprop         one loss on the final x^0, differentiated through all S_gen UNet calls and DEC
     memory-efficient      the reference code's `clip_finetune_eff`: at every generative step the loss of
                           the step's prediction DEC(f_theta(x_t, t)), one backward and one optimiser step;
@@ -337,6 +343,41 @@ def log_direction_loss(direction_losses: torch.Tensor) -> torch.Tensor:
     return -torch.log(((2.0 - direction_losses) / 2.0).clamp_min(torch.finfo(direction_losses.dtype).tiny))
 
 
+@dataclass(frozen=True)
+class PriorTerm:
+    """One draw of L_prior (see the legend) for a batch.
+
+    Attributes:
+        noise_fn: eps_theta of the frozen original model (no gradients reach it).
+        timestep: t of this draw.
+        alpha: alpha_bar_t.
+        noise: eps, (B, C, h, w).
+        weight: lambda_prior.
+    """
+
+    noise_fn: NoiseFn
+    timestep: int
+    alpha: float
+    noise: torch.Tensor
+    weight: float
+
+
+def prior_loss(latents: torch.Tensor, prior: PriorTerm) -> torch.Tensor:
+    """L_prior per image: a surrogate whose gradient in `latents` is (eps_theta(z_t, t) - eps) / numel.
+
+    Args:
+        latents: x^0's latents z, (B, C, h, w), differentiable.
+        prior: the draw (t, eps) and the frozen model.
+
+    Returns:
+        (B,) values (meaningless as numbers; only their gradient counts).
+    """
+    noisy = prior.alpha**0.5 * latents.detach() + (1.0 - prior.alpha) ** 0.5 * prior.noise
+    with torch.no_grad():
+        residual = prior.noise_fn(noisy, prior.timestep) - prior.noise
+    return (residual * latents).flatten(1).mean(dim=1)
+
+
 def full_backprop_loss(
     noise_fn: NoiseFn,
     grid: ReturnGrid,
@@ -344,6 +385,7 @@ def full_backprop_loss(
     decode: DecodeFn,
     embed: EmbedFn,
     inputs: LossInputs,
+    prior: PriorTerm | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of eq. 10 on x^0 generated from x_t0, differentiable through every generative step.
 
@@ -354,11 +396,16 @@ def full_backprop_loss(
         decode: DEC, latents -> images in [-1, 1].
         embed: the CLIP image encoder.
         inputs: sources, text direction and weights.
+        prior: L_prior's draw, or None (the paper's loss).
 
     Returns:
         The scalar loss and its terms.
     """
-    return diffusion_clip_loss(decode(generate(noise_fn, grid, start_latents)), embed, inputs)
+    latents = generate(noise_fn, grid, start_latents)
+    loss, terms = diffusion_clip_loss(decode(latents), embed, inputs)
+    if prior is None:
+        return loss, terms
+    return loss + prior.weight * prior_loss(latents, prior).mean(), terms
 
 
 def memory_efficient_losses(

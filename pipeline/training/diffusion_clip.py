@@ -15,6 +15,7 @@ value are not used (their direction is zero). The oracle is never used here.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ KIND = DIFFUSION_CLIP_KIND
 FACTORY = "pipeline.training.diffusion_clip:build_task"
 # Base UNets above this size train LoRA adapters when `adapter` is "auto" (SD 1.5's UNet: 860M).
 AUTO_LORA_PARAMETERS = 100_000_000
+# L_prior's t is drawn from [PRIOR_FIRST_STEP, t0]: below it the noised latent is the latent itself.
+PRIOR_FIRST_STEP = 20
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -104,6 +107,9 @@ class DiffusionClipConfig:
         direction_floor: L_direction counts only above it, max(0, L - floor) (not in the paper): set it to
             1 - the cosine that true edits of the attribute score (`benchmarks/clip_directions.py`), so the
             editor is not pushed past them into changes the CLIP rewards more than the attribute.
+        prior_weight: lambda_prior of L_prior (not in the paper; 0 = off): score distillation from a frozen
+            copy of the original UNet on x^0's latent at one t per iteration, drawn uniformly from
+            [20, t0] with its noise from (seed, iteration) (`dc.prior_loss`); full_backprop only.
         lr: Adam learning rate (paper: 4e-6 for 256 px pixel-space models).
         lr_growth: the learning rate is multiplied by this every `lr_growth_every` iterations (paper:
             "increased linearly by 1.2 per 50 iterations"; the reference code's StepLR, gamma 1.2, per
@@ -140,6 +146,7 @@ class DiffusionClipConfig:
     direction_weight: float = 1.0
     direction_form: Literal["cosine", "log"] = "cosine"
     direction_floor: float = 0.0
+    prior_weight: float = 0.0
     lr: float = 4e-6
     lr_growth: float = 1.0
     lr_growth_every: int = 50
@@ -163,6 +170,10 @@ class DiffusionClipConfig:
         if not 0.0 <= self.direction_floor < 2.0:
             raise ValueError(
                 f"direction_floor={self.direction_floor} must be in [0, 2) (L_direction's range)"
+            )
+        if self.prior_weight < 0 or (self.prior_weight and self.variant != "full_backprop"):
+            raise ValueError(
+                f"prior_weight={self.prior_weight} must be >= 0, and above 0 only with variant full_backprop"
             )
         if self.lr_growth <= 0 or self.lr_growth_every < 1:
             raise ValueError(
@@ -480,6 +491,8 @@ class DiffusionClipTask:
         load_task_models(self, device, rank, world_size, frozen=False)
         self.clips = load_clips(config, device, self.clip)
         self._prepare_pairs()
+        # L_prior's original model, copied before any weight (or adapter) is trained.
+        self.base_unet = copy.deepcopy(self.model.unet).requires_grad_(False) if config.prior_weight else None
         torch.manual_seed(config.seed)
         self.adapter = resolved_adapter(config, self.model.unet)
         self.parameters = make_trainable(self.model.unet, self.adapter, config.lora_rank, config.lora_alpha)
@@ -518,6 +531,29 @@ class DiffusionClipTask:
             return branch(self.model.unet, latents, timestep, condition)
 
         return noise
+
+    def _base_noise(self, latents: torch.Tensor, timestep: int) -> torch.Tensor:
+        condition = self.condition.expand(latents.shape[0], -1, -1)
+        return fixed_branch_noise(self.base_unet, latents, timestep, condition)
+
+    def prior_term(self, iteration: int) -> dc.PriorTerm | None:
+        """L_prior's draw for this worker's rows: t and the whole batch's eps from (seed, iteration), so
+        that every worker count sees the same draw."""
+        config = self.config
+        if not config.prior_weight:
+            return None
+        generator = np.random.default_rng([config.seed, iteration, 1])
+        timestep = int(generator.integers(PRIOR_FIRST_STEP, config.return_step + 1))
+        noise = torch.as_tensor(
+            generator.standard_normal((config.batch, *self.start_latents.shape[1:])), dtype=torch.float32
+        )
+        return dc.PriorTerm(
+            noise_fn=self._base_noise,
+            timestep=timestep,
+            alpha=float(self.model.scheduler.alphas_cumprod[timestep]),
+            noise=noise[self.rank :: self.world_size].to(self.start_latents),
+            weight=config.prior_weight,
+        )
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return differentiable_decode(self.model.vae, latents)
@@ -573,7 +609,7 @@ class DiffusionClipTask:
             inputs,
         )
         if self.config.variant == "full_backprop":
-            losses = [dc.full_backprop_loss(*arguments)]
+            losses = [dc.full_backprop_loss(*arguments, prior=self.prior_term(iteration))]
         else:
             losses = dc.memory_efficient_losses(*arguments)
         totals: dict[str, float] = {}

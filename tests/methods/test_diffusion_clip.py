@@ -541,3 +541,47 @@ def test_an_ensembles_embedding_is_each_clips_embedding_of_the_same_images_membe
     torch.testing.assert_close(embedded[:2, 3:], torch.zeros(2, 2))
     torch.testing.assert_close(embedded[2:], wide(images))
     torch.testing.assert_close(dc.ensemble_embed([wide])(images), wide(images))
+
+
+def test_the_prior_gradient_in_the_latent_is_the_frozen_models_noise_residual_over_its_size():
+    """Score distillation: d L_prior / d z = (eps_frozen(sqrt(a) z + sqrt(1 - a) eps, t) - eps) / numel,
+    with no gradient through the frozen model."""
+    generator = torch.Generator().manual_seed(6)
+    frozen = torch.nn.Conv2d(4, 4, 3, padding=1).double()
+    latents = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+    calls = []
+
+    def frozen_noise(noisy, timestep):
+        calls.append((timestep, noisy.requires_grad))
+        return frozen(noisy) * timestep / 100
+
+    prior = dc.PriorTerm(noise_fn=frozen_noise, timestep=70, alpha=0.64, noise=noise, weight=2.0)
+    dc.prior_loss(latents, prior).sum().backward()
+    with torch.no_grad():
+        residual = frozen(0.8 * latents + 0.6 * noise) * 0.7 - noise
+    torch.testing.assert_close(latents.grad, residual / (4 * 8 * 8))
+    assert calls == [(70, False)] and frozen.weight.grad is None
+
+
+def test_full_backprop_adds_the_weighted_prior_on_the_generated_latents(trainable):
+    unet, scheduler, noise_fn, decode, embed = trainable
+    generator = torch.Generator().manual_seed(7)
+    inputs, start = (
+        _loss_inputs(embed, generator),
+        torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64),
+    )
+    grid = dc.ReturnGrid.from_scheduler(scheduler, 400, 2)
+    noise = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+    prior = dc.PriorTerm(
+        noise_fn=lambda latents, t: torch.tanh(latents), timestep=100, alpha=0.5, noise=noise, weight=3.0
+    )
+    with_prior, terms = dc.full_backprop_loss(noise_fn, grid, start, decode, embed, inputs, prior=prior)
+    plain, plain_terms = dc.full_backprop_loss(noise_fn, grid, start, decode, embed, inputs)
+    latents = dc.generate(noise_fn, grid, start)
+    torch.testing.assert_close(with_prior, plain + 3.0 * dc.prior_loss(latents, prior).mean())
+    assert terms.keys() == plain_terms.keys()
+    gradients = _gradients(unet, with_prior)
+    assert any(
+        float((a - b).abs().sum()) > 1e-10 for a, b in zip(gradients, _gradients(unet, plain), strict=True)
+    )

@@ -11,6 +11,7 @@ import torch
 from training_runs import assert_resumes_to_the_same_result, train
 
 from pipeline.metrics.clip import build_random_clip
+from pipeline.training import diffusion_clip as dc_training
 from pipeline.training.artefact import read_artefact
 from pipeline.training.diffusion_clip import ClipSpec, DiffusionClipConfig, DiffusionClipTask, WorldData
 from pipeline.training.ray_train import history_of
@@ -381,3 +382,35 @@ def test_extra_clips_each_give_their_own_directions_and_embeddings_member_major(
     torch.testing.assert_close(directions[:views_rows], single_directions)
     torch.testing.assert_close(directions[views_rows:, :24], own[rows].repeat(2, 1))
     torch.testing.assert_close(embed((task.source_images[rows] + 1.0) / 2.0), sources)
+
+
+def test_the_prior_scores_with_a_frozen_copy_of_the_original_unet_and_a_worker_invariant_draw(task_config):
+    config = dataclasses.replace(task_config, prior_weight=5.0, adapter="full")
+    one = DiffusionClipTask(config)
+    one.setup(torch.device("cpu"), 0, 1)
+    original = {name: value.clone() for name, value in one.base_unet.state_dict().items()}
+    draw = one.prior_term(iteration=3)
+    assert (draw.weight, draw.noise.shape[0]) == (5.0, config.batch)
+    assert dc_training.PRIOR_FIRST_STEP <= draw.timestep <= config.return_step
+    assert draw.alpha == float(one.model.scheduler.alphas_cumprod[draw.timestep])
+    # The same (seed, iteration) gives the same draw; each of two workers takes its rows' noise.
+    again = one.prior_term(iteration=3)
+    assert again.timestep == draw.timestep and torch.equal(again.noise, draw.noise)
+    other = one.prior_term(iteration=4)
+    assert not torch.equal(other.noise, draw.noise)
+    second = DiffusionClipTask(config)
+    second.setup(torch.device("cpu"), 1, 2)
+    assert torch.equal(second.prior_term(iteration=3).noise, draw.noise[1::2])
+    # A step trains the UNet and leaves the prior's copy as it was.
+    one.step(0, lambda: None)
+    assert all(torch.equal(one.base_unet.state_dict()[name], value) for name, value in original.items())
+    moved = any(not torch.equal(one.model.unet.state_dict()[name], value) for name, value in original.items())
+    assert moved and not any(parameter.requires_grad for parameter in one.base_unet.parameters())
+    assert DiffusionClipTask(task_config).prior_term(iteration=3) is None  # off by default
+
+
+def test_the_prior_weight_must_be_non_negative_and_needs_full_backprop(task_config):
+    with pytest.raises(ValueError, match="prior_weight=-1"):
+        dataclasses.replace(task_config, prior_weight=-1.0)
+    with pytest.raises(ValueError, match="only with variant full_backprop"):
+        dataclasses.replace(task_config, prior_weight=1.0, variant="memory_efficient")
