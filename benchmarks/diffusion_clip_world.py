@@ -262,6 +262,7 @@ def evaluate_combination(
         "all_faithful_success": float(np.mean(both & checks["closer"])),
         "closer_than_source": float(np.mean(checks["closer"])),
         "gt_psnr_db": round(float(np.mean(checks["gt_psnr_db"])), 2),
+        "source_gt_psnr_db": round(float(np.mean(checks["source_gt_psnr_db"])), 2),
         "per_editor": per_editor,
         "per_editor_target_probability": per_editor_probability,
     }
