@@ -181,6 +181,13 @@ def _loss_inputs(embed, generator):
     )
 
 
+def _inputs_and_start(embed, seed: int):
+    """(the generator, drawn on further by a test; the loss inputs; x_t0 (2, 4, 8, 8)) from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = _loss_inputs(embed, generator)
+    return generator, inputs, torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+
+
 def _gradients(unet, loss):
     unet.zero_grad()
     loss.backward()
@@ -191,11 +198,7 @@ def test_memory_efficient_and_full_backprop_gradients_agree_for_one_generative_s
     """With S_gen = 1 and alpha_bar = 1 at the clean end, x^0 = f_theta(x_t0, t0): the two variants
     differentiate the same loss."""
     unet, scheduler, noise_fn, decode, embed = trainable
-    generator = torch.Generator().manual_seed(3)
-    inputs, start = (
-        _loss_inputs(embed, generator),
-        torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64),
-    )
+    generator, inputs, start = _inputs_and_start(embed, seed=3)
     grid = dc.ReturnGrid.from_scheduler(scheduler, 400, 1)
     full, _ = dc.full_backprop_loss(noise_fn, grid, start, decode, embed, inputs)
     full_gradients = _gradients(unet, full)
@@ -210,11 +213,7 @@ def test_memory_efficient_losses_reach_the_weights_through_one_unet_call_each(tr
     """Each step's loss is that of DEC(f_theta(x_t, t)) at the step's own x_t, which is detached: its
     gradient equals the gradient of a one-step loss taken on that x_t alone."""
     unet, scheduler, noise_fn, decode, embed = trainable
-    generator = torch.Generator().manual_seed(4)
-    inputs, start = (
-        _loss_inputs(embed, generator),
-        torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64),
-    )
+    generator, inputs, start = _inputs_and_start(embed, seed=4)
     grid = dc.ReturnGrid.from_scheduler(scheduler, 400, 3)
     steps = dc.memory_efficient_losses(noise_fn, grid, start, decode, embed, inputs)
     next(steps)
@@ -231,11 +230,7 @@ def test_memory_efficient_losses_reach_the_weights_through_one_unet_call_each(tr
 def test_full_backprop_reaches_every_generative_step(trainable):
     """Full backprop differs from the truncated chain when S_gen > 1 (the gradient flows through x_t)."""
     unet, scheduler, noise_fn, decode, embed = trainable
-    generator = torch.Generator().manual_seed(5)
-    inputs, start = (
-        _loss_inputs(embed, generator),
-        torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64),
-    )
+    generator, inputs, start = _inputs_and_start(embed, seed=5)
     grid = dc.ReturnGrid.from_scheduler(scheduler, 400, 2)
     full, _ = dc.full_backprop_loss(noise_fn, grid, start, decode, embed, inputs)
     with torch.no_grad():
@@ -566,11 +561,7 @@ def test_the_prior_gradient_in_the_latent_is_the_frozen_models_noise_residual_ov
 
 def test_full_backprop_adds_the_weighted_prior_on_the_generated_latents(trainable):
     unet, scheduler, noise_fn, decode, embed = trainable
-    generator = torch.Generator().manual_seed(7)
-    inputs, start = (
-        _loss_inputs(embed, generator),
-        torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64),
-    )
+    generator, inputs, start = _inputs_and_start(embed, seed=7)
     grid = dc.ReturnGrid.from_scheduler(scheduler, 400, 2)
     noise = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
     prior = dc.PriorTerm(
