@@ -15,19 +15,21 @@ the oracle reads the result. Reported per editor:
   fraction the oracle reads as the target that are also closer; gt_psnr_db and source_gt_psnr_db, the
   mean PSNR of the edits and of the sources against it. The oracle alone can be fooled: it was trained
   on clean renders, and it reads broken, fragmented objects as stars; a fragment is not nearer to the
-  true star than the source is, a drawn star is (Prompt-to-Prompt's word swap: 0.875 of its edits).
+  true star than the source is, a drawn star is (Prompt-to-Prompt's word swap: 0.84 of its edits).
 - transition: mean oracle probability of the target value at each gamma of the continuous transition
   (original model 1 - gamma, editor gamma), whether it rises monotonically, and the success at each
   gamma (`transition_success`).
 With two editors, on the scenes that have neither value: both_success, the fraction the oracle reads
-with both values (all_faithful_success: and nearer than the source to the scene with both changed) under the noise combination gamma = (0.5, 0.5) (eq. 14), and with `--handovers T ...`
-under the piecewise-constant gamma_i(t) of each handover T: the first editor alone on the steps with
+with both values (all_faithful_success: and nearer than the source to the scene with both changed)
+under the noise combination gamma = (0.5, 0.5) (eq. 14), and with `--handovers T ...` under the
+piecewise-constant gamma_i(t) of each handover T: the first editor alone on the steps with
 t >= T, the second alone below (`combination_handover`), and with `--weights g1,g2 ...` under each
 other constant weighting (`combination_weights`; eq. 14 allows any sum <= 1, the original model
-taking the rest). `--combination-only` skips the single-editor readings; `--word-swap-steps S` adds, per editor, the same
-readings of direct inversion + Prompt-to-Prompt word swap to the counterfactual caption (S steps). `--combination conjunction`
-combines every weighting as eps + sum_i gamma_i (eps_i - eps) with any gammas >= 0 (the same weighted
-sum with the original's share 1 - sum allowed below 0), and so also takes transition gammas above 1.
+taking the rest). `--combination-only` skips the single-editor readings; `--word-swap-steps S` adds,
+per editor, the same readings of direct inversion + Prompt-to-Prompt word swap to the counterfactual
+caption (S steps). `--combination conjunction` combines every weighting as
+eps + sum_i gamma_i (eps_i - eps) with any gammas >= 0 (the same weighted sum with the original's share
+1 - sum allowed below 0), and so also takes transition gammas above 1.
 """
 
 from __future__ import annotations
