@@ -49,6 +49,15 @@ Legend (papers/004; latent diffusion, so x is the VAE latent and images come fro
                           (eps_theta(z_t, t) - eps) / numel (the UNet's Jacobian dropped), which moves z
                           towards images the original model finds likely, so that the editor is not
                           rewarded for fragments that fool the CLIP but are not images of the domain
+    eps~(z_t, t; y)       the frozen model's noise at condition y with classifier-free guidance w:
+                          eps(z_t, t; "") + w (eps(z_t, t; y) - eps(z_t, t; "")) (`guided`); the prior may
+                          be conditioned on the editor's prompt or on each image's y_tar
+    delta form            optional (not in the paper): Delta Denoising Score (Hertz, Aberman & Cohen-Or,
+                          ICCV 2023): the gradient in z is (eps~(z_t, t; y_tar) - eps~(zs_t, t; y_ref))
+                          / numel, where zs_t = sqrt(a_t) zs + sqrt(1 - a_t) eps noises the source latent
+                          zs with the same (t, eps); the drawn eps is replaced by the model's own reading of
+                          the source, so that what remains is the change from y_ref to y_tar (zero at the
+                          source when y_tar = y_ref), not score distillation's pull towards the mode
     full backprop         one loss on the final x^0, differentiated through all S_gen UNet calls and DEC
     memory-efficient      the reference code's `clip_finetune_eff`: at every generative step the loss of
                           the step's prediction DEC(f_theta(x_t, t)), one backward and one optimiser step;
@@ -344,15 +353,31 @@ def log_direction_loss(direction_losses: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PriorReference:
+    """The source side of L_prior's delta form (see the legend).
+
+    Attributes:
+        noise_fn: eps~(., t; y_ref) of the frozen original model.
+        latents: the sources' latents zs, (B, C, h, w).
+    """
+
+    noise_fn: NoiseFn
+    latents: torch.Tensor
+
+
+@dataclass(frozen=True)
 class PriorTerm:
     """One draw of L_prior (see the legend) for a batch.
 
     Attributes:
-        noise_fn: eps_theta of the frozen original model (no gradients reach it).
+        noise_fn: eps~(., t; y) of the frozen original model (no gradients reach it), y the editor's
+            prompt or each image's y_tar.
         timestep: t of this draw.
         alpha: alpha_bar_t.
         noise: eps, (B, C, h, w).
         weight: lambda_prior.
+        reference: None (score distillation: the residual's baseline is eps) or the delta form's source
+            side (the baseline is eps~(zs_t, t; y_ref)).
     """
 
     noise_fn: NoiseFn
@@ -360,21 +385,46 @@ class PriorTerm:
     alpha: float
     noise: torch.Tensor
     weight: float
+    reference: PriorReference | None = None
+
+
+def guided(conditional: NoiseFn, unconditional: NoiseFn, scale: float) -> NoiseFn:
+    """eps~ = eps(.; "") + w (eps(.; y) - eps(.; "")): classifier-free guidance of two noise functions.
+
+    Args:
+        conditional: eps(., t; y).
+        unconditional: eps(., t; "").
+        scale: w (1: the conditional alone, which is then the only one called).
+    """
+    if scale == 1.0:
+        return conditional
+
+    def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
+        without = unconditional(latents, timestep)
+        return without + scale * (conditional(latents, timestep) - without)
+
+    return noise
 
 
 def prior_loss(latents: torch.Tensor, prior: PriorTerm) -> torch.Tensor:
-    """L_prior per image: a surrogate whose gradient in `latents` is (eps_theta(z_t, t) - eps) / numel.
+    """L_prior per image: a surrogate whose gradient in `latents` is (eps~(z_t, t) - baseline) / numel,
+    the baseline eps (score distillation) or eps~(zs_t, t; y_ref) (the delta form).
 
     Args:
         latents: x^0's latents z, (B, C, h, w), differentiable.
-        prior: the draw (t, eps) and the frozen model.
+        prior: the draw (t, eps), the frozen model and, for the delta form, the sources.
 
     Returns:
         (B,) values (meaningless as numbers; only their gradient counts).
     """
-    noisy = prior.alpha**0.5 * latents.detach() + (1.0 - prior.alpha) ** 0.5 * prior.noise
+    root_alpha, root_sigma = prior.alpha**0.5, (1.0 - prior.alpha) ** 0.5
+    noisy = root_alpha * latents.detach() + root_sigma * prior.noise
     with torch.no_grad():
-        residual = prior.noise_fn(noisy, prior.timestep) - prior.noise
+        baseline = prior.noise
+        if prior.reference is not None:
+            noisy_sources = root_alpha * prior.reference.latents + root_sigma * prior.noise
+            baseline = prior.reference.noise_fn(noisy_sources, prior.timestep)
+        residual = prior.noise_fn(noisy, prior.timestep) - baseline
     return (residual * latents).flatten(1).mean(dim=1)
 
 

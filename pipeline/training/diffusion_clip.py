@@ -110,6 +110,13 @@ class DiffusionClipConfig:
         prior_weight: lambda_prior of L_prior (not in the paper; 0 = off): score distillation from a frozen
             copy of the original UNet on x^0's latent at one t per iteration, drawn uniformly from
             [20, t0] with its noise from (seed, iteration) (`dc.prior_loss`); full_backprop only.
+        prior_condition: what the prior's frozen model is conditioned on: prompt (the editor's `prompt`) or
+            texts (each image's y_tar, and y_ref on the source side of the delta form, encoded by the
+            base model's text encoder).
+        prior_guidance: classifier-free guidance w of the prior's conditions against "" (1 = none).
+        prior_form: sds (score distillation: the residual's baseline is the drawn eps) or delta (Delta
+            Denoising Score: the baseline is the frozen model's noise on the source latent noised alike,
+            at y_ref), see `dc.prior_loss`.
         lr: Adam learning rate (paper: 4e-6 for 256 px pixel-space models).
         lr_growth: the learning rate is multiplied by this every `lr_growth_every` iterations (paper:
             "increased linearly by 1.2 per 50 iterations"; the reference code's StepLR, gamma 1.2, per
@@ -147,6 +154,9 @@ class DiffusionClipConfig:
     direction_form: Literal["cosine", "log"] = "cosine"
     direction_floor: float = 0.0
     prior_weight: float = 0.0
+    prior_condition: Literal["prompt", "texts"] = "prompt"
+    prior_guidance: float = 1.0
+    prior_form: Literal["sds", "delta"] = "sds"
     lr: float = 4e-6
     lr_growth: float = 1.0
     lr_growth_every: int = 50
@@ -174,6 +184,14 @@ class DiffusionClipConfig:
         if self.prior_weight < 0 or (self.prior_weight and self.variant != "full_backprop"):
             raise ValueError(
                 f"prior_weight={self.prior_weight} must be >= 0, and above 0 only with variant full_backprop"
+            )
+        if self.prior_guidance < 0:
+            raise ValueError(f"prior_guidance={self.prior_guidance} must be >= 0 (1 = no guidance)")
+        if (self.prior_condition, self.prior_guidance, self.prior_form) != ("prompt", 1.0, "sds") and not (
+            self.prior_weight
+        ):
+            raise ValueError(
+                "prior_condition, prior_guidance and prior_form shape L_prior: set prior_weight > 0 to use them"
             )
         if self.lr_growth <= 0 or self.lr_growth_every < 1:
             raise ValueError(
@@ -515,6 +533,8 @@ class DiffusionClipTask:
         self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])
         forward_grid = dc.ReturnGrid.from_scheduler(model.scheduler, config.return_step, config.forward_steps)
         latents = encode_images(model, torch.as_tensor(images))
+        self.source_latents = latents
+        self.prior_conditions = self._prior_conditions()
         self.start_latents = torch.cat(
             [
                 dc.forward(self._noise_fn(fixed_branch_noise), forward_grid, chunk)
@@ -532,9 +552,32 @@ class DiffusionClipTask:
 
         return noise
 
-    def _base_noise(self, latents: torch.Tensor, timestep: int) -> torch.Tensor:
-        condition = self.condition.expand(latents.shape[0], -1, -1)
-        return fixed_branch_noise(self.base_unet, latents, timestep, condition)
+    def _prior_conditions(self) -> dict[str, torch.Tensor] | None:
+        """The prior's text conditions by the base model's text encoder: "target" and "reference" (N, L, D)
+        per training image (prior_condition texts) and "none" (1, L, D) for guidance; None without a prior."""
+        from pipeline.diffusion.tokens import encode_prompts
+
+        config, model = self.config, self.model
+        if not config.prior_weight:
+            return None
+        conditions = {"none": encode_prompts(model.tokenizer, model.text_encoder, [""])}
+        if config.prior_condition == "texts":
+            _, _, references, targets = _training_texts(config)
+            conditions["target"] = encode_prompts(model.tokenizer, model.text_encoder, targets)
+            conditions["reference"] = encode_prompts(model.tokenizer, model.text_encoder, references)
+        return conditions
+
+    def _base_noise_at(self, condition: torch.Tensor) -> dc.NoiseFn:
+        """eps~ of the frozen original model at `condition` ((1 or B, L, D)), guided by prior_guidance."""
+
+        def at(embeddings: torch.Tensor) -> dc.NoiseFn:
+            def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
+                expanded = embeddings.expand(latents.shape[0], -1, -1)
+                return fixed_branch_noise(self.base_unet, latents, timestep, expanded)
+
+            return noise
+
+        return dc.guided(at(condition), at(self.prior_conditions["none"]), self.config.prior_guidance)
 
     def prior_term(self, iteration: int) -> dc.PriorTerm | None:
         """L_prior's draw for this worker's rows: t and the whole batch's eps from (seed, iteration), so
@@ -547,12 +590,20 @@ class DiffusionClipTask:
         noise = torch.as_tensor(
             generator.standard_normal((config.batch, *self.start_latents.shape[1:])), dtype=torch.float32
         )
+        rows = torch.as_tensor(self.rows(iteration))
+        texts = config.prior_condition == "texts"
+        target = self.prior_conditions["target"][rows] if texts else self.condition
+        reference = None
+        if config.prior_form == "delta":
+            source_condition = self.prior_conditions["reference"][rows] if texts else self.condition
+            reference = dc.PriorReference(self._base_noise_at(source_condition), self.source_latents[rows])
         return dc.PriorTerm(
-            noise_fn=self._base_noise,
+            noise_fn=self._base_noise_at(target),
             timestep=timestep,
             alpha=float(self.model.scheduler.alphas_cumprod[timestep]),
             noise=noise[self.rank :: self.world_size].to(self.start_latents),
             weight=config.prior_weight,
+            reference=reference,
         )
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:

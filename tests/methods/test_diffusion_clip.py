@@ -559,6 +559,64 @@ def test_the_prior_gradient_in_the_latent_is_the_frozen_models_noise_residual_ov
     assert calls == [(70, False)] and frozen.weight.grad is None
 
 
+def test_guidance_mixes_the_two_noise_functions_and_w_1_calls_only_the_conditional():
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    calls = []
+
+    def conditional(noisy, timestep):
+        calls.append("conditional")
+        return torch.sin(noisy) * timestep
+
+    def unconditional(noisy, timestep):
+        calls.append("unconditional")
+        return noisy**2
+
+    torch.testing.assert_close(
+        dc.guided(conditional, unconditional, 3.0)(latents, 5),
+        latents**2 + 3.0 * (torch.sin(latents) * 5 - latents**2),
+    )
+    torch.testing.assert_close(dc.guided(conditional, unconditional, 0.0)(latents, 5), latents**2)
+    calls.clear()
+    assert dc.guided(conditional, unconditional, 1.0) is conditional
+    dc.guided(conditional, unconditional, 1.0)(latents, 5)
+    assert calls == ["conditional"]
+
+
+def test_the_delta_prior_gradient_is_the_target_noise_minus_the_sources_reference_noise():
+    """Delta Denoising Score: d L / d z = (eps~(sqrt(a) z + sqrt(1 - a) eps; y_tar) - eps~(sqrt(a) zs
+    + sqrt(1 - a) eps; y_ref)) / numel, the same (t, eps) on both sides."""
+    generator = torch.Generator().manual_seed(8)
+    frozen = torch.nn.Conv2d(4, 4, 3, padding=1).double()
+    latents = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    sources = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+    noise = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+
+    def target(noisy, timestep):
+        return frozen(noisy) + 0.3
+
+    def reference(noisy, timestep):
+        return frozen(noisy) * timestep / 100
+
+    prior = dc.PriorTerm(
+        noise_fn=target,
+        timestep=40,
+        alpha=0.36,
+        noise=noise,
+        weight=1.0,
+        reference=dc.PriorReference(noise_fn=reference, latents=sources),
+    )
+    dc.prior_loss(latents, prior).sum().backward()
+    with torch.no_grad():
+        residual = frozen(0.6 * latents + 0.8 * noise) + 0.3 - frozen(0.6 * sources + 0.8 * noise) * 0.4
+    torch.testing.assert_close(latents.grad, residual / (4 * 8 * 8))
+    assert frozen.weight.grad is None
+    # At the source, with the same condition on both sides, there is nothing to move.
+    at_source = sources.clone().requires_grad_(True)
+    same = dataclasses.replace(prior, noise_fn=reference)
+    dc.prior_loss(at_source, same).sum().backward()
+    assert not at_source.grad.any()
+
+
 def test_full_backprop_adds_the_weighted_prior_on_the_generated_latents(trainable):
     unet, scheduler, noise_fn, decode, embed = trainable
     generator, inputs, start = _inputs_and_start(embed, seed=7)

@@ -10,7 +10,9 @@ import pytest
 import torch
 from training_runs import assert_resumes_to_the_same_result, train
 
+from pipeline.diffusion.tokens import encode_prompts
 from pipeline.metrics.clip import build_random_clip
+from pipeline.models.vae import encode_images
 from pipeline.training import diffusion_clip as dc_training
 from pipeline.training.artefact import read_artefact
 from pipeline.training.diffusion_clip import ClipSpec, DiffusionClipConfig, DiffusionClipTask, WorldData
@@ -407,6 +409,58 @@ def test_the_prior_scores_with_a_frozen_copy_of_the_original_unet_and_a_worker_i
     moved = any(not torch.equal(one.model.unet.state_dict()[name], value) for name, value in original.items())
     assert moved and not any(parameter.requires_grad for parameter in one.base_unet.parameters())
     assert DiffusionClipTask(task_config).prior_term(iteration=3) is None  # off by default
+
+
+def test_the_delta_prior_on_texts_reads_each_rows_captions_and_its_source(task_config):
+    """prior_condition texts + prior_form delta: the frozen model at each row's y_tar on z_t and at its
+    y_ref on the source latent noised alike, both guided by w against ""."""
+    config = dataclasses.replace(
+        task_config, prior_weight=2.0, prior_condition="texts", prior_form="delta", prior_guidance=3.0
+    )
+    task = DiffusionClipTask(config)
+    task.setup(torch.device("cpu"), 0, 1)
+    images, references, targets = dc_training.world_training_texts(config.data)
+    rows = torch.as_tensor(task.rows(5))
+    draw = task.prior_term(iteration=5)
+    model = task.model
+    torch.testing.assert_close(
+        draw.reference.latents,
+        encode_images(model, torch.as_tensor(dc_training._at_resolution(images, model.image_size)))[rows],
+    )
+
+    def expected(texts: list[str], latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            conditions = encode_prompts(
+                model.tokenizer, model.text_encoder, [texts[int(row)] for row in rows]
+            )
+            none = encode_prompts(model.tokenizer, model.text_encoder, [""]).expand(len(rows), -1, -1)
+            unet = task.base_unet
+            conditional = unet(latents, draw.timestep, encoder_hidden_states=conditions).sample
+            unconditional = unet(latents, draw.timestep, encoder_hidden_states=none).sample
+        return unconditional + 3.0 * (conditional - unconditional)
+
+    latents = torch.randn_like(draw.noise)
+    torch.testing.assert_close(draw.noise_fn(latents, draw.timestep), expected(targets, latents))
+    torch.testing.assert_close(draw.reference.noise_fn(latents, draw.timestep), expected(references, latents))
+    assert references != targets
+    # The plain prior scores with the editor's prompt and the drawn eps as its baseline.
+    plain = DiffusionClipTask(dataclasses.replace(task_config, prior_weight=2.0))
+    plain.setup(torch.device("cpu"), 0, 1)
+    assert plain.prior_term(iteration=5).reference is None
+    with torch.no_grad():
+        prompt = plain.base_unet(
+            latents, draw.timestep, encoder_hidden_states=plain.condition.expand(2, -1, -1)
+        )
+    torch.testing.assert_close(plain.prior_term(iteration=5).noise_fn(latents, draw.timestep), prompt.sample)
+
+
+def test_the_prior_options_need_a_prior_weight_and_a_non_negative_guidance(task_config):
+    with pytest.raises(ValueError, match="set prior_weight > 0"):
+        dataclasses.replace(task_config, prior_form="delta")
+    with pytest.raises(ValueError, match="set prior_weight > 0"):
+        dataclasses.replace(task_config, prior_condition="texts")
+    with pytest.raises(ValueError, match="prior_guidance=-1"):
+        dataclasses.replace(task_config, prior_weight=1.0, prior_guidance=-1.0)
 
 
 def test_the_prior_weight_must_be_non_negative_and_needs_full_backprop(task_config):
