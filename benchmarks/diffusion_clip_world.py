@@ -2,7 +2,8 @@
 
     python -m benchmarks.diffusion_clip_world out/editors/star/artefact [out/editors/blue/artefact] \
         [--scenes 32] [--forward-steps 200] [--generative-steps 40] [--gammas 0 0.25 0.5 0.75 1] \
-        [--weights 0.7,0.3 ...] [--handovers 300 ...] [--combination-only] [--combination conjunction]
+        [--weights 0.7,0.3 ...] [--handovers 300 ...] [--combination-only] [--combination conjunction] \
+        [--output benchmarks/results/NAME.json]
 
 For held-out one-object scenes (seeds from HELDOUT_SEED_OFFSET, disjoint from training) whose
 attribute does not already have the editor's value, each editor edits every scene (gamma = 1) and
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -328,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="write PREFIX_ATTRIBUTE-VALUE.png per editor: sources, ground truth, the edit at each gamma",
     )
+    parser.add_argument("--output", default=None, help="also write the final readings to this JSON file")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.handovers and len(args.editors) != 2:
@@ -386,6 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, rows in strips.items() if args.strip else ():
         save_strip(rows, f"{args.strip}_{name}.png")
     print(json.dumps(results, indent=1), flush=True)
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 

@@ -4,6 +4,8 @@ editor applied alone by hand, and its argument checks."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -87,9 +89,12 @@ def test_a_conjunction_reads_as_edit_by_hand_and_takes_gammas_above_one(world, m
     both = bench.main(
         [*uris, *common, "--weights", "1,1", "--combination-only", "--combination", "conjunction"]
     )
+    written = tmp_path / "alone.json"
     alone = bench.main(
         [uris[0], *common, "--gammas", "1", "2", "--combination", "conjunction", "--success-gamma", "2"]
+        + ["--output", str(written)]
     )
+    assert json.loads(written.read_text()) == json.loads(json.dumps(alone))
     # equal weights and the weighting; the transition, whose gamma-2 reading is the success read
     assert calls == [[0.5, 0.5], [1.0, 1.0], [1.0], [2.0]]
     editors = [load_editor(model, uri) for uri in uris]
