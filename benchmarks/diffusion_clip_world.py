@@ -108,6 +108,15 @@ def truth_summary(hits: np.ndarray, checks: dict[str, np.ndarray]) -> dict[str, 
     }
 
 
+def sources_and_truths(scenes, attribute: str, value: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scenes rendered and rendered with `attribute` changed to `value`, uint8 (B, H, W, 3) each."""
+    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
+    truths = torch.as_tensor(
+        np.stack([generator.counterfactual(scene, attribute, value).image for scene in scenes])
+    )
+    return images, truths
+
+
 def text_only_edits(model, scenes, attribute: str, value: str, steps: int) -> torch.Tensor:
     """Direct inversion + P2P word swap of every scene to its counterfactual caption; (B, H, W, 3) uint8."""
     from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
@@ -141,16 +150,12 @@ def evaluate(
     """Success and kept attributes at `success_gamma`, and the transition curve, of each editor on `scenes`;
     `strips` (when given) receives per editor the rows source, ground truth, and the edit at each gamma,
     uint8 (B, H, W, 3) each."""
-    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
     started = time.perf_counter()
-    with torch.no_grad():
-        start = forward_to_return_step(model, images, settings)
+    start = combination_start(model, scenes, settings)
     report = {"forward_seconds": round(time.perf_counter() - started, 1)}
     for editor in editors:
         attribute, value = editor.config["data"]["attribute"], editor.config["data"]["value"]
-        truths = torch.as_tensor(
-            np.stack([generator.counterfactual(scene, attribute, value).image for scene in scenes])
-        )
+        images, truths = sources_and_truths(scenes, attribute, value)
         curve, hits, faithful, success_edit = [], [], [], None
         rows = [images.numpy(), truths.numpy()]
         for gamma in gammas:
@@ -158,17 +163,18 @@ def evaluate(
             names, probabilities = oracle_readings(oracle, edited)
             hit = np.array([name == value for name in names[attribute]])
             curve.append(mean_target_probability(probabilities, attribute, value))
+            checks = truth_checks(edited, images, truths)
             hits.append(float(hit.mean()))
-            faithful.append(float(np.mean(hit & truth_checks(edited, images, truths)["closer"])))
+            faithful.append(float(np.mean(hit & checks["closer"])))
             rows.append(edited.numpy())
             if gamma == success_gamma:  # the success reading is this one: not generated again
-                success_edit = (edited, names)
+                success_edit = (names, checks)
         if success_edit is None:
             edited = generate_with_editors(
                 model, start, [editor], [success_gamma], settings, combination=combination
             )
-            success_edit = (edited, oracle_readings(oracle, edited)[0])
-        edited, names = success_edit
+            success_edit = (oracle_readings(oracle, edited)[0], truth_checks(edited, images, truths))
+        names, checks = success_edit
         if strips is not None:
             strips[f"{attribute}-{value}"] = rows
         hit = np.array([name == value for name in names[attribute]])
@@ -182,7 +188,7 @@ def evaluate(
         report[f"{attribute}->{value}"] = {
             "success": float(hit.mean()),
             **({"success_gamma": success_gamma} if success_gamma != 1.0 else {}),
-            **truth_summary(hit, truth_checks(edited, images, truths)),
+            **truth_summary(hit, checks),
             **kept,
             "transition_gammas": gammas,
             "transition_target_probability": curve,
@@ -196,10 +202,7 @@ def evaluate(
 def word_swap_reading(model, oracle, scenes, attribute: str, value: str, steps: int) -> dict[str, float]:
     """The same readings for text-only editing of the same scenes (`text_only_edits`): a reference for
     what the model itself draws when asked for the value."""
-    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
-    truths = torch.as_tensor(
-        np.stack([generator.counterfactual(scene, attribute, value).image for scene in scenes])
-    )
+    images, truths = sources_and_truths(scenes, attribute, value)
     edited = text_only_edits(model, scenes, attribute, value, steps)
     names, _ = oracle_readings(oracle, edited)
     hit = np.array([name == value for name in names[attribute]])
@@ -258,15 +261,14 @@ def evaluate_combination(
             probabilities, attribute, value
         )
         both &= hit
+    truth = truth_summary(both, checks)
     return {
         "gammas": gammas,
         **({"windows": windows} if windows else {}),
         **({"combination": combination} if combination != "convex" else {}),
         "all_success": float(both.mean()),
-        "all_faithful_success": float(np.mean(both & checks["closer"])),
-        "closer_than_source": float(np.mean(checks["closer"])),
-        "gt_psnr_db": round(float(np.mean(checks["gt_psnr_db"])), 2),
-        "source_gt_psnr_db": round(float(np.mean(checks["source_gt_psnr_db"])), 2),
+        "all_faithful_success": truth.pop("faithful_success"),
+        **truth,
         "per_editor": per_editor,
         "per_editor_target_probability": per_editor_probability,
     }
