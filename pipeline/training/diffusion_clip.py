@@ -27,13 +27,12 @@ import torch
 from pipeline.diffusion.precision import fixed_branch_noise, optimised_branch_noise
 from pipeline.methods import diffusion_clip as dc
 from pipeline.training.artefact import DIFFUSION_CLIP_KIND
+from pipeline.training.prior import PriorConfig, PriorDraws, PriorSources
 
 KIND = DIFFUSION_CLIP_KIND
 FACTORY = "pipeline.training.diffusion_clip:build_task"
 # Base UNets above this size train LoRA adapters when `adapter` is "auto" (SD 1.5's UNet: 860M).
 AUTO_LORA_PARAMETERS = 100_000_000
-# L_prior's t is drawn from [PRIOR_FIRST_STEP, t0]: below it the noised latent is the latent itself.
-PRIOR_FIRST_STEP = 20
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -107,16 +106,10 @@ class DiffusionClipConfig:
         direction_floor: L_direction counts only above it, max(0, L - floor) (not in the paper): set it to
             1 - the cosine that true edits of the attribute score (`benchmarks/clip_directions.py`), so the
             editor is not pushed past them into changes the CLIP rewards more than the attribute.
-        prior_weight: lambda_prior of L_prior (not in the paper; 0 = off): score distillation from a frozen
-            copy of the original UNet on x^0's latent at one t per iteration, drawn uniformly from
-            [20, t0] with its noise from (seed, iteration) (`dc.prior_loss`); full_backprop only.
-        prior_condition: what the prior's frozen model is conditioned on: prompt (the editor's `prompt`) or
-            texts (each image's y_tar, and y_ref on the source side of the delta form, encoded by the
-            base model's text encoder).
-        prior_guidance: classifier-free guidance w of the prior's conditions against "" (1 = none).
-        prior_form: sds (score distillation: the residual's baseline is the drawn eps) or delta (Delta
-            Denoising Score: the baseline is the frozen model's noise on the source latent noised alike,
-            at y_ref), see `dc.prior_loss`.
+        prior: L_prior (not in the paper; weight 0 = off, `pipeline.training.prior`): a frozen copy of the
+            original UNet scores x^0's latent at one t per iteration, drawn uniformly from [20, t0] with its
+            noise from (seed, iteration) (`dc.prior_loss`), by score distillation or Delta Denoising
+            Score; full_backprop only.
         lr: Adam learning rate (paper: 4e-6 for 256 px pixel-space models).
         lr_growth: the learning rate is multiplied by this every `lr_growth_every` iterations (paper:
             "increased linearly by 1.2 per 50 iterations"; the reference code's StepLR, gamma 1.2, per
@@ -153,10 +146,7 @@ class DiffusionClipConfig:
     direction_weight: float = 1.0
     direction_form: Literal["cosine", "log"] = "cosine"
     direction_floor: float = 0.0
-    prior_weight: float = 0.0
-    prior_condition: Literal["prompt", "texts"] = "prompt"
-    prior_guidance: float = 1.0
-    prior_form: Literal["sds", "delta"] = "sds"
+    prior: PriorConfig = dataclasses.field(default_factory=PriorConfig)
     lr: float = 4e-6
     lr_growth: float = 1.0
     lr_growth_every: int = 50
@@ -181,18 +171,7 @@ class DiffusionClipConfig:
             raise ValueError(
                 f"direction_floor={self.direction_floor} must be in [0, 2) (L_direction's range)"
             )
-        if self.prior_weight < 0 or (self.prior_weight and self.variant != "full_backprop"):
-            raise ValueError(
-                f"prior_weight={self.prior_weight} must be >= 0, and above 0 only with variant full_backprop"
-            )
-        if self.prior_guidance < 0:
-            raise ValueError(f"prior_guidance={self.prior_guidance} must be >= 0 (1 = no guidance)")
-        if (self.prior_condition, self.prior_guidance, self.prior_form) != ("prompt", 1.0, "sds") and not (
-            self.prior_weight
-        ):
-            raise ValueError(
-                "prior_condition, prior_guidance and prior_form shape L_prior: set prior_weight > 0 to use them"
-            )
+        check_prior_variant(self.prior, self.variant)
         if self.lr_growth <= 0 or self.lr_growth_every < 1:
             raise ValueError(
                 f"lr_growth={self.lr_growth} must be > 0 and lr_growth_every={self.lr_growth_every} >= 1"
@@ -201,6 +180,12 @@ class DiffusionClipConfig:
             raise ValueError(
                 f"clip_views={self.clip_views} and clip_view_shift={self.clip_view_shift} must be >= 0"
             )
+
+
+def check_prior_variant(prior: PriorConfig, variant: str) -> None:
+    """L_prior scores the pass's final latents: only the full-backpropagation variant has them."""
+    if prior.weight and variant != "full_backprop":
+        raise ValueError(f"prior.weight={prior.weight} needs variant full_backprop (got {variant})")
 
 
 def check_kept_attributes(keep_attributes: tuple[str, ...], attribute: str) -> None:
@@ -251,6 +236,8 @@ def task_fields(mapping: dict[str, Any]) -> dict[str, Any]:
     if "extra_clips" in fields:
         fields["extra_clips"] = tuple(ClipSpec(**spec) for spec in fields["extra_clips"])
     fields["data"] = WorldData(**fields.get("data", {}))
+    if "prior" in fields:
+        fields["prior"] = PriorConfig(**fields["prior"])
     fields["keep_attributes"] = tuple(fields.get("keep_attributes", ()))
     fields["keep_texts"] = tuple(tuple(pair) for pair in fields.get("keep_texts", ()))
     return fields
@@ -509,8 +496,22 @@ class DiffusionClipTask:
         load_task_models(self, device, rank, world_size, frozen=False)
         self.clips = load_clips(config, device, self.clip)
         self._prepare_pairs()
-        # L_prior's original model, copied before any weight (or adapter) is trained.
-        self.base_unet = copy.deepcopy(self.model.unet).requires_grad_(False) if config.prior_weight else None
+        self.prior = None
+        if config.prior.weight:
+            # L_prior's original model, copied before any weight (or adapter) is trained.
+            base_unet = copy.deepcopy(self.model.unet).requires_grad_(False)
+            self.prior = PriorDraws(
+                config.prior,
+                self.model,
+                base_unet,
+                self.condition,
+                PriorSources(self.source_latents, *_training_texts(config)[2:]),
+                config.seed,
+                config.batch,
+                config.return_step,
+                rank,
+                world_size,
+            )
         torch.manual_seed(config.seed)
         self.adapter = resolved_adapter(config, self.model.unet)
         self.parameters = make_trainable(self.model.unet, self.adapter, config.lora_rank, config.lora_alpha)
@@ -534,7 +535,6 @@ class DiffusionClipTask:
         forward_grid = dc.ReturnGrid.from_scheduler(model.scheduler, config.return_step, config.forward_steps)
         latents = encode_images(model, torch.as_tensor(images))
         self.source_latents = latents
-        self.prior_conditions = self._prior_conditions()
         self.start_latents = torch.cat(
             [
                 dc.forward(self._noise_fn(fixed_branch_noise), forward_grid, chunk)
@@ -552,59 +552,11 @@ class DiffusionClipTask:
 
         return noise
 
-    def _prior_conditions(self) -> dict[str, torch.Tensor] | None:
-        """The prior's text conditions by the base model's text encoder: "target" and "reference" (N, L, D)
-        per training image (prior_condition texts) and "none" (1, L, D) for guidance; None without a prior."""
-        from pipeline.diffusion.tokens import encode_prompts
-
-        config, model = self.config, self.model
-        if not config.prior_weight:
-            return None
-        conditions = {"none": encode_prompts(model.tokenizer, model.text_encoder, [""])}
-        if config.prior_condition == "texts":
-            _, _, references, targets = _training_texts(config)
-            conditions["target"] = encode_prompts(model.tokenizer, model.text_encoder, targets)
-            conditions["reference"] = encode_prompts(model.tokenizer, model.text_encoder, references)
-        return conditions
-
-    def _base_noise_at(self, condition: torch.Tensor) -> dc.NoiseFn:
-        """eps~ of the frozen original model at `condition` ((1 or B, L, D)), guided by prior_guidance."""
-
-        def at(embeddings: torch.Tensor) -> dc.NoiseFn:
-            def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
-                expanded = embeddings.expand(latents.shape[0], -1, -1)
-                return fixed_branch_noise(self.base_unet, latents, timestep, expanded)
-
-            return noise
-
-        return dc.guided(at(condition), at(self.prior_conditions["none"]), self.config.prior_guidance)
-
     def prior_term(self, iteration: int) -> dc.PriorTerm | None:
-        """L_prior's draw for this worker's rows: t and the whole batch's eps from (seed, iteration), so
-        that every worker count sees the same draw."""
-        config = self.config
-        if not config.prior_weight:
+        """L_prior's draw for this worker's rows of `iteration`, or None without a prior."""
+        if not self.config.prior.weight:
             return None
-        generator = np.random.default_rng([config.seed, iteration, 1])
-        timestep = int(generator.integers(PRIOR_FIRST_STEP, config.return_step + 1))
-        noise = torch.as_tensor(
-            generator.standard_normal((config.batch, *self.start_latents.shape[1:])), dtype=torch.float32
-        )
-        rows = torch.as_tensor(self.rows(iteration))
-        texts = config.prior_condition == "texts"
-        target = self.prior_conditions["target"][rows] if texts else self.condition
-        reference = None
-        if config.prior_form == "delta":
-            source_condition = self.prior_conditions["reference"][rows] if texts else self.condition
-            reference = dc.PriorReference(self._base_noise_at(source_condition), self.source_latents[rows])
-        return dc.PriorTerm(
-            noise_fn=self._base_noise_at(target),
-            timestep=timestep,
-            alpha=float(self.model.scheduler.alphas_cumprod[timestep]),
-            noise=noise[self.rank :: self.world_size].to(self.start_latents),
-            weight=config.prior_weight,
-            reference=reference,
-        )
+        return self.prior.term(iteration, torch.as_tensor(self.rows(iteration)))
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return differentiable_decode(self.model.vae, latents)

@@ -16,6 +16,7 @@ from pipeline.models.vae import encode_images
 from pipeline.training import diffusion_clip as dc_training
 from pipeline.training.artefact import read_artefact
 from pipeline.training.diffusion_clip import ClipSpec, DiffusionClipConfig, DiffusionClipTask, WorldData
+from pipeline.training.prior import PRIOR_FIRST_STEP, PriorConfig
 from pipeline.training.ray_train import history_of
 
 ITERATIONS = 4
@@ -387,13 +388,13 @@ def test_extra_clips_each_give_their_own_directions_and_embeddings_member_major(
 
 
 def test_the_prior_scores_with_a_frozen_copy_of_the_original_unet_and_a_worker_invariant_draw(task_config):
-    config = dataclasses.replace(task_config, prior_weight=5.0, adapter="full")
+    config = dataclasses.replace(task_config, prior=PriorConfig(weight=5.0), adapter="full")
     one = DiffusionClipTask(config)
     one.setup(torch.device("cpu"), 0, 1)
-    original = {name: value.clone() for name, value in one.base_unet.state_dict().items()}
+    original = {name: value.clone() for name, value in one.prior.unet.state_dict().items()}
     draw = one.prior_term(iteration=3)
     assert (draw.weight, draw.noise.shape[0]) == (5.0, config.batch)
-    assert dc_training.PRIOR_FIRST_STEP <= draw.timestep <= config.return_step
+    assert PRIOR_FIRST_STEP <= draw.timestep <= config.return_step
     assert draw.alpha == float(one.model.scheduler.alphas_cumprod[draw.timestep])
     # The same (seed, iteration) gives the same draw; each of two workers takes its rows' noise.
     again = one.prior_term(iteration=3)
@@ -405,17 +406,17 @@ def test_the_prior_scores_with_a_frozen_copy_of_the_original_unet_and_a_worker_i
     assert torch.equal(second.prior_term(iteration=3).noise, draw.noise[1::2])
     # A step trains the UNet and leaves the prior's copy as it was.
     one.step(0, lambda: None)
-    assert all(torch.equal(one.base_unet.state_dict()[name], value) for name, value in original.items())
+    assert all(torch.equal(one.prior.unet.state_dict()[name], value) for name, value in original.items())
     moved = any(not torch.equal(one.model.unet.state_dict()[name], value) for name, value in original.items())
-    assert moved and not any(parameter.requires_grad for parameter in one.base_unet.parameters())
+    assert moved and not any(parameter.requires_grad for parameter in one.prior.unet.parameters())
     assert DiffusionClipTask(task_config).prior_term(iteration=3) is None  # off by default
 
 
 def test_the_delta_prior_on_texts_reads_each_rows_captions_and_its_source(task_config):
-    """prior_condition texts + prior_form delta: the frozen model at each row's y_tar on z_t and at its
+    """prior condition texts + form delta: the frozen model at each row's y_tar on z_t and at its
     y_ref on the source latent noised alike, both guided by w against ""."""
     config = dataclasses.replace(
-        task_config, prior_weight=2.0, prior_condition="texts", prior_form="delta", prior_guidance=3.0
+        task_config, prior=PriorConfig(weight=2.0, condition="texts", form="delta", guidance=3.0)
     )
     task = DiffusionClipTask(config)
     task.setup(torch.device("cpu"), 0, 1)
@@ -434,7 +435,7 @@ def test_the_delta_prior_on_texts_reads_each_rows_captions_and_its_source(task_c
                 model.tokenizer, model.text_encoder, [texts[int(row)] for row in rows]
             )
             none = encode_prompts(model.tokenizer, model.text_encoder, [""]).expand(len(rows), -1, -1)
-            unet = task.base_unet
+            unet = task.prior.unet
             conditional = unet(latents, draw.timestep, encoder_hidden_states=conditions).sample
             unconditional = unet(latents, draw.timestep, encoder_hidden_states=none).sample
         return unconditional + 3.0 * (conditional - unconditional)
@@ -444,27 +445,16 @@ def test_the_delta_prior_on_texts_reads_each_rows_captions_and_its_source(task_c
     torch.testing.assert_close(draw.reference.noise_fn(latents, draw.timestep), expected(references, latents))
     assert references != targets
     # The plain prior scores with the editor's prompt and the drawn eps as its baseline.
-    plain = DiffusionClipTask(dataclasses.replace(task_config, prior_weight=2.0))
+    plain = DiffusionClipTask(dataclasses.replace(task_config, prior=PriorConfig(weight=2.0)))
     plain.setup(torch.device("cpu"), 0, 1)
     assert plain.prior_term(iteration=5).reference is None
     with torch.no_grad():
-        prompt = plain.base_unet(
+        prompt = plain.prior.unet(
             latents, draw.timestep, encoder_hidden_states=plain.condition.expand(2, -1, -1)
         )
     torch.testing.assert_close(plain.prior_term(iteration=5).noise_fn(latents, draw.timestep), prompt.sample)
 
 
-def test_the_prior_options_need_a_prior_weight_and_a_non_negative_guidance(task_config):
-    with pytest.raises(ValueError, match="set prior_weight > 0"):
-        dataclasses.replace(task_config, prior_form="delta")
-    with pytest.raises(ValueError, match="set prior_weight > 0"):
-        dataclasses.replace(task_config, prior_condition="texts")
-    with pytest.raises(ValueError, match="prior_guidance=-1"):
-        dataclasses.replace(task_config, prior_weight=1.0, prior_guidance=-1.0)
-
-
-def test_the_prior_weight_must_be_non_negative_and_needs_full_backprop(task_config):
-    with pytest.raises(ValueError, match="prior_weight=-1"):
-        dataclasses.replace(task_config, prior_weight=-1.0)
-    with pytest.raises(ValueError, match="only with variant full_backprop"):
-        dataclasses.replace(task_config, prior_weight=1.0, variant="memory_efficient")
+def test_the_prior_needs_full_backprop(task_config):
+    with pytest.raises(ValueError, match="prior.weight=1.0 needs variant full_backprop"):
+        dataclasses.replace(task_config, prior=PriorConfig(weight=1.0), variant="memory_efficient")
