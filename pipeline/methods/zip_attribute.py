@@ -38,6 +38,9 @@ Legend (papers/000; latent diffusion, so x is the VAE latent and images come fro
     full_backprop         `full_pass_loss`: Algorithm 1 read literally (lines 6-12: generate i_out = x_0,
                           then update E_A): eq. 6 once, on the final images of the pass with Δh against
                           the same pass without it, differentiated through every generative step
+    L_prior               optional (not in the paper), full_backprop only: DiffusionCLIP's prior on the
+                          final latent of the pass with Δh, by the frozen model itself (score distillation
+                          or Delta Denoising Score; `pipeline.methods.diffusion_clip.prior_loss`)
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.diffusion.ddim import ddim_move
-from pipeline.methods.diffusion_clip import ReturnGrid, direction_loss, predict_clean
+from pipeline.methods.diffusion_clip import PriorTerm, ReturnGrid, direction_loss, predict_clean, prior_loss
 
 # eps_theta(x_t, t) -> (B, C, h, w); the caller binds the UNet and the conditioning.
 NoiseFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -316,6 +319,7 @@ def full_pass_loss(
     embed: EmbedFn,
     text_direction: torch.Tensor,
     weights: LossWeights,
+    prior: PriorTerm | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 6 on the final images of one generative pass (Algorithm 1 lines 6-12), differentiable.
 
@@ -332,6 +336,7 @@ def full_pass_loss(
         embed: the CLIP image encoder.
         text_direction: ΔT, (B, D) or (D,).
         weights: lambda_clip and lambda_recon.
+        prior: L_prior's draw on the latents with Δh, or None (the paper's loss).
 
     Returns:
         The scalar loss and its detached terms {"direction", "l1"}.
@@ -349,4 +354,7 @@ def full_pass_loss(
         else:
             latents = ddim_move(noise_fn(latents, timestep), latents, alpha, alpha_prev)
     images, edited_images = decode(latents).chunk(2)
-    return zip_loss(edited_images, images, embed, text_direction, weights)
+    loss, terms = zip_loss(edited_images, images, embed, text_direction, weights)
+    if prior is None:
+        return loss, terms
+    return loss + prior.weight * prior_loss(latents[batch:], prior).mean(), terms

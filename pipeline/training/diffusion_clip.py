@@ -354,7 +354,7 @@ def training_images_and_directions(config, clip) -> tuple[np.ndarray, torch.Tens
     Returns:
         images uint8 (N, 64, 64, 3), directions (N, D).
     """
-    images, captions, references, targets = _training_texts(config)
+    images, captions, references, targets = training_texts(config)
     return images, _directions_by(clip, config, captions, references, targets)
 
 
@@ -376,12 +376,12 @@ def ensemble_images_and_directions(config, clips: list) -> tuple[np.ndarray, tor
     Returns:
         images uint8 (N, 64, 64, 3), directions (K, N, max_k D_k).
     """
-    images, captions, references, targets = _training_texts(config)
+    images, captions, references, targets = training_texts(config)
     directions = [_directions_by(clip, config, captions, references, targets) for clip in clips]
     return images, dc.member_rows(directions).unflatten(0, (len(clips), -1))
 
 
-def _training_texts(config) -> tuple[np.ndarray, list[str], list[str], list[str]]:
+def training_texts(config) -> tuple[np.ndarray, list[str], list[str], list[str]]:
     """The training images, their captions, and the (y_ref, y_tar) texts of their directions."""
     images, captions, counterfactuals = world_training_texts(config.data)
     references, targets = captions, counterfactuals
@@ -505,7 +505,7 @@ class DiffusionClipTask:
                 self.model,
                 base_unet,
                 self.condition,
-                PriorSources(self.source_latents, *_training_texts(config)[2:]),
+                PriorSources(self.source_latents, *training_texts(config)[2:]),
                 config.seed,
                 config.batch,
                 config.return_step,

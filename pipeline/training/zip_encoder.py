@@ -33,6 +33,7 @@ from pipeline.methods import zip_attribute as za
 from pipeline.training import diffusion_clip as dct
 from pipeline.training.artefact import ZIP_ENCODER_KIND
 from pipeline.training.diffusion_clip import ClipSpec, WorldData
+from pipeline.training.prior import PriorConfig, PriorDraws, PriorSources
 
 KIND = ZIP_ENCODER_KIND
 FACTORY = "pipeline.training.zip_encoder:build_task"
@@ -78,6 +79,8 @@ class ZipEncoderConfig:
         lr: Adam learning rate.
         batch: images per iteration over all workers (a multiple of the worker count).
         seed: seeds the head's initialisation and every iteration's draw.
+        prior: L_prior (not in the paper; weight 0 = off, `pipeline.training.prior`): the frozen model scores
+            the final latent of the pass with Δh; full_backprop only.
     """
 
     model: str = "pipeline/world/assets/shapes-sd"
@@ -108,6 +111,7 @@ class ZipEncoderConfig:
     lr: float = 1e-3
     batch: int = 8
     seed: int = 0
+    prior: PriorConfig = dataclasses.field(default_factory=PriorConfig)
 
     def with_absolute_paths(self, base: Path) -> ZipEncoderConfig:
         """Relative local paths (model, CLIP files) made absolute against `base`."""
@@ -126,6 +130,7 @@ class ZipEncoderConfig:
         if self.references < 1:
             raise ValueError(f"references={self.references} must be >= 1")
         dct.check_kept_attributes(self.keep_attributes, self.data.attribute)
+        dct.check_prior_variant(self.prior, self.variant)
 
 
 def config_from_mapping(mapping: dict[str, Any]) -> ZipEncoderConfig:
@@ -211,6 +216,20 @@ class ZipEncoderTask:
         )
         self.codes = reference_codes_of(self.model, self.reference_images)
         self._prepare_pairs()
+        self.prior = None
+        if config.prior.weight:  # the model is frozen: the prior reads its own UNet
+            self.prior = PriorDraws(
+                config.prior,
+                self.model,
+                self.model.unet,
+                self.condition,
+                PriorSources(self.source_latents, *dct.training_texts(config)[2:]),
+                config.seed,
+                config.batch,
+                config.return_step,
+                rank,
+                world_size,
+            )
         torch.manual_seed(config.seed)
         self.head = za.AttributeHead(mid_block_channels(self.model.unet), config.hidden).to(device)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=config.lr)
@@ -231,6 +250,7 @@ class ZipEncoderTask:
         self.condition = encode_prompts(model.tokenizer, model.text_encoder, [config.prompt])
         forward_grid = dc.ReturnGrid.from_scheduler(model.scheduler, config.return_step, config.forward_steps)
         latents = encode_images(model, torch.as_tensor(images))
+        self.source_latents = latents
         noise_fn = self._noise_fn(fixed_branch_noise)
         self.start_latents = torch.cat(
             [dc.forward(noise_fn, forward_grid, chunk) for chunk in latents.split(16)]
@@ -263,7 +283,7 @@ class ZipEncoderTask:
     def step(self, iteration: int, sync) -> dict[str, float]:
         rows, references = (torch.as_tensor(part) for part in self.draw(iteration))
         if self.config.variant == "full_backprop":
-            return self._full_pass_step(rows, references, sync)
+            return self._full_pass_step(iteration, rows, references, sync)
         losses = za.training_losses(
             self._paired_noise_fn(self.codes[references]),
             self.grid,
@@ -285,7 +305,9 @@ class ZipEncoderTask:
         self.optimizer.step()
         return totals
 
-    def _full_pass_step(self, rows: torch.Tensor, references: torch.Tensor, sync) -> dict[str, float]:
+    def _full_pass_step(
+        self, iteration: int, rows: torch.Tensor, references: torch.Tensor, sync
+    ) -> dict[str, float]:
         # Each row's reference code, for both halves of the pass (only the Δh half reads it).
         codes = self.codes[references].repeat(2, 1)
         loss, terms = za.full_pass_loss(
@@ -298,6 +320,7 @@ class ZipEncoderTask:
             self.embed,
             self.text_directions[:, rows].flatten(0, 1),
             self.loss_weights,
+            prior=None if self.prior is None else self.prior.term(iteration, rows),
         )
         self.optimizer.zero_grad()
         loss.backward()

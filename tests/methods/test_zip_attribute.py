@@ -302,6 +302,50 @@ def test_the_full_pass_generates_both_branches_as_the_step_functions_do(grid, ba
     assert head.layers[-1].weight.grad.abs().sum() > 0 and frozen.weight.grad is None
 
 
+def test_the_full_pass_adds_the_weighted_prior_on_the_latents_with_delta_h(grid):
+    torch.manual_seed(1)
+    head = za.AttributeHead(channels=4, hidden=4)
+    torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    code = torch.randn(4)
+
+    def noise_fn(latents, timestep):
+        return 0.1 * latents
+
+    def paired(latents, timestep):
+        return noise_fn(latents, timestep), 0.1 * (latents + head(latents, code))
+
+    start = _tensors(9)[2]
+    decoded = []
+
+    def decode(latents):
+        decoded.append(latents.detach())
+        return torch.tanh(latents[:, :3])
+
+    arguments = (
+        paired,
+        noise_fn,
+        grid,
+        start,
+        300,
+        decode,
+        _embed,
+        torch.tensor([1.0, 0.0, -1.0]),
+        za.LossWeights(),
+    )
+    prior = dc.PriorTerm(
+        noise_fn=lambda latents, t: torch.sin(latents),
+        timestep=100,
+        alpha=0.5,
+        noise=torch.randn_like(start),
+        weight=2.0,
+    )
+    with_prior, terms = za.full_pass_loss(*arguments, prior=prior)
+    plain, plain_terms = za.full_pass_loss(*arguments)
+    edited = decoded[0].chunk(2)[1]
+    torch.testing.assert_close(with_prior, plain + 2.0 * dc.prior_loss(edited, prior).mean())
+    assert terms.keys() == plain_terms.keys()
+
+
 def test_the_full_pass_of_an_untrained_head_has_no_direction_and_no_l1(grid):
     head = za.AttributeHead(channels=4, hidden=4)
     code = torch.randn(4)

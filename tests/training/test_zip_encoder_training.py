@@ -14,6 +14,7 @@ from pipeline.metrics.clip import build_random_clip
 from pipeline.models.loading import fingerprint_modules
 from pipeline.training.artefact import read_artefact
 from pipeline.training.diffusion_clip import ClipSpec, WorldData
+from pipeline.training.prior import PriorConfig
 from pipeline.training.ray_train import history_of
 from pipeline.training.zip_encoder import REFERENCES_NAME, ZipEncoderConfig, ZipEncoderTask
 
@@ -68,8 +69,9 @@ def test_the_artefact_holds_the_head_the_references_and_the_base_fingerprint(one
     assert float(last.abs().max()) > 0.0
 
 
-def test_training_leaves_the_diffusion_model_unchanged(task_config):
-    task = ZipEncoderTask(task_config)
+@pytest.mark.parametrize("prior", [PriorConfig(), PriorConfig(weight=5.0, condition="texts", form="delta")])
+def test_training_leaves_the_diffusion_model_unchanged(task_config, prior):
+    task = ZipEncoderTask(dataclasses.replace(task_config, prior=prior))
     task.setup(torch.device("cpu"), 0, 1)
     before = fingerprint_modules(task.model.unet, task.model.vae, task.model.text_encoder)
     assert before == task.base_fingerprint
@@ -183,9 +185,9 @@ def test_extra_clips_give_the_loss_each_clips_own_directions_member_major(task_c
     seen = {}
     original = za.full_pass_loss
 
-    def recording(*arguments):
+    def recording(*arguments, **keywords):
         seen["embed"], seen["directions"] = arguments[6], arguments[7]
-        return original(*arguments)
+        return original(*arguments, **keywords)
 
     monkeypatch.setattr(za, "full_pass_loss", recording)
     task.step(0, lambda: None)
@@ -195,3 +197,34 @@ def test_extra_clips_give_the_loss_each_clips_own_directions_member_major(task_c
     )
     images = torch.rand(len(rows), 3, 64, 64)
     assert seen["embed"](images).shape == (2 * len(rows), width)
+
+
+def test_the_prior_scores_the_edited_pass_with_the_models_own_unet_and_the_rows_sources(
+    task_config, monkeypatch
+):
+    from pipeline.methods import zip_attribute as za
+    from pipeline.models.vae import encode_images
+    from pipeline.training import diffusion_clip as dct
+
+    config = dataclasses.replace(task_config, prior=PriorConfig(weight=4.0, condition="texts", form="delta"))
+    task = ZipEncoderTask(config)
+    task.setup(torch.device("cpu"), 0, 1)
+    assert task.prior.unet is task.model.unet  # frozen already: no copy
+    seen, original = {}, za.full_pass_loss
+
+    def recording(*arguments, prior=None):
+        seen["prior"] = prior
+        return original(*arguments, prior=prior)
+
+    monkeypatch.setattr(za, "full_pass_loss", recording)
+    task.step(3, lambda: None)
+    rows = torch.as_tensor(task.draw(3)[0])
+    images = dct._at_resolution(dct.training_texts(config)[0], task.model.image_size)
+    assert seen["prior"].weight == 4.0
+    torch.testing.assert_close(
+        seen["prior"].reference.latents, encode_images(task.model, torch.as_tensor(images))[rows]
+    )
+    assert seen["prior"].timestep == task.prior.term(3, rows).timestep
+    with pytest.raises(ValueError, match="needs variant full_backprop"):
+        dataclasses.replace(config, variant="per_step")
+    assert ZipEncoderTask(task_config).config.prior.weight == 0.0
