@@ -19,7 +19,8 @@ does not already have the encoder's value, reported:
 - references: how far the edits move when the reference changes (mean absolute pixel difference
   between edits with two different references), against the edits' distance from their sources.
 
-`--write` saves the JSON to benchmarks/results/zip_world.json and a strip of examples to zip_world.png.
+`--write [NAME]` saves the JSON to benchmarks/results/NAME.json and a strip of examples to NAME.png (NAME:
+zip_world).
 """
 
 from __future__ import annotations
@@ -192,7 +193,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--text-steps", type=int, default=50, help="DDIM steps of the text-only baseline")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--write", action="store_true", help="write benchmarks/results/zip_world.{json,png}")
+    parser.add_argument(
+        "--write",
+        nargs="?",
+        const="zip_world",
+        default=None,
+        metavar="NAME",
+        help="write benchmarks/results/NAME.{json,png} (NAME: zip_world)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_diffusion_model(args.model)
@@ -214,8 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(results, indent=1), flush=True)
     if args.write:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "zip_world.json").write_text(json.dumps(results, indent=1) + "\n")
-        save_strip(examples, RESULTS / "zip_world.png")
+        (RESULTS / f"{args.write}.json").write_text(json.dumps(results, indent=1) + "\n")
+        save_strip(examples, RESULTS / f"{args.write}.png")
     return results
 
 

@@ -24,7 +24,7 @@ def test_the_benchmark_reports_a_frozen_model_and_the_encoders_own_edits(tmp_pat
     monkeypatch.setattr(zip_world, "RESULTS", tmp_path / "results")
     args = [uri, "--model", str(tmp_path / "sd"), "--scenes", "2", "--forward-steps", "2"]
     results = zip_world.main(
-        [*args, "--generative-steps", "2", "--text-steps", "2", "--scales", "0", "1", "--write"]
+        [*args, "--generative-steps", "2", "--text-steps", "2", "--scales", "0", "1", "--write", "zip_run"]
     )
     assert results["frozen"]["unchanged"] and results["frozen"]["before"] == model.fingerprint[:16]
     report = results["shape->star"]
@@ -55,5 +55,5 @@ def test_the_benchmark_reports_a_frozen_model_and_the_encoders_own_edits(tmp_pat
     assert report["closer_than_source"] == float(np.mean(checks["closer"]))
     assert consistency["zip_own_reference"]["gt_psnr_db"] == report["gt_psnr_db"]
     assert consistency["text_only_direct_p2p"]["gt_psnr_db"] != report["gt_psnr_db"]
-    assert json.loads((tmp_path / "results" / "zip_world.json").read_text())["frozen"]["unchanged"]
-    assert (tmp_path / "results" / "zip_world.png").stat().st_size > 0
+    assert json.loads((tmp_path / "results" / "zip_run.json").read_text())["frozen"]["unchanged"]
+    assert (tmp_path / "results" / "zip_run.png").stat().st_size > 0
