@@ -18,8 +18,9 @@ the oracle reads the result. Reported per editor:
   on clean renders, and it reads broken, fragmented objects as stars; a fragment is not nearer to the
   true star than the source is, a drawn star is (Prompt-to-Prompt's word swap: 0.84 of its edits).
 - transition: mean oracle probability of the target value at each gamma of the continuous transition
-  (original model 1 - gamma, editor gamma), whether it rises monotonically, and the success at each
-  gamma (`transition_success`).
+  (original model 1 - gamma, editor gamma), whether it rises monotonically (over every gamma, and over
+  the interpolation gamma <= 1 alone: `transition_monotonic_to_1`), and the success at each gamma
+  (`transition_success`).
 With two editors, on the scenes that have neither value: both_success, the fraction the oracle reads
 with both values (all_faithful_success: and nearer than the source to the scene with both changed)
 under the noise combination gamma = (0.5, 0.5) (eq. 14), and with `--handovers T ...` under the
@@ -131,6 +132,11 @@ def text_only_edits(model, scenes, attribute: str, value: str, steps: int) -> to
     return torch.stack([torch.as_tensor(result.image) for result in results])
 
 
+def rises(curve: list[float]) -> bool:
+    """Whether the curve never falls (ties allowed)."""
+    return all(later >= earlier for earlier, later in zip(curve, curve[1:], strict=False))
+
+
 def mean_target_probability(probabilities: dict[str, torch.Tensor], attribute: str, value: str) -> float:
     """The oracle's mean probability of `value` on the `attribute` head, to 4 places."""
     return round(float(probabilities[attribute][:, HEADS[attribute].index(value)].mean()), 4)
@@ -192,7 +198,8 @@ def evaluate(
             **kept,
             "transition_gammas": gammas,
             "transition_target_probability": curve,
-            "transition_monotonic": all(b >= a for a, b in zip(curve, curve[1:], strict=False)),
+            "transition_monotonic": rises(curve),
+            "transition_monotonic_to_1": rises([p for p, g in zip(curve, gammas, strict=True) if g <= 1.0]),
             "transition_success": hits,
             "transition_faithful_success": faithful,
         }

@@ -131,6 +131,11 @@ def test_a_conjunction_reads_as_edit_by_hand_and_takes_gammas_above_one(world, m
         hits = np.array([n == "star" for n in names["shape"]])
         assert transition["transition_faithful_success"][position] == float(np.mean(hits & closer))
     assert transition["transition_target_probability"][0] != transition["transition_target_probability"][1]
+    rising = transition["transition_target_probability"][1] > transition["transition_target_probability"][0]
+    assert (
+        transition["transition_monotonic"] == rising and transition["transition_monotonic_to_1"]
+    )  # one point
+
     assert (transition["success_gamma"], transition["success"]) == (2.0, transition["transition_success"][1])
     assert transition["faithful_success"] == transition["transition_faithful_success"][1]
     assert transition["closer_than_source"] == float(np.mean(closer))
@@ -195,3 +200,8 @@ def test_truth_checks_count_an_edit_only_when_it_is_nearer_the_truth_than_its_so
     summary = bench.truth_summary(np.array([True, True, True, False]), checks)
     assert summary["faithful_success"] == 0.25  # only the halfway edit is both read and closer
     assert summary["closer_than_source"] == 0.5
+
+
+def test_a_curve_rises_when_it_never_falls():
+    assert bench.rises([0.0, 0.5, 0.5, 0.9]) and bench.rises([0.3]) and bench.rises([])
+    assert not bench.rises([0.0, 0.9, 0.8])
