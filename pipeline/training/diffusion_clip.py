@@ -188,6 +188,26 @@ def check_prior_variant(prior: PriorConfig, variant: str) -> None:
         raise ValueError(f"prior.weight={prior.weight} needs variant full_backprop (got {variant})")
 
 
+def prior_draws(task, frozen_unet: torch.nn.Module) -> PriorDraws:
+    """L_prior's draws of a set-up DiffusionCLIP or ZIP task on its worker: the task's training images'
+    latents (`task.source_latents`, (N, C, h, w)) and (y_ref, y_tar) texts, and its prompt's embeddings."""
+    config = task.config
+    _, _, references, targets = training_texts(config)
+    sources = PriorSources(task.source_latents, references, targets)
+    return PriorDraws(
+        config.prior,
+        task.model,
+        frozen_unet,
+        task.condition,
+        sources,
+        config.seed,
+        config.batch,
+        config.return_step,
+        task.rank,
+        task.world_size,
+    )
+
+
 def check_kept_attributes(keep_attributes: tuple[str, ...], attribute: str) -> None:
     """Kept attributes are shapes-world attributes other than the edited one."""
     from pipeline.world.generator import EDITABLE_ATTRIBUTES
@@ -500,18 +520,7 @@ class DiffusionClipTask:
         if config.prior.weight:
             # L_prior's original model, copied before any weight (or adapter) is trained.
             base_unet = copy.deepcopy(self.model.unet).requires_grad_(False)
-            self.prior = PriorDraws(
-                config.prior,
-                self.model,
-                base_unet,
-                self.condition,
-                PriorSources(self.source_latents, *training_texts(config)[2:]),
-                config.seed,
-                config.batch,
-                config.return_step,
-                rank,
-                world_size,
-            )
+            self.prior = prior_draws(self, base_unet)
         torch.manual_seed(config.seed)
         self.adapter = resolved_adapter(config, self.model.unet)
         self.parameters = make_trainable(self.model.unet, self.adapter, config.lora_rank, config.lora_alpha)

@@ -33,7 +33,7 @@ from pipeline.methods import zip_attribute as za
 from pipeline.training import diffusion_clip as dct
 from pipeline.training.artefact import ZIP_ENCODER_KIND
 from pipeline.training.diffusion_clip import ClipSpec, WorldData
-from pipeline.training.prior import PriorConfig, PriorDraws, PriorSources
+from pipeline.training.prior import PriorConfig
 
 KIND = ZIP_ENCODER_KIND
 FACTORY = "pipeline.training.zip_encoder:build_task"
@@ -218,18 +218,7 @@ class ZipEncoderTask:
         self._prepare_pairs()
         self.prior = None
         if config.prior.weight:  # the model is frozen: the prior reads its own UNet
-            self.prior = PriorDraws(
-                config.prior,
-                self.model,
-                self.model.unet,
-                self.condition,
-                PriorSources(self.source_latents, *dct.training_texts(config)[2:]),
-                config.seed,
-                config.batch,
-                config.return_step,
-                rank,
-                world_size,
-            )
+            self.prior = dct.prior_draws(self, self.model.unet)
         torch.manual_seed(config.seed)
         self.head = za.AttributeHead(mid_block_channels(self.model.unet), config.hidden).to(device)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=config.lr)
