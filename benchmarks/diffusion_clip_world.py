@@ -22,7 +22,10 @@ the oracle reads the result. Reported per editor:
   the interpolation gamma <= 1 alone: `transition_monotonic_to_1`), and the success at each gamma
   (`transition_success`).
 With two editors, on the scenes that have neither value: both_success, the fraction the oracle reads
-with both values (all_faithful_success: and nearer than the source to the scene with both changed)
+with both values (all_faithful_success: and nearer than the source to the scene with both changed;
+all_drawn_success: and, for each editor, nearer that scene on the pixels its attribute changes than
+the scene with only the other editors' values is: a blue circle is not a blue star; `drawn` gives
+each editor's share alone, `attribute_drawn`)
 under the noise combination gamma = (0.5, 0.5) (eq. 14), and with `--handovers T ...` under the
 piecewise-constant gamma_i(t) of each handover T: the first editor alone on the steps with
 t >= T, the second alone below (`combination_handover`), and with `--weights g1,g2 ...` under each
@@ -99,6 +102,31 @@ def truth_checks(edited: torch.Tensor, sources: torch.Tensor, truths: torch.Tens
     }
 
 
+def attribute_drawn(edited: torch.Tensor, truths: torch.Tensor, without: torch.Tensor) -> np.ndarray:
+    """Whether each edit drew one attribute of a multi-attribute truth, not only the others.
+
+    The whole-image check (`truth_checks`) cannot tell a blue circle from a blue star when the truth
+    is a blue star: recolouring the object alone brings the image nearer. Here each edit is compared
+    with the truth on the pixels that the attribute changes, the region where the truth and the truth
+    without the attribute differ: the edit must be nearer the truth there than that counterfactual is.
+
+    Args:
+        edited, truths, without: uint8 (B, H, W, 3): the edits, the scenes rendered with every edited
+            attribute, and rendered with every edited attribute but the one checked.
+
+    Returns:
+        bool (B,); False where the attribute changes no pixel (both errors are 0: nothing to draw).
+    """
+    edited, truths, without = (torch.as_tensor(x).double() for x in (edited, truths, without))
+    region = (truths != without).any(dim=-1, keepdim=True).double()  # (B, H, W, 1)
+    pixels = region.sum(dim=(1, 2, 3)) * 3
+
+    def region_error(images: torch.Tensor) -> torch.Tensor:
+        return (((images - truths) ** 2) * region).sum(dim=(1, 2, 3)) / pixels.clamp(min=1)
+
+    return (region_error(edited) < region_error(without)).numpy()
+
+
 def truth_summary(hits: np.ndarray, checks: dict[str, np.ndarray]) -> dict[str, float]:
     """faithful_success (oracle hit and closer), closer_than_source and the mean PSNRs, rounded."""
     return {
@@ -109,9 +137,14 @@ def truth_summary(hits: np.ndarray, checks: dict[str, np.ndarray]) -> dict[str, 
     }
 
 
+def renders(scenes) -> torch.Tensor:
+    """The scenes rendered, uint8 (B, H, W, 3)."""
+    return torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
+
+
 def sources_and_truths(scenes, attribute: str, value: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The scenes rendered and rendered with `attribute` changed to `value`, uint8 (B, H, W, 3) each."""
-    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
+    images = renders(scenes)
     truths = torch.as_tensor(
         np.stack([generator.counterfactual(scene, attribute, value).image for scene in scenes])
     )
@@ -226,9 +259,17 @@ def save_strip(rows: list[np.ndarray], path: str, count: int = 12) -> None:
 
 def combination_start(model, scenes, settings: EditSettings) -> torch.Tensor:
     """x_t0 of the combination's scenes, shared by every weighting of the editors."""
-    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
+    images = renders(scenes)
     with torch.no_grad():
         return forward_to_return_step(model, images, settings)
+
+
+def truth_scenes_of(scenes, edits: list[dict]) -> list[generator.Scene]:
+    """The scenes with every edit's {attribute, value} applied (object 0), in order."""
+    truth_scenes = list(scenes)
+    for data in edits:
+        truth_scenes = [generator.edit_scene(s, data["attribute"], data["value"]) for s in truth_scenes]
+    return truth_scenes
 
 
 def evaluate_combination(
@@ -251,16 +292,13 @@ def evaluate_combination(
         gammas, windows = [1.0, 1.0], [(handover, 10**9), (0, handover - 1)]
     edited = generate_with_editors(model, start, editors, gammas, settings, windows, combination)
     names, probabilities = oracle_readings(oracle, edited)
-    truth_scenes = list(scenes)
-    for editor in editors:
-        data = editor.config["data"]
-        truth_scenes = [generator.edit_scene(s, data["attribute"], data["value"]) for s in truth_scenes]
-    sources = np.stack([generator.render(scene).image for scene in scenes])
-    truths = np.stack([generator.render(scene).image for scene in truth_scenes])
-    checks = truth_checks(edited, torch.as_tensor(sources), torch.as_tensor(truths))
-    per_editor, per_editor_probability = {}, {}
+    truth_scenes = truth_scenes_of(scenes, [editor.config["data"] for editor in editors])
+    truths = renders(truth_scenes)
+    checks = truth_checks(edited, renders(scenes), truths)
+    per_editor, per_editor_probability, drawn = {}, {}, {}
     both = np.ones(len(scenes), dtype=bool)
-    for editor in editors:
+    every_drawn = np.ones(len(scenes), dtype=bool)
+    for index, editor in enumerate(editors):
         attribute, value = editor.config["data"]["attribute"], editor.config["data"]["value"]
         hit = np.array([name == value for name in names[attribute]])
         per_editor[f"{attribute}->{value}"] = float(hit.mean())
@@ -268,6 +306,10 @@ def evaluate_combination(
             probabilities, attribute, value
         )
         both &= hit
+        others = [other.config["data"] for other in editors[:index] + editors[index + 1 :]]
+        this_drawn = attribute_drawn(edited, truths, renders(truth_scenes_of(scenes, others)))
+        drawn[f"{attribute}->{value}"] = float(this_drawn.mean())
+        every_drawn &= this_drawn
     truth = truth_summary(both, checks)
     return {
         "gammas": gammas,
@@ -275,6 +317,8 @@ def evaluate_combination(
         **({"combination": combination} if combination != "convex" else {}),
         "all_success": float(both.mean()),
         "all_faithful_success": truth.pop("faithful_success"),
+        "all_drawn_success": float(np.mean(both & checks["closer"] & every_drawn)),
+        "drawn": drawn,
         **truth,
         "per_editor": per_editor,
         "per_editor_target_probability": per_editor_probability,

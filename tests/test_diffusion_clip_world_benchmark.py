@@ -67,6 +67,22 @@ def test_a_weighting_reads_as_its_editors_applied_by_hand(world):
         assert reading["closer_than_source"] == float(np.mean(checks["closer"]))
         assert reading["gt_psnr_db"] == round(float(np.mean(checks["gt_psnr_db"])), 2)
         assert reading["all_faithful_success"] <= reading["all_success"]
+        # drawn: nearer the truth than the other attribute alone, on the pixels the two differ in
+        truth = np.stack([t.image for t in truths]).astype(np.float64)
+        drawn = {}
+        for key, other in (("shape->star", ("color", "blue")), ("color->blue", ("shape", "star"))):
+            without = np.stack([generator.counterfactual(s, *other).image for s in scenes]).astype(np.float64)
+            region = (truth != without).any(axis=-1, keepdims=True)
+            error = ((edited.numpy() - truth) ** 2 * region).sum(axis=(1, 2, 3))
+            drawn[key] = (error < ((without - truth) ** 2 * region).sum(axis=(1, 2, 3))) & region.any(
+                axis=(1, 2, 3)
+            )
+            assert reading["drawn"][key] == float(drawn[key].mean())
+        hits = np.logical_and.reduce(
+            [np.array([n == v for n in names[a]]) for a, v in (("shape", "star"), ("color", "blue"))]
+        )
+        expected = hits & checks["closer"] & drawn["shape->star"] & drawn["color->blue"]
+        assert reading["all_drawn_success"] == float(expected.mean())
     # The probabilities tell the two weightings apart (the fractions alone may both be 0 for a
     # random model), so a weighting that is not passed through to the edit fails above.
     probabilities = [
@@ -205,3 +221,63 @@ def test_truth_checks_count_an_edit_only_when_it_is_nearer_the_truth_than_its_so
 def test_a_curve_rises_when_it_never_falls():
     assert bench.rises([0.0, 0.5, 0.5, 0.9]) and bench.rises([0.3]) and bench.rises([])
     assert not bench.rises([0.0, 0.9, 0.8])
+
+
+def test_an_attribute_counts_as_drawn_only_where_it_changes_the_truth():
+    """A blue circle is not a blue star: recolouring alone draws the colour, not the shape."""
+    scene = next(
+        generator.sample_scene(seed, two_object_fraction=0.0)
+        for seed in range(100)
+        if generator.sample_scene(seed, two_object_fraction=0.0).objects[0].shape != "star"
+        and generator.sample_scene(seed, two_object_fraction=0.0).objects[0].color != "blue"
+    )
+
+    def image(*edits):
+        edited = scene
+        for attribute, value in edits:
+            edited = generator.edit_scene(edited, attribute, value)
+        return torch.as_tensor(generator.render(edited).image[None])
+
+    source, star, blue = image(), image(("shape", "star")), image(("color", "blue"))
+    truth = image(("shape", "star"), ("color", "blue"))
+
+    def drawn(edit):
+        return bool(bench.attribute_drawn(edit, truth, blue)[0]), bool(
+            bench.attribute_drawn(edit, truth, star)[0]
+        )
+
+    # (shape drawn, colour drawn)
+    assert drawn(truth) == (True, True)
+    assert drawn(blue) == (False, True)
+    assert drawn(star) == (True, False)
+    assert drawn(source) == (False, False)
+    assert not bench.attribute_drawn(truth, truth, truth)[0]  # an attribute that changes nothing
+
+
+def test_a_combination_fooling_the_oracle_with_one_attribute_is_faithful_but_not_drawn(world, monkeypatch):
+    """Stand-in edits, all read by a stand-in oracle as blue stars: the truth (a blue star), the source
+    recoloured blue, the source, and the truth on a ruined background. The whole-image check passes the
+    first two, the drawn check the first and the last, both only the first."""
+    model, _, uris = world
+    editors = [load_editor(model, uri) for uri in uris]
+    scenes = bench.heldout_scenes(4, [("shape", "star"), ("color", "blue")])
+    truths = bench.renders(bench.truth_scenes_of(scenes, [e.config["data"] for e in editors])).numpy()
+    source = generator.render(scenes[3]).image
+    ruined = np.where((truths[3] != source).any(axis=-1, keepdims=True), truths[3], 255 - truths[3])
+    edits = [truths[0], generator.counterfactual(scenes[1], "color", "blue").image]
+    edits = torch.as_tensor(np.stack([*edits, generator.render(scenes[2]).image, ruined]))
+    monkeypatch.setattr(bench, "generate_with_editors", lambda *args, **kwargs: edits)
+    original = bench.oracle_readings
+
+    def fooled(oracle, images):
+        names, probabilities = original(oracle, images)
+        return {**names, "shape": ["star"] * 4, "color": ["blue"] * 4}, probabilities
+
+    monkeypatch.setattr(bench, "oracle_readings", fooled)
+    settings = EditSettings.of(editors[0], forward_steps=2, generative_steps=2)
+    reading = bench.evaluate_combination(
+        model, load_oracle(), editors, scenes, None, settings, weights=[1.0, 1.0]
+    )
+    assert reading["all_success"] == 1.0
+    assert (reading["all_faithful_success"], reading["all_drawn_success"]) == (0.5, 0.25)
+    assert reading["drawn"] == {"shape->star": 0.5, "color->blue": 0.75}
