@@ -23,9 +23,10 @@ the oracle reads the result. Reported per editor:
   (`transition_success`).
 With two editors, on the scenes that have neither value: both_success, the fraction the oracle reads
 with both values (all_faithful_success: and nearer than the source to the scene with both changed;
-all_drawn_success: and, for each editor, nearer that scene on the pixels its attribute changes than
-the scene with only the other editors' values is: a blue circle is not a blue star; `drawn` gives
-each editor's share alone, `attribute_drawn`)
+all_drawn_success: and, for each editor, nearer that scene than every rendering lacking the editor's
+value (the source, the scene with only the other editors' values) is, on the pixels where that
+rendering differs from it: a blue circle is not a blue star; `drawn` gives each editor's share
+alone, `attribute_drawn`)
 under the noise combination gamma = (0.5, 0.5) (eq. 14), and with `--handovers T ...` under the
 piecewise-constant gamma_i(t) of each handover T: the first editor alone on the steps with
 t >= T, the second alone below (`combination_handover`), and with `--weights g1,g2 ...` under each
@@ -40,6 +41,7 @@ eps + sum_i gamma_i (eps_i - eps) with any gammas >= 0 (the same weighted sum wi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -102,29 +104,34 @@ def truth_checks(edited: torch.Tensor, sources: torch.Tensor, truths: torch.Tens
     }
 
 
-def attribute_drawn(edited: torch.Tensor, truths: torch.Tensor, without: torch.Tensor) -> np.ndarray:
+def attribute_drawn(edited: torch.Tensor, truths: torch.Tensor, lacking: list[torch.Tensor]) -> np.ndarray:
     """Whether each edit drew one attribute of a multi-attribute truth, not only the others.
 
     The whole-image check (`truth_checks`) cannot tell a blue circle from a blue star when the truth
-    is a blue star: recolouring the object alone brings the image nearer. Here each edit is compared
-    with the truth on the pixels that the attribute changes, the region where the truth and the truth
-    without the attribute differ: the edit must be nearer the truth there than that counterfactual is.
+    is a blue star: recolouring the object alone brings the image nearer. Here the edit is compared
+    with each rendering of the scene that lacks the attribute (the source, and the truth without it),
+    on the pixels where that rendering differs from the truth: the edit must be nearer the truth there
+    than the rendering is, for every one of them.
 
     Args:
-        edited, truths, without: uint8 (B, H, W, 3): the edits, the scenes rendered with every edited
-            attribute, and rendered with every edited attribute but the one checked.
+        edited, truths: uint8 (B, H, W, 3): the edits and the scenes rendered with every edited attribute.
+        lacking: uint8 (B, H, W, 3) each: the scenes rendered with some of the other attributes edited
+            but not this one.
 
     Returns:
-        bool (B,); False where the attribute changes no pixel (both errors are 0: nothing to draw).
+        bool (B,); False where a rendering lacking the attribute equals the truth (nothing to draw).
     """
-    edited, truths, without = (torch.as_tensor(x).double() for x in (edited, truths, without))
-    region = (truths != without).any(dim=-1, keepdim=True).double()  # (B, H, W, 1)
-    pixels = region.sum(dim=(1, 2, 3)) * 3
+    edited, truths = torch.as_tensor(edited).double(), torch.as_tensor(truths).double()
+    drawn = torch.ones(len(truths), dtype=torch.bool)
+    for rendering in lacking:
+        rendering = torch.as_tensor(rendering).double()
+        region = (truths != rendering).any(dim=-1, keepdim=True).double()  # (B, H, W, 1)
 
-    def region_error(images: torch.Tensor) -> torch.Tensor:
-        return (((images - truths) ** 2) * region).sum(dim=(1, 2, 3)) / pixels.clamp(min=1)
+        def region_error(images: torch.Tensor, region=region) -> torch.Tensor:  # summed: one region
+            return (((images - truths) ** 2) * region).sum(dim=(1, 2, 3))
 
-    return (region_error(edited) < region_error(without)).numpy()
+        drawn &= region_error(edited) < region_error(rendering)
+    return drawn.numpy()
 
 
 def truth_summary(hits: np.ndarray, checks: dict[str, np.ndarray]) -> dict[str, float]:
@@ -307,7 +314,12 @@ def evaluate_combination(
         )
         both &= hit
         others = [other.config["data"] for other in editors[:index] + editors[index + 1 :]]
-        this_drawn = attribute_drawn(edited, truths, renders(truth_scenes_of(scenes, others)))
+        lacking = [
+            renders(truth_scenes_of(scenes, list(subset)))
+            for size in range(len(others) + 1)
+            for subset in itertools.combinations(others, size)
+        ]
+        this_drawn = attribute_drawn(edited, truths, lacking)
         drawn[f"{attribute}->{value}"] = float(this_drawn.mean())
         every_drawn &= this_drawn
     truth = truth_summary(both, checks)
