@@ -126,11 +126,10 @@ def attribute_drawn(edited: torch.Tensor, truths: torch.Tensor, lacking: list[to
     for rendering in lacking:
         rendering = torch.as_tensor(rendering).double()
         region = (truths != rendering).any(dim=-1, keepdim=True).double()  # (B, H, W, 1)
-
-        def region_error(images: torch.Tensor, region=region) -> torch.Tensor:  # summed: one region
-            return (((images - truths) ** 2) * region).sum(dim=(1, 2, 3))
-
-        drawn &= region_error(edited) < region_error(rendering)
+        # summed, not averaged: both errors cover the same region
+        edit_error = (((edited - truths) ** 2) * region).sum(dim=(1, 2, 3))
+        rendering_error = (((rendering - truths) ** 2) * region).sum(dim=(1, 2, 3))
+        drawn &= edit_error < rendering_error
     return drawn.numpy()
 
 
