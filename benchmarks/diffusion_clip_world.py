@@ -278,6 +278,19 @@ def truth_scenes_of(scenes, edits: list[dict]) -> list[generator.Scene]:
     return truth_scenes
 
 
+def renderings_by_subset(scenes, edits: list[dict]) -> dict[tuple[int, ...], torch.Tensor]:
+    """The scenes rendered with each subset of `edits` applied, uint8 (B, H, W, 3) each.
+
+    Keyed by the subset's indices in increasing order, subsets by increasing size: () holds the sources
+    and (0, ..., n - 1) the truths of the whole combination.
+    """
+    return {
+        subset: renders(truth_scenes_of(scenes, [edits[index] for index in subset]))
+        for size in range(len(edits) + 1)
+        for subset in itertools.combinations(range(len(edits)), size)
+    }
+
+
 def evaluate_combination(
     model,
     oracle,
@@ -298,9 +311,10 @@ def evaluate_combination(
         gammas, windows = [1.0, 1.0], [(handover, 10**9), (0, handover - 1)]
     edited = generate_with_editors(model, start, editors, gammas, settings, windows, combination)
     names, probabilities = oracle_readings(oracle, edited)
-    truth_scenes = truth_scenes_of(scenes, [editor.config["data"] for editor in editors])
-    truths = renders(truth_scenes)
-    checks = truth_checks(edited, renders(scenes), truths)
+    # Every rendering the judges need, once: the sources, the truths, and what lacks each editor's value.
+    table = renderings_by_subset(scenes, [editor.config["data"] for editor in editors])
+    truths = table[tuple(range(len(editors)))]
+    checks = truth_checks(edited, table[()], truths)
     per_editor, per_editor_probability, drawn = {}, {}, {}
     both = np.ones(len(scenes), dtype=bool)
     every_drawn = np.ones(len(scenes), dtype=bool)
@@ -312,12 +326,7 @@ def evaluate_combination(
             probabilities, attribute, value
         )
         both &= hit
-        others = [other.config["data"] for other in editors[:index] + editors[index + 1 :]]
-        lacking = [
-            renders(truth_scenes_of(scenes, list(subset)))
-            for size in range(len(others) + 1)
-            for subset in itertools.combinations(others, size)
-        ]
+        lacking = [rendering for subset, rendering in table.items() if index not in subset]
         this_drawn = attribute_drawn(edited, truths, lacking)
         drawn[f"{attribute}->{value}"] = float(this_drawn.mean())
         every_drawn &= this_drawn

@@ -295,3 +295,21 @@ def test_a_combination_fooling_the_oracle_with_one_attribute_is_faithful_but_not
         only_other = np.stack([generator.counterfactual(s, *other).image for s in scenes])
         assert len(lacking) == 2
         assert np.array_equal(lacking[0], sources) and np.array_equal(lacking[1], only_other)
+
+
+def test_the_renderings_by_subset_are_the_scenes_with_each_subset_of_edits_applied():
+    scenes = bench.heldout_scenes(3, [("shape", "star"), ("color", "blue")])
+    edits = [{"attribute": "shape", "value": "star"}, {"attribute": "color", "value": "blue"}]
+    table = bench.renderings_by_subset(scenes, edits)
+    assert list(table) == [(), (0,), (1,), (0, 1)]
+    by_hand = {
+        (): [generator.render(s).image for s in scenes],
+        (0,): [generator.counterfactual(s, "shape", "star").image for s in scenes],
+        (1,): [generator.counterfactual(s, "color", "blue").image for s in scenes],
+        (0, 1): [
+            generator.counterfactual(generator.edit_scene(s, "shape", "star"), "color", "blue").image
+            for s in scenes
+        ],
+    }
+    for subset, images in by_hand.items():
+        assert np.array_equal(table[subset].numpy(), np.stack(images)), subset
