@@ -41,6 +41,10 @@ Legend (papers/000; latent diffusion, so x is the VAE latent and images come fro
     L_prior               optional (not in the paper), full_backprop only: DiffusionCLIP's prior on the
                           final latent of the pass with Δh, by the frozen model itself (score distillation
                           or Delta Denoising Score; `pipeline.methods.diffusion_clip.prior_loss`)
+    L_teacher             optional (not in the paper), full_backprop only: lambda_teacher times the mean
+                          squared error between DEC(x_0) of the pass with Δh and a teacher's edit of the
+                          same image, in [-1, 1] (`TeacherTerm`; the training task renders the frozen
+                          model's own text-guided edits, so no weight of the model changes)
 """
 
 from __future__ import annotations
@@ -309,6 +313,19 @@ def training_losses(
         latents = next_latents
 
 
+@dataclass(frozen=True)
+class TeacherTerm:
+    """L_teacher of one batch (not in the paper).
+
+    Attributes:
+        images: the teacher's edits of the batch's images, (B, 3, H, W) in [-1, 1].
+        weight: lambda_teacher.
+    """
+
+    images: torch.Tensor
+    weight: float
+
+
 def full_pass_loss(
     paired_noise_fn: PairedNoiseFn,
     noise_fn: NoiseFn,
@@ -320,6 +337,7 @@ def full_pass_loss(
     text_direction: torch.Tensor,
     weights: LossWeights,
     prior: PriorTerm | None = None,
+    teacher: TeacherTerm | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 6 on the final images of one generative pass (Algorithm 1 lines 6-12), differentiable.
 
@@ -337,9 +355,11 @@ def full_pass_loss(
         text_direction: ΔT, (B, D) or (D,).
         weights: lambda_clip and lambda_recon.
         prior: L_prior's draw on the latents with Δh, or None (the paper's loss).
+        teacher: L_teacher's edits of the batch, or None (the paper's loss).
 
     Returns:
-        The scalar loss and its detached terms {"direction", "l1"}.
+        The scalar loss and its detached terms {"direction", "l1"}, and "teacher" (its unweighted mean
+        squared error) with a teacher.
     """
     batch = start_latents.shape[0]
     latents = torch.cat([start_latents, start_latents]).detach()  # [without Δh ; with Δh]
@@ -355,6 +375,10 @@ def full_pass_loss(
             latents = ddim_move(noise_fn(latents, timestep), latents, alpha, alpha_prev)
     images, edited_images = decode(latents).chunk(2)
     loss, terms = zip_loss(edited_images, images, embed, text_direction, weights)
+    if teacher is not None:
+        imitation = F.mse_loss(edited_images, teacher.images)
+        loss = loss + teacher.weight * imitation
+        terms = {**terms, "teacher": imitation.detach()}
     if prior is None:
         return loss, terms
     return loss + prior.weight * prior_loss(latents[batch:], prior).mean(), terms

@@ -42,6 +42,37 @@ REFERENCES_NAME = "reference_images"
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """L_teacher of a ZIP encoder's training (not in the paper; weight 0 = off, the paper's loss).
+
+    The teacher is the frozen base model itself: each training image inverted with its caption and edited
+    by a Prompt-to-Prompt word swap to its y_tar, once, before training. The encoder learns to make that
+    edit through h-space from the caption-free pass with Δh, so it applies to images without captions.
+
+    Attributes:
+        weight: lambda_teacher, on the mean squared error of the pass's images in [-1, 1].
+        inversion: the registered inversion method of the teacher's edits.
+        steps: their DDIM steps.
+        guidance: their classifier-free guidance w.
+        cross_replace: Prompt-to-Prompt's cross-attention replacement fraction of the steps.
+        self_replace: its self-attention replacement fraction.
+    """
+
+    weight: float = 0.0
+    inversion: str = "direct"
+    steps: int = 20
+    guidance: float = 7.5
+    cross_replace: float = 0.8
+    self_replace: float = 0.4
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"teacher.weight={self.weight} must be >= 0 (0 = no teacher)")
+        if self.steps < 1:
+            raise ValueError(f"teacher.steps={self.steps} must be >= 1")
+
+
+@dataclass(frozen=True)
 class ZipEncoderConfig:
     """One ZIP attribute encoder's training (papers/000 §4, Algorithm 1).
 
@@ -81,6 +112,8 @@ class ZipEncoderConfig:
         seed: seeds the head's initialisation and every iteration's draw.
         prior: L_prior (not in the paper; weight 0 = off, `pipeline.training.prior`): the frozen model scores
             the final latent of the pass with Δh; full_backprop only.
+        teacher: L_teacher (not in the paper; weight 0 = off): the frozen model's own word-swap edits of
+            the training images as targets of the pass with Δh; full_backprop only.
     """
 
     model: str = "pipeline/world/assets/shapes-sd"
@@ -112,6 +145,7 @@ class ZipEncoderConfig:
     batch: int = 8
     seed: int = 0
     prior: PriorConfig = dataclasses.field(default_factory=PriorConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
 
     def with_absolute_paths(self, base: Path) -> ZipEncoderConfig:
         """Relative local paths (model, CLIP files) made absolute against `base`."""
@@ -131,11 +165,18 @@ class ZipEncoderConfig:
             raise ValueError(f"references={self.references} must be >= 1")
         dct.check_kept_attributes(self.keep_attributes, self.data.attribute)
         dct.check_prior_variant(self.prior, self.variant)
+        if self.teacher.weight and self.variant != "full_backprop":
+            raise ValueError(
+                f"teacher.weight={self.teacher.weight} needs variant full_backprop (got {self.variant})"
+            )
 
 
 def config_from_mapping(mapping: dict[str, Any]) -> ZipEncoderConfig:
     """The config from its JSON form (nested dataclasses rebuilt)."""
-    return ZipEncoderConfig(**dct.task_fields(mapping))
+    fields = dct.task_fields(mapping)
+    if "teacher" in fields:
+        fields["teacher"] = TeacherConfig(**fields["teacher"])
+    return ZipEncoderConfig(**fields)
 
 
 def mid_block_channels(unet: torch.nn.Module) -> int:
@@ -198,6 +239,45 @@ def reference_codes_of(model, images: torch.Tensor) -> torch.Tensor:
     return za.reference_codes(captured[0].float())
 
 
+def teacher_edits(
+    model, images: np.ndarray, references: list[str], targets: list[str], teacher: TeacherConfig
+) -> torch.Tensor:
+    """The frozen model's word-swap edits of the training images, L_teacher's targets.
+
+    Args:
+        model: the base DiffusionModel.
+        images: uint8 (N, H, W, 3) at the model's resolution.
+        references: each image's caption (y_ref), the prompt it is inverted with.
+        targets: each image's y_tar, the prompt it is edited to.
+        teacher: the inversion method, steps, guidance and Prompt-to-Prompt fractions.
+
+    Returns:
+        (N, 3, H, W) float32 in [-1, 1], on the CPU.
+
+    Raises:
+        ValueError: naming the first image the engine could not edit and why.
+    """
+    from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
+
+    config = InversionConfig.of(teacher.inversion, num_steps=teacher.steps, guidance_scale=teacher.guidance)
+    control = AttentionControl(
+        "replace", cross_replace_steps=teacher.cross_replace, self_replace_steps=teacher.self_replace
+    )
+    edited = []
+    for first in range(0, len(images), 16):
+        rows = slice(first, first + 16)
+        inversion = invert(model, torch.as_tensor(images[rows]), references[rows], config)
+        requests = [EditRequest(index, target, control) for index, target in enumerate(targets[rows])]
+        for offset, result in enumerate(edit(model, inversion, requests)):
+            if result.error is not None:
+                raise ValueError(
+                    f"teacher: training image {first + offset} ({references[first + offset]!r}) "
+                    f"could not be edited: {result.error}"
+                )
+            edited.append(torch.as_tensor(result.image))
+    return torch.stack(edited).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 class ZipEncoderTask:
     """The TrainTask of one ZIP attribute encoder (see the module docstring)."""
 
@@ -244,6 +324,12 @@ class ZipEncoderTask:
         self.start_latents = torch.cat(
             [dc.forward(noise_fn, forward_grid, chunk) for chunk in latents.split(16)]
         )
+        self.teacher_images = None
+        if config.teacher.weight:
+            _, _, references, targets = dct.training_texts(config)
+            self.teacher_images = teacher_edits(model, images, references, targets, config.teacher).to(
+                self.start_latents.device
+            )
 
     def _noise_fn(self, branch) -> za.NoiseFn:
         def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
@@ -310,12 +396,18 @@ class ZipEncoderTask:
             self.text_directions[:, rows].flatten(0, 1),
             self.loss_weights,
             prior=None if self.prior is None else self.prior.term(iteration, rows),
+            teacher=self._teacher_term(rows),
         )
         self.optimizer.zero_grad()
         loss.backward()
         sync()
         self.optimizer.step()
         return {"loss": float(loss.detach()), **{name: float(value) for name, value in terms.items()}}
+
+    def _teacher_term(self, rows: torch.Tensor) -> za.TeacherTerm | None:
+        if self.teacher_images is None:
+            return None
+        return za.TeacherTerm(self.teacher_images[rows], self.config.teacher.weight)
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.head.parameters())

@@ -346,6 +346,39 @@ def test_the_full_pass_adds_the_weighted_prior_on_the_latents_with_delta_h(grid)
     assert terms.keys() == plain_terms.keys()
 
 
+def test_the_full_pass_adds_the_weighted_teachers_error_on_the_images_with_delta_h(grid):
+    torch.manual_seed(2)
+    head = za.AttributeHead(channels=4, hidden=4)
+    torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    code = torch.randn(4)
+
+    def noise_fn(latents, timestep):
+        return 0.1 * latents
+
+    def paired(latents, timestep):
+        return noise_fn(latents, timestep), 0.1 * (latents + head(latents, code))
+
+    start = _tensors(10)[2]
+    decoded = []
+
+    def decode(latents):
+        decoded.append(latents.detach())
+        return torch.tanh(latents[:, :3])
+
+    arguments = (paired, noise_fn, grid, start, 300, decode, _embed, torch.tensor([1.0, 0.0, -1.0]))
+    arguments = (*arguments, za.LossWeights())
+    teacher_images = torch.rand(start.shape[0], 3, 8, 8) * 2.0 - 1.0
+    with_teacher, terms = za.full_pass_loss(*arguments, teacher=za.TeacherTerm(teacher_images, 3.0))
+    plain, plain_terms = za.full_pass_loss(*arguments)
+    edited_images = torch.tanh(decoded[0].chunk(2)[1][:, :3])  # the Δh half, not the plain half
+    error = ((edited_images - teacher_images) ** 2).mean()
+    torch.testing.assert_close(with_teacher, plain + 3.0 * error)
+    torch.testing.assert_close(terms["teacher"], error)
+    assert terms.keys() - plain_terms.keys() == {"teacher"}
+    with_teacher.backward()
+    assert head.layers[-1].weight.grad.abs().sum() > 0
+
+
 def test_the_full_pass_of_an_untrained_head_has_no_direction_and_no_l1(grid):
     head = za.AttributeHead(channels=4, hidden=4)
     code = torch.randn(4)

@@ -16,7 +16,7 @@ from pipeline.training.artefact import read_artefact
 from pipeline.training.diffusion_clip import ClipSpec, WorldData
 from pipeline.training.prior import PriorConfig
 from pipeline.training.ray_train import history_of
-from pipeline.training.zip_encoder import REFERENCES_NAME, ZipEncoderConfig, ZipEncoderTask
+from pipeline.training.zip_encoder import REFERENCES_NAME, TeacherConfig, ZipEncoderConfig, ZipEncoderTask
 
 ITERATIONS = 3
 
@@ -212,9 +212,9 @@ def test_the_prior_scores_the_edited_pass_with_the_models_own_unet_and_the_rows_
     assert task.prior.unet is task.model.unet  # frozen already: no copy
     seen, original = {}, za.full_pass_loss
 
-    def recording(*arguments, prior=None):
+    def recording(*arguments, prior=None, **keywords):
         seen["prior"] = prior
-        return original(*arguments, prior=prior)
+        return original(*arguments, prior=prior, **keywords)
 
     monkeypatch.setattr(za, "full_pass_loss", recording)
     task.step(3, lambda: None)
@@ -228,3 +228,55 @@ def test_the_prior_scores_the_edited_pass_with_the_models_own_unet_and_the_rows_
     with pytest.raises(ValueError, match="needs variant full_backprop"):
         dataclasses.replace(config, variant="per_step")
     assert ZipEncoderTask(task_config).config.prior.weight == 0.0
+
+
+def test_the_teacher_is_the_frozen_models_own_word_swap_of_each_training_image(task_config, monkeypatch):
+    from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
+    from pipeline.methods import zip_attribute as za
+    from pipeline.training import diffusion_clip as dct
+
+    teacher = TeacherConfig(weight=2.5, steps=2, cross_replace=0.5, self_replace=0.25)
+    config = dataclasses.replace(task_config, teacher=teacher)
+    task = ZipEncoderTask(config)
+    task.setup(torch.device("cpu"), 0, 1)
+    before = fingerprint_modules(task.model.unet, task.model.vae, task.model.text_encoder)
+    # By hand: each training image inverted with its caption and word-swapped to its caption with "star".
+    images, captions, _ = dct.world_training_texts(config.data)
+    assert all(
+        "star" in target and "star" not in caption for caption, target in zip(captions, _, strict=True)
+    )
+    images = dct._at_resolution(images, task.model.image_size)
+    inversion = invert(
+        task.model, torch.as_tensor(images), captions, InversionConfig.of("direct", num_steps=2)
+    )
+    control = AttentionControl("replace", cross_replace_steps=0.5, self_replace_steps=0.25)
+    results = edit(task.model, inversion, [EditRequest(i, target, control) for i, target in enumerate(_)])
+    by_hand = torch.stack([torch.as_tensor(result.image) for result in results]).permute(0, 3, 1, 2)
+    torch.testing.assert_close(task.teacher_images, by_hand.float() / 127.5 - 1.0)
+    seen, original = {}, za.full_pass_loss
+
+    def recording(*arguments, teacher=None, **keywords):
+        seen["teacher"] = teacher
+        return original(*arguments, teacher=teacher, **keywords)
+
+    monkeypatch.setattr(za, "full_pass_loss", recording)
+    terms = task.step(3, lambda: None)
+    rows = torch.as_tensor(task.draw(3)[0])
+    assert seen["teacher"].weight == 2.5
+    torch.testing.assert_close(seen["teacher"].images, task.teacher_images[rows])
+    assert set(terms) == {"loss", "direction", "l1", "teacher"}
+    assert fingerprint_modules(task.model.unet, task.model.vae, task.model.text_encoder) == before
+
+
+def test_a_teacher_needs_the_full_pass_and_a_non_negative_weight(task_config):
+    from pipeline.training.zip_encoder import config_from_mapping
+
+    with pytest.raises(ValueError, match="teacher.weight=1.0 needs variant full_backprop"):
+        dataclasses.replace(task_config, teacher=TeacherConfig(weight=1.0), variant="per_step")
+    with pytest.raises(ValueError, match="teacher.weight=-1"):
+        TeacherConfig(weight=-1.0)
+    with pytest.raises(ValueError, match="teacher.steps=0"):
+        TeacherConfig(weight=1.0, steps=0)
+    mapping = dataclasses.asdict(dataclasses.replace(task_config, teacher=TeacherConfig(weight=1.0, steps=3)))
+    assert config_from_mapping(mapping).teacher == TeacherConfig(weight=1.0, steps=3)
+    assert ZipEncoderTask(task_config).config.teacher.weight == 0.0
