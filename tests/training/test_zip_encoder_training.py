@@ -280,3 +280,28 @@ def test_a_teacher_needs_the_full_pass_and_a_non_negative_weight(task_config):
     mapping = dataclasses.asdict(dataclasses.replace(task_config, teacher=TeacherConfig(weight=1.0, steps=3)))
     assert config_from_mapping(mapping).teacher == TeacherConfig(weight=1.0, steps=3)
     assert ZipEncoderTask(task_config).config.teacher.weight == 0.0
+
+
+def test_a_training_image_the_teacher_cannot_edit_is_named(tiny_sd, images, monkeypatch):
+    import types
+
+    from pipeline import engine
+    from pipeline.training.zip_encoder import teacher_edits
+
+    def failing(model, inversion, requests):
+        fine = types.SimpleNamespace(error=None, image=images[0].numpy())
+        broken = types.SimpleNamespace(error="non-finite latents", image=None)
+        return [fine if request.image_index == 0 else broken for request in requests]
+
+    monkeypatch.setattr(engine, "edit", failing)
+    captions = ["a red circle", "a blue square"]
+    with pytest.raises(
+        ValueError, match=r"training image 1 \('a blue square'\) could not be edited: non-finite"
+    ):
+        teacher_edits(
+            tiny_sd,
+            images[:2].numpy(),
+            captions,
+            ["a red star", "a blue star"],
+            TeacherConfig(weight=1.0, steps=1),
+        )
