@@ -133,14 +133,81 @@ def attribute_drawn(edited: torch.Tensor, truths: torch.Tensor, lacking: list[to
     return drawn.numpy()
 
 
+# A pixel belongs to the object where it differs from the scene's own background by more than this many
+# grey levels in some channel: every object colour lies >= 65 levels from any background grey (purple on
+# a grey of 115), and the model's reconstructions stay within it off the object.
+SILHOUETTE_LEVELS = 48
+
+
+def silhouettes(images: torch.Tensor, scenes) -> torch.Tensor:
+    """Each image's object pixels against its scene's background, opened by a 3x3 square (which drops
+    the one-pixel seams a reconstruction leaves along stripes and checks); bool (B, H, W)."""
+    backgrounds = np.stack([generator.background_image(scene.background, scene.seed) for scene in scenes])
+    difference = (torch.as_tensor(images).int() - torch.as_tensor(backgrounds).int()).abs().amax(dim=-1)
+    masks = (difference > SILHOUETTE_LEVELS).float()[:, None]
+    eroded = 1.0 - torch.nn.functional.max_pool2d(1.0 - masks, 3, stride=1, padding=1)
+    return torch.nn.functional.max_pool2d(eroded, 3, stride=1, padding=1)[:, 0].bool()
+
+
+def solidity(masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(solidity, area) of each mask: its pixel count over the area of the convex hull of its pixels'
+    squares (1 for a filled convex shape, about 0.7 for the world's stars), and the pixel count; the
+    solidity is NaN with fewer than 3 pixels or a flat hull. float (B,) each."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    corners = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
+    solidities, areas = [], []
+    for mask in torch.as_tensor(masks).numpy():
+        pixels = np.argwhere(mask)
+        areas.append(float(len(pixels)))
+        try:
+            hull = ConvexHull((pixels[:, None, :] + corners[None]).reshape(-1, 2)).volume
+            solidities.append(len(pixels) / hull)
+        except (QhullError, ValueError):
+            solidities.append(float("nan"))
+    return np.array(solidities), np.array(areas)
+
+
+def silhouette_checks(
+    edited: torch.Tensor, sources: torch.Tensor, truths: torch.Tensor, scenes
+) -> np.ndarray:
+    """Whether each edit's object has the truth's outline kind and is not a speck; bool (B,).
+
+    A shape edit's truth differs from its source in how concave the outline is (a star's solidity is
+    about 0.7, a circle's, square's or triangle's about 1): the edit passes when its object's solidity
+    is nearer the truth's than the source's and its area is at least half the truth's. The oracle reads
+    a small blob as a star; this check does not.
+    """
+    edit_solidity, edit_area = solidity(silhouettes(edited, scenes))
+    truth_solidity, truth_area = solidity(silhouettes(truths, scenes))
+    source_solidity, _ = solidity(silhouettes(sources, scenes))
+    nearer = np.abs(edit_solidity - truth_solidity) < np.abs(edit_solidity - source_solidity)
+    return nearer & (edit_area >= 0.5 * truth_area)
+
+
 def truth_summary(hits: np.ndarray, checks: dict[str, np.ndarray]) -> dict[str, float]:
-    """faithful_success (oracle hit and closer), closer_than_source and the mean PSNRs, rounded."""
-    return {
+    """faithful_success (oracle hit and closer), closer_than_source and the mean PSNRs, rounded; with an
+    outline check in `checks`, outline_success (oracle hit and outline) and faithful_outline_success (all
+    three)."""
+    summary = {
         "faithful_success": float(np.mean(hits & checks["closer"])),
         "closer_than_source": float(np.mean(checks["closer"])),
         "gt_psnr_db": round(float(np.mean(checks["gt_psnr_db"])), 2),
         "source_gt_psnr_db": round(float(np.mean(checks["source_gt_psnr_db"])), 2),
     }
+    if "outline" in checks:  # shape edits (`with_outline`)
+        summary["outline_success"] = float(np.mean(hits & checks["outline"]))
+        summary["faithful_outline_success"] = float(np.mean(hits & checks["closer"] & checks["outline"]))
+    return summary
+
+
+def with_outline(
+    checks: dict[str, np.ndarray], attribute: str, edited: torch.Tensor, sources, truths, scenes
+) -> dict[str, np.ndarray]:
+    """`checks` with the outline check (`silhouette_checks`) under "outline" when the edit is a shape's."""
+    if attribute != "shape":
+        return checks
+    return {**checks, "outline": silhouette_checks(edited, sources, truths, scenes)}
 
 
 def renders(scenes) -> torch.Tensor:
@@ -201,16 +268,20 @@ def evaluate(
     for editor in editors:
         attribute, value = editor.config["data"]["attribute"], editor.config["data"]["value"]
         images, truths = sources_and_truths(scenes, attribute, value)
-        curve, hits, faithful, success_edit = [], [], [], None
+        curve, hits, faithful, outlined, success_edit = [], [], [], [], None
         rows = [images.numpy(), truths.numpy()]
         for gamma in gammas:
             edited = generate_with_editors(model, start, [editor], [gamma], settings, combination=combination)
             names, probabilities = oracle_readings(oracle, edited)
             hit = np.array([name == value for name in names[attribute]])
             curve.append(mean_target_probability(probabilities, attribute, value))
-            checks = truth_checks(edited, images, truths)
+            checks = with_outline(
+                truth_checks(edited, images, truths), attribute, edited, images, truths, scenes
+            )
             hits.append(float(hit.mean()))
             faithful.append(float(np.mean(hit & checks["closer"])))
+            if "outline" in checks:
+                outlined.append(float(np.mean(hit & checks["closer"] & checks["outline"])))
             rows.append(edited.numpy())
             if gamma == success_gamma:  # the success reading is this one: not generated again
                 success_edit = (names, checks)
@@ -218,7 +289,10 @@ def evaluate(
             edited = generate_with_editors(
                 model, start, [editor], [success_gamma], settings, combination=combination
             )
-            success_edit = (oracle_readings(oracle, edited)[0], truth_checks(edited, images, truths))
+            checks = with_outline(
+                truth_checks(edited, images, truths), attribute, edited, images, truths, scenes
+            )
+            success_edit = (oracle_readings(oracle, edited)[0], checks)
         names, checks = success_edit
         if strips is not None:
             strips[f"{attribute}-{value}"] = rows
@@ -241,6 +315,7 @@ def evaluate(
             "transition_monotonic_to_1": rises([p for p, g in zip(curve, gammas, strict=True) if g <= 1.0]),
             "transition_success": hits,
             "transition_faithful_success": faithful,
+            **({"transition_faithful_outline_success": outlined} if outlined else {}),
         }
     return report
 
@@ -252,7 +327,8 @@ def word_swap_reading(model, oracle, scenes, attribute: str, value: str, steps: 
     edited = text_only_edits(model, scenes, attribute, value, steps)
     names, _ = oracle_readings(oracle, edited)
     hit = np.array([name == value for name in names[attribute]])
-    return {"success": float(hit.mean()), **truth_summary(hit, truth_checks(edited, images, truths))}
+    checks = with_outline(truth_checks(edited, images, truths), attribute, edited, images, truths, scenes)
+    return {"success": float(hit.mean()), **truth_summary(hit, checks)}
 
 
 def save_strip(rows: list[np.ndarray], path: str, count: int = 12) -> None:
@@ -315,6 +391,8 @@ def evaluate_combination(
     table = renderings_by_subset(scenes, [editor.config["data"] for editor in editors])
     truths = table[tuple(range(len(editors)))]
     checks = truth_checks(edited, table[()], truths)
+    reshaped = any(editor.config["data"]["attribute"] == "shape" for editor in editors)
+    outline = silhouette_checks(edited, table[()], truths, scenes) if reshaped else None
     per_editor, per_editor_probability, drawn = {}, {}, {}
     both = np.ones(len(scenes), dtype=bool)
     every_drawn = np.ones(len(scenes), dtype=bool)
@@ -338,6 +416,11 @@ def evaluate_combination(
         "all_success": float(both.mean()),
         "all_faithful_success": truth.pop("faithful_success"),
         "all_drawn_success": float(np.mean(both & checks["closer"] & every_drawn)),
+        **(
+            {"all_drawn_outline_success": float(np.mean(both & checks["closer"] & every_drawn & outline))}
+            if outline is not None
+            else {}
+        ),
         "drawn": drawn,
         **truth,
         "per_editor": per_editor,

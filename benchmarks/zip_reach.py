@@ -39,6 +39,7 @@ from benchmarks.diffusion_clip_world import (
     sources_and_truths,
     truth_checks,
     truth_summary,
+    with_outline,
 )
 from pipeline.editors import EditSettings, _noise_fn, forward_to_return_step
 from pipeline.methods import diffusion_clip as dc
@@ -139,7 +140,13 @@ def reach(
 
 
 def reading(
-    oracle, edited: torch.Tensor, sources: torch.Tensor, truths: torch.Tensor, attribute: str, value: str
+    oracle,
+    edited: torch.Tensor,
+    sources: torch.Tensor,
+    truths: torch.Tensor,
+    attribute: str,
+    value: str,
+    scenes,
 ):
     """Oracle success, the truth checks and the mean oracle probability of the target value."""
     names, probabilities = oracle_readings(oracle, edited)
@@ -147,7 +154,10 @@ def reading(
     target = probabilities[attribute][:, HEADS[attribute].index(value)]
     return {
         "success": float(hits.mean()),
-        **truth_summary(hits, truth_checks(edited, sources, truths)),
+        **truth_summary(
+            hits,
+            with_outline(truth_checks(edited, sources, truths), attribute, edited, sources, truths, scenes),
+        ),
         "target_probability_mean": round(float(target.mean()), 4),
     }
 
@@ -185,8 +195,8 @@ def evaluate_window(model, oracle, scenes, attribute: str, value: str, window: t
         "return_step": return_step,
         "zip_step": zip_step,
         "shifted_levels": len(shifted_levels(grid, zip_step)),
-        "without_shift": reading(oracle, unshifted, sources, truths, attribute, value),
-        "reached": reading(oracle, reached, sources, truths, attribute, value),
+        "without_shift": reading(oracle, unshifted, sources, truths, attribute, value, scenes),
+        "reached": reading(oracle, reached, sources, truths, attribute, value, scenes),
         "loss_first_last": [round(losses[0], 5), round(losses[-1], 5)],
         "seconds": round(seconds, 1),
     }

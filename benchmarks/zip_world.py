@@ -40,6 +40,7 @@ from benchmarks.diffusion_clip_world import (
     text_only_edits,
     truth_checks,
     truth_summary,
+    with_outline,
 )
 from pipeline.editors import (
     EditSettings,
@@ -70,14 +71,21 @@ def _target_probability(probabilities: dict[str, torch.Tensor], attribute: str, 
 
 
 def spread(
-    oracle, edited: torch.Tensor, attribute: str, value: str, sources: torch.Tensor, truths: torch.Tensor
+    oracle,
+    edited: torch.Tensor,
+    attribute: str,
+    value: str,
+    sources: torch.Tensor,
+    truths: torch.Tensor,
+    scenes,
 ) -> dict[str, float]:
     names, probabilities = oracle_readings(oracle, edited)
     target = _target_probability(probabilities, attribute, value)
     hit = np.array([name == value for name in names[attribute]])
+    checks = with_outline(truth_checks(edited, sources, truths), attribute, edited, sources, truths, scenes)
     return {
         "success": float(hit.mean()),
-        **truth_summary(hit, truth_checks(edited, sources, truths)),
+        **truth_summary(hit, checks),
         "target_probability_mean": round(float(target.mean()), 4),
         "target_probability_std": round(float(target.std()), 4),
     }
@@ -123,7 +131,8 @@ def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings,
         f"{attribute}->{value}": {
             "success": float(np.mean([name == value for name in names[attribute]])),
             **truth_summary(
-                np.array([name == value for name in names[attribute]]), truth_checks(edited, images, truths)
+                np.array([name == value for name in names[attribute]]),
+                with_outline(truth_checks(edited, images, truths), attribute, edited, images, truths, scenes),
             ),
             **kept,
             "transition_scales": list(args.scales),
@@ -137,9 +146,9 @@ def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings,
             "unchanged": before == after == load_manifest_fingerprint(encoder),
         },
         "consistency": {
-            "zip_user_reference": spread(oracle, with_user, attribute, value, images, truths),
-            "zip_own_reference": spread(oracle, edited, attribute, value, images, truths),
-            "text_only_direct_p2p": spread(oracle, text_only, attribute, value, images, truths),
+            "zip_user_reference": spread(oracle, with_user, attribute, value, images, truths, scenes),
+            "zip_own_reference": spread(oracle, edited, attribute, value, images, truths, scenes),
+            "text_only_direct_p2p": spread(oracle, text_only, attribute, value, images, truths, scenes),
         },
         "references": {
             "edit_vs_source_pixels": round(pixels(edited, images), 2),

@@ -4,6 +4,7 @@ editor applied alone by hand, and its argument checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -288,6 +289,7 @@ def test_a_combination_fooling_the_oracle_with_one_attribute_is_faithful_but_not
     )
     assert reading["all_success"] == 1.0
     assert (reading["all_faithful_success"], reading["all_drawn_success"]) == (0.5, 0.25)
+    assert reading["all_drawn_outline_success"] == 0.25  # the truth's outline is a star's; the rest are not
     assert reading["drawn"] == {"shape->star": 0.5, "color->blue": 0.75}
     # each editor against the source and against the scene with only the other editor's value
     sources = np.stack([generator.render(s).image for s in scenes])
@@ -313,3 +315,90 @@ def test_the_renderings_by_subset_are_the_scenes_with_each_subset_of_edits_appli
     }
     for subset, images in by_hand.items():
         assert np.array_equal(table[subset].numpy(), np.stack(images)), subset
+
+
+def test_solidity_is_pixel_count_over_the_hull_of_the_pixels_squares():
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, 2:5, 2:6] = True  # a 3 x 4 rectangle: its own hull
+    masks[1, 0:2, 0:2] = True
+    masks[1, 1, 1] = False  # an L of three squares: hull 4 - 1/2
+    masks[2, 3, 3] = True  # one pixel: hull 1
+    solidities, areas = bench.solidity(masks)
+    np.testing.assert_allclose(solidities, [1.0, 3 / 3.5, 1.0])
+    np.testing.assert_array_equal(areas, [12, 3, 1])
+    assert np.isnan(bench.solidity(torch.zeros(1, 8, 8, dtype=torch.bool))[0][0])
+
+
+def _scene(shape: str, radius: float, background: str) -> generator.Scene:
+    obj = generator.SceneObject(shape=shape, color="purple", center=(30.0, 33.0), radius=radius)
+    return generator.Scene(objects=(obj,), background=background, seed=3)
+
+
+def test_silhouettes_are_the_rendered_objects_on_every_background():
+    for background in generator.BACKGROUNDS:
+        scenes = [_scene(shape, 16.0, background) for shape in generator.SHAPES]
+        rendered = [generator.render(scene) for scene in scenes]
+        found = bench.silhouettes(torch.as_tensor(np.stack([r.image for r in rendered])), scenes).numpy()
+        coverage = np.stack([generator.object_coverage(scene.objects[0]) for scene in scenes])
+        # Inside the object's pixels, and holding all of its fully covered pixels but a star's tips,
+        # which the opening trims (where a partly covered edge counts depends on the contrast).
+        assert not (found & (coverage == 0)).any(), background
+        core = coverage > 0.99
+        kept = (found & core).sum(axis=(1, 2)) / core.sum(axis=(1, 2))
+        assert kept.min() > 0.95, (background, kept)
+
+
+def test_the_outline_check_passes_stars_and_fails_sources_and_specks():
+    for background in ("white", "striped", "cloudy"):
+        source = _scene("circle", 16.0, background)
+        scenes = [source] * 5
+        edits = [
+            generator.render(generator.edit_scene(source, "shape", "star")).image,  # the truth
+            generator.render(_scene("star", 13.0, background)).image,  # a smaller star: still a star
+            generator.render(source).image,  # unchanged
+            generator.render(_scene("circle", 5.0, background)).image,  # a speck
+            generator.render(_scene("star", 8.0, background)).image,  # star-like, but a quarter of the area
+        ]
+        truths = torch.as_tensor(np.stack([generator.counterfactual(source, "shape", "star").image] * 5))
+        sources = torch.as_tensor(np.stack([generator.render(source).image] * 5))
+        passed = bench.silhouette_checks(torch.as_tensor(np.stack(edits)), sources, truths, scenes)
+        assert passed.tolist() == [True, True, False, False, False], background
+    # A truth with the source's outline gives an unchanged edit no outline to be nearer.
+    assert not bench.silhouette_checks(sources[:1], sources[:1], sources[:1], scenes[:1])[0]
+
+
+def test_silhouettes_ignore_noise_a_reconstruction_leaves_on_the_background():
+    scene = generator.Scene(
+        objects=(generator.SceneObject(shape="star", color="red", center=(30.0, 33.0), radius=16.0),),
+        background="gray",
+        seed=0,
+    )
+    noise = np.random.default_rng(0).integers(-30, 31, size=(64, 64, 3))
+    noisy = np.clip(generator.render(scene).image.astype(int) + noise, 0, 255).astype(np.uint8)
+    found = bench.silhouettes(torch.as_tensor(noisy[None]), [scene])[0].numpy()
+    coverage = generator.object_coverage(scene.objects[0])
+    assert not (found & (coverage == 0)).any()
+    assert found[coverage > 0.99].mean() > 0.95
+
+
+def test_shape_edits_are_summarised_with_the_outline_check_and_others_without():
+    source = _scene("circle", 16.0, "white")
+    scenes = [source] * 3
+    sources = torch.as_tensor(np.stack([generator.render(source).image] * 3))
+    truths = torch.as_tensor(np.stack([generator.counterfactual(source, "shape", "star").image] * 3))
+    moved = generator.Scene(
+        objects=(dataclasses.replace(source.objects[0], shape="star", center=(44.0, 40.0)),),
+        background="white",
+        seed=3,
+    )
+    edits = torch.stack([truths[0], sources[0], torch.as_tensor(generator.render(moved).image), truths[0]])
+    scenes, sources, truths = [source] * 4, sources[[0, 0, 0, 0]], truths[[0, 0, 0, 0]]
+    checks = bench.truth_checks(edits, sources, truths)
+    assert checks["closer"].tolist() == [True, False, False, True]  # a star elsewhere is farther
+    assert bench.with_outline(checks, "color", edits, sources, truths, scenes) is checks
+    outlined = bench.with_outline(checks, "shape", edits, sources, truths, scenes)
+    assert outlined["outline"].tolist() == [True, False, True, True]
+    hits = np.array([True, True, True, False])
+    summary = bench.truth_summary(hits, outlined)
+    assert (summary["outline_success"], summary["faithful_outline_success"]) == (0.5, 0.25)
+    assert "outline_success" not in bench.truth_summary(hits, checks)
