@@ -39,7 +39,7 @@ from benchmarks.diffusion_clip_world import (
     sources_and_truths,
     truth_checks,
     truth_summary,
-    with_outline,
+    with_zoomed_reading,
 )
 from pipeline.editors import EditSettings, _noise_fn, forward_to_return_step
 from pipeline.methods import diffusion_clip as dc
@@ -156,7 +156,9 @@ def reading(
         "success": float(hits.mean()),
         **truth_summary(
             hits,
-            with_outline(truth_checks(edited, sources, truths), attribute, edited, sources, truths, scenes),
+            with_zoomed_reading(
+                truth_checks(edited, sources, truths), oracle, attribute, value, edited, scenes
+            ),
         ),
         "target_probability_mean": round(float(target.mean()), 4),
     }

@@ -8,7 +8,8 @@ does not already have the encoder's value, reported:
 - success: fraction the oracle reads as the target value, with the encoder's own first reference
   (rendered by the model at training time); kept_*: fraction whose other attributes stay the source's;
   faithful_success, closer_than_source, gt_psnr_db: against the world's ground-truth edit, as in
-  `benchmarks/diffusion_clip_world.py` (here and in each consistency reading).
+  `benchmarks/diffusion_clip_world.py` (here and in each consistency reading), with zoomed_success and
+  faithful_zoomed_success (the oracle's reading of each edit zoomed to its object required too).
 - frozen: the UNet's, VAE's and text encoder's fingerprint before and after every edit, and the one the
   artefact was trained on; all three must be equal (the model is never changed).
 - transition: mean oracle probability of the target value at Δh scales 0, 0.25, ..., 1.
@@ -40,7 +41,7 @@ from benchmarks.diffusion_clip_world import (
     text_only_edits,
     truth_checks,
     truth_summary,
-    with_outline,
+    with_zoomed_reading,
 )
 from pipeline.editors import (
     EditSettings,
@@ -82,7 +83,9 @@ def spread(
     names, probabilities = oracle_readings(oracle, edited)
     target = _target_probability(probabilities, attribute, value)
     hit = np.array([name == value for name in names[attribute]])
-    checks = with_outline(truth_checks(edited, sources, truths), attribute, edited, sources, truths, scenes)
+    checks = with_zoomed_reading(
+        truth_checks(edited, sources, truths), oracle, attribute, value, edited, scenes
+    )
     return {
         "success": float(hit.mean()),
         **truth_summary(hit, checks),
@@ -132,7 +135,9 @@ def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings,
             "success": float(np.mean([name == value for name in names[attribute]])),
             **truth_summary(
                 np.array([name == value for name in names[attribute]]),
-                with_outline(truth_checks(edited, images, truths), attribute, edited, images, truths, scenes),
+                with_zoomed_reading(
+                    truth_checks(edited, images, truths), oracle, attribute, value, edited, scenes
+                ),
             ),
             **kept,
             "transition_scales": list(args.scales),

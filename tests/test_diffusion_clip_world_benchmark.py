@@ -289,7 +289,7 @@ def test_a_combination_fooling_the_oracle_with_one_attribute_is_faithful_but_not
     )
     assert reading["all_success"] == 1.0
     assert (reading["all_faithful_success"], reading["all_drawn_success"]) == (0.5, 0.25)
-    assert reading["all_drawn_outline_success"] == 0.25  # the truth's outline is a star's; the rest are not
+    assert reading["all_drawn_zoomed_success"] == 0.25  # the stand-in oracle reads the zoomed edits alike
     assert reading["drawn"] == {"shape->star": 0.5, "color->blue": 0.75}
     # each editor against the source and against the scene with only the other editor's value
     sources = np.stack([generator.render(s).image for s in scenes])
@@ -317,18 +317,6 @@ def test_the_renderings_by_subset_are_the_scenes_with_each_subset_of_edits_appli
         assert np.array_equal(table[subset].numpy(), np.stack(images)), subset
 
 
-def test_solidity_is_pixel_count_over_the_hull_of_the_pixels_squares():
-    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
-    masks[0, 2:5, 2:6] = True  # a 3 x 4 rectangle: its own hull
-    masks[1, 0:2, 0:2] = True
-    masks[1, 1, 1] = False  # an L of three squares: hull 4 - 1/2
-    masks[2, 3, 3] = True  # one pixel: hull 1
-    solidities, areas = bench.solidity(masks)
-    np.testing.assert_allclose(solidities, [1.0, 3 / 3.5, 1.0])
-    np.testing.assert_array_equal(areas, [12, 3, 1])
-    assert np.isnan(bench.solidity(torch.zeros(1, 8, 8, dtype=torch.bool))[0][0])
-
-
 def _scene(shape: str, radius: float, background: str) -> generator.Scene:
     obj = generator.SceneObject(shape=shape, color="purple", center=(30.0, 33.0), radius=radius)
     return generator.Scene(objects=(obj,), background=background, seed=3)
@@ -348,23 +336,37 @@ def test_silhouettes_are_the_rendered_objects_on_every_background():
         assert kept.min() > 0.95, (background, kept)
 
 
-def test_the_outline_check_passes_stars_and_fails_sources_and_specks():
-    for background in ("white", "striped", "cloudy"):
-        source = _scene("circle", 16.0, background)
-        scenes = [source] * 5
-        edits = [
-            generator.render(generator.edit_scene(source, "shape", "star")).image,  # the truth
-            generator.render(_scene("star", 13.0, background)).image,  # a smaller star: still a star
-            generator.render(source).image,  # unchanged
-            generator.render(_scene("circle", 5.0, background)).image,  # a speck
-            generator.render(_scene("star", 8.0, background)).image,  # star-like, but a quarter of the area
-        ]
-        truths = torch.as_tensor(np.stack([generator.counterfactual(source, "shape", "star").image] * 5))
-        sources = torch.as_tensor(np.stack([generator.render(source).image] * 5))
-        passed = bench.silhouette_checks(torch.as_tensor(np.stack(edits)), sources, truths, scenes)
-        assert passed.tolist() == [True, True, False, False, False], background
-    # A truth with the source's outline gives an unchanged edit no outline to be nearer.
-    assert not bench.silhouette_checks(sources[:1], sources[:1], sources[:1], scenes[:1])[0]
+def test_a_small_object_is_zoomed_to_the_worlds_size_and_others_are_left_alone():
+    scenes = [
+        _scene("circle", 5.0, "white"),
+        _scene("circle", 14.0, "striped"),
+        _scene("star", 9.0, "cloudy"),
+    ]
+    images = [generator.render(scene).image for scene in scenes[:2]]
+    images.append(generator.background_image("cloudy", 3))  # an edit that lost its object
+    images = torch.as_tensor(np.stack(images))
+    zoomed = bench.zoomed_to_object(images, scenes)
+    assert torch.equal(zoomed[1:], images[1:])  # the world's size, and no object at all
+    # The speck now spans OBJECT_RADIUS about the centre: 2 x 16 px wide, centred at 32.
+    drawn = ((zoomed[0].int() - 255).abs().amax(-1) > 48).numpy()
+    columns, rows = np.nonzero(drawn.any(0))[0], np.nonzero(drawn.any(1))[0]
+    for found in (columns, rows):
+        assert abs((found.max() - found.min() + 1) / 2 - bench.OBJECT_RADIUS) <= 1.5
+        assert abs((found.max() + found.min() + 1) / 2 - 32) <= 1.5
+
+
+def test_the_oracle_reads_small_shapes_as_stars_and_zoomed_as_what_they_are():
+    oracle = load_oracle()
+    shapes = ("circle", "square", "triangle")
+    scenes = [
+        _scene(shape, 5.0, background) for shape in shapes for background in ("white", "gray", "checkered")
+    ]
+    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
+    plain, _ = bench.oracle_readings(oracle, images)
+    zoomed, _ = bench.oracle_readings(oracle, bench.zoomed_to_object(images, scenes))
+    truth = [scene.objects[0].shape for scene in scenes]
+    assert sum(name == "star" for name in plain["shape"]) >= 6  # the failure the zoom is for
+    assert zoomed["shape"] == truth
 
 
 def test_silhouettes_ignore_noise_a_reconstruction_leaves_on_the_background():
@@ -381,24 +383,40 @@ def test_silhouettes_ignore_noise_a_reconstruction_leaves_on_the_background():
     assert found[coverage > 0.99].mean() > 0.95
 
 
-def test_shape_edits_are_summarised_with_the_outline_check_and_others_without():
+def test_shape_edits_are_summarised_with_the_zoomed_reading_and_others_without():
     source = _scene("circle", 16.0, "white")
-    scenes = [source] * 3
-    sources = torch.as_tensor(np.stack([generator.render(source).image] * 3))
-    truths = torch.as_tensor(np.stack([generator.counterfactual(source, "shape", "star").image] * 3))
+    truth = generator.counterfactual(source, "shape", "star").image
     moved = generator.Scene(
         objects=(dataclasses.replace(source.objects[0], shape="star", center=(44.0, 40.0)),),
         background="white",
         seed=3,
     )
-    edits = torch.stack([truths[0], sources[0], torch.as_tensor(generator.render(moved).image), truths[0]])
-    scenes, sources, truths = [source] * 4, sources[[0, 0, 0, 0]], truths[[0, 0, 0, 0]]
+    speck = _scene("circle", 5.0, "white")
+    edits = [
+        truth,
+        generator.render(source).image,
+        generator.render(speck).image,
+        generator.render(moved).image,
+    ]
+    edits, scenes = torch.as_tensor(np.stack(edits)), [source] * 4
+    sources = torch.as_tensor(np.stack([generator.render(source).image] * 4))
+    truths = torch.as_tensor(np.stack([truth] * 4))
     checks = bench.truth_checks(edits, sources, truths)
-    assert checks["closer"].tolist() == [True, False, False, True]  # a star elsewhere is farther
-    assert bench.with_outline(checks, "color", edits, sources, truths, scenes) is checks
-    outlined = bench.with_outline(checks, "shape", edits, sources, truths, scenes)
-    assert outlined["outline"].tolist() == [True, False, True, True]
-    hits = np.array([True, True, True, False])
-    summary = bench.truth_summary(hits, outlined)
-    assert (summary["outline_success"], summary["faithful_outline_success"]) == (0.5, 0.25)
-    assert "outline_success" not in bench.truth_summary(hits, checks)
+    assert checks["closer"].tolist() == [
+        True,
+        False,
+        True,
+        False,
+    ]  # a speck is nearer; a star elsewhere is not
+    oracle = load_oracle()
+    assert bench.with_zoomed_reading(checks, oracle, "color", "blue", edits, scenes) is checks
+    read = bench.with_zoomed_reading(checks, oracle, "shape", "star", edits, scenes)
+    assert read["zoomed_hit"].tolist() == [True, False, False, True]
+    hits = np.array([name == "star" for name in bench.oracle_readings(oracle, edits)[0]["shape"]])
+    assert hits.tolist() == [True, False, True, True]  # the speck fools the plain reading
+    summary = bench.truth_summary(hits, read)
+    assert (summary["zoomed_success"], summary["faithful_zoomed_success"]) == (0.5, 0.25)
+    assert summary["faithful_success"] == 0.5
+    assert "zoomed_success" not in bench.truth_summary(hits, checks)
+    # Both readings must name the value: a plain reading that misses the last edit takes it out.
+    assert bench.truth_summary(np.array([True, False, True, False]), read)["zoomed_success"] == 0.25
