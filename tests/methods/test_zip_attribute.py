@@ -302,8 +302,10 @@ def test_the_full_pass_generates_both_branches_as_the_step_functions_do(grid, ba
     assert head.layers[-1].weight.grad.abs().sum() > 0 and frozen.weight.grad is None
 
 
-def test_the_full_pass_adds_the_weighted_prior_on_the_latents_with_delta_h(grid):
-    torch.manual_seed(1)
+def _full_pass_with_a_head(grid, seed: int) -> tuple[tuple, za.AttributeHead, list[torch.Tensor]]:
+    """full_pass_loss's arguments with a random head on a linear noise predictor, the head, and the list
+    the decoder appends each decoded batch of latents to ([without Δh ; with Δh])."""
+    torch.manual_seed(seed)
     head = za.AttributeHead(channels=4, hidden=4)
     torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
     code = torch.randn(4)
@@ -314,29 +316,24 @@ def test_the_full_pass_adds_the_weighted_prior_on_the_latents_with_delta_h(grid)
     def paired(latents, timestep):
         return noise_fn(latents, timestep), 0.1 * (latents + head(latents, code))
 
-    start = _tensors(9)[2]
     decoded = []
 
     def decode(latents):
         decoded.append(latents.detach())
         return torch.tanh(latents[:, :3])
 
-    arguments = (
-        paired,
-        noise_fn,
-        grid,
-        start,
-        300,
-        decode,
-        _embed,
-        torch.tensor([1.0, 0.0, -1.0]),
-        za.LossWeights(),
-    )
+    start = _tensors(seed + 8)[2]
+    arguments = (paired, noise_fn, grid, start, 300, decode, _embed, torch.tensor([1.0, 0.0, -1.0]))
+    return (*arguments, za.LossWeights()), head, decoded
+
+
+def test_the_full_pass_adds_the_weighted_prior_on_the_latents_with_delta_h(grid):
+    arguments, _, decoded = _full_pass_with_a_head(grid, seed=1)
     prior = dc.PriorTerm(
         noise_fn=lambda latents, t: torch.sin(latents),
         timestep=100,
         alpha=0.5,
-        noise=torch.randn_like(start),
+        noise=torch.randn_like(arguments[3]),
         weight=2.0,
     )
     with_prior, terms = za.full_pass_loss(*arguments, prior=prior)
@@ -347,27 +344,8 @@ def test_the_full_pass_adds_the_weighted_prior_on_the_latents_with_delta_h(grid)
 
 
 def test_the_full_pass_adds_the_weighted_teachers_error_on_the_images_with_delta_h(grid):
-    torch.manual_seed(2)
-    head = za.AttributeHead(channels=4, hidden=4)
-    torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
-    code = torch.randn(4)
-
-    def noise_fn(latents, timestep):
-        return 0.1 * latents
-
-    def paired(latents, timestep):
-        return noise_fn(latents, timestep), 0.1 * (latents + head(latents, code))
-
-    start = _tensors(10)[2]
-    decoded = []
-
-    def decode(latents):
-        decoded.append(latents.detach())
-        return torch.tanh(latents[:, :3])
-
-    arguments = (paired, noise_fn, grid, start, 300, decode, _embed, torch.tensor([1.0, 0.0, -1.0]))
-    arguments = (*arguments, za.LossWeights())
-    teacher_images = torch.rand(start.shape[0], 3, 8, 8) * 2.0 - 1.0
+    arguments, head, decoded = _full_pass_with_a_head(grid, seed=2)
+    teacher_images = torch.rand(arguments[3].shape[0], 3, 8, 8) * 2.0 - 1.0
     with_teacher, terms = za.full_pass_loss(*arguments, teacher=za.TeacherTerm(teacher_images, 3.0))
     plain, plain_terms = za.full_pass_loss(*arguments)
     edited_images = torch.tanh(decoded[0].chunk(2)[1][:, :3])  # the Δh half, not the plain half
