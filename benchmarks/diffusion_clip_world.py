@@ -410,11 +410,8 @@ def evaluate_combination(
     table = renderings_by_subset(scenes, [editor.config["data"] for editor in editors])
     truths = table[tuple(range(len(editors)))]
     checks = truth_checks(edited, table[()], truths)
-    shape_values = [e.config["data"]["value"] for e in editors if e.config["data"]["attribute"] == "shape"]
-    zoomed_hit = None
-    if shape_values:
-        zoomed_names, _ = oracle_readings(oracle, zoomed_to_object(edited, scenes))
-        zoomed_hit = np.array([name == shape_values[0] for name in zoomed_names["shape"]])
+    for data in (editor.config["data"] for editor in editors):  # a shape editor's value read zoomed too
+        checks = with_zoomed_reading(checks, oracle, data["attribute"], data["value"], edited, scenes)
     per_editor, per_editor_probability, drawn = {}, {}, {}
     both = np.ones(len(scenes), dtype=bool)
     every_drawn = np.ones(len(scenes), dtype=bool)
@@ -439,8 +436,12 @@ def evaluate_combination(
         "all_faithful_success": truth.pop("faithful_success"),
         "all_drawn_success": float(np.mean(both & checks["closer"] & every_drawn)),
         **(
-            {"all_drawn_zoomed_success": float(np.mean(both & checks["closer"] & every_drawn & zoomed_hit))}
-            if zoomed_hit is not None
+            {
+                "all_drawn_zoomed_success": float(
+                    np.mean(both & checks["closer"] & every_drawn & checks["zoomed_hit"])
+                )
+            }
+            if "zoomed_hit" in checks
             else {}
         ),
         "drawn": drawn,
