@@ -17,11 +17,11 @@ the oracle reads the result. Reported per editor:
   mean PSNR of the edits and of the sources against it. The oracle alone can be fooled: it was trained
   on clean renders, and it reads broken, fragmented objects as stars; a fragment is not nearer to the
   true star than the source is, a drawn star is (Prompt-to-Prompt's word swap: 0.84 of its edits).
-- Shape edits also: zoomed_success and faithful_zoomed_success, the same with the oracle's reading of
-  the edit zoomed to its object (`zoomed_to_object`) required too. The oracle never saw objects smaller
-  than the world's (radius 10-20 px) and reads most of them as stars; a shrunken speck nearer the truth
-  than the source passes faithful_success but not this (`transition_faithful_zoomed_success` per gamma;
-  `all_drawn_zoomed_success` for combinations with a shape editor).
+- Shape edits also: sized_success and faithful_sized_success, the same with the edit's object keeping
+  at least SIZE_KEPT of the truth's area required too (`with_size_reading`). The oracle never saw objects
+  smaller than the world's (radius 10-20 px) and reads most of them as stars; a shrunken blob nearer the
+  truth than the source passes faithful_success but not this (`transition_faithful_sized_success` per
+  gamma; `all_drawn_sized_success` for combinations with a shape editor).
 - transition: mean oracle probability of the target value at each gamma of the continuous transition
   (original model 1 - gamma, editor gamma), whether it rises monotonically (over every gamma, and over
   the interpolation gamma <= 1 alone: `transition_monotonic_to_1`), and the success at each gamma
@@ -154,76 +154,51 @@ def silhouettes(images: torch.Tensor, scenes) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(eroded, 3, stride=1, padding=1)[:, 0].bool()
 
 
-# The world draws one-object scenes with radii 10-20 px; the oracle never saw smaller objects and reads
-# most of them as stars (rendered circles, squares and triangles of radius 5: 30 of 36). An edit whose
-# object is smaller than SMALL_OBJECT is read again zoomed in until its object has OBJECT_RADIUS.
-SMALL_OBJECT = 10.0
-OBJECT_RADIUS = 16.0
+# The oracle never saw objects smaller than the world draws (radius 10-20 px alone) and reads most of
+# them as stars, rendered or decoded by the VAE (`benchmarks/oracle_sizes.py`), so an edit that shrinks
+# its object to a blob nearer the truth than the source passes for a faithful star. A shape edit keeps
+# its object's size when the object's area (`silhouettes`) is at least SIZE_KEPT of the ground truth's
+# (a star at 0.77 of the truth's radius): the VAE's own reconstructions of 256 held-out true stars keep
+# at least 0.79 of it, and the word swap's stars of the star benchmark's 32 scenes at least 0.68.
+SIZE_KEPT = 0.6
 
 
-def zoomed_to_object(images: torch.Tensor, scenes) -> torch.Tensor:
-    """Each image zoomed about its object (`silhouettes`) until the object's half extent is OBJECT_RADIUS,
-    when it is below SMALL_OBJECT; other images (and images without an object) unchanged.
-
-    Args:
-        images: uint8 (B, H, W, 3).
-        scenes: the B scenes the images are edits of (their backgrounds).
-
-    Returns:
-        uint8 (B, H, W, 3); the zoom samples bilinearly, the border repeated beyond the image.
-    """
-    images = torch.as_tensor(images)
-    masks = silhouettes(images, scenes)
-    size = images.shape[1]
-    zoomed = []
-    for image, mask in zip(images, masks, strict=True):
-        rows, columns = torch.nonzero(mask, as_tuple=True)
-        half = (
-            0.0
-            if len(rows) == 0
-            else max(int(rows.max() - rows.min()), int(columns.max() - columns.min())) / 2 + 0.5
-        )
-        if len(rows) == 0 or half >= SMALL_OBJECT:
-            zoomed.append(image)
-            continue
-        centre_y = float(rows.min() + rows.max()) / 2 + 0.5
-        centre_x = float(columns.min() + columns.max()) / 2 + 0.5
-        scale = half / OBJECT_RADIUS  # the output's half-width maps to `scale` of the input's
-        theta = torch.tensor(
-            [[scale, 0.0, 2 * centre_x / size - 1], [0.0, scale, 2 * centre_y / size - 1]],
-            dtype=torch.float32,
-        )
-        grid = torch.nn.functional.affine_grid(theta[None], [1, 3, size, size], align_corners=False)
-        pixels = image.permute(2, 0, 1)[None].float()
-        sampled = torch.nn.functional.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
-        zoomed.append(sampled[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8))
-    return torch.stack(zoomed)
+def object_areas(images: torch.Tensor, scenes) -> torch.Tensor:
+    """The object's area in pixels of each image (`silhouettes` against its scene's background); (B,)."""
+    return silhouettes(images, scenes).sum(dim=(1, 2))
 
 
-def with_zoomed_reading(
-    checks: dict[str, np.ndarray], oracle, attribute: str, value: str, edited: torch.Tensor, scenes
+def with_size_reading(
+    checks: dict[str, np.ndarray], attribute: str, edited: torch.Tensor, truths: torch.Tensor, scenes
 ) -> dict[str, np.ndarray]:
-    """`checks` with "zoomed_hit" (the oracle reads `value` in the edit zoomed to its object,
-    `zoomed_to_object`) when the edit is a shape's."""
+    """`checks` with "size_kept" (the edit's object area at least SIZE_KEPT of the truth's, bool (B,))
+    when the edit is a shape's; `edited` and `truths` uint8 (B, H, W, 3) of `scenes`."""
     if attribute != "shape":
         return checks
-    names, _ = oracle_readings(oracle, zoomed_to_object(edited, scenes))
-    return {**checks, "zoomed_hit": np.array([name == value for name in names[attribute]])}
+    kept = object_areas(edited, scenes) >= SIZE_KEPT * object_areas(truths, scenes)
+    return {**checks, "size_kept": kept.numpy()}
+
+
+def judged(
+    edited: torch.Tensor, sources: torch.Tensor, truths: torch.Tensor, attribute: str, scenes
+) -> dict[str, np.ndarray]:
+    """`truth_checks` of edits of one attribute, with the size reading for a shape's (`with_size_reading`)."""
+    return with_size_reading(truth_checks(edited, sources, truths), attribute, edited, truths, scenes)
 
 
 def truth_summary(hits: np.ndarray, checks: dict[str, np.ndarray]) -> dict[str, float]:
     """faithful_success (oracle hit and closer), closer_than_source and the mean PSNRs, rounded; with a
-    zoomed reading in `checks`, zoomed_success (the oracle reads the value both as drawn and zoomed to the
-    object) and faithful_zoomed_success (and closer)."""
+    size reading in `checks` (`with_size_reading`), sized_success (oracle hit and the object's size kept)
+    and faithful_sized_success (and closer)."""
     summary = {
         "faithful_success": float(np.mean(hits & checks["closer"])),
         "closer_than_source": float(np.mean(checks["closer"])),
         "gt_psnr_db": round(float(np.mean(checks["gt_psnr_db"])), 2),
         "source_gt_psnr_db": round(float(np.mean(checks["source_gt_psnr_db"])), 2),
     }
-    if "zoomed_hit" in checks:  # shape edits (`with_zoomed_reading`)
-        summary["zoomed_success"] = float(np.mean(hits & checks["zoomed_hit"]))
-        summary["faithful_zoomed_success"] = float(np.mean(hits & checks["closer"] & checks["zoomed_hit"]))
+    if "size_kept" in checks:  # shape edits (`with_size_reading`)
+        summary["sized_success"] = float(np.mean(hits & checks["size_kept"]))
+        summary["faithful_sized_success"] = float(np.mean(hits & checks["closer"] & checks["size_kept"]))
     return summary
 
 
@@ -285,20 +260,19 @@ def evaluate(
     for editor in editors:
         attribute, value = editor.config["data"]["attribute"], editor.config["data"]["value"]
         images, truths = sources_and_truths(scenes, attribute, value)
-        curve, hits, faithful, zoomed, success_edit = [], [], [], [], None
+        curve, hits, faithful, sized, success_edit = [], [], [], [], None
         rows = [images.numpy(), truths.numpy()]
+
         for gamma in gammas:
             edited = generate_with_editors(model, start, [editor], [gamma], settings, combination=combination)
             names, probabilities = oracle_readings(oracle, edited)
             hit = np.array([name == value for name in names[attribute]])
             curve.append(mean_target_probability(probabilities, attribute, value))
-            checks = with_zoomed_reading(
-                truth_checks(edited, images, truths), oracle, attribute, value, edited, scenes
-            )
+            checks = judged(edited, images, truths, attribute, scenes)
             hits.append(float(hit.mean()))
             faithful.append(float(np.mean(hit & checks["closer"])))
-            if "zoomed_hit" in checks:
-                zoomed.append(float(np.mean(hit & checks["closer"] & checks["zoomed_hit"])))
+            if "size_kept" in checks:
+                sized.append(float(np.mean(hit & checks["closer"] & checks["size_kept"])))
             rows.append(edited.numpy())
             if gamma == success_gamma:  # the success reading is this one: not generated again
                 success_edit = (names, checks)
@@ -306,10 +280,10 @@ def evaluate(
             edited = generate_with_editors(
                 model, start, [editor], [success_gamma], settings, combination=combination
             )
-            checks = with_zoomed_reading(
-                truth_checks(edited, images, truths), oracle, attribute, value, edited, scenes
+            success_edit = (
+                oracle_readings(oracle, edited)[0],
+                judged(edited, images, truths, attribute, scenes),
             )
-            success_edit = (oracle_readings(oracle, edited)[0], checks)
         names, checks = success_edit
         if strips is not None:
             strips[f"{attribute}-{value}"] = rows
@@ -332,7 +306,7 @@ def evaluate(
             "transition_monotonic_to_1": rises([p for p, g in zip(curve, gammas, strict=True) if g <= 1.0]),
             "transition_success": hits,
             "transition_faithful_success": faithful,
-            **({"transition_faithful_zoomed_success": zoomed} if zoomed else {}),
+            **({"transition_faithful_sized_success": sized} if sized else {}),
         }
     return report
 
@@ -344,9 +318,7 @@ def word_swap_reading(model, oracle, scenes, attribute: str, value: str, steps: 
     edited = text_only_edits(model, scenes, attribute, value, steps)
     names, _ = oracle_readings(oracle, edited)
     hit = np.array([name == value for name in names[attribute]])
-    checks = with_zoomed_reading(
-        truth_checks(edited, images, truths), oracle, attribute, value, edited, scenes
-    )
+    checks = judged(edited, images, truths, attribute, scenes)
     return {"success": float(hit.mean()), **truth_summary(hit, checks)}
 
 
@@ -410,8 +382,8 @@ def evaluate_combination(
     table = renderings_by_subset(scenes, [editor.config["data"] for editor in editors])
     truths = table[tuple(range(len(editors)))]
     checks = truth_checks(edited, table[()], truths)
-    for data in (editor.config["data"] for editor in editors):  # a shape editor's value read zoomed too
-        checks = with_zoomed_reading(checks, oracle, data["attribute"], data["value"], edited, scenes)
+    for data in (editor.config["data"] for editor in editors):  # a shape editor's size read too
+        checks = with_size_reading(checks, data["attribute"], edited, truths, scenes)
     per_editor, per_editor_probability, drawn = {}, {}, {}
     both = np.ones(len(scenes), dtype=bool)
     every_drawn = np.ones(len(scenes), dtype=bool)
@@ -437,11 +409,11 @@ def evaluate_combination(
         "all_drawn_success": float(np.mean(both & checks["closer"] & every_drawn)),
         **(
             {
-                "all_drawn_zoomed_success": float(
-                    np.mean(both & checks["closer"] & every_drawn & checks["zoomed_hit"])
+                "all_drawn_sized_success": float(
+                    np.mean(both & checks["closer"] & every_drawn & checks["size_kept"])
                 )
             }
-            if "zoomed_hit" in checks
+            if "size_kept" in checks
             else {}
         ),
         "drawn": drawn,

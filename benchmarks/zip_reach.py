@@ -35,11 +35,10 @@ import torch
 
 from benchmarks.diffusion_clip_world import (
     heldout_scenes,
+    judged,
     oracle_readings,
     sources_and_truths,
-    truth_checks,
     truth_summary,
-    with_zoomed_reading,
 )
 from pipeline.editors import EditSettings, _noise_fn, forward_to_return_step
 from pipeline.methods import diffusion_clip as dc
@@ -154,12 +153,7 @@ def reading(
     target = probabilities[attribute][:, HEADS[attribute].index(value)]
     return {
         "success": float(hits.mean()),
-        **truth_summary(
-            hits,
-            with_zoomed_reading(
-                truth_checks(edited, sources, truths), oracle, attribute, value, edited, scenes
-            ),
-        ),
+        **truth_summary(hits, judged(edited, sources, truths, attribute, scenes)),
         "target_probability_mean": round(float(target.mean()), 4),
     }
 

@@ -8,8 +8,8 @@ does not already have the encoder's value, reported:
 - success: fraction the oracle reads as the target value, with the encoder's own first reference
   (rendered by the model at training time); kept_*: fraction whose other attributes stay the source's;
   faithful_success, closer_than_source, gt_psnr_db: against the world's ground-truth edit, as in
-  `benchmarks/diffusion_clip_world.py` (here and in each consistency reading), with zoomed_success and
-  faithful_zoomed_success (the oracle's reading of each edit zoomed to its object required too).
+  `benchmarks/diffusion_clip_world.py` (here and in each consistency reading), with sized_success and
+  faithful_sized_success (the edit's object keeping the truth's size required too).
 - frozen: the UNet's, VAE's and text encoder's fingerprint before and after every edit, and the one the
   artefact was trained on; all three must be equal (the model is never changed).
 - transition: mean oracle probability of the target value at Δh scales 0, 0.25, ..., 1.
@@ -37,11 +37,10 @@ import torch
 from benchmarks.diffusion_clip_world import (
     _value,
     heldout_scenes,
+    judged,
     oracle_readings,
     text_only_edits,
-    truth_checks,
     truth_summary,
-    with_zoomed_reading,
 )
 from pipeline.editors import (
     EditSettings,
@@ -83,9 +82,7 @@ def spread(
     names, probabilities = oracle_readings(oracle, edited)
     target = _target_probability(probabilities, attribute, value)
     hit = np.array([name == value for name in names[attribute]])
-    checks = with_zoomed_reading(
-        truth_checks(edited, sources, truths), oracle, attribute, value, edited, scenes
-    )
+    checks = judged(edited, sources, truths, attribute, scenes)
     return {
         "success": float(hit.mean()),
         **truth_summary(hit, checks),
@@ -130,15 +127,10 @@ def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings,
     text_only = text_only_edits(model, scenes, attribute, value, args.text_steps)
     after = model_fingerprint(model)
     pixels = lambda a, b: float((a.float() - b.float()).abs().mean())  # noqa: E731
+    own_reference = spread(oracle, edited, attribute, value, images, truths, scenes)
     report = {
-        f"{attribute}->{value}": {
-            "success": float(np.mean([name == value for name in names[attribute]])),
-            **truth_summary(
-                np.array([name == value for name in names[attribute]]),
-                with_zoomed_reading(
-                    truth_checks(edited, images, truths), oracle, attribute, value, edited, scenes
-                ),
-            ),
+        f"{attribute}->{value}": {  # the own-reference edit's reading, less its spread
+            **{key: got for key, got in own_reference.items() if not key.startswith("target_probability")},
             **kept,
             "transition_scales": list(args.scales),
             "transition_target_probability": curve,
@@ -152,7 +144,7 @@ def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings,
         },
         "consistency": {
             "zip_user_reference": spread(oracle, with_user, attribute, value, images, truths, scenes),
-            "zip_own_reference": spread(oracle, edited, attribute, value, images, truths, scenes),
+            "zip_own_reference": own_reference,
             "text_only_direct_p2p": spread(oracle, text_only, attribute, value, images, truths, scenes),
         },
         "references": {

@@ -257,22 +257,28 @@ def test_an_attribute_counts_as_drawn_only_where_it_changes_the_truth():
 
 def test_a_combination_fooling_the_oracle_with_one_attribute_is_faithful_but_not_drawn(world, monkeypatch):
     """Stand-in edits, all read by a stand-in oracle as blue stars: the truth (a blue star), the source
-    recoloured blue, the source, and the truth on a ruined background. The whole-image check passes the
-    first two, the drawn check the first and the last, both only the first."""
+    recoloured blue, the source, the truth on a ruined background, and the truth shrunk to 0.7 of its
+    radius (half its area). The whole-image check passes the first two and the last, the drawn check
+    the first and the last two, both the first and the last; the size reading then takes the last out."""
     model, _, uris = world
     editors = [load_editor(model, uri) for uri in uris]
-    scenes = bench.heldout_scenes(4, [("shape", "star"), ("color", "blue")])
-    truths = bench.renders(bench.truth_scenes_of(scenes, [e.config["data"] for e in editors])).numpy()
+    scenes = bench.heldout_scenes(5, [("shape", "star"), ("color", "blue")])
+    truth_scenes = bench.truth_scenes_of(scenes, [e.config["data"] for e in editors])
+    truths = bench.renders(truth_scenes).numpy()
     source = generator.render(scenes[3]).image
     ruined = np.where((truths[3] != source).any(axis=-1, keepdims=True), truths[3], 255 - truths[3])
+    shrunk_star = dataclasses.replace(
+        truth_scenes[4].objects[0], radius=truth_scenes[4].objects[0].radius * 0.7
+    )
+    shrunk = generator.render(dataclasses.replace(truth_scenes[4], objects=(shrunk_star,))).image
     edits = [truths[0], generator.counterfactual(scenes[1], "color", "blue").image]
-    edits = torch.as_tensor(np.stack([*edits, generator.render(scenes[2]).image, ruined]))
+    edits = torch.as_tensor(np.stack([*edits, generator.render(scenes[2]).image, ruined, shrunk]))
     monkeypatch.setattr(bench, "generate_with_editors", lambda *args, **kwargs: edits)
     original = bench.oracle_readings
 
     def fooled(oracle, images):
         names, probabilities = original(oracle, images)
-        return {**names, "shape": ["star"] * 4, "color": ["blue"] * 4}, probabilities
+        return {**names, "shape": ["star"] * 5, "color": ["blue"] * 5}, probabilities
 
     monkeypatch.setattr(bench, "oracle_readings", fooled)
     lacking_seen = []
@@ -283,20 +289,63 @@ def test_a_combination_fooling_the_oracle_with_one_attribute_is_faithful_but_not
         return drawn_by_hand(edited, truths, lacking)
 
     monkeypatch.setattr(bench, "attribute_drawn", recorded)
+    sized_against = []
+    size_by_hand = bench.with_size_reading
+
+    def recorded_size(checks, attribute, edited, truths, scenes):
+        sized_against.append((attribute, truths.numpy()))
+        return size_by_hand(checks, attribute, edited, truths, scenes)
+
+    monkeypatch.setattr(bench, "with_size_reading", recorded_size)
     settings = EditSettings.of(editors[0], forward_steps=2, generative_steps=2)
     reading = bench.evaluate_combination(
         model, load_oracle(), editors, scenes, None, settings, weights=[1.0, 1.0]
     )
     assert reading["all_success"] == 1.0
-    assert (reading["all_faithful_success"], reading["all_drawn_success"]) == (0.5, 0.25)
-    assert reading["all_drawn_zoomed_success"] == 0.25  # the stand-in oracle reads the zoomed edits alike
-    assert reading["drawn"] == {"shape->star": 0.5, "color->blue": 0.75}
+    assert (reading["all_faithful_success"], reading["all_drawn_success"]) == (0.6, 0.4)
+    assert reading["all_drawn_sized_success"] == 0.2
+    assert reading["drawn"] == {"shape->star": 0.6, "color->blue": 0.8}
+    # the size reading is the truths' of the whole combination, asked once per editor
+    assert [attribute for attribute, _ in sized_against] == ["shape", "color"]
+    assert all(np.array_equal(against, truths) for _, against in sized_against)
     # each editor against the source and against the scene with only the other editor's value
     sources = np.stack([generator.render(s).image for s in scenes])
     for lacking, other in zip(lacking_seen, [("color", "blue"), ("shape", "star")], strict=True):
         only_other = np.stack([generator.counterfactual(s, *other).image for s in scenes])
         assert len(lacking) == 2
         assert np.array_equal(lacking[0], sources) and np.array_equal(lacking[1], only_other)
+
+
+def test_a_single_editors_transition_is_read_with_the_size_reading(world, monkeypatch):
+    """Stand-in edits read by a stand-in oracle as stars: at gamma 0 the sources, at gamma 1 the truths
+    but for the third scene's (a circle's), shrunk to 0.7 of its radius: nearer the truth than the
+    source, half its area."""
+    model, _, uris = world
+    editor = load_editor(model, uris[0])
+    scenes = bench.heldout_scenes(3, [("shape", "star")])
+    sources, truths = bench.sources_and_truths(scenes, "shape", "star")
+    truth_scene = generator.edit_scene(scenes[2], "shape", "star")
+    shrunk = dataclasses.replace(truth_scene.objects[0], radius=truth_scene.objects[0].radius * 0.7)
+    at_one = truths.clone()
+    at_one[2] = torch.as_tensor(generator.render(dataclasses.replace(truth_scene, objects=(shrunk,))).image)
+    monkeypatch.setattr(bench, "combination_start", lambda *args: None)
+    monkeypatch.setattr(
+        bench,
+        "generate_with_editors",
+        lambda model, start, editors, gammas, *a, **k: sources if gammas[0] == 0 else at_one,
+    )
+    original = bench.oracle_readings
+
+    def fooled(oracle, images):
+        names, probabilities = original(oracle, images)
+        return {**names, "shape": ["star"] * 3}, probabilities
+
+    monkeypatch.setattr(bench, "oracle_readings", fooled)
+    settings = EditSettings.of(editor, forward_steps=2, generative_steps=2)
+    report = bench.evaluate(model, load_oracle(), [editor], scenes, settings, [0.0, 1.0])["shape->star"]
+    assert report["transition_faithful_success"] == [0.0, 1.0]
+    assert report["transition_faithful_sized_success"] == [0.0, 2 / 3]
+    assert (report["faithful_success"], report["faithful_sized_success"]) == (1.0, 2 / 3)
 
 
 def test_the_renderings_by_subset_are_the_scenes_with_each_subset_of_edits_applied():
@@ -336,37 +385,61 @@ def test_silhouettes_are_the_rendered_objects_on_every_background():
         assert kept.min() > 0.95, (background, kept)
 
 
-def test_a_small_object_is_zoomed_to_the_worlds_size_and_others_are_left_alone():
+def test_object_areas_are_the_drawn_objects_and_zero_without_one():
     scenes = [
-        _scene("circle", 5.0, "white"),
         _scene("circle", 14.0, "striped"),
+        _scene("square", 9.0, "white"),
         _scene("star", 9.0, "cloudy"),
     ]
     images = [generator.render(scene).image for scene in scenes[:2]]
     images.append(generator.background_image("cloudy", 3))  # an edit that lost its object
-    images = torch.as_tensor(np.stack(images))
-    zoomed = bench.zoomed_to_object(images, scenes)
-    assert torch.equal(zoomed[1:], images[1:])  # the world's size, and no object at all
-    # The speck now spans OBJECT_RADIUS about the centre: 2 x 16 px wide, centred at 32.
-    drawn = ((zoomed[0].int() - 255).abs().amax(-1) > 48).numpy()
-    columns, rows = np.nonzero(drawn.any(0))[0], np.nonzero(drawn.any(1))[0]
-    for found in (columns, rows):
-        assert abs((found.max() - found.min() + 1) / 2 - bench.OBJECT_RADIUS) <= 1.5
-        assert abs((found.max() + found.min() + 1) / 2 - 32) <= 1.5
+    areas = bench.object_areas(torch.as_tensor(np.stack(images)), scenes).tolist()
+    for area, scene in zip(areas[:2], scenes[:2], strict=True):
+        # every fully covered pixel and no pixel the object does not touch
+        coverage = generator.object_coverage(scene.objects[0])
+        assert (coverage > 0.99).sum() <= area <= (coverage > 0).sum(), scene
+    assert areas[2] == 0
 
 
-def test_the_oracle_reads_small_shapes_as_stars_and_zoomed_as_what_they_are():
+def test_the_size_reading_keeps_a_star_at_the_truths_size_and_not_a_shrunk_one():
+    """Stars drawn at 1, 0.82 and 0.72 of the truth's radius, and a speck, on three backgrounds. The
+    word swap's smallest stars keep 0.68 of the truth's area (a star at about 0.82 of its radius, here
+    0.67-0.70) and must pass; 0.72 of the radius keeps 0.51-0.54 of the area, a shrunk object."""
+    for background in ("gray", "white", "checkered"):
+        source = _scene("circle", 16.0, background)
+        truth = generator.counterfactual(source, "shape", "star").image
+        edits = [
+            generator.render(dataclasses.replace(source, objects=(_star(source, 16.0 * scale),))).image
+            for scale in (1.0, 0.82, 0.72, 0.3)
+        ]
+        edits, truths = torch.as_tensor(np.stack(edits)), torch.as_tensor(np.stack([truth] * 4))
+        checks = {"closer": np.ones(4, dtype=bool)}
+        read = bench.with_size_reading(checks, "shape", edits, truths, [source] * 4)
+        assert read["size_kept"].tolist() == [True, True, False, False], background
+        assert bench.with_size_reading(checks, "color", edits, truths, [source] * 4) is checks
+
+
+def _star(scene: generator.Scene, radius: float) -> generator.SceneObject:
+    return dataclasses.replace(scene.objects[0], shape="star", radius=radius)
+
+
+def test_the_oracle_reads_small_shapes_as_stars_and_the_size_reading_rejects_them():
     oracle = load_oracle()
     shapes = ("circle", "square", "triangle")
-    scenes = [
-        _scene(shape, 5.0, background) for shape in shapes for background in ("white", "gray", "checkered")
-    ]
-    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
+    backgrounds = ("white", "gray", "checkered")
+    small = [_scene(shape, 5.0, background) for shape in shapes for background in backgrounds]
+    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in small]))
     plain, _ = bench.oracle_readings(oracle, images)
-    zoomed, _ = bench.oracle_readings(oracle, bench.zoomed_to_object(images, scenes))
-    truth = [scene.objects[0].shape for scene in scenes]
-    assert sum(name == "star" for name in plain["shape"]) >= 6  # the failure the zoom is for
-    assert zoomed["shape"] == truth
+    assert sum(name == "star" for name in plain["shape"]) >= 6  # the failure the size reading is for
+    # Against true stars of radius 12. A star covers about 40% of its circle, so a circle of half the
+    # radius keeps 0.63-0.71 of the area of the world's smallest stars (radius 10): the reading's limit.
+    truths = [
+        generator.counterfactual(_scene(s, 12.0, b), "shape", "star").image
+        for s in shapes
+        for b in backgrounds
+    ]
+    read = bench.with_size_reading({}, "shape", images, torch.as_tensor(np.stack(truths)), small)
+    assert not read["size_kept"].any()
 
 
 def test_silhouettes_ignore_noise_a_reconstruction_leaves_on_the_background():
@@ -383,7 +456,7 @@ def test_silhouettes_ignore_noise_a_reconstruction_leaves_on_the_background():
     assert found[coverage > 0.99].mean() > 0.95
 
 
-def test_shape_edits_are_summarised_with_the_zoomed_reading_and_others_without():
+def test_shape_edits_are_summarised_with_the_size_reading_and_others_without():
     source = _scene("circle", 16.0, "white")
     truth = generator.counterfactual(source, "shape", "star").image
     moved = generator.Scene(
@@ -408,15 +481,13 @@ def test_shape_edits_are_summarised_with_the_zoomed_reading_and_others_without()
         True,
         False,
     ]  # a speck is nearer; a star elsewhere is not
+    assert bench.judged(edits, sources, truths, "color", scenes).keys() == checks.keys()
+    read = bench.judged(edits, sources, truths, "shape", scenes)
+    assert read["size_kept"].tolist() == [True, True, False, True]
     oracle = load_oracle()
-    assert bench.with_zoomed_reading(checks, oracle, "color", "blue", edits, scenes) is checks
-    read = bench.with_zoomed_reading(checks, oracle, "shape", "star", edits, scenes)
-    assert read["zoomed_hit"].tolist() == [True, False, False, True]
     hits = np.array([name == "star" for name in bench.oracle_readings(oracle, edits)[0]["shape"]])
     assert hits.tolist() == [True, False, True, True]  # the speck fools the plain reading
     summary = bench.truth_summary(hits, read)
-    assert (summary["zoomed_success"], summary["faithful_zoomed_success"]) == (0.5, 0.25)
+    assert (summary["sized_success"], summary["faithful_sized_success"]) == (0.5, 0.25)
     assert summary["faithful_success"] == 0.5
-    assert "zoomed_success" not in bench.truth_summary(hits, checks)
-    # Both readings must name the value: a plain reading that misses the last edit takes it out.
-    assert bench.truth_summary(np.array([True, False, True, False]), read)["zoomed_success"] == 0.25
+    assert "sized_success" not in bench.truth_summary(hits, checks)

@@ -117,7 +117,7 @@ def test_the_report_reads_the_unshifted_pass_and_writes_its_json(tmp_path, monke
             noise = noise_fn(latents, int(grid.timesteps[level]))
             latents = ddim_move(noise, latents, grid.alpha(level), grid.alpha(level - 1))
     reconstruction = zip_reach.decode_latents(model, latents)
-    checks = zip_reach.truth_checks(reconstruction, sources, truths)
+    checks = zip_reach.judged(reconstruction, sources, truths, "shape", scenes)
     assert window["without_shift"]["gt_psnr_db"] == round(float(checks["gt_psnr_db"].mean()), 2)
     assert window["reached"]["source_gt_psnr_db"] == window["without_shift"]["source_gt_psnr_db"]
     assert json.loads((tmp_path / "results" / "reach.json").read_text())["windows"][0]["zip_step"] == 300

@@ -11,9 +11,11 @@ import torch
 from editor_artefact import write_random_zip_encoder
 
 from benchmarks import zip_world
+from benchmarks.diffusion_clip_world import judged
 from pipeline.editors import EditSettings, edit_with_zip, load_editor
 from pipeline.models.build import SDArchitecture, build_random_sd
 from pipeline.models.loading import load_diffusion_model
+from pipeline.world.oracle import load_oracle
 
 
 def test_the_benchmark_reports_a_frozen_model_and_the_encoders_own_edits(tmp_path, monkeypatch):
@@ -50,9 +52,12 @@ def test_the_benchmark_reports_a_frozen_model_and_the_encoders_own_edits(tmp_pat
     truths = torch.as_tensor(
         np.stack([zip_world.generator.counterfactual(s, "shape", "star").image for s in scenes])
     )
-    checks = zip_world.truth_checks(edited, images, truths)
+    checks = judged(edited, images, truths, "shape", scenes)
     assert report["gt_psnr_db"] == round(float(np.mean(checks["gt_psnr_db"])), 2)
     assert report["closer_than_source"] == float(np.mean(checks["closer"]))
+    hits = np.array([name == "star" for name in zip_world.oracle_readings(load_oracle(), edited)[0]["shape"]])
+    assert report["faithful_sized_success"] == float(np.mean(hits & checks["closer"] & checks["size_kept"]))
+    assert "target_probability_std" not in report  # the spread is the consistency section's
     assert consistency["zip_own_reference"]["gt_psnr_db"] == report["gt_psnr_db"]
     assert consistency["text_only_direct_p2p"]["gt_psnr_db"] != report["gt_psnr_db"]
     assert json.loads((tmp_path / "results" / "zip_run.json").read_text())["frozen"]["unchanged"]
