@@ -40,7 +40,7 @@ from benchmarks.diffusion_clip_world import (
     sources_and_truths,
     truth_summary,
 )
-from pipeline.editors import EditSettings, _noise_fn, forward_to_return_step
+from pipeline.editors import EditSettings, forward_to_return_step, noise_fn_of
 from pipeline.methods import diffusion_clip as dc
 from pipeline.methods import zip_attribute as za
 from pipeline.models.loading import load_diffusion_model
@@ -167,7 +167,7 @@ def evaluate_window(model, oracle, scenes, attribute: str, value: str, window: t
         generative_steps=args.generative_steps,
         prompt="",
     )
-    noise_fn = _noise_fn(model, model.unet, settings.prompt)
+    noise_fn = noise_fn_of(model, model.unet, settings.prompt)
     grid = dc.ReturnGrid.from_scheduler(model.scheduler, return_step, args.generative_steps)
     with torch.no_grad():
         start = forward_to_return_step(model, sources, settings)

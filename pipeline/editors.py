@@ -198,7 +198,9 @@ class EditSettings:
         return cls(**settings)
 
 
-def _noise_fn(model: DiffusionModel, unet: torch.nn.Module, prompt: str) -> dc.NoiseFn:
+def noise_fn_of(model: DiffusionModel, unet: torch.nn.Module, prompt: str) -> dc.NoiseFn:
+    """eps_theta(x_t, t) of `unet` (the model's or an editor's) conditioned on `prompt`, for any batch
+    of latents (B, C, h, w); the prompt is encoded once."""
     condition = encode_prompts(model.tokenizer, model.text_encoder, [prompt])
 
     def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
@@ -221,7 +223,7 @@ def forward_to_return_step(
         (B, C, h, w) latents at t0, reusable for any combination of editors.
     """
     grid = dc.ReturnGrid.from_scheduler(model.scheduler, settings.return_step, settings.forward_steps)
-    return dc.forward(_noise_fn(model, model.unet, settings.prompt), grid, encode_images(model, images))
+    return dc.forward(noise_fn_of(model, model.unet, settings.prompt), grid, encode_images(model, images))
 
 
 def generate_with_editors(
@@ -253,7 +255,9 @@ def generate_with_editors(
         raise ValueError(f"need one gamma per editor: {len(editors)} editors, {len(gammas)} gammas")
     windows = [dc.ALL_STEPS if window is None else window for window in (windows or [None] * len(editors))]
     schedule = dc.windowed_gammas(gammas, windows, model.scheduler.config.num_train_timesteps, combination)
-    noise_fns = [_noise_fn(model, unet, settings.prompt) for unet in (model.unet, *(e.unet for e in editors))]
+    noise_fns = [
+        noise_fn_of(model, unet, settings.prompt) for unet in (model.unet, *(e.unet for e in editors))
+    ]
     combined = dc.combined_noise_fn(noise_fns, schedule)
     grid = dc.ReturnGrid.from_scheduler(model.scheduler, settings.return_step, settings.generative_steps)
     with torch.no_grad():
@@ -339,7 +343,7 @@ def generate_with_zip(
     """
     if not 0.0 <= scale <= 1.0:
         raise ValueError(f"a ZIP encoder's gamma (the scale of Δh) must lie in [0, 1], got {scale}")
-    noise = _noise_fn(model, model.unet, settings.prompt)
+    noise = noise_fn_of(model, model.unet, settings.prompt)
     paired = za.paired_noise(noise, model.unet, lambda features: scale * encoder.head(features, code))
     grid = dc.ReturnGrid.from_scheduler(model.scheduler, settings.return_step, settings.generative_steps)
     with torch.no_grad():

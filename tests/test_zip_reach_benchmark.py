@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import zip_reach
 from pipeline.diffusion.ddim import ddim_move
-from pipeline.editors import _noise_fn
+from pipeline.editors import noise_fn_of
 from pipeline.methods import diffusion_clip as dc
 from pipeline.models.build import SDArchitecture, build_random_sd
 from pipeline.models.loading import load_diffusion_model
@@ -27,7 +27,7 @@ def setting(tmp_path_factory):
     model = load_diffusion_model(str(folder))
     for module in (model.unet, model.vae, model.text_encoder):
         module.requires_grad_(False)
-    noise_fn = _noise_fn(model, model.unet, "")
+    noise_fn = noise_fn_of(model, model.unet, "")
     grid = dc.ReturnGrid.from_scheduler(model.scheduler, 600, 6)
     start = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     return model, noise_fn, grid, start
@@ -108,7 +108,7 @@ def test_the_report_reads_the_unshifted_pass_and_writes_its_json(tmp_path, monke
     scenes = zip_reach.heldout_scenes(2, [("shape", "star")])
     sources, truths = zip_reach.sources_and_truths(scenes, "shape", "star")
     settings = zip_reach.EditSettings(return_step=600, forward_steps=2, generative_steps=3, prompt="")
-    noise_fn = _noise_fn(model, model.unet, "")
+    noise_fn = noise_fn_of(model, model.unet, "")
     grid = dc.ReturnGrid.from_scheduler(model.scheduler, 600, 3)
     with torch.no_grad():
         start = zip_reach.forward_to_return_step(model, sources, settings)
