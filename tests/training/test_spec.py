@@ -153,3 +153,13 @@ def test_the_shipped_null_text_vae_spec_round_trips_and_matches_the_job_that_sam
     data["null_text_vae"]["data"]["image_count"] = 3
     with pytest.raises(ConfigError, match="null_text_vae.data.image_count"):
         parse_train_spec(data)
+
+
+def test_the_zip_job_applies_the_encoder_the_teacher_spec_writes():
+    from pipeline.config import load_config
+
+    spec = load_train_spec(ROOT / "jobs" / "train_zip_star_teacher.yaml")
+    job = load_config(ROOT / "jobs" / "shapes_zip.yaml")
+    uris = {editor.uri for edit in job.edits for editor in edit.editors}
+    assert uris == {f"{spec.output}/artefact"}
+    assert all(edit.target_class == spec.task.data.value for edit in job.edits)
