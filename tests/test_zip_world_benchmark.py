@@ -57,7 +57,12 @@ def test_the_benchmark_reports_a_frozen_model_and_the_encoders_own_edits(tmp_pat
     assert report["closer_than_source"] == float(np.mean(checks["closer"]))
     hits = np.array([name == "star" for name in zip_world.oracle_readings(load_oracle(), edited)[0]["shape"]])
     assert report["faithful_sized_success"] == float(np.mean(hits & checks["closer"] & checks["size_kept"]))
-    assert "target_probability_std" not in report  # the spread is the consistency section's
+    assert not [key for key in report if key.startswith("target_probability")]  # the consistency section's
+    # the own-reference reading is the edit at Δh scale 1: the transition's last point, read apart
+    assert (
+        consistency["zip_own_reference"]["target_probability_mean"]
+        == report["transition_target_probability"][-1]
+    )
     assert consistency["zip_own_reference"]["gt_psnr_db"] == report["gt_psnr_db"]
     assert consistency["text_only_direct_p2p"]["gt_psnr_db"] != report["gt_psnr_db"]
     assert json.loads((tmp_path / "results" / "zip_run.json").read_text())["frozen"]["unchanged"]
