@@ -262,7 +262,6 @@ def evaluate(
         images, truths = sources_and_truths(scenes, attribute, value)
         curve, hits, faithful, sized, success_edit = [], [], [], [], None
         rows = [images.numpy(), truths.numpy()]
-
         for gamma in gammas:
             edited = generate_with_editors(model, start, [editor], [gamma], settings, combination=combination)
             names, probabilities = oracle_readings(oracle, edited)
