@@ -56,6 +56,11 @@ class TeacherConfig:
         guidance: their classifier-free guidance w.
         cross_replace: Prompt-to-Prompt's cross-attention replacement fraction of the steps.
         self_replace: its self-attention replacement fraction.
+        copy_attributes: attributes (of the shapes-world grammar) the teacher's target takes from the
+            reference the image is paired with: with `color`, an image drawn with a reference rendered from
+            "a blue star ..." is taught the swap to "a blue star ..." of its own caption, so the edit must
+            read the reference to match its teacher (the style of the attribute follows the reference, the
+            paper's Fig. 5). Every reference prompt must then be a one-object caption.
     """
 
     weight: float = 0.0
@@ -64,6 +69,7 @@ class TeacherConfig:
     guidance: float = 7.5
     cross_replace: float = 0.8
     self_replace: float = 0.4
+    copy_attributes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -83,9 +89,12 @@ class ZipEncoderConfig:
         data: the training images.
         reference_prompt: t_target of the Visual Generator: the prompt the reference images are rendered
             from.
-        references: how many reference images are rendered (seeds reference_seed, reference_seed + 1, ...);
-            each iteration pairs every training image with one of them, so the encoder reads references
-            it was not tuned to one by one. Editing uses the first unless the edit gives its own.
+        reference_prompts: several t_target prompts (replacing `reference_prompt` when given), e.g. the
+            target in each colour: `references` images are rendered from each, prompt after prompt.
+        references: how many reference images are rendered per prompt (seeds reference_seed,
+            reference_seed + 1, ...); each iteration pairs every training image with one of all of them,
+            so the encoder reads references it was not tuned to one by one. Editing uses the first
+            unless the edit gives its own.
         reference_seed: seed of the first reference's starting noise.
         reference_steps: DDIM steps of the reference rendering.
         reference_guidance: classifier-free guidance w of the reference rendering.
@@ -121,6 +130,7 @@ class ZipEncoderConfig:
     extra_clips: tuple[ClipSpec, ...] = ()
     data: WorldData = dataclasses.field(default_factory=WorldData)
     reference_prompt: str = "a yellow star on a white background"
+    reference_prompts: tuple[str, ...] = ()
     references: int = 8
     reference_seed: int = 0
     reference_steps: int = 50
@@ -169,13 +179,43 @@ class ZipEncoderConfig:
             raise ValueError(
                 f"teacher.weight={self.teacher.weight} needs variant full_backprop (got {self.variant})"
             )
+        if self.teacher.copy_attributes:
+            check_copied_attributes(self)
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """The Visual Generator's prompts: `reference_prompts`, or `reference_prompt` alone."""
+        return self.reference_prompts or (self.reference_prompt,)
+
+
+def check_copied_attributes(config: ZipEncoderConfig) -> None:
+    """`teacher.copy_attributes` are world attributes other than the edited one, with a teacher, and every
+    reference prompt names them (a one-object caption)."""
+    from pipeline.world import generator
+
+    copied = config.teacher.copy_attributes
+    if not config.teacher.weight:
+        raise ValueError("teacher.copy_attributes needs a teacher (teacher.weight > 0)")
+    if config.reference_text is not None:
+        raise ValueError("teacher.copy_attributes needs the shapes-world captions (unset reference_text)")
+    for attribute in copied:
+        if attribute not in generator.EDITABLE_ATTRIBUTES or attribute == config.data.attribute:
+            allowed = [name for name in generator.EDITABLE_ATTRIBUTES if name != config.data.attribute]
+            raise ValueError(f"teacher.copy_attributes: {attribute!r} is not one of {allowed}")
+    for prompt in config.prompts:
+        parsed = generator.parse_caption(prompt)  # raises naming the prompt
+        if len(parsed["objects"]) != 1:
+            raise ValueError(f"reference prompt {prompt!r}: copy_attributes needs one-object captions")
 
 
 def config_from_mapping(mapping: dict[str, Any]) -> ZipEncoderConfig:
     """The config from its JSON form (nested dataclasses rebuilt)."""
     fields = dct.task_fields(mapping)
     if "teacher" in fields:
-        fields["teacher"] = TeacherConfig(**fields["teacher"])
+        teacher = dict(fields["teacher"])
+        teacher["copy_attributes"] = tuple(teacher.get("copy_attributes", ()))
+        fields["teacher"] = TeacherConfig(**teacher)
+    fields["reference_prompts"] = tuple(fields.get("reference_prompts", ()))
     return ZipEncoderConfig(**fields)
 
 
@@ -239,6 +279,32 @@ def reference_codes_of(model, images: torch.Tensor) -> torch.Tensor:
     return za.reference_codes(captured[0].float())
 
 
+def styled_targets(targets: list[str], prompts: tuple[str, ...], copied: tuple[str, ...]) -> list[list[str]]:
+    """Each image's y_tar once per reference prompt, with the `copied` attributes set to the prompt's.
+
+    Args:
+        targets: one-object captions with the edited attribute already changed, (N,).
+        prompts: the reference prompts, (P,), one-object captions when `copied` is not empty.
+        copied: attribute names (shapes-world grammar); empty = the targets unchanged, P = 1.
+
+    Returns:
+        P lists of N captions (one list when nothing is copied).
+    """
+    if not copied:
+        return [list(targets)]
+    from pipeline.world import generator
+
+    def fields(caption: str) -> dict[str, str]:
+        parsed = generator.parse_caption(caption)
+        return {"background": parsed["background"], **parsed["objects"][0]}
+
+    styled = []
+    for prompt in prompts:
+        style = {attribute: fields(prompt)[attribute] for attribute in copied}
+        styled.append([generator.one_object_caption(**(fields(target) | style)) for target in targets])
+    return styled
+
+
 def teacher_edits(
     model, images: np.ndarray, references: list[str], targets: list[str], teacher: TeacherConfig
 ) -> torch.Tensor:
@@ -291,8 +357,13 @@ class ZipEncoderTask:
         dct.load_task_models(self, device, rank, world_size, frozen=True)
         self.clips = dct.load_clips(config, device, self.clip)
         seeds = list(range(config.reference_seed, config.reference_seed + config.references))
-        self.reference_images = render_references(
-            self.model, config.reference_prompt, seeds, config.reference_steps, config.reference_guidance
+        self.reference_images = torch.cat(
+            [
+                render_references(
+                    self.model, prompt, seeds, config.reference_steps, config.reference_guidance
+                )
+                for prompt in config.prompts
+            ]
         )
         self.codes = reference_codes_of(self.model, self.reference_images)
         self._prepare_pairs()
@@ -324,12 +395,13 @@ class ZipEncoderTask:
         self.start_latents = torch.cat(
             [dc.forward(noise_fn, forward_grid, chunk) for chunk in latents.split(16)]
         )
-        self.teacher_images = None
+        self.teacher_images = None  # (P, N, 3, H, W): per reference prompt when attributes are copied
         if config.teacher.weight:
             _, _, references, targets = dct.training_texts(config)
-            self.teacher_images = teacher_edits(model, images, references, targets, config.teacher).to(
-                self.start_latents.device
-            )
+            styled = styled_targets(targets, config.prompts, config.teacher.copy_attributes)
+            self.teacher_images = torch.stack(
+                [teacher_edits(model, images, references, group, config.teacher) for group in styled]
+            ).to(self.start_latents.device)
 
     def _noise_fn(self, branch) -> za.NoiseFn:
         def noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
@@ -396,7 +468,7 @@ class ZipEncoderTask:
             self.text_directions[:, rows].flatten(0, 1),
             self.loss_weights,
             prior=None if self.prior is None else self.prior.term(iteration, rows),
-            teacher=self._teacher_term(rows),
+            teacher=self._teacher_term(rows, references),
         )
         self.optimizer.zero_grad()
         loss.backward()
@@ -404,10 +476,13 @@ class ZipEncoderTask:
         self.optimizer.step()
         return {"loss": float(loss.detach()), **{name: float(value) for name, value in terms.items()}}
 
-    def _teacher_term(self, rows: torch.Tensor) -> za.TeacherTerm | None:
+    def _teacher_term(self, rows: torch.Tensor, references: torch.Tensor) -> za.TeacherTerm | None:
         if self.teacher_images is None:
             return None
-        return za.TeacherTerm(self.teacher_images[rows], self.config.teacher.weight)
+        # References are rendered prompt after prompt, `references` each; one teacher group per prompt
+        # when attributes are copied, else the single group.
+        groups = references // self.config.references if len(self.teacher_images) > 1 else references * 0
+        return za.TeacherTerm(self.teacher_images[groups, rows], self.config.teacher.weight)
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.head.parameters())

@@ -5,6 +5,7 @@ and editing with what was trained."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -16,7 +17,14 @@ from pipeline.training.artefact import read_artefact
 from pipeline.training.diffusion_clip import ClipSpec, WorldData
 from pipeline.training.prior import PriorConfig
 from pipeline.training.ray_train import history_of
-from pipeline.training.zip_encoder import REFERENCES_NAME, TeacherConfig, ZipEncoderConfig, ZipEncoderTask
+from pipeline.training.zip_encoder import (
+    REFERENCES_NAME,
+    TeacherConfig,
+    ZipEncoderConfig,
+    ZipEncoderTask,
+    config_from_mapping,
+    styled_targets,
+)
 
 ITERATIONS = 3
 
@@ -252,7 +260,8 @@ def test_the_teacher_is_the_frozen_models_own_word_swap_of_each_training_image(t
     control = AttentionControl("replace", cross_replace_steps=0.5, self_replace_steps=0.25)
     results = edit(task.model, inversion, [EditRequest(i, target, control) for i, target in enumerate(_)])
     by_hand = torch.stack([torch.as_tensor(result.image) for result in results]).permute(0, 3, 1, 2)
-    torch.testing.assert_close(task.teacher_images, by_hand.float() / 127.5 - 1.0)
+    assert task.teacher_images.shape[0] == 1  # one group: nothing is copied from the references
+    torch.testing.assert_close(task.teacher_images[0], by_hand.float() / 127.5 - 1.0)
     seen, original = {}, za.full_pass_loss
 
     def recording(*arguments, teacher=None, **keywords):
@@ -263,7 +272,7 @@ def test_the_teacher_is_the_frozen_models_own_word_swap_of_each_training_image(t
     terms = task.step(3, lambda: None)
     rows = torch.as_tensor(task.draw(3)[0])
     assert seen["teacher"].weight == 2.5
-    torch.testing.assert_close(seen["teacher"].images, task.teacher_images[rows])
+    torch.testing.assert_close(seen["teacher"].images, task.teacher_images[0, rows])
     assert set(terms) == {"loss", "direction", "l1", "teacher"}
     assert fingerprint_modules(task.model.unet, task.model.vae, task.model.text_encoder) == before
 
@@ -304,4 +313,119 @@ def test_a_training_image_the_teacher_cannot_edit_is_named(tiny_sd, images, monk
             captions,
             ["a red star", "a blue star"],
             TeacherConfig(weight=1.0, steps=1),
+        )
+
+
+def test_styled_targets_take_each_prompts_copied_attributes():
+    targets = ["a green star on a black background", "a red star on a striped background"]
+    prompts = ("a blue star on a white background", "a red star on a gray background")
+    assert styled_targets(targets, prompts, ()) == [targets]
+    assert styled_targets(targets, prompts, ("color",)) == [
+        ["a blue star on a black background", "a blue star on a striped background"],
+        ["a red star on a black background", "a red star on a striped background"],
+    ]
+    assert styled_targets(targets, prompts, ("color", "background")) == [
+        ["a blue star on a white background"] * 2,
+        ["a red star on a gray background"] * 2,
+    ]
+
+
+def test_a_styled_teacher_teaches_each_image_its_references_colour(task_config, monkeypatch):
+    from pipeline.methods import zip_attribute as za
+    from pipeline.training import diffusion_clip as dct
+    from pipeline.training.zip_encoder import render_references, teacher_edits
+
+    prompts = ("a blue star on a white background", "a red star on a white background")
+    teacher = TeacherConfig(weight=1.5, steps=2, copy_attributes=("color",))
+    config = dataclasses.replace(task_config, reference_prompts=prompts, teacher=teacher)
+    task = ZipEncoderTask(config)
+    task.setup(torch.device("cpu"), 0, 1)
+    # References rendered prompt after prompt, `references` (2) from each.
+    by_prompt = [
+        render_references(task.model, prompt, [0, 1], 2, config.reference_guidance) for prompt in prompts
+    ]
+    assert torch.equal(task.reference_images, torch.cat(by_prompt))
+    # One teacher group per prompt: each image's caption with "star" and the prompt's colour, by hand.
+    images, captions, targets = dct.world_training_texts(config.data)
+    images = dct._at_resolution(images, task.model.image_size)
+    assert task.teacher_images.shape[:2] == (2, len(images))
+    for group, colour in enumerate(["blue", "red"]):
+        recoloured = [" ".join(["a", colour, *target.split()[2:]]) for target in targets]
+        by_hand = teacher_edits(task.model, images, captions, recoloured, teacher)
+        torch.testing.assert_close(task.teacher_images[group], by_hand)
+    seen, original = [], za.full_pass_loss
+
+    def recording(*arguments, teacher=None, **keywords):
+        seen.append(teacher)
+        return original(*arguments, teacher=teacher, **keywords)
+
+    monkeypatch.setattr(za, "full_pass_loss", recording)
+    drawn = set()
+    for iteration in range(6):
+        task.step(iteration, lambda: None)
+        rows, references = task.draw(iteration)
+        drawn.update(int(reference) for reference in references)
+        expected = torch.stack(
+            [
+                task.teacher_images[int(reference) // 2, int(row)]
+                for row, reference in zip(rows, references, strict=True)
+            ]
+        )
+        torch.testing.assert_close(seen[-1].images, expected)
+        assert seen[-1].weight == 1.5
+    assert drawn == {0, 1, 2, 3}  # every reference of both prompts was paired with some image
+
+
+def test_copied_attributes_need_a_teacher_other_attributes_and_one_object_prompts(task_config):
+    styled = TeacherConfig(weight=1.0, copy_attributes=("color",))
+    with pytest.raises(ValueError, match="copy_attributes needs a teacher"):
+        dataclasses.replace(task_config, teacher=TeacherConfig(copy_attributes=("color",)))
+    with pytest.raises(ValueError, match="'shape' is not one of"):
+        dataclasses.replace(task_config, teacher=TeacherConfig(weight=1.0, copy_attributes=("shape",)))
+    with pytest.raises(ValueError, match="'size' is not one of"):
+        dataclasses.replace(task_config, teacher=TeacherConfig(weight=1.0, copy_attributes=("size",)))
+    with pytest.raises(ValueError, match="'a star' does not follow"):
+        dataclasses.replace(task_config, teacher=styled)  # the fixture's reference_prompt
+    two_objects = "a red star and a blue circle on a white background"
+    with pytest.raises(ValueError, match="needs one-object captions"):
+        dataclasses.replace(task_config, reference_prompts=(two_objects,), teacher=styled)
+    with pytest.raises(ValueError, match="unset reference_text"):
+        dataclasses.replace(
+            task_config,
+            reference_prompts=("a red star on a white background",),
+            reference_text="a circle",
+            target_text="a star",
+            teacher=styled,
+        )
+    config = dataclasses.replace(
+        task_config, reference_prompts=("a red star on a white background",), teacher=styled
+    )
+    assert config.prompts == ("a red star on a white background",)
+    assert (
+        config_from_mapping(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+    )  # as artefacts keep it
+    assert task_config.prompts == ("a star",)
+
+
+def test_several_reference_prompts_without_copying_share_one_teacher(task_config, monkeypatch):
+    from pipeline.methods import zip_attribute as za
+
+    prompts = ("a blue star on a white background", "a red star on a white background")
+    config = dataclasses.replace(
+        task_config, reference_prompts=prompts, teacher=TeacherConfig(weight=1.0, steps=2)
+    )
+    task = ZipEncoderTask(config)
+    task.setup(torch.device("cpu"), 0, 1)
+    assert len(task.reference_images) == 4 and task.teacher_images.shape[0] == 1
+    seen, original = [], za.full_pass_loss
+
+    def recording(*arguments, teacher=None, **keywords):
+        seen.append(teacher)
+        return original(*arguments, teacher=teacher, **keywords)
+
+    monkeypatch.setattr(za, "full_pass_loss", recording)
+    for iteration in range(4):  # draws reach the second prompt's references, which have no group of their own
+        task.step(iteration, lambda: None)
+        torch.testing.assert_close(
+            seen[-1].images, task.teacher_images[0, torch.as_tensor(task.draw(iteration)[0])]
         )
