@@ -216,18 +216,31 @@ def sources_and_truths(scenes, attribute: str, value: str) -> tuple[torch.Tensor
     return images, truths
 
 
-def text_only_edits(model, scenes, attribute: str, value: str, steps: int) -> torch.Tensor:
-    """Direct inversion + P2P word swap of every scene to its counterfactual caption; (B, H, W, 3) uint8."""
+def text_only_edits(
+    model, scenes, attribute: str, value: str, steps: int, also: dict[str, str] | None = None
+) -> torch.Tensor:
+    """Direct inversion + P2P word swap of every scene to its counterfactual caption; (B, H, W, 3) uint8.
+
+    `also` names further attributes the target caption changes (e.g. {"color": "red"}: "a red star").
+    """
     from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
 
     sources = [generator.render(scene) for scene in scenes]
-    targets = [generator.counterfactual(scene, attribute, value).caption for scene in scenes]
+    changes = {**(also or {}), attribute: value}
+    targets = [generator.caption_for(edited_scene(scene, changes)) for scene in scenes]
     images = torch.as_tensor(np.stack([source.image for source in sources]))
     config = InversionConfig.of("direct", num_steps=steps, guidance_scale=7.5)
     inversion = invert(model, images, [source.caption for source in sources], config)
     control = AttentionControl("replace", cross_replace_steps=0.8, self_replace_steps=0.4)
     results = edit(model, inversion, [EditRequest(i, target, control) for i, target in enumerate(targets)])
     return torch.stack([torch.as_tensor(result.image) for result in results])
+
+
+def edited_scene(scene, changes: dict[str, str]):
+    """The scene with every (attribute, value) of `changes` applied to its primary object (or background)."""
+    for attribute, value in changes.items():
+        scene = generator.edit_scene(scene, attribute, value)
+    return scene
 
 
 def rises(curve: list[float]) -> bool:

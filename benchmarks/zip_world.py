@@ -19,6 +19,13 @@ does not already have the encoder's value, reported:
   (lower = more consistent), and its success rate.
 - references: how far the edits move when the reference changes (mean absolute pixel difference
   between edits with two different references), against the edits' distance from their sources.
+- style: whether the edit takes the colour of its reference (the paper's Fig. 5: one reference, one
+  style on every image). For a renderer-drawn star of each world colour as the user's reference: the
+  share of edits the oracle reads in that colour, their success as a star of that colour (and faithful,
+  of the truth's size, against the world's star of that colour), and the spread over scenes of the
+  oracle's probability of that colour; beside the text-only word swap to the plain target (the colour
+  stays the source's) and to the target with the colour named ("a red star ..."); and for the encoder's
+  own references, one per colour the oracle reads in them, the share of edits in that colour.
 
 `--write [NAME]` saves the JSON to benchmarks/results/NAME.json and a strip of examples to NAME.png (NAME:
 zip_world).
@@ -27,6 +34,7 @@ zip_world).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -36,6 +44,7 @@ import torch
 
 from benchmarks.diffusion_clip_world import (
     _value,
+    edited_scene,
     heldout_scenes,
     judged,
     oracle_readings,
@@ -60,6 +69,15 @@ USER_REFERENCE = generator.Scene(
     background="white",
     seed=0,
 )
+
+
+STYLE = "color"
+
+
+def user_reference(color: str) -> torch.Tensor:
+    """USER_REFERENCE drawn in `color`, uint8 (H, W, 3)."""
+    star = dataclasses.replace(USER_REFERENCE.objects[0], color=color)
+    return torch.as_tensor(generator.render(dataclasses.replace(USER_REFERENCE, objects=(star,))).image)
 
 
 def model_fingerprint(model) -> str:
@@ -89,6 +107,67 @@ def spread(
         "target_probability_mean": round(float(target.mean()), 4),
         "target_probability_std": round(float(target.std()), 4),
     }
+
+
+def styled(
+    oracle, edited: torch.Tensor, attribute: str, value: str, color: str, sources: torch.Tensor, scenes
+) -> dict[str, float]:
+    """Edits to `value` meant to come in `color`, read against the world's edit to both.
+
+    Returns:
+        followed (share read in `color`), success (read as `value` and in `color`), the truth readings of
+        `truth_summary` against the scenes with both changed, and the mean and std over scenes of the
+        oracle's probability of `color`.
+    """
+    names, probabilities = oracle_readings(oracle, edited)
+    in_color = np.array([name == color for name in names[STYLE]])
+    hit = in_color & np.array([name == value for name in names[attribute]])
+    changes = {STYLE: color, attribute: value}
+    truths = torch.as_tensor(
+        np.stack([generator.render(edited_scene(scene, changes)).image for scene in scenes])
+    )
+    probability = _target_probability(probabilities, STYLE, color)
+    return {
+        "followed": float(in_color.mean()),
+        "success": float(hit.mean()),
+        **truth_summary(hit, judged(edited, sources, truths, attribute, scenes)),
+        "color_probability_mean": round(float(probability.mean()), 4),
+        "color_probability_std": round(float(probability.std()), 4),
+    }
+
+
+def style_readings(
+    model, oracle, encoder: ZipEncoder, scenes, sources: torch.Tensor, start: torch.Tensor, settings, args
+) -> dict:
+    """The `style` reading of the module docstring."""
+    attribute, value = encoder.config["data"]["attribute"], encoder.config["data"]["value"]
+    plain = text_only_edits(model, scenes, attribute, value, args.text_steps)
+    per_color = {}
+    for color in generator.COLORS:
+        code = zip_reference_code(model, encoder, user_reference(color))
+        with_reference = generate_with_zip(model, start, encoder, code, 1.0, settings)
+        named = text_only_edits(model, scenes, attribute, value, args.text_steps, also={STYLE: color})
+        per_color[color] = {
+            "zip_user_reference": styled(oracle, with_reference, attribute, value, color, sources, scenes),
+            "text_only_direct_p2p": styled(oracle, plain, attribute, value, color, sources, scenes),
+            "text_only_color_named": styled(oracle, named, attribute, value, color, sources, scenes),
+        }
+    mean = {
+        method: {
+            key: round(float(np.mean([per_color[color][method][key] for color in per_color])), 4)
+            for key in ("followed", "success", "faithful_sized_success", "color_probability_std")
+        }
+        for method in per_color["red"]
+    }
+    reference_names, _ = oracle_readings(oracle, encoder.reference_images)
+    own = {}
+    for index, color in enumerate(reference_names[STYLE]):
+        if color not in own:  # the first of the encoder's references the oracle reads in each colour
+            code = zip_reference_code(model, encoder, encoder.reference_images[index])
+            edited = generate_with_zip(model, start, encoder, code, 1.0, settings)
+            reading = styled(oracle, edited, attribute, value, color, sources, scenes)
+            own[color] = {key: reading[key] for key in ("followed", "color_probability_mean")}
+    return {"per_user_reference_color": per_color, "mean_over_colors": mean, "own_references_followed": own}
 
 
 def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings, args) -> tuple[dict, dict]:
@@ -125,6 +204,7 @@ def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings,
     second_code = zip_reference_code(model, encoder, encoder.reference_images[1])
     with_second = generate_with_zip(model, start, encoder, second_code, 1.0, settings)
     text_only = text_only_edits(model, scenes, attribute, value, args.text_steps)
+    style = style_readings(model, oracle, encoder, scenes, images, start, settings, args)
     after = model_fingerprint(model)
     pixels = lambda a, b: float((a.float() - b.float()).abs().mean())  # noqa: E731
     own_reference = spread(oracle, edited, attribute, value, images, truths, scenes)
@@ -152,6 +232,7 @@ def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings,
             "edit_first_vs_second_reference_pixels": round(pixels(edited, with_second), 2),
             "edit_own_vs_user_reference_pixels": round(pixels(edited, with_user), 2),
         },
+        "style": style,
         "seconds_per_image": {
             "forward": round(forward_seconds / len(scenes), 3),
             "generate": round(generate_seconds / len(scenes), 3),

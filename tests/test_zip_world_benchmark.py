@@ -4,6 +4,7 @@ encoder applied by hand, and the strip it writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,10 +13,11 @@ from editor_artefact import write_random_zip_encoder
 
 from benchmarks import zip_world
 from benchmarks.diffusion_clip_world import judged
-from pipeline.editors import EditSettings, edit_with_zip, load_editor
+from pipeline.editors import EditSettings, edit_with_zip, forward_to_return_step, load_editor
 from pipeline.models.build import SDArchitecture, build_random_sd
 from pipeline.models.loading import load_diffusion_model
-from pipeline.world.oracle import load_oracle
+from pipeline.world import generator
+from pipeline.world.oracle import HEADS, load_oracle
 
 
 def test_the_benchmark_reports_a_frozen_model_and_the_encoders_own_edits(tmp_path, monkeypatch):
@@ -65,5 +67,124 @@ def test_the_benchmark_reports_a_frozen_model_and_the_encoders_own_edits(tmp_pat
     )
     assert consistency["zip_own_reference"]["gt_psnr_db"] == report["gt_psnr_db"]
     assert consistency["text_only_direct_p2p"]["gt_psnr_db"] != report["gt_psnr_db"]
+    assert set(results["style"]) == {
+        "per_user_reference_color",
+        "mean_over_colors",
+        "own_references_followed",
+    }
     assert json.loads((tmp_path / "results" / "zip_run.json").read_text())["frozen"]["unchanged"]
     assert (tmp_path / "results" / "zip_run.png").stat().st_size > 0
+
+
+class ProjectionOracle:
+    """A stand-in oracle whose logits are a fixed random projection of the whole image: every pixel moves
+    every probability, so readings tell apart edits that the real oracle reads alike on a random model."""
+
+    def __init__(self, size: int = 64) -> None:
+        generator_ = torch.Generator().manual_seed(0)
+        self.weights = {
+            head: torch.randn(3 * size * size, len(names), generator=generator_) / 30.0
+            for head, names in HEADS.items()
+        }
+
+    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        flat = pixels.flatten(1).float()
+        return {head: flat @ weights for head, weights in self.weights.items()}
+
+
+def test_the_style_reading_is_of_edits_with_each_colours_reference(tmp_path):
+    import argparse
+
+    build_random_sd(tmp_path / "sd", SDArchitecture(image_size=64), seed=0, unet_output_scale=0.05)
+    model = load_diffusion_model(str(tmp_path / "sd"))
+    write_random_zip_encoder(model, str(tmp_path / "zip"), seed=4)
+    encoder = load_editor(model, str(tmp_path / "zip"))
+    # A third reference: the first with a corner brightened, read in the same colour (checked below) but
+    # editing differently, so that "the first reference of each colour" is told from the last.
+    third = encoder.reference_images[0].clone()
+    third[:32, :32] += 40
+    encoder = dataclasses.replace(
+        encoder, reference_images=torch.cat([encoder.reference_images, third[None]])
+    )
+    settings = EditSettings.of(encoder, forward_steps=2, generative_steps=2)
+    scenes = zip_world.heldout_scenes(3, [("shape", "star")])
+    images = torch.as_tensor(np.stack([generator.render(scene).image for scene in scenes]))
+    oracle = ProjectionOracle()
+    with torch.no_grad():
+        start = forward_to_return_step(model, images, settings)
+    args = argparse.Namespace(text_steps=2)
+    style = zip_world.style_readings(model, oracle, encoder, scenes, images, start, settings, args)
+    assert set(style["per_user_reference_color"]) == set(generator.COLORS)
+    # By hand: a star of each colour drawn by the renderer as the reference, read against the scenes
+    # rendered with a star of that colour.
+    for color in generator.COLORS:
+        star = generator.SceneObject(shape="star", color=color, center=(32.0, 32.0), radius=20.0)
+        reference = generator.render(generator.Scene(objects=(star,), background="white", seed=0)).image
+        by_hand = edit_with_zip(
+            model, images, encoder, reference=torch.as_tensor(reference), settings=settings
+        )
+        names, probabilities = zip_world.oracle_readings(oracle, by_hand)
+        in_color = np.array([name == color for name in names["color"]])
+        stars = np.array([name == "star" for name in names["shape"]])
+        truths = torch.as_tensor(
+            np.stack(
+                [
+                    generator.counterfactual(generator.edit_scene(s, "color", color), "shape", "star").image
+                    for s in scenes
+                ]
+            )
+        )
+        checks = judged(by_hand, images, truths, "shape", scenes)
+        reading = style["per_user_reference_color"][color]["zip_user_reference"]
+        probability = probabilities["color"][:, HEADS["color"].index(color)]
+        assert reading["color_probability_mean"] == round(float(probability.mean()), 4), color
+        assert reading["color_probability_std"] == round(float(probability.std()), 4), color
+        assert reading["followed"] == float(in_color.mean()), color
+        assert reading["success"] == float(np.mean(in_color & stars)), color
+        assert reading["gt_psnr_db"] == round(float(np.mean(checks["gt_psnr_db"])), 2), color
+        faithful = in_color & stars & checks["closer"] & checks["size_kept"]
+        assert reading["faithful_sized_success"] == float(np.mean(faithful)), color
+    blue = style["per_user_reference_color"]["blue"]["zip_user_reference"]
+    red = style["per_user_reference_color"]["red"]["zip_user_reference"]
+    assert red["color_probability_mean"] != blue["color_probability_mean"]
+    # The word swaps: to the plain target (the same edits for every colour) and with the colour named,
+    # rebuilt from the captions by hand ("a green star ..." in place of each source's colour and shape).
+    from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
+
+    captions = [generator.render(scene).caption for scene in scenes]
+    inversion = invert(model, images, captions, InversionConfig.of("direct", num_steps=2, guidance_scale=7.5))
+    control = AttentionControl("replace", cross_replace_steps=0.8, self_replace_steps=0.4)
+    swapped = {}
+    for key, color in (("text_only_direct_p2p", None), ("text_only_color_named", "green")):
+        targets = [
+            " ".join(["a", color or caption.split()[1], "star", *caption.split()[3:]]) for caption in captions
+        ]
+        results = edit(
+            model, inversion, [EditRequest(i, target, control) for i, target in enumerate(targets)]
+        )
+        swapped[key] = torch.stack([torch.as_tensor(result.image) for result in results])
+    green = style["per_user_reference_color"]["green"]
+    for key, edits in swapped.items():
+        green_probability = zip_world.oracle_readings(oracle, edits)[1]["color"][
+            :, HEADS["color"].index("green")
+        ]
+        assert green[key]["color_probability_mean"] == round(float(green_probability.mean()), 4), key
+    assert green["text_only_color_named"] != green["text_only_direct_p2p"]
+    for method in ("zip_user_reference", "text_only_direct_p2p", "text_only_color_named"):
+        each = [style["per_user_reference_color"][color][method]["followed"] for color in generator.COLORS]
+        assert style["mean_over_colors"][method]["followed"] == round(float(np.mean(each)), 4)
+    # The encoder's own references (black, white): one entry per colour the oracle reads, the first such.
+    reference_colors = zip_world.oracle_readings(oracle, encoder.reference_images)[0]["color"]
+    assert reference_colors[2] == reference_colors[0]
+    assert set(style["own_references_followed"]) == set(reference_colors)
+    for index in sorted({reference_colors.index(color) for color in reference_colors}):
+        color = reference_colors[index]
+        edited = edit_with_zip(
+            model, images, encoder, reference=encoder.reference_images[index], settings=settings
+        )
+        own_probability = zip_world.oracle_readings(oracle, edited)[1]["color"][
+            :, HEADS["color"].index(color)
+        ]
+        assert style["own_references_followed"][color]["color_probability_mean"] == round(
+            float(own_probability.mean()), 4
+        )
