@@ -19,6 +19,11 @@ Legend (papers/000; latent diffusion, so x is the VAE latent and images come fro
                           reference code, so the attribute lands where the image's object is (the paper's
                           faces are aligned; scenes of a dataset are not). The last layer starts at zero,
                           so an untrained encoder leaves the model's output unchanged
+    r^                    optional (not in the paper): r standardised over the training references,
+                          (r - mean_R r) / rms_R(r - mean_R r), one scale for all channels. References of
+                          one kind share most of r (for the shapes world's stars in six colours, norms
+                          near 16 and colour differences near 2), which the trained layers would otherwise
+                          read as a constant; the mean and scale travel with the head
     eps~_theta(x_t, t)    the noise predicted with h_t + Δh in place of h_t (the mid block's output)
     P_t(eps)              the predicted x_0 of eq. 4: (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
     D_t(eps)              the direction to x_t of eq. 4: sqrt(1 - a_{t-1} - sigma_t^2) eps (+ sigma_t eps_t);
@@ -94,6 +99,27 @@ class AttributeHead(nn.Module):
         self.layers = nn.Sequential(*layers)
         nn.init.zeros_(self.layers[-1].weight)
         nn.init.zeros_(self.layers[-1].bias)
+        self.register_buffer("code_mean", torch.zeros(channels))
+        self.register_buffer("code_scale", torch.ones(()))
+
+    def standardise_codes(self, codes: torch.Tensor) -> None:
+        """Read every later r as r^ (see the legend), with the mean and scale of these codes.
+
+        Args:
+            codes: the training references' r, (R, C).
+
+        Raises:
+            ValueError: if the codes do not differ (one reference, or references alike).
+        """
+        mean = codes.mean(dim=0)
+        scale = (codes - mean).pow(2).mean().sqrt()
+        if not float(scale) > 1e-6:
+            raise ValueError(
+                f"reference codes of {len(codes)} references do not differ: nothing to standardise "
+                "(give references that vary, or reference_norm: none)"
+            )
+        self.code_mean.copy_(mean)
+        self.code_scale.copy_(scale)
 
     def forward(self, features: torch.Tensor, reference_code: torch.Tensor) -> torch.Tensor:
         """Δh for a batch.
@@ -105,6 +131,7 @@ class AttributeHead(nn.Module):
         Returns:
             Δh, (B, C, h', w').
         """
+        reference_code = (reference_code - self.code_mean) / self.code_scale  # identity unless standardised
         code = reference_code.expand(features.shape[0], -1) if reference_code.dim() == 1 else reference_code
         code = code.to(features.dtype)[:, :, None, None].expand_as(features)
         return self.layers(torch.cat([features, code], dim=1))

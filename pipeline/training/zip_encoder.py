@@ -115,6 +115,9 @@ class ZipEncoderConfig:
         recon_weight: lambda_recon of eq. 6.
         variant: per_step (eq. 6 at each step above t_zip on its predicted x_0) or full_backprop (eq. 6
             on the pass's final images, differentiated through every generative step).
+        reference_norm: none (the paper's r) or standardise (r^ of
+            `pipeline.methods.zip_attribute`: r standardised over the training references, for references
+            that differ in a style the edit should copy).
         hidden: width of the head's inner layers (None = min(C, 256)).
         lr: Adam learning rate.
         batch: images per iteration over all workers (a multiple of the worker count).
@@ -150,6 +153,7 @@ class ZipEncoderConfig:
     clip_weight: float = 1.0
     recon_weight: float = 0.3
     variant: Literal["per_step", "full_backprop"] = "full_backprop"
+    reference_norm: Literal["none", "standardise"] = "none"
     hidden: int | None = None
     lr: float = 1e-3
     batch: int = 8
@@ -372,6 +376,8 @@ class ZipEncoderTask:
             self.prior = dct.prior_draws(self, self.model.unet)
         torch.manual_seed(config.seed)
         self.head = za.AttributeHead(mid_block_channels(self.model.unet), config.hidden).to(device)
+        if config.reference_norm == "standardise":
+            self.head.standardise_codes(self.codes)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=config.lr)
         self.grid = dc.ReturnGrid.from_scheduler(
             self.model.scheduler, config.return_step, config.generative_steps
@@ -514,11 +520,11 @@ def build_task(mapping: dict[str, Any]) -> ZipEncoderTask:
 def load_head(weights: dict[str, torch.Tensor], config: dict[str, Any]) -> za.AttributeHead:
     """The trained AttributeHead of an artefact's weights and config."""
     head = za.AttributeHead(config["channels"], config["hidden_resolved"])
-    head.load_state_dict(
-        {
-            name.removeprefix(HEAD_PREFIX): tensor
-            for name, tensor in weights.items()
-            if name.startswith(HEAD_PREFIX)
-        }
-    )
+    trained = {
+        name.removeprefix(HEAD_PREFIX): tensor
+        for name, tensor in weights.items()
+        if name.startswith(HEAD_PREFIX)
+    }
+    # Artefacts written before r could be standardised hold no code mean and scale: theirs is the identity.
+    head.load_state_dict(head.state_dict() | trained)
     return head.eval().requires_grad_(False)

@@ -57,6 +57,29 @@ def test_the_head_reads_the_reference_code_per_row():
     assert not torch.allclose(together[0], head(features[:1], codes[1])[0], atol=1e-4)
 
 
+def test_standardised_codes_are_read_as_centred_and_scaled_by_their_rms():
+    torch.manual_seed(0)
+    head = za.AttributeHead(channels=8, hidden=8)
+    torch.nn.init.normal_(head.layers[-1].weight)
+    codes = 16.0 + 0.5 * torch.randn(5, 8, dtype=torch.float64)
+    features, code = torch.randn(2, 8, 4, 4), 16.0 + torch.randn(8)
+    plain = head(features, code)
+    head.standardise_codes(codes.float())
+    # By hand, in float64: the mean over the references and one scale, the root mean square of the
+    # centred codes over references and channels.
+    mean = codes.mean(dim=0)
+    rms = float(((codes - mean) ** 2).sum() / codes.numel()) ** 0.5
+    unstandardised = za.AttributeHead(channels=8, hidden=8)
+    unstandardised.load_state_dict(
+        {**head.state_dict(), "code_mean": torch.zeros(8), "code_scale": torch.ones(())}
+    )
+    expected = unstandardised(features, ((code.double() - mean) / rms).float())
+    torch.testing.assert_close(head(features, code), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(head(features, code), plain, atol=1e-3)
+    with pytest.raises(ValueError, match="reference codes of 3 references do not differ"):
+        head.standardise_codes(torch.ones(3, 8))
+
+
 def _down_residual_shapes(unet, latents, timestep, embeddings) -> list[torch.Size]:
     shapes = []
     handles = [

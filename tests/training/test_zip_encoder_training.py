@@ -429,3 +429,29 @@ def test_several_reference_prompts_without_copying_share_one_teacher(task_config
         torch.testing.assert_close(
             seen[-1].images, task.teacher_images[0, torch.as_tensor(task.draw(iteration)[0])]
         )
+
+
+def test_standardised_reference_codes_travel_with_the_head(task_config):
+    from pipeline.training.zip_encoder import load_head, reference_codes_of
+
+    prompts = ("a blue star on a white background", "a red star on a white background")
+    config = dataclasses.replace(task_config, reference_prompts=prompts, reference_norm="standardise")
+    task = ZipEncoderTask(config)
+    task.setup(torch.device("cpu"), 0, 1)
+    codes = reference_codes_of(task.model, task.reference_images)  # the four references' r, read again
+    torch.testing.assert_close(task.head.code_mean, codes.mean(dim=0))
+    torch.testing.assert_close(task.head.code_scale, (codes - codes.mean(dim=0)).pow(2).mean().sqrt())
+    weights, artefact_config, _ = task.artefact()
+    head = load_head(weights, json.loads(json.dumps(artefact_config)))
+    torch.testing.assert_close(head.code_mean, task.head.code_mean)
+    torch.testing.assert_close(head.code_scale, task.head.code_scale)
+    # An artefact written before codes could be standardised reads r as it is.
+    older = {name: tensor for name, tensor in weights.items() if "code_" not in name}
+    identity = load_head(older, artefact_config)
+    assert torch.equal(identity.code_mean, torch.zeros_like(head.code_mean))
+    assert float(identity.code_scale) == 1.0
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # ...but a weight the head lacks is refused
+        load_head(weights | {"head.extra.weight": torch.zeros(1)}, artefact_config)
+    plain = ZipEncoderTask(dataclasses.replace(config, reference_norm="none"))
+    plain.setup(torch.device("cpu"), 0, 1)
+    assert float(plain.head.code_scale) == 1.0 and not plain.head.code_mean.any()
