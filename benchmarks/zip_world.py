@@ -109,10 +109,26 @@ def spread(
     }
 
 
+def styled_truths(scenes, attribute: str, value: str, color: str) -> torch.Tensor:
+    """The world's edit of each scene to `value` in `color`, uint8 (N, H, W, 3)."""
+    changes = {STYLE: color, attribute: value}
+    return torch.as_tensor(
+        np.stack([generator.render(edited_scene(scene, changes)).image for scene in scenes])
+    )
+
+
 def styled(
-    oracle, edited: torch.Tensor, attribute: str, value: str, color: str, sources: torch.Tensor, scenes
+    oracle,
+    edited: torch.Tensor,
+    attribute: str,
+    value: str,
+    color: str,
+    sources: torch.Tensor,
+    truths: torch.Tensor,
+    scenes,
 ) -> dict[str, float]:
-    """Edits to `value` meant to come in `color`, read against the world's edit to both.
+    """Edits to `value` meant to come in `color`, read against the world's edit to both (`truths`, from
+    `styled_truths`).
 
     Returns:
         followed (share read in `color`), success (read as `value` and in `color`), the truth readings of
@@ -122,10 +138,6 @@ def styled(
     names, probabilities = oracle_readings(oracle, edited)
     in_color = np.array([name == color for name in names[STYLE]])
     hit = in_color & np.array([name == value for name in names[attribute]])
-    changes = {STYLE: color, attribute: value}
-    truths = torch.as_tensor(
-        np.stack([generator.render(edited_scene(scene, changes)).image for scene in scenes])
-    )
     probability = _target_probability(probabilities, STYLE, color)
     return {
         "followed": float(in_color.mean()),
@@ -137,20 +149,31 @@ def styled(
 
 
 def style_readings(
-    model, oracle, encoder: ZipEncoder, scenes, sources: torch.Tensor, start: torch.Tensor, settings, args
+    model,
+    oracle,
+    encoder: ZipEncoder,
+    scenes,
+    sources: torch.Tensor,
+    start: torch.Tensor,
+    plain: torch.Tensor,
+    settings,
+    args,
 ) -> dict:
-    """The `style` reading of the module docstring."""
+    """The `style` reading of the module docstring; `plain` holds the text-only word swap's edits."""
     attribute, value = encoder.config["data"]["attribute"], encoder.config["data"]["value"]
-    plain = text_only_edits(model, scenes, attribute, value, args.text_steps)
     per_color = {}
     for color in generator.COLORS:
         code = zip_reference_code(model, encoder, user_reference(color))
         with_reference = generate_with_zip(model, start, encoder, code, 1.0, settings)
         named = text_only_edits(model, scenes, attribute, value, args.text_steps, also={STYLE: color})
+        truths = styled_truths(scenes, attribute, value, color)
         per_color[color] = {
-            "zip_user_reference": styled(oracle, with_reference, attribute, value, color, sources, scenes),
-            "text_only_direct_p2p": styled(oracle, plain, attribute, value, color, sources, scenes),
-            "text_only_color_named": styled(oracle, named, attribute, value, color, sources, scenes),
+            method: styled(oracle, edits, attribute, value, color, sources, truths, scenes)
+            for method, edits in (
+                ("zip_user_reference", with_reference),
+                ("text_only_direct_p2p", plain),
+                ("text_only_color_named", named),
+            )
         }
     mean = {
         method: {
@@ -165,7 +188,8 @@ def style_readings(
         if color not in own:  # the first of the encoder's references the oracle reads in each colour
             code = zip_reference_code(model, encoder, encoder.reference_images[index])
             edited = generate_with_zip(model, start, encoder, code, 1.0, settings)
-            reading = styled(oracle, edited, attribute, value, color, sources, scenes)
+            truths = styled_truths(scenes, attribute, value, color)
+            reading = styled(oracle, edited, attribute, value, color, sources, truths, scenes)
             own[color] = {key: reading[key] for key in ("followed", "color_probability_mean")}
     return {"per_user_reference_color": per_color, "mean_over_colors": mean, "own_references_followed": own}
 
@@ -204,7 +228,7 @@ def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings,
     second_code = zip_reference_code(model, encoder, encoder.reference_images[1])
     with_second = generate_with_zip(model, start, encoder, second_code, 1.0, settings)
     text_only = text_only_edits(model, scenes, attribute, value, args.text_steps)
-    style = style_readings(model, oracle, encoder, scenes, images, start, settings, args)
+    style = style_readings(model, oracle, encoder, scenes, images, start, text_only, settings, args)
     after = model_fingerprint(model)
     pixels = lambda a, b: float((a.float() - b.float()).abs().mean())  # noqa: E731
     own_reference = spread(oracle, edited, attribute, value, images, truths, scenes)

@@ -113,7 +113,8 @@ def test_the_style_reading_is_of_edits_with_each_colours_reference(tmp_path):
     with torch.no_grad():
         start = forward_to_return_step(model, images, settings)
     args = argparse.Namespace(text_steps=2)
-    style = zip_world.style_readings(model, oracle, encoder, scenes, images, start, settings, args)
+    plain = zip_world.text_only_edits(model, scenes, "shape", "star", args.text_steps)  # as `evaluate` has it
+    style = zip_world.style_readings(model, oracle, encoder, scenes, images, start, plain, settings, args)
     assert set(style["per_user_reference_color"]) == set(generator.COLORS)
     # By hand: a star of each colour drawn by the renderer as the reference, read against the scenes
     # rendered with a star of that colour.

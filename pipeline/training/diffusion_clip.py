@@ -427,8 +427,7 @@ def attribute_changes(captions: list[str], attribute: str) -> list[tuple[list[st
     """
     from pipeline.world import generator
 
-    parsed = [generator.parse_caption(caption) for caption in captions]
-    fields = [{"background": p["background"], **p["objects"][0]} for p in parsed]
+    fields = [generator.one_object_fields(caption) for caption in captions]
     changes = []
     for value in generator.ATTRIBUTE_VALUES[attribute]:
         references, targets = [], []

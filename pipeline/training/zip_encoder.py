@@ -298,14 +298,11 @@ def styled_targets(targets: list[str], prompts: tuple[str, ...], copied: tuple[s
         return [list(targets)]
     from pipeline.world import generator
 
-    def fields(caption: str) -> dict[str, str]:
-        parsed = generator.parse_caption(caption)
-        return {"background": parsed["background"], **parsed["objects"][0]}
-
+    target_fields = [generator.one_object_fields(target) for target in targets]
     styled = []
     for prompt in prompts:
-        style = {attribute: fields(prompt)[attribute] for attribute in copied}
-        styled.append([generator.one_object_caption(**(fields(target) | style)) for target in targets])
+        style = {attribute: generator.one_object_fields(prompt)[attribute] for attribute in copied}
+        styled.append([generator.one_object_caption(**(fields | style)) for fields in target_fields])
     return styled
 
 

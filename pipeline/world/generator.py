@@ -140,6 +140,17 @@ def parse_caption(caption: str) -> dict:
     return {"objects": objects, "background": background}
 
 
+def one_object_fields(caption: str) -> dict[str, str]:
+    """The first object's colour and shape and the background of a caption, as keyword arguments of
+    `one_object_caption`: {'color', 'shape', 'background'}.
+
+    Raises:
+        ValueError: as `parse_caption`.
+    """
+    parsed = parse_caption(caption)
+    return {"background": parsed["background"], **parsed["objects"][0]}
+
+
 def _check_value(attribute: str, value: str) -> None:
     if attribute not in ATTRIBUTE_VALUES:
         raise ValueError(f"unknown attribute {attribute!r}; editable attributes are {EDITABLE_ATTRIBUTES}")

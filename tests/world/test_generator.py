@@ -55,6 +55,16 @@ def test_two_object_caption_parses_back_to_the_scene():
         assert parsed["objects"] == [{"color": o.color, "shape": o.shape} for o in scene.objects]
 
 
+def test_one_object_fields_rebuild_the_caption_from_its_first_object():
+    for seed in SEEDS:
+        scene = sample_scene(seed, two_object_fraction=0.5)
+        fields = generator.one_object_fields(render(scene).caption)
+        first = scene.objects[0]
+        assert fields == {"color": first.color, "shape": first.shape, "background": scene.background}
+        one_object = generator.Scene(objects=(first,), background=scene.background, seed=scene.seed)
+        assert generator.one_object_caption(**fields) == render(one_object).caption
+
+
 @pytest.mark.parametrize(
     "bad", ["a red circle", "a pink circle on a white background", "red circle on a white background"]
 )
