@@ -219,14 +219,19 @@ def check_kept_attributes(keep_attributes: tuple[str, ...], attribute: str) -> N
             raise ValueError(f"keep_attributes: {kept!r} is the attribute being edited (data.attribute)")
 
 
+def resolved_path(value: str | None, base: Path) -> str | None:
+    """`value` made absolute against `base` when it is a relative path of a local file there (Ray
+    workers run in another folder); hub ids, tags, URIs and absolute paths are left as they are."""
+    if value is None or "://" in value or Path(value).is_absolute() or not (base / value).exists():
+        return value
+    return str((base / value).resolve())
+
+
 def _absolute_paths(config: DiffusionClipConfig, base: Path) -> DiffusionClipConfig:
-    """The config with relative paths of local files made absolute against `base` (Ray workers run
-    in another folder); hub ids, tags and URIs are left as they are."""
+    """The config with relative paths of local files made absolute against `base` (see `resolved_path`)."""
 
     def resolved(value: str | None) -> str | None:
-        if value is None or "://" in value or Path(value).is_absolute() or not (base / value).exists():
-            return value
-        return str((base / value).resolve())
+        return resolved_path(value, base)
 
     def resolved_clip(spec: ClipSpec) -> ClipSpec:
         return dataclasses.replace(

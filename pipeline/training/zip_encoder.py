@@ -3,7 +3,8 @@ as a `TrainTask` for `pipeline.training.ray_train`.
 
 On every worker `setup` loads the base model and the CLIP model, renders `references` reference images
 from `reference_prompt` with the base model itself (the paper's Visual Generator, Algorithm 1 line 2:
-seeded DDIM sampling with classifier-free guidance), reads each into its reference code r (line 3),
+seeded DDIM sampling with classifier-free guidance), reads those and any `given_references` (the user's
+images) into their reference codes r (line 3),
 renders the training images and inverts them to x_t0 by the deterministic forward process with S_for
 steps. Iteration i draws `batch` images and, for each, one of the references, with a generator seeded
 by (seed, i); the worker's share of them goes through one generative pass with S_gen steps, the loss of
@@ -79,6 +80,21 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class GivenReference:
+    """A reference image the user gives for training, beside those the Visual Generator renders (the
+    paper's "or given by the user").
+
+    Attributes:
+        image: path or fsspec URI of an image (resized to the model's resolution when it differs).
+        prompt: what it shows, in the words of `reference_prompts` (with `teacher.copy_attributes`, the
+            caption whose copied attributes the teacher's targets take).
+    """
+
+    image: str
+    prompt: str
+
+
+@dataclass(frozen=True)
 class ZipEncoderConfig:
     """One ZIP attribute encoder's training (papers/000 §4, Algorithm 1).
 
@@ -91,6 +107,8 @@ class ZipEncoderConfig:
             from.
         reference_prompts: several t_target prompts (replacing `reference_prompt` when given), e.g. the
             target in each colour: `references` images are rendered from each, prompt after prompt.
+        given_references: reference images the user gives, read in after the rendered ones, each with
+            the prompt it shows; trained on like them (editing still uses the first rendered one).
         references: how many reference images are rendered per prompt (seeds reference_seed,
             reference_seed + 1, ...); each iteration pairs every training image with one of all of them,
             so the encoder reads references it was not tuned to one by one. Editing uses the first
@@ -134,6 +152,7 @@ class ZipEncoderConfig:
     data: WorldData = dataclasses.field(default_factory=WorldData)
     reference_prompt: str = "a yellow star on a white background"
     reference_prompts: tuple[str, ...] = ()
+    given_references: tuple[GivenReference, ...] = ()
     references: int = 8
     reference_seed: int = 0
     reference_steps: int = 50
@@ -163,9 +182,13 @@ class ZipEncoderConfig:
 
     def with_absolute_paths(self, base: Path) -> ZipEncoderConfig:
         """Relative local paths (model, CLIP files) made absolute against `base`."""
-        from pipeline.training.diffusion_clip import _absolute_paths
+        from pipeline.training.diffusion_clip import _absolute_paths, resolved_path
 
-        return _absolute_paths(self, base)
+        given = tuple(
+            dataclasses.replace(reference, image=resolved_path(reference.image, base))
+            for reference in self.given_references
+        )
+        return dataclasses.replace(_absolute_paths(self, base), given_references=given)
 
     def __post_init__(self) -> None:
         if (self.reference_text is None) != (self.target_text is None):
@@ -191,6 +214,13 @@ class ZipEncoderConfig:
         """The Visual Generator's prompts: `reference_prompts`, or `reference_prompt` alone."""
         return self.reference_prompts or (self.reference_prompt,)
 
+    @property
+    def prompt_of_each_reference(self) -> tuple[str, ...]:
+        """The prompt of every training reference, in their order: `references` rendered per prompt,
+        prompt after prompt, then the given ones."""
+        rendered = tuple(prompt for prompt in self.prompts for _ in range(self.references))
+        return rendered + tuple(reference.prompt for reference in self.given_references)
+
 
 def check_copied_attributes(config: ZipEncoderConfig) -> None:
     """`teacher.copy_attributes` are world attributes other than the edited one, with a teacher, and every
@@ -206,7 +236,7 @@ def check_copied_attributes(config: ZipEncoderConfig) -> None:
         if attribute not in generator.EDITABLE_ATTRIBUTES or attribute == config.data.attribute:
             allowed = [name for name in generator.EDITABLE_ATTRIBUTES if name != config.data.attribute]
             raise ValueError(f"teacher.copy_attributes: {attribute!r} is not one of {allowed}")
-    for prompt in config.prompts:
+    for prompt in dict.fromkeys(config.prompt_of_each_reference):
         parsed = generator.parse_caption(prompt)  # raises naming the prompt
         if len(parsed["objects"]) != 1:
             raise ValueError(f"reference prompt {prompt!r}: copy_attributes needs one-object captions")
@@ -220,6 +250,9 @@ def config_from_mapping(mapping: dict[str, Any]) -> ZipEncoderConfig:
         teacher["copy_attributes"] = tuple(teacher.get("copy_attributes", ()))
         fields["teacher"] = TeacherConfig(**teacher)
     fields["reference_prompts"] = tuple(fields.get("reference_prompts", ()))
+    fields["given_references"] = tuple(
+        GivenReference(**reference) for reference in fields.get("given_references", ())
+    )
     return ZipEncoderConfig(**fields)
 
 
@@ -306,6 +339,31 @@ def styled_targets(targets: list[str], prompts: tuple[str, ...], copied: tuple[s
     return styled
 
 
+def teacher_groups(config: ZipEncoderConfig) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The teacher's groups: one per distinct value of `teacher.copy_attributes` among the references'
+    prompts, or a single group when nothing is copied.
+
+    Returns:
+        a prompt showing each group (the first reference's of it), (G,), and each reference's group, (R,).
+    """
+    prompts = config.prompt_of_each_reference
+    copied = config.teacher.copy_attributes
+    if not copied:
+        return prompts[:1], (0,) * len(prompts)
+    from pipeline.world import generator
+
+    keys: list[tuple[str, ...]] = []
+    shown, groups = [], []
+    for prompt in prompts:
+        fields = generator.one_object_fields(prompt)
+        key = tuple(fields[attribute] for attribute in copied)
+        if key not in keys:
+            keys.append(key)
+            shown.append(prompt)
+        groups.append(keys.index(key))
+    return tuple(shown), tuple(groups)
+
+
 def teacher_edits(
     model, images: np.ndarray, references: list[str], targets: list[str], teacher: TeacherConfig
 ) -> torch.Tensor:
@@ -357,15 +415,18 @@ class ZipEncoderTask:
         config = self.config
         dct.load_task_models(self, device, rank, world_size, frozen=True)
         self.clips = dct.load_clips(config, device, self.clip)
+        from pipeline.editors import read_reference_image  # editors imports this module
+
         seeds = list(range(config.reference_seed, config.reference_seed + config.references))
-        self.reference_images = torch.cat(
-            [
-                render_references(
-                    self.model, prompt, seeds, config.reference_steps, config.reference_guidance
-                )
-                for prompt in config.prompts
-            ]
-        )
+        rendered = [
+            render_references(self.model, prompt, seeds, config.reference_steps, config.reference_guidance)
+            for prompt in config.prompts
+        ]
+        given = [
+            read_reference_image(reference.image, self.model.image_size)[None]
+            for reference in config.given_references
+        ]
+        self.reference_images = torch.cat(rendered + given)
         self.codes = reference_codes_of(self.model, self.reference_images)
         self._prepare_pairs()
         self.prior = None
@@ -398,10 +459,12 @@ class ZipEncoderTask:
         self.start_latents = torch.cat(
             [dc.forward(noise_fn, forward_grid, chunk) for chunk in latents.split(16)]
         )
-        self.teacher_images = None  # (P, N, 3, H, W): per reference prompt when attributes are copied
+        self.teacher_images = None  # (G, N, 3, H, W): per `teacher_groups` group
         if config.teacher.weight:
             _, _, references, targets = dct.training_texts(config)
-            styled = styled_targets(targets, config.prompts, config.teacher.copy_attributes)
+            shown, groups = teacher_groups(config)
+            self.teacher_groups = torch.as_tensor(groups)
+            styled = styled_targets(targets, shown, config.teacher.copy_attributes)
             self.teacher_images = torch.stack(
                 [teacher_edits(model, images, references, group, config.teacher) for group in styled]
             ).to(self.start_latents.device)
@@ -482,9 +545,7 @@ class ZipEncoderTask:
     def _teacher_term(self, rows: torch.Tensor, references: torch.Tensor) -> za.TeacherTerm | None:
         if self.teacher_images is None:
             return None
-        # References are rendered prompt after prompt, `references` each; one teacher group per prompt
-        # when attributes are copied, else the single group.
-        groups = references // self.config.references if len(self.teacher_images) > 1 else references * 0
+        groups = self.teacher_groups[references]
         return za.TeacherTerm(self.teacher_images[groups, rows], self.config.teacher.weight)
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:

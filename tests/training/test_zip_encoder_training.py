@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from training_runs import assert_resumes_to_the_same_result, train
@@ -455,3 +456,107 @@ def test_standardised_reference_codes_travel_with_the_head(task_config):
     plain = ZipEncoderTask(dataclasses.replace(config, reference_norm="none"))
     plain.setup(torch.device("cpu"), 0, 1)
     assert float(plain.head.code_scale) == 1.0 and not plain.head.code_mean.any()
+
+
+def test_teacher_groups_follow_the_copied_values_of_every_references_prompt(task_config):
+    from pipeline.training.zip_encoder import GivenReference, teacher_groups
+
+    prompts = ("a blue star on a white background", "a red star on a white background")
+    given = (
+        GivenReference("red.png", "a red star on a black background"),  # red again: the red group
+        GivenReference("green.png", "a green star on a white background"),  # a colour not rendered
+    )
+    styled = TeacherConfig(weight=1.0, copy_attributes=("color",))
+    config = dataclasses.replace(
+        task_config, reference_prompts=prompts, given_references=given, teacher=styled
+    )
+    assert config.prompt_of_each_reference == (prompts[0], prompts[0], prompts[1], prompts[1]) + tuple(
+        reference.prompt for reference in given
+    )
+    assert teacher_groups(config) == (
+        (prompts[0], prompts[1], given[1].prompt),
+        (0, 0, 1, 1, 1, 2),
+    )
+    both = dataclasses.replace(
+        config, teacher=TeacherConfig(weight=1.0, copy_attributes=("color", "background"))
+    )
+    assert teacher_groups(both)[1] == (0, 0, 1, 1, 2, 3)
+    unstyled = dataclasses.replace(config, teacher=TeacherConfig(weight=1.0))
+    assert teacher_groups(unstyled) == ((prompts[0],), (0,) * 6)
+    with pytest.raises(ValueError, match="'a star' does not follow"):  # a given prompt is checked too
+        dataclasses.replace(config, given_references=(GivenReference("x.png", "a star"),))
+
+
+def test_given_references_are_trained_on_with_the_teacher_of_their_prompt(task_config, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from pipeline.methods import zip_attribute as za
+    from pipeline.training import diffusion_clip as dct
+    from pipeline.training.zip_encoder import GivenReference, render_references, teacher_edits
+    from pipeline.world import generator
+
+    drawn = {}
+    for color, background in (("red", "black"), ("green", "white")):
+        star = generator.SceneObject(shape="star", color=color, center=(30.0, 34.0), radius=14.0)
+        scene = generator.Scene(objects=(star,), background=background, seed=3)
+        drawn[color] = generator.render(scene).image
+        Image.fromarray(drawn[color]).save(tmp_path / f"{color}.png")
+    prompts = ("a blue star on a white background", "a red star on a white background")
+    teacher = TeacherConfig(weight=1.0, steps=2, copy_attributes=("color",))
+    spec_config = dataclasses.replace(
+        task_config,
+        reference_prompts=prompts,
+        given_references=(
+            GivenReference("red.png", "a red star on a black background"),
+            GivenReference("green.png", "a green star on a white background"),
+        ),
+        teacher=teacher,
+    )
+    assert (
+        config_from_mapping(json.loads(json.dumps(dataclasses.asdict(spec_config)))) == spec_config
+    )  # as artefacts keep it
+    config = spec_config.with_absolute_paths(tmp_path)  # a relative path, read against the spec's folder
+    assert config.given_references[1].image == str(tmp_path / "green.png")
+    task = ZipEncoderTask(config)
+    task.setup(torch.device("cpu"), 0, 1)
+    size = task.model.image_size
+    resized = {
+        color: torch.as_tensor(
+            np.array(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
+        )
+        for color, image in drawn.items()
+    }
+    rendered = [
+        render_references(task.model, prompt, [0, 1], 2, config.reference_guidance) for prompt in prompts
+    ]
+    given = [resized["red"][None], resized["green"][None]]
+    assert torch.equal(task.reference_images, torch.cat(rendered + given))
+    # Three teacher groups: blue, red (the rendered red references and the given red one), green.
+    assert task.teacher_images.shape[0] == 3
+    images, captions, targets = dct.world_training_texts(config.data)
+    images = dct._at_resolution(images, size)
+    green = [" ".join(["a", "green", *target.split()[2:]]) for target in targets]
+    torch.testing.assert_close(
+        task.teacher_images[2], teacher_edits(task.model, images, captions, green, teacher)
+    )
+    group_of_reference = [0, 0, 1, 1, 1, 2]
+    seen, original = [], za.full_pass_loss
+
+    def recording(*arguments, teacher=None, **keywords):
+        seen.append(teacher)
+        return original(*arguments, teacher=teacher, **keywords)
+
+    monkeypatch.setattr(za, "full_pass_loss", recording)
+    reached = set()
+    for iteration in range(8):
+        task.step(iteration, lambda: None)
+        rows, references = task.draw(iteration)
+        reached.update(int(reference) for reference in references)
+        expected = [
+            task.teacher_images[group_of_reference[int(reference)], int(row)]
+            for row, reference in zip(rows, references, strict=True)
+        ]
+        torch.testing.assert_close(seen[-1].images, torch.stack(expected))
+    assert {4, 5} <= reached  # both given references were drawn
+    weights, _, _ = task.artefact()
+    assert torch.equal(weights[REFERENCES_NAME][-1], resized["green"])  # they travel with the encoder
