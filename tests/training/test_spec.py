@@ -163,3 +163,30 @@ def test_the_zip_job_applies_the_encoder_the_teacher_spec_writes():
     uris = {editor.uri for edit in job.edits for editor in edit.editors}
     assert uris == {f"{spec.output}/artefact"}
     assert all(edit.target_class == spec.task.data.value for edit in job.edits)
+
+
+def test_the_given_star_references_are_the_renderers_and_not_the_benchmarks_user_reference(tmp_path):
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.zip_world import user_reference
+    from pipeline.world.generator import COLORS
+
+    spec = load_train_spec(ROOT / "jobs" / "train_zip_star_styled_given.yaml")
+    drawer_path = ROOT / "jobs" / "data" / "draw_star_references.py"
+    drawer_spec = importlib.util.spec_from_file_location("draw_star_references", drawer_path)
+    drawer = importlib.util.module_from_spec(drawer_spec)
+    drawer_spec.loader.exec_module(drawer)
+    drawer.FOLDER = tmp_path
+    redrawn = {path.name: np.array(Image.open(path)) for path in drawer.main()}
+    assert len(spec.task.given_references) == len(redrawn) == 12
+    for reference in spec.task.given_references:
+        shipped = np.array(Image.open(ROOT / reference.image))
+        name = Path(reference.image).name
+        np.testing.assert_array_equal(shipped, redrawn[name])  # the committed file is what the script draws
+        color = reference.prompt.split()[1]
+        assert name.startswith(f"{color}_")  # its prompt names the colour drawn
+        assert (shipped == COLORS[color]).all(axis=-1).sum() > 100  # a star's interior in that colour
+        assert not np.array_equal(shipped, user_reference(color).numpy())
