@@ -317,6 +317,38 @@ def test_a_training_image_the_teacher_cannot_edit_is_named(tiny_sd, images, monk
         )
 
 
+def steps_with_teacher_groups(
+    task, monkeypatch, iterations: int, group_of_reference, weight: float
+) -> set[int]:
+    """Run `iterations` steps, checking that each step's teacher term holds, for every (image, reference)
+    it drew, the teacher image of the reference's group `group_of_reference[reference]`, with `weight`.
+
+    Returns:
+        the references drawn.
+    """
+    from pipeline.methods import zip_attribute as za
+
+    seen, original = [], za.full_pass_loss
+
+    def recording(*arguments, teacher=None, **keywords):
+        seen.append(teacher)
+        return original(*arguments, teacher=teacher, **keywords)
+
+    monkeypatch.setattr(za, "full_pass_loss", recording)
+    drawn = set()
+    for iteration in range(iterations):
+        task.step(iteration, lambda: None)
+        rows, references = task.draw(iteration)
+        drawn.update(int(reference) for reference in references)
+        expected = [
+            task.teacher_images[group_of_reference[int(reference)], int(row)]
+            for row, reference in zip(rows, references, strict=True)
+        ]
+        torch.testing.assert_close(seen[-1].images, torch.stack(expected))
+        assert seen[-1].weight == weight
+    return drawn
+
+
 def test_styled_targets_take_each_prompts_copied_attributes():
     targets = ["a green star on a black background", "a red star on a striped background"]
     prompts = ("a blue star on a white background", "a red star on a gray background")
@@ -332,7 +364,6 @@ def test_styled_targets_take_each_prompts_copied_attributes():
 
 
 def test_a_styled_teacher_teaches_each_image_its_references_colour(task_config, monkeypatch):
-    from pipeline.methods import zip_attribute as za
     from pipeline.training import diffusion_clip as dct
     from pipeline.training.zip_encoder import render_references, teacher_edits
 
@@ -354,26 +385,7 @@ def test_a_styled_teacher_teaches_each_image_its_references_colour(task_config, 
         recoloured = [" ".join(["a", colour, *target.split()[2:]]) for target in targets]
         by_hand = teacher_edits(task.model, images, captions, recoloured, teacher)
         torch.testing.assert_close(task.teacher_images[group], by_hand)
-    seen, original = [], za.full_pass_loss
-
-    def recording(*arguments, teacher=None, **keywords):
-        seen.append(teacher)
-        return original(*arguments, teacher=teacher, **keywords)
-
-    monkeypatch.setattr(za, "full_pass_loss", recording)
-    drawn = set()
-    for iteration in range(6):
-        task.step(iteration, lambda: None)
-        rows, references = task.draw(iteration)
-        drawn.update(int(reference) for reference in references)
-        expected = torch.stack(
-            [
-                task.teacher_images[int(reference) // 2, int(row)]
-                for row, reference in zip(rows, references, strict=True)
-            ]
-        )
-        torch.testing.assert_close(seen[-1].images, expected)
-        assert seen[-1].weight == 1.5
+    drawn = steps_with_teacher_groups(task, monkeypatch, 6, [0, 0, 1, 1], weight=1.5)
     assert drawn == {0, 1, 2, 3}  # every reference of both prompts was paired with some image
 
 
@@ -409,7 +421,6 @@ def test_copied_attributes_need_a_teacher_other_attributes_and_one_object_prompt
 
 
 def test_several_reference_prompts_without_copying_share_one_teacher(task_config, monkeypatch):
-    from pipeline.methods import zip_attribute as za
 
     prompts = ("a blue star on a white background", "a red star on a white background")
     config = dataclasses.replace(
@@ -418,18 +429,8 @@ def test_several_reference_prompts_without_copying_share_one_teacher(task_config
     task = ZipEncoderTask(config)
     task.setup(torch.device("cpu"), 0, 1)
     assert len(task.reference_images) == 4 and task.teacher_images.shape[0] == 1
-    seen, original = [], za.full_pass_loss
-
-    def recording(*arguments, teacher=None, **keywords):
-        seen.append(teacher)
-        return original(*arguments, teacher=teacher, **keywords)
-
-    monkeypatch.setattr(za, "full_pass_loss", recording)
-    for iteration in range(4):  # draws reach the second prompt's references, which have no group of their own
-        task.step(iteration, lambda: None)
-        torch.testing.assert_close(
-            seen[-1].images, task.teacher_images[0, torch.as_tensor(task.draw(iteration)[0])]
-        )
+    # draws reach the second prompt's references, which have no group of their own
+    assert {2, 3} & steps_with_teacher_groups(task, monkeypatch, 4, [0, 0, 0, 0], weight=1.0)
 
 
 def test_standardised_reference_codes_travel_with_the_head(task_config):
@@ -490,7 +491,6 @@ def test_teacher_groups_follow_the_copied_values_of_every_references_prompt(task
 def test_given_references_are_trained_on_with_the_teacher_of_their_prompt(task_config, tmp_path, monkeypatch):
     from PIL import Image
 
-    from pipeline.methods import zip_attribute as za
     from pipeline.training import diffusion_clip as dct
     from pipeline.training.zip_encoder import GivenReference, render_references, teacher_edits
     from pipeline.world import generator
@@ -539,24 +539,7 @@ def test_given_references_are_trained_on_with_the_teacher_of_their_prompt(task_c
     torch.testing.assert_close(
         task.teacher_images[2], teacher_edits(task.model, images, captions, green, teacher)
     )
-    group_of_reference = [0, 0, 1, 1, 1, 2]
-    seen, original = [], za.full_pass_loss
-
-    def recording(*arguments, teacher=None, **keywords):
-        seen.append(teacher)
-        return original(*arguments, teacher=teacher, **keywords)
-
-    monkeypatch.setattr(za, "full_pass_loss", recording)
-    reached = set()
-    for iteration in range(8):
-        task.step(iteration, lambda: None)
-        rows, references = task.draw(iteration)
-        reached.update(int(reference) for reference in references)
-        expected = [
-            task.teacher_images[group_of_reference[int(reference)], int(row)]
-            for row, reference in zip(rows, references, strict=True)
-        ]
-        torch.testing.assert_close(seen[-1].images, torch.stack(expected))
+    reached = steps_with_teacher_groups(task, monkeypatch, 8, [0, 0, 1, 1, 1, 2], weight=1.0)
     assert {4, 5} <= reached  # both given references were drawn
     weights, _, _ = task.artefact()
     assert torch.equal(weights[REFERENCES_NAME][-1], resized["green"])  # they travel with the encoder
