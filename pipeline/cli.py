@@ -188,7 +188,11 @@ def _train(spec_config, address: str | None) -> dict:
     from pipeline.training.ray_train import RunSettings, run_training
     from pipeline.training.spec import with_local_paths_resolved
 
-    spec_config = with_local_paths_resolved(spec_config)
+    try:
+        spec_config = with_local_paths_resolved(spec_config)
+    except ConfigError as error:
+        console.print(f"[red]invalid training spec:[/red] {error}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from error
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)

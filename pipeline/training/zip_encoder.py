@@ -181,14 +181,24 @@ class ZipEncoderConfig:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
 
     def with_absolute_paths(self, base: Path) -> ZipEncoderConfig:
-        """Relative local paths (model, CLIP files) made absolute against `base`."""
+        """Relative local paths (model, CLIP files, given references) made absolute against `base`.
+
+        Raises:
+            ConfigError: a given reference's local file does not exist.
+        """
+        from pipeline.config import ConfigError
         from pipeline.training.diffusion_clip import _absolute_paths, resolved_path
 
-        given = tuple(
-            dataclasses.replace(reference, image=resolved_path(reference.image, base))
-            for reference in self.given_references
-        )
-        return dataclasses.replace(_absolute_paths(self, base), given_references=given)
+        given = []
+        for index, reference in enumerate(self.given_references):
+            image = resolved_path(reference.image, base)
+            if "://" not in image and not Path(image).is_file():
+                raise ConfigError(
+                    f"zip_encoder.given_references.{index}.image: no file {reference.image!r} (relative "
+                    f"paths are read against {base}); give an image's path or a URI"
+                )
+            given.append(dataclasses.replace(reference, image=image))
+        return dataclasses.replace(_absolute_paths(self, base), given_references=tuple(given))
 
     def __post_init__(self) -> None:
         if (self.reference_text is None) != (self.target_text is None):

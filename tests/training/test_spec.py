@@ -87,6 +87,23 @@ def test_train_refuses_a_bad_spec_in_one_line(tmp_path):
     assert "return_step=5000 must be in [1, 999]" in result.output
 
 
+def test_train_refuses_a_missing_given_reference_in_one_line_before_starting_ray(tmp_path, monkeypatch):
+    import ray
+
+    data = yaml.safe_load((ROOT / "jobs" / "train_zip_star_styled_given.yaml").read_text())
+    data["zip_encoder"]["given_references"][1]["image"] = "jobs/data/star_references/pink_0.png"
+    spec = tmp_path / "given.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(ROOT)  # relative paths are read against the working folder
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray started for a bad spec"))
+    result = runner.invoke(cli.app, ["train", str(spec)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "zip_encoder.given_references.1.image: no file 'jobs/data/star_references/pink_0.png'" in (
+        " ".join(result.output.split())
+    )
+    assert with_local_paths_resolved(load_train_spec(ROOT / "jobs" / "train_zip_star_styled_given.yaml"))
+
+
 def test_submit_runs_inversa_train_for_a_training_spec(monkeypatch):
     submitted = {}
 
