@@ -515,7 +515,8 @@ def test_given_references_are_trained_on_with_the_teacher_of_their_prompt(task_c
     assert (
         config_from_mapping(json.loads(json.dumps(dataclasses.asdict(spec_config)))) == spec_config
     )  # as artefacts keep it
-    config = spec_config.with_absolute_paths(tmp_path)  # a relative path, read against the spec's folder
+    # relative paths are read against `base` (the working folder for `inversa train`)
+    config = spec_config.with_absolute_paths(tmp_path)
     assert config.given_references[1].image == str(tmp_path / "green.png")
     task = ZipEncoderTask(config)
     task.setup(torch.device("cpu"), 0, 1)
