@@ -161,14 +161,14 @@ def style_readings(
 ) -> dict:
     """The `style` reading of the module docstring; `plain` holds the text-only word swap's edits."""
     attribute, value = encoder.config["data"]["attribute"], encoder.config["data"]["value"]
+    truths = {color: styled_truths(scenes, attribute, value, color) for color in generator.COLORS}
     per_color = {}
     for color in generator.COLORS:
         code = zip_reference_code(model, encoder, user_reference(color))
         with_reference = generate_with_zip(model, start, encoder, code, 1.0, settings)
         named = text_only_edits(model, scenes, attribute, value, args.text_steps, also={STYLE: color})
-        truths = styled_truths(scenes, attribute, value, color)
         per_color[color] = {
-            method: styled(oracle, edits, attribute, value, color, sources, truths, scenes)
+            method: styled(oracle, edits, attribute, value, color, sources, truths[color], scenes)
             for method, edits in (
                 ("zip_user_reference", with_reference),
                 ("text_only_direct_p2p", plain),
@@ -188,8 +188,7 @@ def style_readings(
         if color not in own:  # the first of the encoder's references the oracle reads in each colour
             code = zip_reference_code(model, encoder, encoder.reference_images[index])
             edited = generate_with_zip(model, start, encoder, code, 1.0, settings)
-            truths = styled_truths(scenes, attribute, value, color)
-            reading = styled(oracle, edited, attribute, value, color, sources, truths, scenes)
+            reading = styled(oracle, edited, attribute, value, color, sources, truths[color], scenes)
             own[color] = {key: reading[key] for key in ("followed", "color_probability_mean")}
     return {"per_user_reference_color": per_color, "mean_over_colors": mean, "own_references_followed": own}
 
