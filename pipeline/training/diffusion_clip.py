@@ -230,15 +230,14 @@ def resolved_path(value: str | None, base: Path) -> str | None:
 def _absolute_paths(config: DiffusionClipConfig, base: Path) -> DiffusionClipConfig:
     """The config with relative paths of local files made absolute against `base` (see `resolved_path`)."""
 
-    def resolved(value: str | None) -> str | None:
-        return resolved_path(value, base)
-
     def resolved_clip(spec: ClipSpec) -> ClipSpec:
         return dataclasses.replace(
-            spec, pretrained=resolved(spec.pretrained), model_config=resolved(spec.model_config)
+            spec,
+            pretrained=resolved_path(spec.pretrained, base),
+            model_config=resolved_path(spec.model_config, base),
         )
 
-    changes: dict[str, Any] = {"model": resolved(config.model)}
+    changes: dict[str, Any] = {"model": resolved_path(config.model, base)}
     # Every CLIP the config names, alone or in a tuple, whatever its field is called.
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
