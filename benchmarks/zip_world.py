@@ -22,10 +22,14 @@ does not already have the encoder's value, reported:
 - style: whether the edit takes the colour of its reference (the paper's Fig. 5: one reference, one
   style on every image). For a renderer-drawn star of each world colour as the user's reference: the
   share of edits the oracle reads in that colour, their success as a star of that colour (and faithful,
-  of the truth's size, against the world's star of that colour), and the spread over scenes of the
-  oracle's probability of that colour; beside the text-only word swap to the plain target (the colour
-  stays the source's) and to the target with the colour named ("a red star ..."); and for the encoder's
-  own references, one per colour the oracle reads in them, the share of edits in that colour.
+  of the truth's size, against the world's star of that colour), the spread over scenes of the
+  oracle's probability of that colour, and the spread of the colours read (`color_spread`:
+  `pipeline.metrics.diversity.attribute_spread` of the oracle's colour probabilities, the variance of the
+  edited attribute over the scenes); beside the text-only word swap to the plain target (the colour
+  stays the source's) and to the target with the colour named ("a red star ..."); ZIP's colour spread
+  minus each word swap's, averaged over the colours, with a 95% paired bootstrap interval over scenes
+  (`color_spread_difference`); and for the encoder's own references, one per colour the oracle reads in
+  them, the share of edits in that colour.
 
 `--write [NAME]` saves the JSON to benchmarks/results/NAME.json and a strip of examples to NAME.png (NAME:
 zip_world).
@@ -41,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
 from benchmarks.diffusion_clip_world import (
     _value,
@@ -59,6 +64,7 @@ from pipeline.editors import (
     load_editor,
     zip_reference_code,
 )
+from pipeline.metrics.diversity import attribute_spread
 from pipeline.models.loading import fingerprint_modules, load_diffusion_model
 from pipeline.world import generator
 from pipeline.world.oracle import HEADS, load_oracle
@@ -132,8 +138,8 @@ def styled(
 
     Returns:
         followed (share read in `color`), success (read as `value` and in `color`), the truth readings of
-        `truth_summary` against the scenes with both changed, and the mean and std over scenes of the
-        oracle's probability of `color`.
+        `truth_summary` against the scenes with both changed, the mean and std over scenes of the
+        oracle's probability of `color`, and the spread of the colours read (`attribute_spread`).
     """
     names, probabilities = oracle_readings(oracle, edited)
     in_color = np.array([name == color for name in names[STYLE]])
@@ -145,6 +151,44 @@ def styled(
         **truth_summary(hit, judged(edited, sources, truths, attribute, scenes)),
         "color_probability_mean": round(float(probability.mean()), 4),
         "color_probability_std": round(float(probability.std()), 4),
+        "color_spread": round(attribute_spread(probabilities[STYLE]), 4),
+    }
+
+
+def spread_difference_interval(
+    first: torch.Tensor, second: torch.Tensor, draws: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """How much less the colours of one method's edits spread than another's, with a paired bootstrap over
+    scenes (the same scenes drawn for both methods and every reference colour).
+
+    Args:
+        first, second: (C, N, K) the oracle's colour probabilities of each method's N edits made for
+            each of C reference colours, on the same N scenes.
+
+    Returns:
+        difference: mean over the C colours of attribute_spread(first) - attribute_spread(second)
+        (negative: the first is more consistent); low, high: its 95% percentile interval.
+    """
+
+    def mean_difference(scenes: np.ndarray) -> float:
+        drawn = torch.as_tensor(scenes.astype(np.int64))
+        return float(
+            np.mean(
+                [
+                    attribute_spread(a[drawn]) - attribute_spread(b[drawn])
+                    for a, b in zip(first, second, strict=True)
+                ]
+            )
+        )
+
+    scenes = np.arange(first.shape[1])
+    interval = stats.bootstrap(
+        (scenes,), mean_difference, n_resamples=draws, vectorized=False, method="percentile", rng=seed
+    ).confidence_interval
+    return {
+        "difference": round(mean_difference(scenes), 4),
+        "low": round(float(interval.low), 4),
+        "high": round(float(interval.high), 4),
     }
 
 
@@ -162,25 +206,42 @@ def style_readings(
     """The `style` reading of the module docstring; `plain` holds the text-only word swap's edits."""
     attribute, value = encoder.config["data"]["attribute"], encoder.config["data"]["value"]
     truths = {color: styled_truths(scenes, attribute, value, color) for color in generator.COLORS}
-    per_color = {}
+    per_color, colors_read = {}, {}
     for color in generator.COLORS:
         code = zip_reference_code(model, encoder, user_reference(color))
-        with_reference = generate_with_zip(model, start, encoder, code, 1.0, settings)
-        named = text_only_edits(model, scenes, attribute, value, args.text_steps, also={STYLE: color})
+        edits = {
+            "zip_user_reference": generate_with_zip(model, start, encoder, code, 1.0, settings),
+            "text_only_direct_p2p": plain,
+            "text_only_color_named": text_only_edits(
+                model, scenes, attribute, value, args.text_steps, also={STYLE: color}
+            ),
+        }
         per_color[color] = {
-            method: styled(oracle, edits, attribute, value, color, sources, truths[color], scenes)
-            for method, edits in (
-                ("zip_user_reference", with_reference),
-                ("text_only_direct_p2p", plain),
-                ("text_only_color_named", named),
-            )
+            method: styled(oracle, edited, attribute, value, color, sources, truths[color], scenes)
+            for method, edited in edits.items()
+        }
+        colors_read[color] = {
+            method: oracle_readings(oracle, edited)[1][STYLE] for method, edited in edits.items()
         }
     mean = {
         method: {
             key: round(float(np.mean([per_color[color][method][key] for color in per_color])), 4)
-            for key in ("followed", "success", "faithful_sized_success", "color_probability_std")
+            for key in (
+                "followed",
+                "success",
+                "faithful_sized_success",
+                "color_probability_std",
+                "color_spread",
+            )
         }
         for method in per_color["red"]
+    }
+    by_method = {
+        method: torch.stack([colors_read[color][method] for color in colors_read]) for method in mean
+    }
+    difference = {
+        f"zip_minus_{name}": spread_difference_interval(by_method["zip_user_reference"], by_method[method])
+        for name, method in (("plain_swap", "text_only_direct_p2p"), ("named_swap", "text_only_color_named"))
     }
     reference_names, _ = oracle_readings(oracle, encoder.reference_images)
     own = {}
@@ -190,7 +251,12 @@ def style_readings(
             edited = generate_with_zip(model, start, encoder, code, 1.0, settings)
             reading = styled(oracle, edited, attribute, value, color, sources, truths[color], scenes)
             own[color] = {key: reading[key] for key in ("followed", "color_probability_mean")}
-    return {"per_user_reference_color": per_color, "mean_over_colors": mean, "own_references_followed": own}
+    return {
+        "per_user_reference_color": per_color,
+        "mean_over_colors": mean,
+        "color_spread_difference": difference,
+        "own_references_followed": own,
+    }
 
 
 def evaluate(model, oracle, encoder: ZipEncoder, scenes, settings: EditSettings, args) -> tuple[dict, dict]:

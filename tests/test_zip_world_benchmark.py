@@ -8,12 +8,14 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 import torch
 from editor_artefact import write_random_zip_encoder
 
 from benchmarks import zip_world
 from benchmarks.diffusion_clip_world import judged
 from pipeline.editors import EditSettings, edit_with_zip, forward_to_return_step, load_editor
+from pipeline.metrics.diversity import attribute_spread
 from pipeline.models.build import SDArchitecture, build_random_sd
 from pipeline.models.loading import load_diffusion_model
 from pipeline.world import generator
@@ -118,6 +120,7 @@ def test_the_style_reading_is_of_edits_with_each_colours_reference(tmp_path):
     assert set(style["per_user_reference_color"]) == set(generator.COLORS)
     # By hand: a star of each colour drawn by the renderer as the reference, read against the scenes
     # rendered with a star of that colour.
+    zip_spreads = []
     for color in generator.COLORS:
         star = generator.SceneObject(shape="star", color=color, center=(32.0, 32.0), radius=20.0)
         reference = generator.render(generator.Scene(objects=(star,), background="white", seed=0)).image
@@ -141,6 +144,8 @@ def test_the_style_reading_is_of_edits_with_each_colours_reference(tmp_path):
         assert reading["color_probability_mean"] == round(float(probability.mean()), 4), color
         assert reading["color_probability_std"] == round(float(probability.std()), 4), color
         assert reading["followed"] == float(in_color.mean()), color
+        assert reading["color_spread"] == round(attribute_spread(probabilities["color"]), 4), color
+        zip_spreads.append(attribute_spread(probabilities["color"]))
         assert reading["success"] == float(np.mean(in_color & stars)), color
         assert reading["gt_psnr_db"] == round(float(np.mean(checks["gt_psnr_db"])), 2), color
         faithful = in_color & stars & checks["closer"] & checks["size_kept"]
@@ -170,10 +175,24 @@ def test_the_style_reading_is_of_edits_with_each_colours_reference(tmp_path):
             :, HEADS["color"].index("green")
         ]
         assert green[key]["color_probability_mean"] == round(float(green_probability.mean()), 4), key
+        colors_read = zip_world.oracle_readings(oracle, edits)[1]["color"]
+        assert green[key]["color_spread"] == round(attribute_spread(colors_read), 4), key
+    # ZIP's spread against the plain swap's (the same edits for every colour), averaged over the colours
+    plain_spread = attribute_spread(
+        zip_world.oracle_readings(oracle, swapped["text_only_direct_p2p"])[1]["color"]
+    )
+    against_plain = style["color_spread_difference"]["zip_minus_plain_swap"]
+    assert against_plain["difference"] == round(float(np.mean(zip_spreads)) - plain_spread, 4)
+    for interval in style["color_spread_difference"].values():
+        assert interval["low"] <= interval["difference"] <= interval["high"]
     assert green["text_only_color_named"] != green["text_only_direct_p2p"]
     for method in ("zip_user_reference", "text_only_direct_p2p", "text_only_color_named"):
         each = [style["per_user_reference_color"][color][method]["followed"] for color in generator.COLORS]
         assert style["mean_over_colors"][method]["followed"] == round(float(np.mean(each)), 4)
+        spreads = [
+            style["per_user_reference_color"][color][method]["color_spread"] for color in generator.COLORS
+        ]
+        assert style["mean_over_colors"][method]["color_spread"] == pytest.approx(np.mean(spreads), abs=1e-4)
     # The encoder's own references (black, white): one entry per colour the oracle reads, the first such.
     reference_colors = zip_world.oracle_readings(oracle, encoder.reference_images)[0]["color"]
     assert reference_colors[2] == reference_colors[0]
@@ -189,3 +208,28 @@ def test_the_style_reading_is_of_edits_with_each_colours_reference(tmp_path):
         assert style["own_references_followed"][color]["color_probability_mean"] == round(
             float(own_probability.mean()), 4
         )
+
+
+def test_the_spread_difference_is_paired_over_scenes_and_its_interval_holds_the_resampled_differences():
+    values = torch.eye(6)
+    # First: every edit read red (no spread). Second: the edits alternate green and blue (Gini 0.5).
+    first = values[[0] * 16].expand(3, 16, 6)
+    second = values[[1, 2] * 8].expand(3, 16, 6)
+    interval = zip_world.spread_difference_interval(first, second, draws=200)
+    assert interval["difference"] == -0.5
+    # No resample of scenes gives the first the larger spread; one of the same scene throughout would
+    # give 0, so the interval ends at or below 0.
+    assert interval["low"] <= -0.3 and interval["high"] < 0
+    swapped = zip_world.spread_difference_interval(second, first, draws=200)
+    assert (swapped["difference"], swapped["low"], swapped["high"]) == (
+        0.5,
+        -interval["high"],
+        -interval["low"],
+    )
+    # Paired: scenes are drawn together for both methods, so a method against itself differs by 0.
+    mixed = torch.randn(2, 10, 6, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    assert zip_world.spread_difference_interval(mixed, mixed, draws=50) == {
+        "difference": 0.0,
+        "low": 0.0,
+        "high": 0.0,
+    }

@@ -1,4 +1,4 @@
-"""Diversity of stochastic edits (Park et al., eq. 5).
+"""Diversity of stochastic edits (Park et al., eq. 5), and the spread of one attribute over edits.
 
 Legend:
 
@@ -8,6 +8,10 @@ Legend:
                     higher is more diverse
     bound           (1 / K) sum_k d(I, I'_k): the edits' distance to the source, eq. 5's upper bound
                     LPIPS(I, I') >= LPIPS(I', I'')
+    p_n             a classifier's probabilities (K classes) of one attribute in edit n of N (e.g. the
+                    colour of the object each of N images was edited to with one reference)
+    spread          sum_k Var_n(p_nk) = (1 / N) sum_n ||p_n - mean_n p_n||^2: 0 when every edit is read
+                    alike; lower is more consistent (ZIP's Fig. 5: one reference, one style everywhere)
 """
 
 from __future__ import annotations
@@ -31,3 +35,21 @@ def mean_pairwise_distance(
         return float("nan")
     first, second = torch.triu_indices(count, count, offset=1, device=images.device)
     return float(distance(images[first], images[second]).mean())
+
+
+def attribute_spread(probabilities: torch.Tensor) -> float:
+    """Total variance of an attribute's class probabilities over N edits, about their mean.
+
+    Unlike the spread of one class's probability, it counts edits that vary among the other classes (a
+    red, a green and a blue edit are not consistent because none is purple); for one-hot readings it is
+    the Gini impurity 1 - sum_k (share of edits read as k)^2.
+
+    Args:
+        probabilities: (N, K), each row a distribution over the K values of the attribute.
+    """
+    if probabilities.ndim != 2 or probabilities.shape[0] == 0:
+        raise ValueError(
+            f"attribute_spread: probabilities must be (N, K) with N >= 1, got {tuple(probabilities.shape)}"
+        )
+    centred = probabilities.double() - probabilities.double().mean(0)
+    return float(centred.square().sum(1).mean())
