@@ -72,6 +72,7 @@ def test_the_benchmark_reports_a_frozen_model_and_the_encoders_own_edits(tmp_pat
     assert set(results["style"]) == {
         "per_user_reference_color",
         "mean_over_colors",
+        "color_spread_difference",
         "own_references_followed",
     }
     assert json.loads((tmp_path / "results" / "zip_run.json").read_text())["frozen"]["unchanged"]
