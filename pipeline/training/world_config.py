@@ -119,6 +119,8 @@ class VAEBroadConfig:
         anchor_weight: weight of the latent anchor.
         max_minutes: wall-time budget.
         heldout_scenes: held-out scenes per family the stage scores.
+        widen: multiplies every block width of the shipped VAE before fine-tuning, keeping the function
+            it computes (`pipeline.models.widen`); 1 fine-tunes the shipped architecture as it is.
     """
 
     steps: int
@@ -129,6 +131,7 @@ class VAEBroadConfig:
     anchor_weight: float
     max_minutes: float
     heldout_scenes: int
+    widen: int = 1
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ every inversion of anything else. Retraining the VAE from scratch would move the
 the UNet to be retrained (hours on CPU); instead this stage fine-tunes encoder and decoder on a mix of
 the world's scenes and off-palette scenes (`pipeline.world.broad`) while anchoring the encoder's
 posterior mean on the world's scenes to the shipped encoder's (a distillation term), so the UNet keeps
-the latents it was trained on.
+the latents it was trained on. With `vae_broad.widen` > 1 the shipped VAE is first made wider with its
+function kept (`pipeline.models.widen`): more capacity, starting from the same reconstructions and the
+same latents.
 
 Loss per step, with x_w world scenes, x_o off-palette scenes, E/D the trained encoder/decoder, E_0 the
 shipped encoder, s the latent scaling factor:
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from pipeline.metrics.pixel import psnr
+from pipeline.models.widen import widen_autoencoder
 from pipeline.training.loop import (
     Budget,
     MetricsLog,
@@ -130,7 +133,7 @@ def train_vae_broad(config: TrainConfig) -> AutoencoderKL:
     reference.requires_grad_(False)
     before = reconstruction_report(reference, families)
     device = training_device()
-    vae = copy.deepcopy(reference).to(device).train()
+    vae = widen_autoencoder(reference, settings.widen, seed=config.seed).to(device).train()
     vae.requires_grad_(True)
     teacher = copy.deepcopy(reference).to(device)
     scale = reference.config.scaling_factor

@@ -83,3 +83,15 @@ def test_the_anchor_keeps_the_world_latents_and_the_stage_ships_what_it_records(
     reference = _ship_tiny_vae(dataclasses.replace(config, output=str(tmp_path / "reference")))
     shift = world_vae_broad.latent_shift(shipped, reference, families["world"])
     assert round(shift, 4) == anchored["world_latent_shift_rms"]
+
+
+def test_widen_ships_a_wider_vae_that_starts_from_the_shipped_function(tmp_path):
+    config = _config(tmp_path, widen=2, lr=0.0)
+    _ship_tiny_vae(config)
+    world_vae_broad.train_vae_broad(config)
+    record = json.loads((tmp_path / "out" / "train_metrics.json").read_text())["vae_broad"]
+    shipped = AutoencoderKL.from_pretrained(shipped_vae_folder(config))
+    assert list(shipped.config.block_out_channels) == [16, 32, 32]
+    # With no step taken, the wider VAE reconstructs as the old one did and keeps its latents.
+    assert record["after"] == record["before"]
+    assert record["world_latent_shift_rms"] < 1e-5

@@ -1,0 +1,95 @@
+"""Net2WiderNet for AutoencoderKL: the wider VAE computes the old one's function and can learn past it."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from pipeline.models.build import SDArchitecture, build_vae
+from pipeline.models.widen import channel_source, outgoing_split, widen_autoencoder
+
+
+@pytest.fixture(scope="module")
+def trained_like_vae() -> AutoencoderKL:
+    """A small VAE with four channels per GroupNorm group and every weight, norm affine included, random."""
+    torch.manual_seed(0)
+    vae = build_vae(SDArchitecture(image_size=32, vae_channels=(16, 32, 32), norm_groups=4))
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+        # Sharper attention than at initialisation, so a wrong query scale shows in the output.
+        for name, parameter in vae.named_parameters():
+            if "to_q" in name or "to_k" in name:
+                parameter.mul_(4.0)
+    return vae.eval()
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_the_wider_vae_encodes_and_decodes_as_the_old_one(trained_like_vae, factor):
+    wide = widen_autoencoder(trained_like_vae, factor)
+    assert list(wide.config.block_out_channels) == [16 * factor, 32 * factor, 32 * factor]
+    assert wide.config.latent_channels == 4
+    assert wide.config.scaling_factor == trained_like_vae.config.scaling_factor
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        old, new = trained_like_vae.encode(images).latent_dist, wide.encode(images).latent_dist
+        assert torch.allclose(new.mean, old.mean, atol=1e-5)
+        assert torch.allclose(new.logvar, old.logvar, atol=1e-4)
+        assert torch.allclose(
+            wide.decode(old.mean).sample, trained_like_vae.decode(old.mean).sample, atol=1e-5
+        )
+    assert sum(p.numel() for p in wide.parameters()) > 3 * sum(
+        p.numel() for p in trained_like_vae.parameters()
+    )
+
+
+def test_each_old_channel_is_copied_factor_times_into_its_own_group():
+    source = channel_source(width=8, factor=3, groups=2)
+    assert torch.equal(torch.bincount(source), torch.full((8,), 3))
+    new_group = torch.arange(24) // 12  # 2 groups of 12 new channels
+    assert torch.equal(source // 4, new_group)  # 2 groups of 4 old channels
+    with pytest.raises(ValueError, match="10 channels"):
+        channel_source(width=10, factor=2, groups=4)
+
+
+def test_the_outgoing_split_sums_to_one_per_old_channel_and_differs_between_copies():
+    source = channel_source(width=8, factor=2, groups=2)
+    split = outgoing_split(source, torch.Generator().manual_seed(0))
+    totals = torch.zeros(8, dtype=split.dtype).index_add_(0, source, split)
+    assert torch.allclose(totals, torch.ones(8, dtype=split.dtype))
+    assert (split > 0).all()
+    first_copy, second_copy = (source == 0).nonzero().flatten()
+    assert split[first_copy] != split[second_copy]
+
+
+def test_copies_get_different_gradients_so_training_can_use_them(trained_like_vae):
+    wide = widen_autoencoder(trained_like_vae, 2).train()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    wide.decode(wide.encode(images).latent_dist.mean).sample.sub(images).pow(2).mean().backward()
+    conv = wide.decoder.up_blocks[1].resnets[0].conv1
+    source = channel_source(conv.out_channels // 2, 2, 4)
+    first_copy, second_copy = (source == 0).nonzero().flatten()
+    assert torch.equal(conv.weight[first_copy], conv.weight[second_copy])  # copies start equal...
+    assert not torch.allclose(conv.weight.grad[first_copy], conv.weight.grad[second_copy])  # ...and part
+
+
+def test_factor_one_is_a_copy_and_a_factor_below_one_is_refused(trained_like_vae):
+    same = widen_autoencoder(trained_like_vae, 1)
+    old = trained_like_vae.state_dict()
+    assert all(torch.equal(tensor, old[name]) for name, tensor in same.state_dict().items())
+    with pytest.raises(ValueError, match="integer >= 1"):
+        widen_autoencoder(trained_like_vae, 0)
+
+
+def test_the_wider_vae_saves_and_loads_as_a_plain_autoencoder(trained_like_vae, tmp_path):
+    wide = widen_autoencoder(trained_like_vae, 2)
+    wide.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(
+            loaded.encode(images).latent_dist.mean,
+            trained_like_vae.encode(images).latent_dist.mean,
+            atol=1e-5,
+        )
