@@ -133,6 +133,12 @@ class VAEBroadConfig:
     heldout_scenes: int
     widen: int = 1
 
+    def __post_init__(self) -> None:
+        if self.widen < 1:
+            raise ValueError(
+                f"vae_broad.widen must be an integer >= 1 (1 keeps the shipped widths), got {self.widen}"
+            )
+
 
 @dataclass(frozen=True)
 class ClipConfig:

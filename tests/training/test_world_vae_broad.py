@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
+from pipeline.config import ConfigError
 from pipeline.models.build import SDArchitecture, build_vae
 from pipeline.training import world_vae_broad
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
@@ -95,3 +96,8 @@ def test_widen_ships_a_wider_vae_that_starts_from_the_shipped_function(tmp_path)
     # With no step taken, the wider VAE reconstructs as the old one did and keeps its latents.
     assert record["after"] == record["before"]
     assert record["world_latent_shift_rms"] < 1e-5
+
+
+def test_a_widening_factor_below_one_is_a_config_error_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="vae_broad.widen must be an integer >= 1"):
+        _config(tmp_path, widen=0)
