@@ -25,7 +25,9 @@ the oracle reads the result. Reported per editor:
 - transition: mean oracle probability of the target value at each gamma of the continuous transition
   (original model 1 - gamma, editor gamma), whether it rises monotonically (over every gamma, and over
   the interpolation gamma <= 1 alone: `transition_monotonic_to_1`), and the success at each gamma
-  (`transition_success`).
+  (`transition_success`); each scene's probability (`transition_target_probability_by_scene`) and,
+  per step between consecutive gammas, the paired bootstrap 95% interval of the mean's change
+  (`transition_step_intervals`): a step whose interval lies below 0 falls beyond the choice of scenes.
 With two editors, on the scenes that have neither value: both_success, the fraction the oracle reads
 with both values (all_faithful_success: and nearer than the source to the scene with both changed;
 all_drawn_success: and, for each editor, nearer that scene than every rendering lacking the editor's
@@ -248,9 +250,39 @@ def rises(curve: list[float]) -> bool:
     return all(later >= earlier for earlier, later in zip(curve, curve[1:], strict=False))
 
 
+def target_probabilities(probabilities: dict[str, torch.Tensor], attribute: str, value: str) -> np.ndarray:
+    """The oracle's probability of `value` on the `attribute` head for each image, float (B,)."""
+    return probabilities[attribute][:, HEADS[attribute].index(value)].double().numpy()
+
+
 def mean_target_probability(probabilities: dict[str, torch.Tensor], attribute: str, value: str) -> float:
     """The oracle's mean probability of `value` on the `attribute` head, to 4 places."""
-    return round(float(probabilities[attribute][:, HEADS[attribute].index(value)].mean()), 4)
+    return round(float(target_probabilities(probabilities, attribute, value).mean()), 4)
+
+
+def step_intervals(
+    per_scene: np.ndarray, draws: int = 10_000, level: float = 0.95, seed: int = 0
+) -> list[list[float]]:
+    """Paired bootstrap intervals of the change of the mean between consecutive gammas.
+
+    The scenes are resampled with replacement, the same draw for every gamma (each scene is edited at
+    every gamma), so that an interval below 0 is a fall of the curve beyond the choice of scenes.
+
+    Args:
+        per_scene: a reading of every scene at every gamma, float (G, B).
+        draws: bootstrap resamples.
+        level: the central probability of each interval.
+        seed: seeds the resampling.
+
+    Returns:
+        G - 1 pairs [low, high], to 4 places: the interval of mean(per_scene[g + 1] - per_scene[g]).
+    """
+    changes = np.diff(np.asarray(per_scene, np.float64), axis=0)  # (G - 1, B)
+    picks = np.random.default_rng(seed).integers(0, changes.shape[1], size=(draws, changes.shape[1]))
+    means = changes[:, picks].mean(axis=-1)  # (G - 1, draws)
+    tail = (1.0 - level) / 2.0
+    bounds = np.quantile(means, [tail, 1.0 - tail], axis=-1).T  # (G - 1, 2)
+    return [[round(float(low), 4), round(float(high), 4)] for low, high in bounds]
 
 
 def evaluate(
@@ -273,12 +305,13 @@ def evaluate(
     for editor in editors:
         attribute, value = editor.config["data"]["attribute"], editor.config["data"]["value"]
         images, truths = sources_and_truths(scenes, attribute, value)
-        curve, hits, faithful, sized, success_edit = [], [], [], [], None
+        curve, by_scene, hits, faithful, sized, success_edit = [], [], [], [], [], None
         rows = [images.numpy(), truths.numpy()]
         for gamma in gammas:
             edited = generate_with_editors(model, start, [editor], [gamma], settings, combination=combination)
             names, probabilities = oracle_readings(oracle, edited)
             hit = np.array([name == value for name in names[attribute]])
+            by_scene.append(target_probabilities(probabilities, attribute, value))
             curve.append(mean_target_probability(probabilities, attribute, value))
             checks = judged(edited, images, truths, attribute, scenes)
             hits.append(float(hit.mean()))
@@ -316,6 +349,8 @@ def evaluate(
             "transition_target_probability": curve,
             "transition_monotonic": rises(curve),
             "transition_monotonic_to_1": rises([p for p, g in zip(curve, gammas, strict=True) if g <= 1.0]),
+            "transition_target_probability_by_scene": [[round(float(p), 4) for p in row] for row in by_scene],
+            "transition_step_intervals": step_intervals(np.stack(by_scene)),
             "transition_success": hits,
             "transition_faithful_success": faithful,
             **({"transition_faithful_sized_success": sized} if sized else {}),

@@ -225,6 +225,23 @@ def test_a_curve_rises_when_it_never_falls():
     assert not bench.rises([0.0, 0.9, 0.8])
 
 
+def test_step_intervals_shrink_to_the_change_when_every_scene_changes_alike():
+    per_scene = np.array([[0.1, 0.5, 0.9], [0.3, 0.7, 1.1], [0.2, 0.6, 1.0]])
+    np.testing.assert_allclose(bench.step_intervals(per_scene, draws=200), [[0.2, 0.2], [-0.1, -0.1]])
+
+
+def test_step_intervals_agree_with_the_normal_approximation_of_the_mean_change():
+    """400 scenes whose changes scatter with std 1 around 0.1: the 95% interval of the mean change is
+    about 0.1 +- 1.96 std / sqrt(400), whatever the scenes' own levels (they are paired)."""
+    rng = np.random.default_rng(7)
+    levels = rng.uniform(0.0, 5.0, size=400)
+    changes = rng.normal(0.1, 1.0, size=400)
+    ((low, high),) = bench.step_intervals(np.stack([levels, levels + changes]))
+    half_width = 1.96 * changes.std() / np.sqrt(400)
+    assert low == pytest.approx(changes.mean() - half_width, abs=0.01)
+    assert high == pytest.approx(changes.mean() + half_width, abs=0.01)
+
+
 def test_an_attribute_counts_as_drawn_only_where_it_changes_the_truth():
     """A blue circle is not a blue star: recolouring alone draws the colour, not the shape."""
     scene = bench.heldout_scenes(1, [("shape", "star"), ("color", "blue")])[0]
@@ -345,6 +362,13 @@ def test_a_single_editors_transition_is_read_with_the_size_reading(world, monkey
     report = bench.evaluate(model, load_oracle(), [editor], scenes, settings, [0.0, 1.0])["shape->star"]
     assert report["transition_faithful_success"] == [0.0, 1.0]
     assert report["transition_faithful_sized_success"] == [0.0, 2 / 3]
+    by_scene = np.array(report["transition_target_probability_by_scene"])
+    assert by_scene.shape == (2, 3)
+    np.testing.assert_allclose(by_scene.mean(axis=1), report["transition_target_probability"], atol=1e-4)
+    star = HEADS["shape"].index("star")
+    expected = [original(load_oracle(), images)[1]["shape"][:, star].numpy() for images in (sources, at_one)]
+    np.testing.assert_allclose(by_scene, expected, atol=1e-4)
+    np.testing.assert_allclose(report["transition_step_intervals"], bench.step_intervals(by_scene), atol=3e-4)
     assert (report["faithful_success"], report["faithful_sized_success"]) == (1.0, 2 / 3)
 
 
