@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import ConfigError, apply_override, build_dataclass, load_raw
-from pipeline.world import generator
+from pipeline.world import broad, generator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "train_shapes_world.yaml"
 
@@ -121,6 +121,9 @@ class VAEBroadConfig:
         heldout_scenes: held-out scenes per family the stage scores.
         widen: multiplies every block width of the shipped VAE before fine-tuning, keeping the function
             it computes (`pipeline.models.widen`); 1 fine-tunes the shipped architecture as it is.
+        backgrounds: the background kinds of the broad training scenes, each drawn with equal chance
+            (name a kind twice to draw it twice as often); the held-out broad scenes always use all
+            kinds once.
     """
 
     steps: int
@@ -132,11 +135,18 @@ class VAEBroadConfig:
     max_minutes: float
     heldout_scenes: int
     widen: int = 1
+    backgrounds: tuple[str, ...] = broad.BROAD_BACKGROUNDS
 
     def __post_init__(self) -> None:
         if self.widen < 1:
             raise ValueError(
                 f"vae_broad.widen must be an integer >= 1 (1 keeps the shipped widths), got {self.widen}"
+            )
+        unknown = sorted(set(self.backgrounds) - set(broad.BROAD_BACKGROUNDS))
+        if unknown or not self.backgrounds:
+            raise ValueError(
+                f"vae_broad.backgrounds must name kinds among {list(broad.BROAD_BACKGROUNDS)} "
+                f"(a kind twice to draw it twice as often), got {list(self.backgrounds)}"
             )
 
 

@@ -109,7 +109,7 @@ def broad_batch(rng: np.random.Generator, world: np.ndarray, config: TrainConfig
         )
     world_images = world[rng.choice(len(world), n_world)]
     near = broad.near_images(seeds[:n_near])
-    far = broad.broad_images(seeds[n_near:])
+    far = broad.broad_images(seeds[n_near:], settings.backgrounds)
     return np.concatenate([world_images, near, far])
 
 

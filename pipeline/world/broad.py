@@ -17,6 +17,7 @@ Pure numpy/PIL: no files, no paths.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -30,10 +31,39 @@ NOISE_SIGMA_MAX = 4.0  # pixel levels; kept mild so that a lossy 4x-downsampling
 COLOR_JITTER = 12  # levels a near scene's object colours move off the palette
 
 
-def broad_scene(seed: int) -> np.ndarray:
-    """One off-palette scene, uint8 (64, 64, 3)."""
+@dataclass(frozen=True)
+class BroadBackground:
+    """What a broad scene's background is drawn as.
+
+    Attributes:
+        kind: one of BROAD_BACKGROUNDS.
+        period: width in pixels of a stripe or a check (4..16); None for the other kinds.
+    """
+
+    kind: str
+    period: int | None = None
+
+
+def broad_scene(seed: int, backgrounds: tuple[str, ...] = BROAD_BACKGROUNDS) -> np.ndarray:
+    """One off-palette scene, uint8 (64, 64, 3), its background of one of `backgrounds` kinds.
+
+    The kind is drawn uniformly from `backgrounds`: with the default a seed gives the same scene as it
+    always has (the held-out sets); a subset draws among its kinds alone, and a kind named twice is
+    drawn twice as often (training mixes weighted towards the hard kinds).
+    """
+    return broad_scene_with_background(seed, backgrounds)[0]
+
+
+def broad_scene_with_background(
+    seed: int, backgrounds: tuple[str, ...] = BROAD_BACKGROUNDS
+) -> tuple[np.ndarray, BroadBackground]:
+    """`broad_scene` and the background it was drawn with, from the same draws."""
+    unknown = sorted(set(backgrounds) - set(BROAD_BACKGROUNDS))
+    if unknown or not backgrounds:
+        raise ValueError(f"backgrounds must be a non-empty subset of {BROAD_BACKGROUNDS}, got {backgrounds}")
     rng = np.random.default_rng([seed, 31])
-    canvas = _background(rng).astype(np.float32)
+    pixels, background = _background(rng, backgrounds)
+    canvas = pixels.astype(np.float32)
     for _ in range(int(rng.integers(1, 4))):
         shape = str(rng.choice(BROAD_SHAPES))
         radius = float(rng.uniform(5.0, 22.0))
@@ -43,7 +73,7 @@ def broad_scene(seed: int) -> np.ndarray:
         canvas = canvas * (1.0 - coverage[..., None]) + color * coverage[..., None]
     if rng.random() < 0.5:
         canvas = canvas + rng.normal(0.0, rng.uniform(0.0, NOISE_SIGMA_MAX), size=canvas.shape)
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), background
 
 
 def near_scene(seed: int) -> np.ndarray:
@@ -60,9 +90,9 @@ def near_scene(seed: int) -> np.ndarray:
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
 
-def broad_images(seeds: range) -> np.ndarray:
+def broad_images(seeds: range, backgrounds: tuple[str, ...] = BROAD_BACKGROUNDS) -> np.ndarray:
     """`broad_scene` of every seed, uint8 (N, 64, 64, 3)."""
-    return np.stack([broad_scene(seed) for seed in seeds])
+    return np.stack([broad_scene(seed, backgrounds) for seed in seeds])
 
 
 def near_images(seeds: range) -> np.ndarray:
@@ -70,10 +100,11 @@ def near_images(seeds: range) -> np.ndarray:
     return np.stack([near_scene(seed) for seed in seeds])
 
 
-def _background(rng: np.random.Generator) -> np.ndarray:
-    kind = str(rng.choice(BROAD_BACKGROUNDS))
+def _background(rng: np.random.Generator, backgrounds: tuple[str, ...]) -> tuple[np.ndarray, BroadBackground]:
+    kind = str(rng.choice(backgrounds))
     first, second = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
     ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
+    period = None
     if kind == "solid":
         weight = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
     elif kind == "gradient":
@@ -90,7 +121,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
         cells = int(rng.integers(3, 9))
         grid = rng.uniform(0.0, 1.0, size=(cells, cells)).astype(np.float32)
         weight = np.asarray(Image.fromarray(grid, mode="F").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
-    return first * (1.0 - weight[..., None]) + second * weight[..., None]
+    return first * (1.0 - weight[..., None]) + second * weight[..., None], BroadBackground(kind, period)
 
 
 def _shape_coverage(

@@ -43,6 +43,19 @@ def test_a_batch_mixes_world_near_and_broad_scenes_from_training_seeds(tmp_path)
     assert np.array_equal(batch[4:], broad.broad_images(range(13, 15)))
 
 
+def test_a_batch_draws_its_broad_scenes_from_the_configured_background_kinds(tmp_path):
+    config = _config(tmp_path, backgrounds="[checkered]")
+    world = training_scenes(config).images
+    batch = world_vae_broad.broad_batch(np.random.default_rng(0), world, config, step=2)
+    assert np.array_equal(batch[4:], broad.broad_images(range(13, 15), ("checkered",)))
+    assert not np.array_equal(batch[4:], broad.broad_images(range(13, 15)))
+
+
+def test_an_unknown_background_kind_is_a_config_error_naming_the_key_and_the_kinds(tmp_path):
+    with pytest.raises(ConfigError, match=r"vae_broad.backgrounds must name kinds among \['solid'"):
+        _config(tmp_path, backgrounds="[stripy]")
+
+
 def test_training_seeds_never_reach_the_held_out_seeds(tmp_path):
     config = _config(tmp_path)
     last_step = world_vae_broad.BROAD_HELDOUT_SEED_OFFSET // config.vae_broad.batch

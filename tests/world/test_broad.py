@@ -1,6 +1,7 @@
 """Off-palette scenes: seeded, off the world's palette, with the edges and backgrounds they promise."""
 
 import numpy as np
+import pytest
 
 from pipeline.world import broad, generator
 
@@ -51,3 +52,38 @@ def test_broad_scenes_cover_hard_and_soft_edges_and_every_background_kind():
     assert min(colour_counts) <= 4 and max(colour_counts) > 200
     kinds = {str(np.random.default_rng([seed, 31]).choice(broad.BROAD_BACKGROUNDS)) for seed in range(60)}
     assert kinds == set(broad.BROAD_BACKGROUNDS)
+
+
+def test_a_scene_reports_the_background_it_was_drawn_with():
+    """A stripe or check of width p repeats every 2p pixels along a row and flips after p: read off the
+    pixels, not the drawing code, on scenes whose two background colours are far apart."""
+
+    def same_after(pixels: np.ndarray, shift: int) -> float:
+        return float((np.abs(pixels[:, : 64 - shift] - pixels[:, shift:]).max(axis=-1) < 20).mean())
+
+    periodic = 0
+    for seed in range(80):
+        image, background = broad.broad_scene_with_background(seed)
+        assert np.array_equal(image, broad.broad_scene(seed))
+        assert background.kind in broad.BROAD_BACKGROUNDS
+        assert (background.period is None) == (background.kind not in ("striped", "checkered"))
+        if background.period is None or np.ptp(image.reshape(-1, 3).astype(int), axis=0).max() < 120:
+            continue
+        periodic += 1
+        pixels, width = image.astype(int), background.period
+        repeats = same_after(pixels, 2 * width)
+        assert repeats > max(same_after(pixels, 2 * width - 2), same_after(pixels, 2 * width + 2)), seed
+        assert same_after(pixels, width) < 0.3 < repeats, seed
+    assert periodic >= 15
+
+
+def test_training_mixes_can_draw_a_subset_of_background_kinds_with_weights():
+    kinds = [
+        broad.broad_scene_with_background(seed, ("solid", "striped", "striped"))[1].kind
+        for seed in range(300)
+    ]
+    assert set(kinds) == {"solid", "striped"}
+    assert 0.58 < kinds.count("striped") / 300 < 0.75  # drawn twice as often as solid: 2/3
+    assert broad.broad_images(range(2), ("checkered",)).shape == (2, 64, 64, 3)
+    with pytest.raises(ValueError, match="non-empty subset"):
+        broad.broad_scene(0, ("stripy",))
