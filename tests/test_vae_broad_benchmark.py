@@ -1,0 +1,46 @@
+"""The VAE breakdown benchmark: its families agree with the vae-broad stage's report, its groups add up."""
+
+import json
+
+import numpy as np
+import torch
+
+from benchmarks import vae_broad as bench
+from pipeline.models.build import SDArchitecture, build_vae
+from pipeline.training import world_vae_broad
+from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
+
+
+def test_readings_agree_with_the_stage_and_group_every_broad_scene(tmp_path):
+    torch.manual_seed(0)
+    vae = build_vae(SDArchitecture(image_size=64, vae_channels=(8, 16, 16))).eval()
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    results = bench.main([str(tmp_path / "vae"), "--scenes", "12", "--output", str(tmp_path / "out.json")])
+    reading = results[str(tmp_path / "vae")]
+    assert json.loads((tmp_path / "out.json").read_text()) == results
+
+    config = load_train_config(DEFAULT_CONFIG, ["vae_broad.heldout_scenes=12"])
+    families = world_vae_broad.heldout_families(config)
+    with torch.no_grad():
+        stage = world_vae_broad.reconstruction_report(vae, families)
+    for name in ("world", "broad", "near"):
+        assert reading["families"][name]["psnr_mean_db"] == stage[f"{name}_psnr_mean_db"]
+        assert reading["families"][name]["psnr_min_db"] == stage[f"{name}_psnr_min_db"]
+
+    by_kind = reading["broad_by_background"]
+    assert sum(group["scenes"] for group in by_kind.values()) == 12
+    # The scene-weighted mean of the kinds' means is the family's mean (to the rounding).
+    weighted = sum(group["psnr_mean_db"] * group["scenes"] for group in by_kind.values()) / 12
+    assert abs(weighted - reading["families"]["broad"]["psnr_mean_db"]) < 0.01
+    assert (
+        min(group["psnr_min_db"] for group in by_kind.values()) == reading["families"]["broad"]["psnr_min_db"]
+    )
+    periodic = sum(by_kind[kind]["scenes"] for kind in ("striped", "checkered") if kind in by_kind)
+    assert sum(group["scenes"] for group in reading["broad_periodic_by_width"].values()) == periodic
+
+    worst = reading["broad_worst_scenes"]
+    assert [scene["psnr_db"] for scene in worst] == sorted(scene["psnr_db"] for scene in worst)
+    assert worst[0]["psnr_db"] == reading["families"]["broad"]["psnr_min_db"]
+    first = worst[0]["seed"] - world_vae_broad.BROAD_HELDOUT_SEED_OFFSET
+    assert np.array_equal(families["broad"][first], world_vae_broad.broad.broad_scene(worst[0]["seed"]))
+    assert by_kind[worst[0]["background"]]["psnr_min_db"] == worst[0]["psnr_db"]
