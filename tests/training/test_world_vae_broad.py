@@ -106,7 +106,7 @@ def test_widen_ships_a_wider_vae_that_starts_from_the_shipped_function(tmp_path)
     record = json.loads((tmp_path / "out" / "train_metrics.json").read_text())["vae_broad"]
     shipped = AutoencoderKL.from_pretrained(shipped_vae_folder(config))
     assert list(shipped.config.block_out_channels) == [16, 32, 32]
-    # With no step taken, the wider VAE reconstructs as the old one did and keeps its latents.
+    # At lr 0 its steps change nothing: the wider VAE reconstructs as the old one did and keeps its latents.
     assert record["after"] == record["before"]
     assert record["world_latent_shift_rms"] < 1e-5
 
