@@ -60,7 +60,9 @@ def broad_scene_with_background(
     """`broad_scene` and the background it was drawn with, from the same draws."""
     unknown = sorted(set(backgrounds) - set(BROAD_BACKGROUNDS))
     if unknown or not backgrounds:
-        raise ValueError(f"backgrounds must be a non-empty subset of {BROAD_BACKGROUNDS}, got {backgrounds}")
+        raise ValueError(
+            f"backgrounds must name one or more kinds among {BROAD_BACKGROUNDS}, got {backgrounds}"
+        )
     rng = np.random.default_rng([seed, 31])
     pixels, background = _background(rng, backgrounds)
     canvas = pixels.astype(np.float32)
