@@ -23,8 +23,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
-from pipeline.training.world_vae import vae_reconstructions
-from pipeline.training.world_vae_broad import BROAD_HELDOUT_SEED_OFFSET, heldout_families, psnr_per_image
+from pipeline.training.world_data import BROAD_HELDOUT_SEED_OFFSET, heldout_families
+from pipeline.training.world_vae import psnr_per_image, vae_reconstructions
 from pipeline.world import broad
 
 SHIPPED_VAE = "pipeline/world/assets/shapes-sd/vae"

@@ -7,8 +7,9 @@ import torch
 
 from benchmarks import vae_broad as bench
 from pipeline.models.build import SDArchitecture, build_vae
-from pipeline.training import world_vae_broad
+from pipeline.training import world_data, world_vae
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
+from pipeline.world import broad
 
 
 def test_readings_agree_with_the_stage_and_group_every_broad_scene(tmp_path):
@@ -20,9 +21,9 @@ def test_readings_agree_with_the_stage_and_group_every_broad_scene(tmp_path):
     assert json.loads((tmp_path / "out.json").read_text()) == results
 
     config = load_train_config(DEFAULT_CONFIG, ["vae_broad.heldout_scenes=12"])
-    families = world_vae_broad.heldout_families(config)
+    families = world_data.heldout_families(config)
     with torch.no_grad():
-        stage = world_vae_broad.reconstruction_report(vae, families)
+        stage = world_vae.reconstruction_report(vae, families)
     for name in ("world", "broad", "near"):
         assert reading["families"][name]["psnr_mean_db"] == stage[f"{name}_psnr_mean_db"]
         assert reading["families"][name]["psnr_min_db"] == stage[f"{name}_psnr_min_db"]
@@ -41,6 +42,6 @@ def test_readings_agree_with_the_stage_and_group_every_broad_scene(tmp_path):
     worst = reading["broad_worst_scenes"]
     assert [scene["psnr_db"] for scene in worst] == sorted(scene["psnr_db"] for scene in worst)
     assert worst[0]["psnr_db"] == reading["families"]["broad"]["psnr_min_db"]
-    first = worst[0]["seed"] - world_vae_broad.BROAD_HELDOUT_SEED_OFFSET
-    assert np.array_equal(families["broad"][first], world_vae_broad.broad.broad_scene(worst[0]["seed"]))
+    first = worst[0]["seed"] - world_data.BROAD_HELDOUT_SEED_OFFSET
+    assert np.array_equal(families["broad"][first], broad.broad_scene(worst[0]["seed"]))
     assert by_kind[worst[0]["background"]]["psnr_min_db"] == worst[0]["psnr_db"]

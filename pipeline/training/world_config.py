@@ -74,6 +74,12 @@ class VAEConfig:
         lr: peak learning rate.
         kl_weight: weight of the KL term (per pixel).
         max_minutes: wall-time budget.
+        latent_channels: channels of the latent z (SD 1.5: 4; SD3 and FLUX: 16). The UNet stage builds
+            its UNet for the channels of the VAE it learns on.
+        world_fraction: share of each batch drawn from the world's training scenes; the rest are
+            off-palette scenes (`pipeline.world.broad`), fresh every step. 1 trains on the world alone.
+        near_fraction: share of each batch drawn from `broad.near_scene` (the rest of the off-palette
+            share from `broad.broad_scene`, all background kinds).
     """
 
     channels: tuple[int, ...]
@@ -82,6 +88,24 @@ class VAEConfig:
     lr: float
     kl_weight: float
     max_minutes: float
+    latent_channels: int = 4
+    world_fraction: float = 1.0
+    near_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.latent_channels < 1:
+            raise ValueError(
+                f"vae.latent_channels must be an integer >= 1 (SD: 4), got {self.latent_channels}"
+            )
+        if not (
+            self.near_fraction >= 0.0
+            and self.world_fraction >= 0.0
+            and self.world_fraction + self.near_fraction <= 1.0
+        ):
+            raise ValueError(
+                "vae.world_fraction and vae.near_fraction must be >= 0 with a sum <= 1 (the rest are broad "
+                f"scenes), got {self.world_fraction} and {self.near_fraction}"
+            )
 
 
 @dataclass(frozen=True)

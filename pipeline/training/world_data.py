@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.training.world_config import TrainConfig
-from pipeline.world import generator
+from pipeline.world import broad, generator
 from pipeline.world.oracle import HEADS
 
 SD_FOLDER_NAME = "shapes-sd"  # the diffusers folder the unet stage writes under OUTPUT
 HELDOUT_SEED_OFFSET = 1_000_000  # held-out scenes use seeds disjoint from the training seeds
+BROAD_HELDOUT_SEED_OFFSET = 2_000_000  # held-out off-palette scenes; training seeds count up from 0
 SCENE_CACHE_VERSION = 2  # bump when SceneSet gains fields, so stale caches are re-rendered
 
 
@@ -114,3 +115,59 @@ def heldout_scenes(config: TrainConfig, two_object_fraction: float | None = None
 def shipped_vae_folder(config: TrainConfig) -> Path:
     """OUTPUT/shapes-sd/vae: the VAE that the unet stage ships with the diffusers folder."""
     return Path(config.output) / SD_FOLDER_NAME / "vae"
+
+
+def off_palette_mix(
+    rng: np.random.Generator,
+    world: np.ndarray,
+    batch: int,
+    world_fraction: float,
+    near_fraction: float,
+    step: int,
+    backgrounds: tuple[str, ...] = broad.BROAD_BACKGROUNDS,
+    stage: str = "vae_broad",
+) -> np.ndarray:
+    """One batch of a VAE stage: world scenes, then near scenes, then broad scenes, uint8 (batch, 64, 64, 3).
+
+    Off-palette scenes are fresh every step (seeds step * batch + i), never the held-out seeds.
+
+    Args:
+        rng: draws the world scenes.
+        world: the world's training scenes, uint8 (N, 64, 64, 3).
+        batch: scenes in the batch.
+        world_fraction: share of world scenes.
+        near_fraction: share of `broad.near_scene` scenes (the rest are `broad.broad_scene`).
+        step: the training step (picks the off-palette seeds).
+        backgrounds: the broad scenes' background kinds (`broad.broad_images`).
+        stage: the config section named when the seeds would reach the held-out ones.
+
+    Raises:
+        ValueError: the step's seeds reach BROAD_HELDOUT_SEED_OFFSET.
+    """
+    n_world = round(batch * world_fraction)
+    n_near = round(batch * near_fraction)
+    first_seed = step * batch
+    seeds = range(first_seed, first_seed + batch - n_world)
+    if seeds.stop > BROAD_HELDOUT_SEED_OFFSET:
+        raise ValueError(
+            f"{stage} draws {seeds.stop} training seeds, into the held-out seeds from "
+            f"{BROAD_HELDOUT_SEED_OFFSET}; lower {stage}.steps or {stage}.batch"
+        )
+    world_images = world[rng.choice(len(world), n_world)]
+    near = broad.near_images(seeds[:n_near])
+    far = broad.broad_images(seeds[n_near:], backgrounds)
+    return np.concatenate([world_images, near, far])
+
+
+def heldout_families(config: TrainConfig) -> dict[str, np.ndarray]:
+    """The held-out sets VAE stages score, uint8 (N, 64, 64, 3) each: world, broad and near scenes.
+
+    N is `vae_broad.heldout_scenes`; broad and near scenes use seeds from BROAD_HELDOUT_SEED_OFFSET.
+    """
+    count = config.vae_broad.heldout_scenes
+    seeds = range(BROAD_HELDOUT_SEED_OFFSET, BROAD_HELDOUT_SEED_OFFSET + count)
+    return {
+        "world": heldout_scenes(config).images[:count],
+        "broad": broad.broad_images(seeds),
+        "near": broad.near_images(seeds),
+    }

@@ -6,6 +6,8 @@ scheduler). `--resume` continues from the weights saved there, with a fresh step
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +42,24 @@ def ddpm_scheduler() -> DDPMScheduler:
     )  # fmt: skip
 
 
+def encoder_digest(vae: AutoencoderKL) -> str:
+    """16 hex digits of SHA-256 over the encoder's weights and the scaling factor (what makes the latents)."""
+    digest = hashlib.sha256(f"{vae.config.scaling_factor:.8f}".encode())
+    modules = {"encoder": vae.encoder, "quant_conv": vae.quant_conv}
+    for prefix, module in modules.items():
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{prefix}.{name}".encode())
+            digest.update(tensor.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @torch.no_grad()
 def cache_latents(config: TrainConfig, vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every training image, (N, 4, 16, 16) each; cached on disk."""
-    path = Path(config.cache_dir) / f"latents_{config.seed}_{len(images)}_{vae.config.scaling_factor:.6f}.pt"
+    """Posterior mean and std of every training image, (N, C, 16, 16) each; cached on disk.
+
+    The cache is keyed by the encoder's weights, so a VAE trained or fine-tuned again is encoded again.
+    """
+    path = Path(config.cache_dir) / f"latents_{config.seed}_{len(images)}_{encoder_digest(vae)}.pt"
     if path.is_file():
         cached = torch.load(path)
         return cached["mean"], cached["std"]
@@ -124,7 +140,8 @@ def train_unet(config: TrainConfig, resume: bool = False) -> Path:
         data.object_masks, latent_mean.shape[-1], config.unet.object_loss_weight
     )
     scaling = float(vae.config.scaling_factor)
-    arch = sd_architecture(config)
+    # The UNet denoises the latents of the VAE it learns on, whatever vae.latent_channels says now.
+    arch = dataclasses.replace(sd_architecture(config), latent_channels=int(vae.config.latent_channels))
     tokenizer = write_clip_tokenizer(Path(config.cache_dir) / "tokenizer", arch.max_length)
     text_encoder = build_text_encoder(arch, vocab_size=len(tokenizer))
     unet = build_unet(arch)

@@ -1,4 +1,5 @@
-"""The shapes world's VAE: AutoencoderKL 64x64x3 -> 16x16x4 trained from scratch (`vae` stage), and
+"""The shapes world's VAE: AutoencoderKL 64x64x3 -> 16x16xC (C = vae.latent_channels, 4 as shipped) trained
+from scratch on the world's scenes or a mix with off-palette ones (`vae` stage), and
 decoder-only fine-tuning that keeps the latent space (`vae-decoder` stage).
 
 Both stages keep the VAE in CACHE/vae; the unet stage ships it in OUTPUT/shapes-sd/vae.
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from pipeline.metrics.pixel import psnr
 from pipeline.models.build import SDArchitecture, build_vae
 from pipeline.training.loop import (
     Budget,
@@ -24,7 +26,13 @@ from pipeline.training.loop import (
     training_device,
 )
 from pipeline.training.world_config import TrainConfig
-from pipeline.training.world_data import heldout_scenes, shipped_vae_folder, training_scenes
+from pipeline.training.world_data import (
+    heldout_families,
+    heldout_scenes,
+    off_palette_mix,
+    shipped_vae_folder,
+    training_scenes,
+)
 from pipeline.world import generator
 from pipeline.world.oracle import images_to_tensor
 
@@ -37,6 +45,7 @@ def sd_architecture(config: TrainConfig) -> SDArchitecture:
     unet = config.unet
     return SDArchitecture(
         image_size=generator.IMAGE_SIZE,
+        latent_channels=config.vae.latent_channels,
         vae_channels=config.vae.channels,
         unet_channels=unet.channels,
         unet_attention_head_dim=unet.attention_head_dim,
@@ -70,8 +79,24 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
     vae = build_vae(sd_architecture(config)).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae.lr, weight_decay=0.0)
 
+    def batch(step: int) -> np.ndarray:
+        settings = config.vae
+        if settings.world_fraction == 1.0:
+            return data.images[rng.choice(len(data.images), settings.batch)]
+        return off_palette_mix(
+            rng,
+            data.images,
+            settings.batch,
+            settings.world_fraction,
+            settings.near_fraction,
+            step,
+            stage="vae",
+        )
+
+    budget = Budget(config.vae.steps, config.vae.max_minutes)
+
     def loss_step() -> torch.Tensor:
-        images = images_to_tensor(data.images[rng.choice(len(data.images), config.vae.batch)]).to(device)
+        images = images_to_tensor(batch(budget.step)).to(device)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / images[0].numel()
@@ -79,12 +104,11 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
             F.mse_loss(reconstruction, images) + F.l1_loss(reconstruction, images) + config.vae.kl_weight * kl
         )
 
-    budget = Budget(config.vae.steps, config.vae.max_minutes)
     optimize(loss_step, optimizer, budget, stage="vae", peak_lr=config.vae.lr)
     vae.cpu().eval()
     scaling = latent_scaling_factor(vae, data.images[:2048])
     vae.register_to_config(scaling_factor=scaling)
-    psnr = vae_psnr(vae, heldout_scenes(config).images)
+    heldout_psnr = vae_psnr(vae, heldout_scenes(config).images)
     vae.save_pretrained(cached_vae_folder(config), safe_serialization=True)
     log = MetricsLog(config.output)
     log.forget("vae_decoder")
@@ -94,8 +118,10 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
         {
             "steps": budget.step,
             "wall_s": round(budget.elapsed),
-            "heldout_psnr_db": psnr,
+            "heldout_psnr_db": heldout_psnr,
             "scaling_factor": scaling,
+            "latent_channels": config.vae.latent_channels,
+            "heldout": reconstruction_report(vae, heldout_families(config)),
         },
     )
     return vae
@@ -185,10 +211,38 @@ def latent_scaling_factor(vae, images: np.ndarray) -> float:
     return float(1.0 / latents.std())
 
 
+def psnr_per_image(reconstructions: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """PSNR in dB of each uint8 image pair (N, H, W, 3), on 0..255 pixels (`pipeline.metrics.pixel.psnr`)."""
+
+    def unit(pixels: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).double() / 255.0
+
+    return psnr(unit(reconstructions), unit(images)).numpy()
+
+
+def reconstruction_report(vae: AutoencoderKL, families: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean and worst PSNR of decode(encode(x).mode()) per family, e.g. {'broad_psnr_mean_db': ...}."""
+    report = {}
+    for name, images in families.items():
+        per_image = psnr_per_image(vae_reconstructions(vae, images), images)
+        report[f"{name}_psnr_mean_db"] = round(float(per_image.mean()), 2)
+        report[f"{name}_psnr_min_db"] = round(float(per_image.min()), 2)
+    return report
+
+
+@torch.no_grad()
+def latent_shift(vae: AutoencoderKL, reference: AutoencoderKL, images: np.ndarray) -> float:
+    """RMS distance between two encoders' scaled posterior means on `images`, in latent std units."""
+    pixels = images_to_tensor(images)
+    scale = reference.config.scaling_factor
+    moved = vae.encode(pixels).latent_dist.mean * scale
+    anchored = reference.encode(pixels).latent_dist.mean * scale
+    return float((moved - anchored).pow(2).mean().sqrt())
+
+
 @torch.no_grad()
 def vae_psnr(vae, images: np.ndarray) -> float:
     """Mean PSNR (dB, on 0..255 pixels) of decode(encode(x).mode()) over `images` (N, 64, 64, 3) uint8."""
-    from pipeline.metrics.pixel import psnr
 
     def unit(pixels: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0

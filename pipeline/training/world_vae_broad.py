@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from pipeline.metrics.pixel import psnr
 from pipeline.models.widen import widen_autoencoder
 from pipeline.training.loop import (
     Budget,
@@ -37,80 +36,32 @@ from pipeline.training.loop import (
     training_device,
 )
 from pipeline.training.world_config import TrainConfig
-from pipeline.training.world_data import heldout_scenes, training_scenes
+from pipeline.training.world_data import heldout_families, off_palette_mix, training_scenes
 from pipeline.training.world_vae import (
     cached_vae_folder,
+    latent_shift,
+    reconstruction_report,
     shipped_vae,
     shipped_vae_folder,
-    vae_reconstructions,
 )
-from pipeline.world import broad
 from pipeline.world.oracle import images_to_tensor
 
 VAE_BROAD_SEED_OFFSET = 6
-BROAD_HELDOUT_SEED_OFFSET = 2_000_000  # held-out off-palette scenes; training seeds count up from 0
 EVALUATE_EVERY = 1000  # steps between held-out progress lines
 
 
-def heldout_families(config: TrainConfig) -> dict[str, np.ndarray]:
-    """The held-out sets the stage scores, uint8 (N, 64, 64, 3) each: world, broad and near scenes."""
-    count = config.vae_broad.heldout_scenes
-    seeds = range(BROAD_HELDOUT_SEED_OFFSET, BROAD_HELDOUT_SEED_OFFSET + count)
-    return {
-        "world": heldout_scenes(config).images[:count],
-        "broad": broad.broad_images(seeds),
-        "near": broad.near_images(seeds),
-    }
-
-
-def psnr_per_image(reconstructions: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """PSNR in dB of each uint8 image pair (N, H, W, 3), on 0..255 pixels (`pipeline.metrics.pixel.psnr`)."""
-
-    def unit(pixels: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2).double() / 255.0
-
-    return psnr(unit(reconstructions), unit(images)).numpy()
-
-
-def reconstruction_report(vae: AutoencoderKL, families: dict[str, np.ndarray]) -> dict[str, float]:
-    """Mean and worst PSNR of decode(encode(x).mode()) per family, e.g. {'broad_psnr_mean_db': ...}."""
-    report = {}
-    for name, images in families.items():
-        psnr = psnr_per_image(vae_reconstructions(vae, images), images)
-        report[f"{name}_psnr_mean_db"] = round(float(psnr.mean()), 2)
-        report[f"{name}_psnr_min_db"] = round(float(psnr.min()), 2)
-    return report
-
-
-@torch.no_grad()
-def latent_shift(vae: AutoencoderKL, reference: AutoencoderKL, images: np.ndarray) -> float:
-    """RMS distance between two encoders' scaled posterior means on `images`, in latent std units."""
-    pixels = images_to_tensor(images)
-    scale = reference.config.scaling_factor
-    moved = vae.encode(pixels).latent_dist.mean * scale
-    anchored = reference.encode(pixels).latent_dist.mean * scale
-    return float((moved - anchored).pow(2).mean().sqrt())
-
-
 def broad_batch(rng: np.random.Generator, world: np.ndarray, config: TrainConfig, step: int) -> np.ndarray:
-    """One batch: world scenes, then near scenes, then broad scenes, uint8 (batch, 64, 64, 3).
-
-    Off-palette scenes are fresh every step (seeds step * batch + i), never the held-out seeds.
-    """
+    """One batch of the stage, uint8 (batch, 64, 64, 3): `world_data.off_palette_mix` with vae_broad's shares."""
     settings = config.vae_broad
-    n_world = round(settings.batch * settings.world_fraction)
-    n_near = round(settings.batch * settings.near_fraction)
-    first_seed = step * settings.batch
-    seeds = range(first_seed, first_seed + settings.batch - n_world)
-    if seeds.stop > BROAD_HELDOUT_SEED_OFFSET:
-        raise ValueError(
-            f"vae_broad draws {seeds.stop} training seeds, into the held-out seeds from "
-            f"{BROAD_HELDOUT_SEED_OFFSET}; lower vae_broad.steps or vae_broad.batch"
-        )
-    world_images = world[rng.choice(len(world), n_world)]
-    near = broad.near_images(seeds[:n_near])
-    far = broad.broad_images(seeds[n_near:], settings.backgrounds)
-    return np.concatenate([world_images, near, far])
+    return off_palette_mix(
+        rng,
+        world,
+        settings.batch,
+        settings.world_fraction,
+        settings.near_fraction,
+        step,
+        settings.backgrounds,
+    )
 
 
 def train_vae_broad(config: TrainConfig) -> AutoencoderKL:

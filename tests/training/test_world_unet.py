@@ -1,9 +1,15 @@
-"""The shapes world's UNet stage pieces: the diffusion loss and its object weighting."""
+"""The shapes world's UNet stage: the diffusion loss and its object weighting, the latent cache's key, and
+a UNet built for the latent channels of the VAE it learns on."""
 
 import numpy as np
 import torch
 
+from pipeline.models.build import SDArchitecture, build_vae
+from pipeline.models.loading import load_diffusion_model
+from pipeline.training import world_unet
+from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.training.world_unet import ddpm_scheduler, diffusion_loss, object_loss_weights
+from pipeline.training.world_vae import cached_vae_folder
 
 
 def test_diffusion_loss_reduces_to_mse_and_follows_min_snr():
@@ -36,3 +42,49 @@ def test_object_loss_weights_follow_mask_coverage():
     assert weights.shape == (2, 1, 16, 16)
     assert weights[0, 0, 0, 0] == 5.0 and weights[1, 0, 0, 0] == 3.0
     assert torch.all(weights[:, :, 1:, :] == 1.0) and torch.all(weights[:, :, :, 1:] == 1.0)
+
+
+def _tiny_vae(latent_channels: int = 4):
+    torch.manual_seed(0)
+    arch = SDArchitecture(image_size=64, latent_channels=latent_channels, vae_channels=(8, 16, 16))
+    return build_vae(arch).eval()
+
+
+def test_the_latent_cache_key_follows_the_encoder_and_the_scaling_not_the_decoder():
+    vae = _tiny_vae()
+    key = world_unet.encoder_digest(vae)
+    assert world_unet.encoder_digest(_tiny_vae()) == key  # the same weights, the same key
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1.0)
+    assert world_unet.encoder_digest(vae) == key
+    with torch.no_grad():
+        vae.quant_conv.bias.add_(1e-3)
+    moved_quant = world_unet.encoder_digest(vae)
+    assert moved_quant != key
+    with torch.no_grad():
+        vae.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3
+    moved_encoder = world_unet.encoder_digest(vae)
+    assert moved_encoder not in (key, moved_quant)
+    vae.register_to_config(scaling_factor=0.5)
+    assert world_unet.encoder_digest(vae) not in (key, moved_quant, moved_encoder)
+
+
+def test_the_unet_is_built_for_the_latent_channels_of_its_vae_and_loads_as_users_load_it(tmp_path):
+    overrides = [f"output={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "data.train_scenes=8",
+                 "data.heldout_scenes=4", "unet.channels=[16,32]", "unet.text_width=16", "unet.text_layers=1",
+                 "unet.text_heads=2", "unet.text_intermediate=32", "unet.steps=2", "unet.batch=2",
+                 "unet.scenes=8"]  # fmt: skip
+    # The job still says vae.latent_channels: 4; the VAE in the cache has 8 and decides.
+    config = load_train_config(DEFAULT_CONFIG, overrides)
+    _tiny_vae(latent_channels=8).save_pretrained(cached_vae_folder(config), safe_serialization=True)
+    folder = world_unet.train_unet(config)
+    model = load_diffusion_model(folder)
+    assert (model.unet.config.in_channels, model.unet.config.out_channels) == (8, 8)
+    assert model.latent_channels == 8
+    latents = model.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
+    tokens = model.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        prediction = model.unet(latents, 10, model.text_encoder(tokens)[0]).sample
+    assert prediction.shape == latents.shape == (1, 8, 16, 16)
+    cached = sorted(path.name for path in (tmp_path / "cache").glob("latents_*.pt"))
+    assert cached == [f"latents_{config.seed}_8_{world_unet.encoder_digest(model.vae)}.pt"]

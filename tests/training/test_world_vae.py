@@ -1,13 +1,18 @@
-"""The shapes world's VAE stage pieces: the held-out PSNR, reconstructions, and the shipped VAE."""
+"""The shapes world's VAE stage: the held-out PSNR, reconstructions, the shipped VAE, the code's channels and
+the off-palette training mix."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from skimage.metrics import peak_signal_noise_ratio
 
+from pipeline.config import ConfigError
 from pipeline.models.build import SDArchitecture, build_vae
+from pipeline.training import world_data, world_vae
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.training.world_vae import shipped_vae, vae_psnr, vae_reconstructions
 from pipeline.world import generator
@@ -34,3 +39,62 @@ def test_oracle_on_decoded_images_names_the_missing_vae(tmp_path):
     config = dataclasses.replace(load_train_config(DEFAULT_CONFIG), output=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="decoded_fraction"):
         shipped_vae(config)
+
+
+def _tiny_vae_job(tmp_path, **vae):
+    settings = {"channels": "[8,16,16]", "steps": 2, "batch": 6, "max_minutes": 5} | vae
+    overrides = [f"output={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "data.train_scenes=24",
+                 "data.heldout_scenes=4", "vae_broad.heldout_scenes=4"]  # fmt: skip
+    overrides += [f"vae.{key}={value}" for key, value in settings.items()]
+    return load_train_config(DEFAULT_CONFIG, overrides)
+
+
+def _spy_on_mix(monkeypatch) -> list[dict]:
+    calls = []
+
+    def recording_mix(*args, **kwargs):
+        batch = world_data.off_palette_mix(*args, **kwargs)
+        calls.append({"args": args, "kwargs": kwargs, "shape": batch.shape})
+        return batch
+
+    monkeypatch.setattr(world_vae, "off_palette_mix", recording_mix)
+    return calls
+
+
+def test_the_vae_stage_trains_a_denser_code_on_the_off_palette_mix(tmp_path, monkeypatch):
+    config = _tiny_vae_job(tmp_path, latent_channels=8, world_fraction=0.5, near_fraction=0.25)
+    calls = _spy_on_mix(monkeypatch)
+    vae = world_vae.train_vae(config)
+    # Every step drew its batch from the mix: 3 world, 1 near and 2 broad scenes, seeds of step 0 and 1.
+    assert [call["shape"] for call in calls] == [(6, 64, 64, 3)] * 2
+    assert [call["args"][2:6] for call in calls] == [(6, 0.5, 0.25, 0), (6, 0.5, 0.25, 1)]
+    assert all(call["kwargs"]["stage"] == "vae" for call in calls)
+    saved = AutoencoderKL.from_pretrained(world_vae.cached_vae_folder(config))
+    pixels = torch.zeros(1, 3, 64, 64)
+    assert saved.encode(pixels).latent_dist.mode().shape == (1, 8, 16, 16)
+    assert vae.config.latent_channels == 8
+    record = json.loads((tmp_path / "out" / "train_metrics.json").read_text())["vae"]
+    assert record["latent_channels"] == 8
+    families = world_data.heldout_families(config)
+    assert record["heldout"] == world_vae.reconstruction_report(saved, families)
+
+
+def test_the_vae_stage_on_the_world_alone_never_draws_off_palette_scenes(tmp_path, monkeypatch):
+    calls = _spy_on_mix(monkeypatch)
+    vae = world_vae.train_vae(_tiny_vae_job(tmp_path))
+    assert calls == []
+    assert vae.config.latent_channels == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("vae.latent_channels=0", r"vae.latent_channels must be an integer >= 1"),
+        ("vae.world_fraction=0.9", r"vae.world_fraction and vae.near_fraction must be >= 0 with a sum <= 1"),
+        ("vae.near_fraction=-0.1", r"vae.world_fraction and vae.near_fraction must be >= 0"),
+    ],
+)
+def test_bad_vae_code_or_mix_is_a_config_error_naming_the_key(override, message):
+    overrides = [override, "vae.near_fraction=0.2"] if "world" in override else [override]
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(DEFAULT_CONFIG, overrides)

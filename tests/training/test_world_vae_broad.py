@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 
 from pipeline.config import ConfigError
 from pipeline.models.build import SDArchitecture, build_vae
-from pipeline.training import world_vae_broad
+from pipeline.training import world_data, world_vae, world_vae_broad
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.training.world_data import training_scenes
 from pipeline.training.world_vae import shipped_vae_folder, vae_reconstructions
@@ -58,7 +58,7 @@ def test_an_unknown_background_kind_is_a_config_error_naming_the_key_and_the_kin
 
 def test_training_seeds_never_reach_the_held_out_seeds(tmp_path):
     config = _config(tmp_path)
-    last_step = world_vae_broad.BROAD_HELDOUT_SEED_OFFSET // config.vae_broad.batch
+    last_step = world_data.BROAD_HELDOUT_SEED_OFFSET // config.vae_broad.batch
     with pytest.raises(ValueError, match="vae_broad.steps"):
         world_vae_broad.broad_batch(
             np.random.default_rng(0), np.zeros((1, 64, 64, 3), np.uint8), config, last_step
@@ -69,7 +69,7 @@ def test_report_is_mean_and_worst_psnr_per_family(tmp_path):
     torch.manual_seed(0)
     vae = build_vae(SDArchitecture(image_size=64, vae_channels=(8, 16, 16))).eval()
     families = {"broad": broad.broad_images(range(3))}
-    report = world_vae_broad.reconstruction_report(vae, families)
+    report = world_vae.reconstruction_report(vae, families)
     decoded = vae_reconstructions(vae, families["broad"]).astype(float)
     psnr = [
         10 * np.log10(255**2 / ((d - s) ** 2).mean()) for d, s in zip(decoded, families["broad"], strict=True)
@@ -92,10 +92,10 @@ def test_the_anchor_keeps_the_world_latents_and_the_stage_ships_what_it_records(
     assert anchored["steps"] == 6 and set(anchored["after"]) == set(anchored["before"])
     config = _config(tmp_path / "anchored", anchor_weight=1000.0)
     shipped = AutoencoderKL.from_pretrained(shipped_vae_folder(config)).eval()
-    families = world_vae_broad.heldout_families(config)
-    assert world_vae_broad.reconstruction_report(shipped, families) == anchored["after"]
+    families = world_data.heldout_families(config)
+    assert world_vae.reconstruction_report(shipped, families) == anchored["after"]
     reference = _ship_tiny_vae(dataclasses.replace(config, output=str(tmp_path / "reference")))
-    shift = world_vae_broad.latent_shift(shipped, reference, families["world"])
+    shift = world_vae.latent_shift(shipped, reference, families["world"])
     assert round(shift, 4) == anchored["world_latent_shift_rms"]
 
 
