@@ -61,6 +61,30 @@ def cached_vae_folder(config: TrainConfig) -> Path:
     return Path(config.cache_dir) / "vae"
 
 
+def training_batch(
+    rng: np.random.Generator, world: np.ndarray, config: TrainConfig, batch: int, step: int, stage: str
+) -> np.ndarray:
+    """One batch of the vae or vae-decoder stage, uint8 (batch, 64, 64, 3).
+
+    The world's training scenes alone when `vae.world_fraction` is 1, else `world_data.off_palette_mix`
+    with `vae.world_fraction` and `vae.near_fraction`: the decoder is fine-tuned on the scenes the VAE
+    learnt from.
+
+    Args:
+        rng: draws the world scenes.
+        world: the world's training scenes, uint8 (N, 64, 64, 3).
+        config: the training job.
+        batch: scenes in the batch.
+        step: the stage's training step (picks the off-palette seeds).
+        stage: the config section whose steps and batch the off-palette seeds come from.
+    """
+    if config.vae.world_fraction == 1.0:
+        return world[rng.choice(len(world), batch)]
+    return off_palette_mix(
+        rng, world, batch, config.vae.world_fraction, config.vae.near_fraction, step, stage=stage
+    )
+
+
 def train_vae(config: TrainConfig) -> AutoencoderKL:
     """Train AutoencoderKL 64x64x3 -> 16x16x4 (MSE + L1 + small KL); set scaling_factor to unit latent std.
 
@@ -79,24 +103,11 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
     vae = build_vae(sd_architecture(config)).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae.lr, weight_decay=0.0)
 
-    def batch(step: int) -> np.ndarray:
-        settings = config.vae
-        if settings.world_fraction == 1.0:
-            return data.images[rng.choice(len(data.images), settings.batch)]
-        return off_palette_mix(
-            rng,
-            data.images,
-            settings.batch,
-            settings.world_fraction,
-            settings.near_fraction,
-            step,
-            stage="vae",
-        )
-
     budget = Budget(config.vae.steps, config.vae.max_minutes)
 
     def loss_step() -> torch.Tensor:
-        images = images_to_tensor(batch(budget.step)).to(device)
+        scenes = training_batch(rng, data.images, config, config.vae.batch, budget.step, stage="vae")
+        images = images_to_tensor(scenes).to(device)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / images[0].numel()
@@ -131,7 +142,9 @@ def train_vae_decoder(config: TrainConfig) -> AutoencoderKL:
     """Fine-tune only the VAE's decoder (post_quant_conv + decoder) for reconstruction.
 
     The encoder, and so the latent space the UNet learns, is untouched: this stage may run before, during
-    or after the UNet stage, which saves whichever decoder is in the cache when it finishes.
+    or after the UNet stage, which saves whichever decoder is in the cache when it finishes. Its batches
+    are the vae stage's kind (`training_batch`): with off-palette scenes in the mix, the decoder keeps
+    learning them.
 
     Args:
         config: the training job.
@@ -150,21 +163,30 @@ def train_vae_decoder(config: TrainConfig) -> AutoencoderKL:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=config.vae_decoder.lr, weight_decay=0.0)
 
+    budget = Budget(config.vae_decoder.steps, config.vae_decoder.max_minutes)
+
     def loss_step() -> torch.Tensor:
-        index = rng.choice(len(data.images), config.vae_decoder.batch)
-        images = images_to_tensor(data.images[index]).to(device)
+        scenes = training_batch(
+            rng, data.images, config, config.vae_decoder.batch, budget.step, "vae_decoder"
+        )
+        images = images_to_tensor(scenes).to(device)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample()
         reconstruction = vae.decode(latents).sample
         return F.mse_loss(reconstruction, images) + F.l1_loss(reconstruction, images)
 
-    budget = Budget(config.vae_decoder.steps, config.vae_decoder.max_minutes)
     optimize(loss_step, optimizer, budget, stage="vae-decoder", peak_lr=config.vae_decoder.lr)
     vae.cpu().eval()
     psnr = vae_psnr(vae, heldout_scenes(config).images)
     replace_folder(folder, lambda staging: vae.save_pretrained(staging, safe_serialization=True))
     MetricsLog(config.output).record(
-        "vae_decoder", {"steps": budget.step, "wall_s": round(budget.elapsed), "heldout_psnr_db": psnr}
+        "vae_decoder",
+        {
+            "steps": budget.step,
+            "wall_s": round(budget.elapsed),
+            "heldout_psnr_db": psnr,
+            "heldout": reconstruction_report(vae, heldout_families(config)),
+        },
     )
     return vae
 

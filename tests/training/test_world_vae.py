@@ -63,6 +63,7 @@ def _spy_on_mix(monkeypatch) -> list[dict]:
 
 def test_the_vae_stage_trains_a_denser_code_on_the_off_palette_mix(tmp_path, monkeypatch):
     config = _tiny_vae_job(tmp_path, latent_channels=8, world_fraction=0.5, near_fraction=0.25)
+    config = dataclasses.replace(config, vae_decoder=dataclasses.replace(config.vae_decoder, steps=2))
     calls = _spy_on_mix(monkeypatch)
     vae = world_vae.train_vae(config)
     # Every step drew its batch from the mix: 3 world, 1 near and 2 broad scenes, seeds of step 0 and 1.
@@ -77,11 +78,23 @@ def test_the_vae_stage_trains_a_denser_code_on_the_off_palette_mix(tmp_path, mon
     assert record["latent_channels"] == 8
     families = world_data.heldout_families(config)
     assert record["heldout"] == world_vae.reconstruction_report(saved, families)
+    # The decoder is fine-tuned on the same mix, seeds from its own steps, the encoder kept.
+    calls.clear()
+    tuned = world_vae.train_vae_decoder(config)
+    assert [call["args"][2:6] for call in calls] == [(16, 0.5, 0.25, 0), (16, 0.5, 0.25, 1)]
+    assert all(call["kwargs"]["stage"] == "vae_decoder" for call in calls)
+    assert torch.equal(tuned.encoder.conv_in.weight, saved.encoder.conv_in.weight)
+    assert not torch.equal(tuned.decoder.conv_out.weight, saved.decoder.conv_out.weight)
+    record = json.loads((tmp_path / "out" / "train_metrics.json").read_text())["vae_decoder"]
+    assert record["heldout"] == world_vae.reconstruction_report(tuned, families)
 
 
 def test_the_vae_stage_on_the_world_alone_never_draws_off_palette_scenes(tmp_path, monkeypatch):
     calls = _spy_on_mix(monkeypatch)
-    vae = world_vae.train_vae(_tiny_vae_job(tmp_path))
+    config = _tiny_vae_job(tmp_path)
+    vae = world_vae.train_vae(config)
+    config = dataclasses.replace(config, vae_decoder=dataclasses.replace(config.vae_decoder, steps=2))
+    world_vae.train_vae_decoder(config)
     assert calls == []
     assert vae.config.latent_channels == 4
 
