@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 
 from benchmarks import vae_broad as bench
 from pipeline.models.build import SDArchitecture, build_vae
@@ -45,3 +46,44 @@ def test_readings_agree_with_the_stage_and_group_every_broad_scene(tmp_path):
     first = worst[0]["seed"] - world_data.BROAD_HELDOUT_SEED_OFFSET
     assert np.array_equal(families["broad"][first], broad.broad_scene(worst[0]["seed"]))
     assert by_kind[worst[0]["background"]]["psnr_min_db"] == worst[0]["psnr_db"]
+
+
+def _tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return build_vae(SDArchitecture(image_size=64, vae_channels=(8, 16, 16))).eval().requires_grad_(False)
+
+
+def test_decoder_reach_without_steps_is_the_encoders_reconstruction():
+    vae = _tiny_vae()
+    images = broad.broad_images(range(3))
+    expected = world_vae.psnr_per_image(world_vae.vae_reconstructions(vae, images), images)
+    assert np.array_equal(bench.decoder_reach(vae, images, steps=0), expected)
+
+
+def test_decoder_reach_finds_latents_the_decoder_can_draw():
+    vae = _tiny_vae()
+    # Images the decoder drew itself from random latents: some latent reconstructs each of them.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        drawn = vae.decode(torch.randn(3, 4, 16, 16)).sample.clamp(-1, 1)
+    images = ((drawn + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    start = bench.decoder_reach(vae, images, steps=0)
+    reach = bench.decoder_reach(vae, images, steps=100)
+    assert np.all(reach >= start)  # the best latent seen includes the start
+    assert np.all(reach > start + 5.0)
+    assert not any(parameter.requires_grad for parameter in vae.parameters())
+
+
+def test_the_worst_scenes_get_the_decoders_reach_on_request(tmp_path):
+    vae = _tiny_vae()
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    plain = bench.main([str(tmp_path / "vae"), "--scenes", "8"])[str(tmp_path / "vae")]
+    assert "broad_worst_decoder_reach" not in plain
+    fitted = bench.main([str(tmp_path / "vae"), "--scenes", "8", "--fit-steps", "3"])[str(tmp_path / "vae")]
+    reach = fitted["broad_worst_decoder_reach"]
+    assert reach["fit_steps"] == 3
+    assert [scene["seed"] for scene in reach["scenes"]] == [
+        scene["seed"] for scene in fitted["broad_worst_scenes"]
+    ]
+    worst = [scene["psnr_db"] for scene in fitted["broad_worst_scenes"]]
+    assert all(scene["psnr_db"] >= psnr for scene, psnr in zip(reach["scenes"], worst, strict=True))
