@@ -43,7 +43,7 @@ def ddpm_scheduler() -> DDPMScheduler:
 
 
 def encoder_digest(vae: AutoencoderKL) -> str:
-    """16 hex digits of SHA-256 over the encoder's weights and the scaling factor (what makes the latents)."""
+    """16 hex digits of SHA-256 over encoder, quant_conv and scaling factor: what makes the latents."""
     digest = hashlib.sha256(f"{vae.config.scaling_factor:.8f}".encode())
     modules = {"encoder": vae.encoder, "quant_conv": vae.quant_conv}
     for prefix, module in modules.items():

@@ -86,10 +86,11 @@ def training_batch(
 
 
 def train_vae(config: TrainConfig) -> AutoencoderKL:
-    """Train AutoencoderKL 64x64x3 -> 16x16x4 (MSE + L1 + small KL); set scaling_factor to unit latent std.
+    """Train AutoencoderKL 64x64x3 -> 16x16xC (MSE + L1 + small KL); set scaling_factor to unit latent std.
 
-    Saves CACHE/vae, records held-out PSNR and the scaling factor, and drops the vae_decoder and vae_broad
-    records (they fine-tuned the previous VAE).
+    Batches come from `training_batch` (the world alone, or mixed with off-palette scenes). Saves
+    CACHE/vae, records the world's held-out PSNR, the held-out world/near/broad report and the scaling
+    factor, and drops the vae_decoder and vae_broad records (they fine-tuned the previous VAE).
 
     Args:
         config: the training job.
