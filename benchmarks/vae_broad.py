@@ -71,19 +71,21 @@ def decoder_reach(vae: AutoencoderKL, images: np.ndarray, steps: int, lr: float 
     pixels = images_to_tensor(images)
     with torch.no_grad():
         best = vae.encode(pixels).latent_dist.mode()
-        best_error = (vae.decode(best).sample - pixels).pow(2).mean(dim=(1, 2, 3))
     latents = best.clone().requires_grad_(True)
+    best_error = torch.full((len(images),), float("inf"))
     optimizer = torch.optim.Adam([latents], lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        # Summed, so each image's latent gets the gradient of its own error only.
-        (vae.decode(latents).sample - pixels).pow(2).mean(dim=(1, 2, 3)).sum().backward()
-        optimizer.step()
+    for step in range(steps + 1):
+        error = (vae.decode(latents).sample - pixels).pow(2).mean(dim=(1, 2, 3))
         with torch.no_grad():
-            error = (vae.decode(latents).sample - pixels).pow(2).mean(dim=(1, 2, 3))
             better = error < best_error
             best[better] = latents[better]
             best_error = torch.minimum(error, best_error)
+        if step == steps:
+            break
+        optimizer.zero_grad()
+        # Summed, so each image's latent gets the gradient of its own error only.
+        error.sum().backward()
+        optimizer.step()
     with torch.no_grad():
         decoded = ((vae.decode(best).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return psnr_per_image(decoded.permute(0, 2, 3, 1).numpy(), images)
