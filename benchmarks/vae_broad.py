@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL
 
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.training.world_data import BROAD_HELDOUT_SEED_OFFSET, heldout_families
-from pipeline.training.world_vae import psnr_per_image, vae_reconstructions
+from pipeline.training.world_vae import decoded_images, psnr_per_image, vae_reconstructions
 from pipeline.world import broad
 from pipeline.world.oracle import images_to_tensor
 
@@ -86,9 +86,7 @@ def decoder_reach(vae: AutoencoderKL, images: np.ndarray, steps: int, lr: float 
         # Summed, so each image's latent gets the gradient of its own error only.
         error.sum().backward()
         optimizer.step()
-    with torch.no_grad():
-        decoded = ((vae.decode(best).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return psnr_per_image(decoded.permute(0, 2, 3, 1).numpy(), images)
+    return psnr_per_image(decoded_images(vae, best), images)
 
 
 def breakdown(vae: AutoencoderKL, families: dict[str, np.ndarray], seeds: range, fit_steps: int = 0) -> dict:

@@ -213,9 +213,15 @@ def vae_reconstructions(vae, images: np.ndarray) -> np.ndarray:
     decoded = []
     for start in range(0, len(images), 256):
         latents = vae.encode(images_to_tensor(images[start : start + 256])).latent_dist.mode()
-        pixels = (vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5
-        decoded.append(pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        decoded.append(decoded_images(vae, latents))
     return np.concatenate(decoded)
+
+
+@torch.no_grad()
+def decoded_images(vae, latents: torch.Tensor) -> np.ndarray:
+    """decode(z) of unscaled latents (N, C, 16, 16), clamped and rounded to uint8 (N, 64, 64, 3)."""
+    pixels = (vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5
+    return pixels.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -266,8 +272,4 @@ def latent_shift(vae: AutoencoderKL, reference: AutoencoderKL, images: np.ndarra
 @torch.no_grad()
 def vae_psnr(vae, images: np.ndarray) -> float:
     """Mean PSNR (dB, on 0..255 pixels) of decode(encode(x).mode()) over `images` (N, 64, 64, 3) uint8."""
-
-    def unit(pixels: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
-
-    return float(psnr(unit(vae_reconstructions(vae, images)), unit(images)).mean())
+    return float(psnr_per_image(vae_reconstructions(vae, images), images).mean())
