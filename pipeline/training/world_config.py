@@ -63,6 +63,13 @@ class OracleConfig:
     decoded_fraction: float = 0.0
 
 
+def _check_frequency_weight(section: str, weight: float) -> None:
+    if not weight >= 0.0:
+        raise ValueError(
+            f"{section}.frequency_weight must be >= 0 (0 turns the focal frequency loss off), got {weight}"
+        )
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """The AutoencoderKL trained from scratch.
@@ -80,6 +87,9 @@ class VAEConfig:
             off-palette scenes (`pipeline.world.broad`), fresh every step. 1 trains on the world alone.
         near_fraction: share of each batch drawn from `broad.near_scene` (the rest of the off-palette
             share from `broad.broad_scene`, all background kinds).
+        frequency_weight: weight of the focal frequency loss (Jiang et al., ICCV 2021) added to the
+            reconstruction's MSE + L1: it weights each spatial frequency by its current error, so the
+            frequencies a blurred reconstruction misses (stripes, edges) are pushed hardest. 0: off.
     """
 
     channels: tuple[int, ...]
@@ -91,8 +101,10 @@ class VAEConfig:
     latent_channels: int = 4
     world_fraction: float = 1.0
     near_fraction: float = 0.0
+    frequency_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_frequency_weight("vae", self.frequency_weight)
         if self.latent_channels < 1:
             raise ValueError(
                 f"vae.latent_channels must be an integer >= 1 (SD: 4), got {self.latent_channels}"
@@ -117,12 +129,17 @@ class VAEDecoderConfig:
         batch: scenes per step.
         lr: peak learning rate.
         max_minutes: wall-time budget.
+        frequency_weight: weight of the focal frequency loss added to MSE + L1 (as `vae.frequency_weight`).
     """
 
     steps: int
     batch: int
     lr: float
     max_minutes: float
+    frequency_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_frequency_weight("vae_decoder", self.frequency_weight)
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,7 @@ class VAEBroadConfig:
         backgrounds: the background kinds of the broad training scenes, each drawn with equal chance
             (name a kind twice to draw it twice as often); the held-out broad scenes always use all
             kinds once.
+        frequency_weight: weight of the focal frequency loss added to MSE + L1 (as `vae.frequency_weight`).
     """
 
     steps: int
@@ -160,8 +178,10 @@ class VAEBroadConfig:
     heldout_scenes: int
     widen: int = 1
     backgrounds: tuple[str, ...] = broad.BROAD_BACKGROUNDS
+    frequency_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_frequency_weight("vae_broad", self.frequency_weight)
         if self.widen < 1:
             raise ValueError(
                 f"vae_broad.widen must be an integer >= 1 (1 keeps the shipped widths), got {self.widen}"

@@ -40,6 +40,7 @@ from pipeline.training.world_data import heldout_families, off_palette_mix, trai
 from pipeline.training.world_vae import (
     cached_vae_folder,
     latent_shift,
+    reconstruction_loss,
     reconstruction_report,
     shipped_vae,
     shipped_vae_folder,
@@ -101,8 +102,7 @@ def train_vae_broad(config: TrainConfig) -> AutoencoderKL:
         anchor = F.mse_loss(posterior.mean[:n_world] * scale, anchored)
         kl = posterior.kl().mean() / images[0].numel()
         return (
-            F.mse_loss(reconstruction, images)
-            + F.l1_loss(reconstruction, images)
+            reconstruction_loss(reconstruction, images, settings.frequency_weight)
             + settings.anchor_weight * anchor
             + config.vae.kl_weight * kl
         )

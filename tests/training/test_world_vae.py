@@ -105,9 +105,47 @@ def test_the_vae_stage_on_the_world_alone_never_draws_off_palette_scenes(tmp_pat
         ("vae.latent_channels=0", r"vae.latent_channels must be an integer >= 1"),
         ("vae.world_fraction=0.9", r"vae.world_fraction and vae.near_fraction must be >= 0 with a sum <= 1"),
         ("vae.near_fraction=-0.1", r"vae.world_fraction and vae.near_fraction must be >= 0"),
+        ("vae.frequency_weight=-1", r"vae.frequency_weight must be >= 0"),
+        ("vae_decoder.frequency_weight=-0.5", r"vae_decoder.frequency_weight must be >= 0"),
+        ("vae_broad.frequency_weight=-2", r"vae_broad.frequency_weight must be >= 0"),
     ],
 )
 def test_bad_vae_code_or_mix_is_a_config_error_naming_the_key(override, message):
     overrides = [override, "vae.near_fraction=0.2"] if "world" in override else [override]
     with pytest.raises(ConfigError, match=message):
         load_train_config(DEFAULT_CONFIG, overrides)
+
+
+def _cosine(frequency: tuple[int, int], amplitude: float) -> torch.Tensor:
+    """amplitude * cos(2 pi (fy y + fx x) / 64) in every channel, float (1, 3, 64, 64)."""
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    wave = amplitude * torch.cos(2 * torch.pi * (frequency[0] * ys + frequency[1] * xs) / 64)
+    return wave.expand(1, 3, 64, 64).clone()
+
+
+def test_the_frequency_term_weights_each_frequency_of_the_error_by_its_own_error():
+    # An error of two cosines, amplitudes a > b: by Parseval each holds a^2 / 2 and b^2 / 2 of the mean
+    # squared error; the focal weights (|error spectrum| over its maximum) are 1 and b / a.
+    a, b = 0.4, 0.1
+    images = torch.rand(1, 3, 64, 64) * 0.5
+    reconstruction = images + _cosine((0, 5), a) + _cosine((3, 0), b)
+    plain = world_vae.reconstruction_loss(reconstruction, images)
+    torch.testing.assert_close(
+        plain,
+        torch.nn.functional.mse_loss(reconstruction, images) + (reconstruction - images).abs().mean(),
+    )
+    focal = world_vae.reconstruction_loss(reconstruction, images, frequency_weight=3.0) - plain
+    torch.testing.assert_close(
+        focal, torch.tensor(3.0 * (a**2 / 2 + (b / a) * b**2 / 2)), rtol=1e-4, atol=1e-6
+    )
+    assert world_vae.reconstruction_loss(images, images, frequency_weight=3.0) == 0
+
+
+def test_each_vae_stage_trains_with_its_own_frequency_weight(tmp_path, loss_spy):
+    weights = loss_spy(world_vae)
+    config = _tiny_vae_job(tmp_path, frequency_weight=2.0)
+    decoder = dataclasses.replace(config.vae_decoder, steps=3, batch=4, frequency_weight=0.5)
+    config = dataclasses.replace(config, vae_decoder=decoder)
+    world_vae.train_vae(config)
+    world_vae.train_vae_decoder(config)
+    assert weights == [2.0, 2.0, 0.5, 0.5, 0.5]

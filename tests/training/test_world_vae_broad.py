@@ -114,3 +114,11 @@ def test_widen_ships_a_wider_vae_that_starts_from_the_shipped_function(tmp_path)
 def test_a_widening_factor_below_one_is_a_config_error_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="vae_broad.widen must be an integer >= 1"):
         _config(tmp_path, widen=0)
+
+
+def test_the_stage_trains_with_its_frequency_weight(tmp_path, loss_spy):
+    weights = loss_spy(world_vae_broad)
+    config = _config(tmp_path, steps=2, frequency_weight=1.5)
+    _ship_tiny_vae(config)
+    world_vae_broad.train_vae_broad(config)
+    assert weights == [1.5, 1.5]
