@@ -125,10 +125,13 @@ def _cosine(frequency: tuple[int, int], amplitude: float) -> torch.Tensor:
 
 def test_the_frequency_term_weights_each_frequency_of_the_error_by_its_own_error():
     # An error of two cosines, amplitudes a > b: by Parseval each holds a^2 / 2 and b^2 / 2 of the mean
-    # squared error; the focal weights (|error spectrum| over its maximum) are 1 and b / a.
+    # squared error; the focal weights (|error spectrum| over its maximum) are 1 and b / a. The second
+    # image's error is the first's negated and halved: each image's spectrum and weights are its own (no
+    # batch average, no batch-wide maximum), so its term is a quarter of the first's.
     a, b = 0.4, 0.1
-    images = torch.rand(1, 3, 64, 64) * 0.5
-    reconstruction = images + _cosine((0, 5), a) + _cosine((3, 0), b)
+    images = torch.rand(2, 3, 64, 64) * 0.5
+    error = _cosine((0, 5), a) + _cosine((3, 0), b)
+    reconstruction = images + torch.cat([error, -0.5 * error])
     plain = world_vae.reconstruction_loss(reconstruction, images)
     torch.testing.assert_close(
         plain,
@@ -136,7 +139,7 @@ def test_the_frequency_term_weights_each_frequency_of_the_error_by_its_own_error
     )
     focal = world_vae.reconstruction_loss(reconstruction, images, frequency_weight=3.0) - plain
     torch.testing.assert_close(
-        focal, torch.tensor(3.0 * (a**2 / 2 + (b / a) * b**2 / 2)), rtol=1e-4, atol=1e-6
+        focal, torch.tensor(3.0 * (1 + 0.25) / 2 * (a**2 / 2 + (b / a) * b**2 / 2)), rtol=1e-4, atol=1e-6
     )
     assert world_vae.reconstruction_loss(images, images, frequency_weight=3.0) == 0
 
