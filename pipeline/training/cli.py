@@ -35,10 +35,10 @@ def stages(resume: bool = False) -> dict[str, Callable[[TrainConfig], object]]:
     images decoded by that VAE.
 
     Args:
-        resume: the unet stage continues from OUTPUT/shapes-sd's weights.
+        resume: the vae stage continues from CACHE/vae's weights, the unet stage from OUTPUT/shapes-sd's.
     """
     return {
-        "vae": train_vae,
+        "vae": lambda config: train_vae(config, resume=resume),
         "vae-decoder": train_vae_decoder,
         "clip": train_clip,
         "clip-guide": train_clip_guide,
@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     parser.add_argument(
-        "--resume", action="store_true", help="unet: continue from OUTPUT/shapes-sd's weights"
+        "--resume",
+        action="store_true",
+        help="vae: continue from CACHE/vae's weights; unet: from OUTPUT/shapes-sd's",
     )
     parser.add_argument(
         "--lr", type=float, default=None, help="unet: peak learning rate (default: the config's)"
@@ -97,5 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     chosen = stages(resume=args.resume)
     order = list(chosen) if args.stage == "all" else [] if args.stage == "card" else [args.stage]
     for name in order:
-        chosen[name](config)
+        try:
+            chosen[name](config)
+        except (ConfigError, FileNotFoundError) as error:
+            # A stage's own check of its inputs (a missing model to resume, a job that does not fit it).
+            raise SystemExit(f"error: {name}: {error}") from error
     write_model_card(Path(config.output), args.config)

@@ -1,6 +1,7 @@
 """The shapes world's VAE: AutoencoderKL 64x64x3 -> 16x16xC (C = vae.latent_channels, 4 as shipped) trained
-from scratch on the world's scenes or a mix with off-palette ones (`vae` stage), and
-decoder-only fine-tuning that keeps the latent space (`vae-decoder` stage).
+from scratch on the world's scenes or a mix with off-palette ones (`vae` stage; `--resume` trains the cached
+VAE on, encoder and decoder together), and decoder-only fine-tuning that keeps the latent space
+(`vae-decoder` stage).
 
 Both stages keep the VAE in CACHE/vae; the unet stage ships it in OUTPUT/shapes-sd/vae.
 """
@@ -15,11 +16,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from focal_frequency_loss import FocalFrequencyLoss
 
+from pipeline.config import ConfigError
 from pipeline.metrics.pixel import psnr
 from pipeline.models.build import SDArchitecture, build_vae
 from pipeline.training.loop import (
     Budget,
     MetricsLog,
+    Progress,
     load_in_memory,
     optimize,
     replace_folder,
@@ -110,7 +113,7 @@ def training_batch(
     )
 
 
-def train_vae(config: TrainConfig) -> AutoencoderKL:
+def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
     """Train AutoencoderKL 64x64x3 -> 16x16xC (`reconstruction_loss` + small KL); scaling_factor: unit latent std.
 
     Batches come from `training_batch` (the world alone, or mixed with off-palette scenes). Saves
@@ -119,6 +122,9 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
 
     Args:
         config: the training job.
+        resume: start from the VAE in CACHE/vae (e.g. one whose decoder the vae-decoder stage tuned) and
+            train encoder and decoder on together, with a fresh step/time budget, instead of from random
+            weights. The latent space may move, so a UNet trained on the old one must be retrained.
 
     Returns:
         The trained VAE, on the CPU in eval mode.
@@ -126,7 +132,13 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
     rng = seed_everything(config.seed + VAE_SEED_OFFSET)
     data = training_scenes(config)
     device = training_device()
-    vae = build_vae(sd_architecture(config)).to(device)
+    log = MetricsLog(config.output)
+    previous = Progress()
+    if resume:
+        vae, previous = _resumed_vae(config), log.progress("vae")
+    else:
+        vae = build_vae(sd_architecture(config))
+    vae = vae.to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae.lr, weight_decay=0.0)
 
     budget = Budget(config.vae.steps, config.vae.max_minutes)
@@ -148,7 +160,7 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
     vae.register_to_config(scaling_factor=scaling)
     heldout_psnr = vae_psnr(vae, heldout_scenes(config).images)
     vae.save_pretrained(cached_vae_folder(config), safe_serialization=True)
-    log = MetricsLog(config.output)
+    total = previous.after(budget)
     log.forget("vae_decoder")
     log.forget("vae_broad")
     log.record(
@@ -160,8 +172,33 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
             "scaling_factor": scaling,
             "latent_channels": config.vae.latent_channels,
             "heldout": reconstruction_report(vae, heldout_families(config)),
+            "resumed_after_steps": previous.steps,
+            "total_steps": total.steps,
+            "total_wall_s": total.wall_s,
         },
     )
+    return vae
+
+
+def _resumed_vae(config: TrainConfig) -> AutoencoderKL:
+    """The VAE in CACHE/vae, checked to have the job's `vae.channels` and `vae.latent_channels`.
+
+    Raises:
+        FileNotFoundError: no VAE in the cache.
+        ConfigError: the cached VAE's widths or latent channels are not the job's.
+    """
+    folder = cached_vae_folder(config)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--resume: no VAE in {folder}; run the vae stage without --resume first")
+    vae = load_in_memory(AutoencoderKL, folder)
+    saved = (tuple(vae.config.block_out_channels), int(vae.config.latent_channels))
+    asked = (tuple(config.vae.channels), config.vae.latent_channels)
+    if saved != asked:
+        raise ConfigError(
+            f"--resume: the VAE in {folder} has channels {list(saved[0])} and latent_channels {saved[1]}, "
+            f"the job asks for {list(asked[0])} and {asked[1]}; set vae.channels and vae.latent_channels to "
+            "the cached VAE's or train without --resume"
+        )
     return vae
 
 

@@ -12,7 +12,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from pipeline.config import ConfigError
 from pipeline.models.build import SDArchitecture, build_vae
-from pipeline.training import world_data, world_vae
+from pipeline.training import cli, world_data, world_vae
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.training.world_vae import shipped_vae, vae_psnr, vae_reconstructions
 from pipeline.world import generator
@@ -152,3 +152,54 @@ def test_each_vae_stage_trains_with_its_own_frequency_weight(tmp_path, loss_spy)
     world_vae.train_vae(config)
     world_vae.train_vae_decoder(config)
     assert weights == [2.0, 2.0, 0.5, 0.5, 0.5]
+
+
+def _weights(vae: AutoencoderKL, part: str) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in getattr(vae, part).state_dict().items()}
+
+
+def _same(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_the_resumed_vae_stage_trains_the_cached_vae_on_encoder_and_decoder_together(tmp_path):
+    config = _tiny_vae_job(tmp_path, latent_channels=8)
+    config = dataclasses.replace(config, vae_decoder=dataclasses.replace(config.vae_decoder, steps=2))
+    world_vae.train_vae(config)
+    tuned = world_vae.train_vae_decoder(config)
+    encoder, decoder = _weights(tuned, "encoder"), _weights(tuned, "decoder")
+    # At a zero learning rate the resumed stage returns the cached VAE as it was, tuned decoder and all.
+    still = dataclasses.replace(config, vae=dataclasses.replace(config.vae, lr=0.0))
+    kept = world_vae.train_vae(still, resume=True)
+    assert _same(_weights(kept, "encoder"), encoder) and _same(_weights(kept, "decoder"), decoder)
+    resumed = world_vae.train_vae(config, resume=True)
+    assert not _same(_weights(resumed, "encoder"), encoder)
+    assert not _same(_weights(resumed, "decoder"), decoder)
+    records = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
+    assert "vae_decoder" not in records
+    record = records["vae"]
+    assert (record["steps"], record["resumed_after_steps"], record["total_steps"]) == (2, 4, 6)
+    # The latent space moved: its scaling factor is measured again, on the VAE saved in the cache.
+    saved = AutoencoderKL.from_pretrained(world_vae.cached_vae_folder(config))
+    assert _same(_weights(saved, "encoder"), _weights(resumed, "encoder"))
+    scenes = world_data.training_scenes(config).images[:2048]
+    assert record["scaling_factor"] == world_vae.latent_scaling_factor(saved, scenes)
+    assert saved.config.scaling_factor == record["scaling_factor"]
+
+
+def test_resuming_the_vae_stage_without_a_fitting_cached_vae_exits_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # the command sets the process's
+    overrides = [f"output={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}",
+                  "vae.channels=[8,16,16]", "vae.steps=1", "vae.batch=2", "data.train_scenes=8",
+                  "data.heldout_scenes=2", "vae_broad.heldout_scenes=2"]  # fmt: skip
+    arguments = ["vae", "--resume", "--config", str(DEFAULT_CONFIG), "--threads", "1"]
+    arguments += [item for override in overrides for item in ("--set", override)]
+    with pytest.raises(SystemExit, match=r"^error: vae: --resume: no VAE in .*run the vae stage without"):
+        cli.main(arguments)
+    cli.main(arguments[:1] + arguments[2:])
+    with pytest.raises(
+        SystemExit, match=r"has channels \[8, 16, 16\] and latent_channels 4, the job asks for"
+    ):
+        cli.main([*arguments, "--set", "vae.latent_channels=8"])
+    with pytest.raises(SystemExit, match=r"asks for \[8, 16, 32\] and 4; set vae.channels"):
+        cli.main([*arguments, "--set", "vae.channels=[8,16,32]"])
