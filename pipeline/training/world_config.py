@@ -90,6 +90,10 @@ class VAEConfig:
         frequency_weight: weight of the focal frequency loss (Jiang et al., ICCV 2021) added to the
             reconstruction's MSE + L1: it weights each spatial frequency by its current error, so the
             frequencies a blurred reconstruction misses (stripes, edges) are pushed hardest. 0: off.
+        widen: with `--resume`, multiplies every block width of the cached VAE (whose widths `channels`
+            names) before training on, keeping the function it computes (`pipeline.models.widen`): more
+            capacity for the encoder and decoder, from the same reconstructions and latent space. 1: the
+            cached widths as they are.
     """
 
     channels: tuple[int, ...]
@@ -102,9 +106,14 @@ class VAEConfig:
     world_fraction: float = 1.0
     near_fraction: float = 0.0
     frequency_weight: float = 0.0
+    widen: int = 1
 
     def __post_init__(self) -> None:
         _check_frequency_weight("vae", self.frequency_weight)
+        if self.widen < 1:
+            raise ValueError(
+                f"vae.widen must be an integer >= 1 (1 keeps the cached VAE's widths), got {self.widen}"
+            )
         if self.latent_channels < 1:
             raise ValueError(
                 f"vae.latent_channels must be an integer >= 1 (SD: 4), got {self.latent_channels}"

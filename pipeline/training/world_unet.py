@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from pipeline.config import ConfigError
 from pipeline.models.build import build_text_encoder, build_unet, save_sd_folder, write_clip_tokenizer
 from pipeline.training.loop import (
     Budget,
@@ -234,9 +235,9 @@ def _resume_from(
     saved_unet = load_in_memory(UNet2DConditionModel, folder / "unet")
     saved_text = load_in_memory(CLIPTextModel, folder / "text_encoder")
     if tuple(saved_unet.config.block_out_channels) != tuple(unet.config.block_out_channels):
-        raise ValueError(
-            f"--resume: saved UNet has channels {saved_unet.config.block_out_channels}, the job asks for "
-            f"{unet.config.block_out_channels}; use the same unet.channels or train afresh"
+        raise ConfigError(
+            f"--resume: saved UNet has channels {list(saved_unet.config.block_out_channels)}, the job asks "
+            f"for {list(unet.config.block_out_channels)}; use the same unet.channels or train afresh"
         )
     return saved_unet, saved_text, log.progress("unet")
 

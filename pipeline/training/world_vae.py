@@ -19,6 +19,7 @@ from focal_frequency_loss import FocalFrequencyLoss
 from pipeline.config import ConfigError
 from pipeline.metrics.pixel import psnr
 from pipeline.models.build import SDArchitecture, build_vae
+from pipeline.models.widen import widen_autoencoder
 from pipeline.training.loop import (
     Budget,
     MetricsLog,
@@ -124,10 +125,14 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
         config: the training job.
         resume: start from the VAE in CACHE/vae (e.g. one whose decoder the vae-decoder stage tuned) and
             train encoder and decoder on together, with a fresh step/time budget, instead of from random
-            weights. The latent space may move, so a UNet trained on the old one must be retrained.
+            weights; with `vae.widen` > 1 it is first made wider with its function kept. The latent space
+            may move, so a UNet trained on the old one must be retrained.
 
     Returns:
         The trained VAE, on the CPU in eval mode.
+
+    Raises:
+        ConfigError: `vae.widen` > 1 without `resume` (there is no trained VAE to grow).
     """
     rng = seed_everything(config.seed + VAE_SEED_OFFSET)
     data = training_scenes(config)
@@ -136,6 +141,13 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
     previous = Progress()
     if resume:
         vae, previous = _resumed_vae(config), log.progress("vae")
+        if config.vae.widen > 1:
+            vae = widen_autoencoder(vae, config.vae.widen, seed=config.seed)
+    elif config.vae.widen > 1:
+        raise ConfigError(
+            f"vae.widen={config.vae.widen} grows the VAE in the cache: add --resume, or set vae.widen=1 "
+            "and vae.channels to the widths to train from scratch"
+        )
     else:
         vae = build_vae(sd_architecture(config))
     vae = vae.to(device).train()
@@ -171,6 +183,8 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
             "heldout_psnr_db": heldout_psnr,
             "scaling_factor": scaling,
             "latent_channels": config.vae.latent_channels,
+            "channels": list(vae.config.block_out_channels),
+            "widened": config.vae.widen,
             "heldout": reconstruction_report(vae, heldout_families(config)),
             "resumed_after_steps": previous.steps,
             "total_steps": total.steps,

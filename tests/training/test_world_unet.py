@@ -2,11 +2,12 @@
 a UNet built for the latent channels of the VAE it learns on."""
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.models.build import SDArchitecture, build_vae
 from pipeline.models.loading import load_diffusion_model
-from pipeline.training import world_unet
+from pipeline.training import cli, world_unet
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.training.world_unet import ddpm_scheduler, diffusion_loss, object_loss_weights
 from pipeline.training.world_vae import cached_vae_folder
@@ -69,11 +70,14 @@ def test_the_latent_cache_key_follows_the_encoder_and_the_scaling_not_the_decode
     assert world_unet.encoder_digest(vae) not in (key, moved_quant, moved_encoder)
 
 
-def test_the_unet_is_built_for_the_latent_channels_of_its_vae_and_loads_as_users_load_it(tmp_path):
-    overrides = [f"output={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "data.train_scenes=8",
+_TINY_UNET_JOB = ["output={tmp}/out", "cache_dir={tmp}/cache", "data.train_scenes=8",
                  "data.heldout_scenes=4", "unet.channels=[16,32]", "unet.text_width=16", "unet.text_layers=1",
                  "unet.text_heads=2", "unet.text_intermediate=32", "unet.steps=2", "unet.batch=2",
                  "unet.scenes=8"]  # fmt: skip
+
+
+def test_the_unet_is_built_for_the_latent_channels_of_its_vae_and_loads_as_users_load_it(tmp_path):
+    overrides = [item.format(tmp=tmp_path) for item in _TINY_UNET_JOB]
     # The job still says vae.latent_channels: 4; the VAE in the cache has 8 and decides.
     config = load_train_config(DEFAULT_CONFIG, overrides)
     _tiny_vae(latent_channels=8).save_pretrained(cached_vae_folder(config), safe_serialization=True)
@@ -88,3 +92,17 @@ def test_the_unet_is_built_for_the_latent_channels_of_its_vae_and_loads_as_users
     assert prediction.shape == latents.shape == (1, 8, 16, 16)
     cached = sorted(path.name for path in (tmp_path / "cache").glob("latents_*.pt"))
     assert cached == [f"latents_{config.seed}_8_{world_unet.encoder_digest(model.vae)}.pt"]
+
+
+def test_resuming_the_unet_stage_with_other_channels_exits_in_one_line_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # the command sets the process's
+    overrides = [item.format(tmp=tmp_path) for item in _TINY_UNET_JOB]
+    _tiny_vae().save_pretrained(cached_vae_folder(load_train_config(DEFAULT_CONFIG, overrides)))
+    arguments = ["unet", "--config", str(DEFAULT_CONFIG), "--threads", "1"]
+    arguments += [item for override in overrides for item in ("--set", override)]
+    cli.main(arguments)
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: unet: --resume: saved UNet has channels \[16, 32\], the job asks for \[16, 24\]",
+    ):
+        cli.main([*arguments, "--resume", "--set", "unet.channels=[16,24]"])

@@ -16,6 +16,7 @@ from pipeline.training import cli, world_data, world_vae
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.training.world_vae import shipped_vae, vae_psnr, vae_reconstructions
 from pipeline.world import generator
+from pipeline.world.oracle import images_to_tensor
 
 
 @torch.no_grad()
@@ -203,3 +204,37 @@ def test_resuming_the_vae_stage_without_a_fitting_cached_vae_exits_naming_the_fi
         cli.main([*arguments, "--set", "vae.latent_channels=8"])
     with pytest.raises(SystemExit, match=r"asks for \[8, 16, 32\] and 4; set vae.channels"):
         cli.main([*arguments, "--set", "vae.channels=[8,16,32]"])
+
+
+def test_a_widened_resume_grows_the_cached_vae_keeping_its_function(tmp_path):
+    config = _tiny_vae_job(tmp_path, latent_channels=8)
+    cached = world_vae.train_vae(config)
+    images = world_data.heldout_scenes(config).images
+    still_wider = dataclasses.replace(config, vae=dataclasses.replace(config.vae, lr=0.0, widen=2))
+    wide = world_vae.train_vae(still_wider, resume=True)
+    saved = AutoencoderKL.from_pretrained(world_vae.cached_vae_folder(config))
+    assert list(saved.config.block_out_channels) == [16, 32, 32] and saved.config.latent_channels == 8
+    assert _same(_weights(saved, "encoder"), _weights(wide, "encoder"))
+    # Net2WiderNet: at lr 0 the wider VAE encodes and decodes as the cached one did.
+    pixels = images_to_tensor(images)
+    with torch.no_grad():
+        narrow_latents = cached.encode(pixels).latent_dist.mode()
+        wide_latents = saved.encode(pixels).latent_dist.mode()
+        assert torch.allclose(wide_latents, narrow_latents, atol=1e-4)
+        assert torch.allclose(
+            saved.decode(narrow_latents).sample, cached.decode(narrow_latents).sample, atol=1e-4
+        )
+    record = json.loads((tmp_path / "out" / "train_metrics.json").read_text())["vae"]
+    assert (record["channels"], record["widened"], record["total_steps"]) == ([16, 32, 32], 2, 4)
+    # The grown VAE is trained on under its own widths, unwidened.
+    wider = dataclasses.replace(config, vae=dataclasses.replace(config.vae, channels=(16, 32, 32)))
+    trained = world_vae.train_vae(wider, resume=True)
+    assert not _same(_weights(trained, "encoder"), _weights(saved, "encoder"))
+    assert json.loads((tmp_path / "out" / "train_metrics.json").read_text())["vae"]["total_steps"] == 6
+
+
+def test_widening_without_a_cached_vae_to_grow_is_a_config_error_naming_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"vae.widen=2 grows the VAE in the cache: add --resume"):
+        world_vae.train_vae(_tiny_vae_job(tmp_path, widen=2))
+    with pytest.raises(ConfigError, match=r"vae.widen must be an integer >= 1"):
+        _tiny_vae_job(tmp_path, widen=0)
