@@ -134,6 +134,11 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
     Raises:
         ConfigError: `vae.widen` > 1 without `resume` (there is no trained VAE to grow).
     """
+    if config.vae.widen > 1 and not resume:
+        raise ConfigError(
+            f"vae.widen={config.vae.widen} grows the VAE in the cache: add --resume, or set vae.widen=1 "
+            "and vae.channels to the widths to train from scratch"
+        )
     rng = seed_everything(config.seed + VAE_SEED_OFFSET)
     data = training_scenes(config)
     device = training_device()
@@ -143,11 +148,6 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
         vae, previous = _resumed_vae(config), log.progress("vae")
         if config.vae.widen > 1:
             vae = widen_autoencoder(vae, config.vae.widen, seed=config.seed)
-    elif config.vae.widen > 1:
-        raise ConfigError(
-            f"vae.widen={config.vae.widen} grows the VAE in the cache: add --resume, or set vae.widen=1 "
-            "and vae.channels to the widths to train from scratch"
-        )
     else:
         vae = build_vae(sd_architecture(config))
     vae = vae.to(device).train()
