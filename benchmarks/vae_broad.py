@@ -1,7 +1,7 @@
 """Held-out reconstruction of shapes-world VAEs off the world's palette, family by family and kind by kind.
 
     python -m benchmarks.vae_broad [VAE_FOLDER ...] [--scenes 256] [--fit-steps 400]
-                                   [--output benchmarks/results/NAME.json]
+                                   [--encoder-fit-steps 800] [--output benchmarks/results/NAME.json]
 
 VAE_FOLDER is a diffusers AutoencoderKL folder (default: the shipped `pipeline/world/assets/shapes-sd/vae`;
 after `python -m pipeline.training vae-broad --set output=COPY`, COPY/shapes-sd/vae). The held-out sets
@@ -12,7 +12,10 @@ striped and checkered ones per stripe or check width, and the worst broad scenes
 With `--fit-steps N`, each worst scene also gets the decoder's reach: the PSNR of the best decode(z) over
 N Adam steps on the latent z itself, from the encoder's mode, the decoder fixed. A reach far below the
 target means no latent makes the decoder draw the scene (the decoder is the limit, not the encoder or the
-code's size). The issue's targets off the palette: >= 32 dB mean and >= 28 dB worst.
+code's size). With `--encoder-fit-steps K`, every broad scene is also read as the engine encodes it with
+`inversion.encoder_fit_steps: K` (the encoder's latent refined by K Adam steps on the decoder's error,
+`pipeline.models.vae.refine_latents`): mean, worst, per background kind, the worst scenes. The issue's
+targets off the palette: >= 32 dB mean and >= 28 dB worst.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from pipeline.diffusion.decoder_fit import DEFAULT_LR, fit_latents
+from pipeline.models.vae import refine_latents
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.training.world_data import BROAD_HELDOUT_SEED_OFFSET, heldout_families
 from pipeline.training.world_vae import decoded_images, psnr_per_image, vae_reconstructions
@@ -70,33 +75,50 @@ def decoder_reach(vae: AutoencoderKL, images: np.ndarray, steps: int, lr: float 
     """
     pixels = images_to_tensor(images)
     with torch.no_grad():
-        best = vae.encode(pixels).latent_dist.mode()
-    latents = best.clone().requires_grad_(True)
-    best_error = torch.full((len(images),), float("inf"))
-    optimizer = torch.optim.Adam([latents], lr=lr)
-    for step in range(steps + 1):
-        error = (vae.decode(latents).sample - pixels).pow(2).mean(dim=(1, 2, 3))
-        with torch.no_grad():
-            better = error < best_error
-            best[better] = latents[better]
-            best_error = torch.minimum(error, best_error)
-        if step == steps:
-            break
-        optimizer.zero_grad()
-        # Summed, so each image's latent gets the gradient of its own error only.
-        error.sum().backward()
-        optimizer.step()
+        start = vae.encode(pixels).latent_dist.mode()
+    best = fit_latents(lambda latents: vae.decode(latents).sample, pixels, start, steps, lr)
     return psnr_per_image(decoded_images(vae, best), images)
 
 
-def breakdown(vae: AutoencoderKL, families: dict[str, np.ndarray], seeds: range, fit_steps: int = 0) -> dict:
+def encoder_fit_psnr(vae: AutoencoderKL, images: np.ndarray, steps: int, batch: int = 64) -> np.ndarray:
+    """PSNR (dB) of the engine's encoding with `inversion.encoder_fit_steps` = `steps`, decoded.
+
+    `pipeline.models.vae.refine_latents` from the scaled posterior mean at its default step size, as
+    `encode_images` runs it; images fitted `batch` at a time (a latent's fit does not depend on its batch).
+
+    Args:
+        vae: the autoencoder (its parameters should not require grad).
+        images: uint8 (N, 64, 64, 3).
+        steps: Adam steps.
+        batch: images fitted together.
+
+    Returns:
+        float (N,).
+    """
+    scale = vae.config.scaling_factor
+    fitted = []
+    for start in range(0, len(images), batch):
+        pixels = images_to_tensor(images[start : start + batch])
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.mean * scale
+        fitted.append(refine_latents(vae, pixels, latents, steps) / scale)
+    return psnr_per_image(decoded_images(vae, torch.cat(fitted)), images)
+
+
+def breakdown(
+    vae: AutoencoderKL,
+    families: dict[str, np.ndarray],
+    seeds: range,
+    fit_steps: int = 0,
+    encoder_fit_steps: int = 0,
+) -> dict:
     """The readings of one VAE (module docstring); `seeds` are the broad family's, in order."""
     psnr = {
         name: psnr_per_image(vae_reconstructions(vae, images), images) for name, images in families.items()
     }
     backgrounds = [broad.broad_scene_with_background(seed)[1] for seed in seeds]
     worst = np.argsort(psnr["broad"])[:WORST_SHOWN]
-    return {
+    reading = {
         "families": {name: mean_and_worst(values) for name, values in psnr.items()},
         "broad_by_background": grouped(psnr["broad"], [background.kind for background in backgrounds]),
         "broad_periodic_by_width": grouped(psnr["broad"], [background.period for background in backgrounds]),
@@ -109,15 +131,30 @@ def breakdown(vae: AutoencoderKL, families: dict[str, np.ndarray], seeds: range,
             }
             for index in worst
         ],
-    } | (
-        {
-            "broad_worst_decoder_reach": decoder_reach_of(
-                vae, families["broad"][worst], seeds, worst, fit_steps
-            )
-        }
-        if fit_steps
-        else {}
-    )
+    }
+    if fit_steps:
+        reading["broad_worst_decoder_reach"] = decoder_reach_of(
+            vae, families["broad"][worst], seeds, worst, fit_steps
+        )
+    if encoder_fit_steps:
+        reading["broad_encoder_fit"] = encoder_fit_reading(vae, families["broad"], seeds, encoder_fit_steps)
+    return reading
+
+
+def encoder_fit_reading(vae: AutoencoderKL, images: np.ndarray, seeds: range, steps: int) -> dict:
+    """The broad family encoded with `inversion.encoder_fit_steps` = `steps` (`encoder_fit_psnr`)."""
+    psnr = encoder_fit_psnr(vae, images, steps)
+    backgrounds = [broad.broad_scene_with_background(seed)[1] for seed in seeds]
+    return {
+        "steps": steps,
+        "lr": DEFAULT_LR,
+        "broad": mean_and_worst(psnr),
+        "broad_by_background": grouped(psnr, [background.kind for background in backgrounds]),
+        "broad_worst_scenes": [
+            {"seed": seeds[index], "psnr_db": round(float(psnr[index]), 2)}
+            for index in np.argsort(psnr)[:WORST_SHOWN]
+        ],
+    }
 
 
 def decoder_reach_of(
@@ -148,6 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=0,
         help="Adam steps on the latents of the worst scenes (decoder's reach)",
     )
+    parser.add_argument(
+        "--encoder-fit-steps",
+        type=int,
+        default=0,
+        help="also read the broad scenes encoded as inversion.encoder_fit_steps=N encodes them",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -157,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for folder in args.vaes:
         vae = AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
-        results[folder] = breakdown(vae, families, seeds, args.fit_steps)
+        results[folder] = breakdown(vae, families, seeds, args.fit_steps, args.encoder_fit_steps)
     print(json.dumps(results, indent=1), flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1) + "\n")

@@ -425,7 +425,10 @@ class JobInversionConfig(InversionConfig):
             settings["strength"] = info.default_strength
         if settings.get("prompt") is None:
             settings["prompt"] = info.default_prompt
-        return cls(params=params, **settings)
+        try:
+            return cls(params=params, **settings)
+        except ValueError as error:  # __post_init__'s checks: encoder_fit_steps is the one it makes
+            raise _fail(origin, f"{key}.encoder_fit_steps", str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -732,4 +735,6 @@ def spec_digest(config: JobConfig) -> str:
             data["filter"].pop(key, None)
     if not data["inversion"].get("keep_artifacts"):
         data["inversion"].pop("keep_artifacts", None)
+    if not data["inversion"].get("encoder_fit_steps"):
+        data["inversion"].pop("encoder_fit_steps", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

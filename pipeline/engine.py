@@ -115,6 +115,12 @@ def _check_config(model: DiffusionModel, config: InversionConfig, image_encoder=
             f"inversion.method {config.method!r} optimises embeddings and needs a float32 model; "
             f"the model is {model.dtype}. Load it with dtype=torch.float32."
         )
+    if config.encoder_fit_steps and model.vae.dtype != torch.float32:
+        raise EngineInputError(
+            f"inversion.encoder_fit_steps {config.encoder_fit_steps} optimises latents through the VAE's "
+            f"decoder and needs a float32 VAE; the VAE is {model.vae.dtype}. Load the model with "
+            "dtype=torch.float32 or set encoder_fit_steps to 0."
+        )
     if info.needs_image_encoder and image_encoder is None:
         raise EngineInputError(
             f"inversion.method {config.method!r} maps the image itself through a CLIP vision tower; "
@@ -162,7 +168,7 @@ def invert(
     inputs = InversionInputs(
         unet=model.unet,
         schedule=schedule,
-        clean_latents=encode_images(model, images),
+        clean_latents=encode_images(model, images, config.encoder_fit_steps),
         cond_embeddings=encode_prompts(model.tokenizer, model.text_encoder, source_prompts, "source_prompts"),
         uncond_embeddings=encode_prompts(model.tokenizer, model.text_encoder, [""] * len(source_prompts)),
         guidance_scale=config.guidance_scale,

@@ -57,6 +57,7 @@ def _engine_config(config: InversionConfig) -> InversionConfig:
         num_steps=config.num_steps,
         guidance_scale=config.guidance_scale,
         strength=config.resolved_strength,
+        encoder_fit_steps=config.encoder_fit_steps,
         params=config.method_params,
     )
 

@@ -222,7 +222,8 @@ def test_composite_settings_count_in_the_spec_digest_only_when_compositing():
 
 
 def test_spec_digests_of_earlier_specs_are_unchanged_by_later_keys_at_their_defaults():
-    """Outputs written before the later filter keys and inversion.keep_artifacts existed still resume:
+    """Outputs written before the later filter keys, inversion.keep_artifacts and encoder_fit_steps existed
+    still resume:
     the digests below were computed by the release before them, for the same specs."""
     from pipeline.config import spec_digest
 
@@ -241,6 +242,7 @@ def test_spec_digests_of_earlier_specs_are_unchanged_by_later_keys_at_their_defa
     for changed in (
         {**earlier, "filter": {"min_clip_t": 0.2, "min_bg_ssim": 0.5}},
         {**earlier, "inversion": {**earlier["inversion"], "keep_artifacts": True}},
+        {**earlier, "inversion": {**earlier["inversion"], "encoder_fit_steps": 100}},
     ):
         assert spec_digest(parse_config(changed, "job.yaml")) != spec_digest(
             parse_config(earlier, "job.yaml")
@@ -269,3 +271,13 @@ def test_exponent_floats_without_a_dot_are_numbers_as_in_yaml_1_2(tmp_path):
     assert load_config(path, overrides=["inversion.guidance_scale=-2E+1"]).inversion.guidance_scale == -20.0
     with pytest.raises(ConfigError, match="inversion.guidance_scale: expected a number, got '7.5x'"):
         load_config(path, overrides=["inversion.guidance_scale=7.5x"])
+
+
+def test_encoder_fit_steps_must_be_a_count():
+    inversion = {"method": "ddim", "encoder_fit_steps": -3}
+    with pytest.raises(ConfigError, match=r"inversion.encoder_fit_steps.*must be >= 0"):
+        parse_config({**MINIMAL, "inversion": inversion}, "job.yaml")
+    with pytest.raises(ConfigError, match=r"inversion.encoder_fit_steps"):
+        parse_config({**MINIMAL, "inversion": {**inversion, "encoder_fit_steps": "many"}}, "job.yaml")
+    config = parse_config({**MINIMAL, "inversion": {**inversion, "encoder_fit_steps": 40}}, "job.yaml")
+    assert config.inversion.encoder_fit_steps == 40

@@ -82,3 +82,26 @@ def test_nan_in_one_image_is_a_per_image_error_naming_image_and_step(tiny_sd, im
     edits = edit(tiny_sd, result, [EditRequest(0, prompts[0]), EditRequest(1, prompts[1])])
     assert edits[0].error is None and edits[0].image.shape == (32, 32, 3)
     assert edits[1].image is None and "inversion failed" in edits[1].error
+
+
+def test_encoder_fit_steps_invert_the_fitted_latent(tiny_sd, images, prompts):
+    """The trajectory starts at the latent the decoder fit gives, not the encoder's."""
+    from pipeline.models.vae import encode_images
+
+    config = InversionConfig.of(method="ddim", num_steps=2, guidance_scale=1.0, encoder_fit_steps=5)
+    result = invert(tiny_sd, images[:2], prompts[:2], config)
+    fitted = encode_images(tiny_sd, images[:2], fit_steps=5)
+    torch.testing.assert_close(result.latents.trajectory[0], fitted)
+    assert not torch.allclose(fitted, encode_images(tiny_sd, images[:2]))
+
+
+def test_encoder_fit_steps_need_a_float32_vae_and_a_count(tiny_sd, images, prompts):
+    import copy
+    import dataclasses
+
+    half = dataclasses.replace(tiny_sd, vae=copy.deepcopy(tiny_sd.vae).half())
+    config = InversionConfig.of(method="ddim", num_steps=2, guidance_scale=1.0, encoder_fit_steps=5)
+    with pytest.raises(EngineInputError, match="encoder_fit_steps 5 .* needs a float32 VAE"):
+        invert(half, images[:1], prompts[:1], config)
+    with pytest.raises(ValueError, match="encoder_fit_steps must be >= 0"):
+        InversionConfig.of(method="ddim", encoder_fit_steps=-1)

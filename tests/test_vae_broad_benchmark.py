@@ -87,3 +87,28 @@ def test_the_worst_scenes_get_the_decoders_reach_on_request(tmp_path):
     ]
     worst = [scene["psnr_db"] for scene in fitted["broad_worst_scenes"]]
     assert all(scene["psnr_db"] >= psnr for scene, psnr in zip(reach["scenes"], worst, strict=True))
+
+
+def test_the_encoder_fit_reading_is_the_engines_encoding_decoded(tmp_path, tiny_sd):
+    """--encoder-fit-steps reads every broad scene as `encode_images(..., fit_steps)` encodes it."""
+    import dataclasses
+
+    from pipeline.models.vae import decode_latents, encode_images
+
+    vae = _tiny_vae()
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    arguments = [str(tmp_path / "vae"), "--scenes", "6"]
+    plain = bench.main(arguments)[str(tmp_path / "vae")]
+    assert "broad_encoder_fit" not in plain
+    reading = bench.main([*arguments, "--encoder-fit-steps", "4"])[str(tmp_path / "vae")]["broad_encoder_fit"]
+
+    seeds = range(world_data.BROAD_HELDOUT_SEED_OFFSET, world_data.BROAD_HELDOUT_SEED_OFFSET + 6)
+    images = np.stack([broad.broad_scene(seed) for seed in seeds])
+    model = dataclasses.replace(tiny_sd, vae=vae)  # the engine's encoding, through the tiny VAE
+    decoded = decode_latents(model, encode_images(model, torch.as_tensor(images), fit_steps=4)).numpy()
+    psnr = world_vae.psnr_per_image(decoded, images)
+    assert reading["steps"] == 4 and reading["broad"]["scenes"] == 6
+    assert abs(reading["broad"]["psnr_mean_db"] - psnr.mean()) < 0.01
+    assert abs(reading["broad"]["psnr_min_db"] - psnr.min()) < 0.01
+    assert reading["broad"]["psnr_min_db"] >= plain["families"]["broad"]["psnr_min_db"]
+    assert reading["broad_worst_scenes"][0]["seed"] == seeds[int(np.argmin(psnr))]

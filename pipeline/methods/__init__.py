@@ -280,6 +280,10 @@ class InversionConfig:
         guidance_scale: classifier-free guidance w of reconstruction and editing.
         strength: fraction of the schedule inverted; < 1 stops at the return step t0 (DiffusionCLIP,
             Prompt Tuning Inversion's "encoding ratio"). None = the method's default.
+        encoder_fit_steps: Adam steps refining each image's latent z_0 = E(x) until the decoder draws the
+            image (`pipeline.diffusion.decoder_fit`) before it is inverted; 0 = the encoder's latent.
+            For images unlike the VAE's training set: the decoder's reach, not the encoder's, then bounds
+            reconstruction and background PSNR.
         params: the method's parameter dataclass; None = its paper defaults.
     """
 
@@ -287,7 +291,16 @@ class InversionConfig:
     num_steps: int = 50
     guidance_scale: float = 7.5
     strength: float | None = None
+    encoder_fit_steps: int = 0
     params: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder_fit_steps, bool) or not isinstance(self.encoder_fit_steps, int):
+            raise ValueError(f"encoder_fit_steps must be an integer >= 0, got {self.encoder_fit_steps!r}")
+        if self.encoder_fit_steps < 0:
+            raise ValueError(
+                f"encoder_fit_steps must be >= 0 (0: the encoder's latent), got {self.encoder_fit_steps}"
+            )
 
     @classmethod
     def of(cls, method: str = "null_text", **settings: Any) -> InversionConfig:

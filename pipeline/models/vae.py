@@ -1,14 +1,26 @@
-"""Images <-> latents through the model's VAE: z_0 = ENC(x) * scaling_factor and its inverse."""
+"""Images <-> latents through the model's VAE: z_0 = ENC(x) * scaling_factor and its inverse.
+
+`encode_images(..., fit_steps=K)` refines z_0 by K Adam steps until the decoder draws the image
+(`pipeline.diffusion.decoder_fit`): semi-amortised encoding, for images the encoder was not trained on.
+"""
 
 from __future__ import annotations
 
 import torch
+from diffusers import AutoencoderKL
 
+from pipeline.diffusion.decoder_fit import DEFAULT_LR, fit_latents
 from pipeline.models.loading import DiffusionModel
 
 
-def encode_images(model: DiffusionModel, images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> z_0 = ENC(x) * scaling_factor, (B, C, h, w); the posterior mean."""
+def encode_images(
+    model: DiffusionModel, images: torch.Tensor, fit_steps: int = 0, fit_lr: float = DEFAULT_LR
+) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> z_0 = ENC(x) * scaling_factor, (B, C, h, w), float32.
+
+    The posterior mean; with `fit_steps` > 0, refined by that many Adam steps (step size `fit_lr`, in
+    scaled latent units) on the decoder's reconstruction error, each image's best latent kept.
+    """
     pixels = images.permute(0, 3, 1, 2)
     if model.device.type == "cuda":
         # uint8 from page-locked memory: a quarter of float32's bytes, copied without a staging buffer.
@@ -17,7 +29,29 @@ def encode_images(model: DiffusionModel, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         latents = model.vae.encode(pixels).latent_dist.mean
     shift = getattr(model.vae.config, "shift_factor", None) or 0.0
-    return ((latents - shift) * model.vae.config.scaling_factor).float()
+    scaled = ((latents - shift) * model.vae.config.scaling_factor).float()
+    return refine_latents(model.vae, pixels, scaled, fit_steps, fit_lr)
+
+
+def refine_latents(
+    vae: AutoencoderKL, pixels: torch.Tensor, latents: torch.Tensor, steps: int, lr: float = DEFAULT_LR
+) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) after `steps` Adam steps of `decoder_fit.fit_latents` on `pixels`.
+
+    Args:
+        vae: the autoencoder whose decoder draws the latents.
+        pixels: (B, 3, H, W) in [-1, 1].
+        latents: (B, C, h, w) in the diffusion's units, (ENC(x) - shift_factor) * scaling_factor.
+        steps: Adam steps; 0 returns `latents` (as float32).
+        lr: Adam's step size in those units.
+    """
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scale = vae.config.scaling_factor
+
+    def decode(candidate: torch.Tensor) -> torch.Tensor:
+        return vae.decode(candidate.to(vae.dtype) / scale + shift).sample
+
+    return fit_latents(decode, pixels, latents, steps, lr)
 
 
 def decode_latents(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:

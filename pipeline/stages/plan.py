@@ -122,8 +122,13 @@ def make_edit_id(
 ) -> str:
     """sha256 (first 32 hex digits) of source_id, the canonical edit spec, inversion config, prompt, seed
     and (for a stochastic sample only, so deterministic ids are unchanged) the sample seed."""
-    # keep_artifacts changes what is written, not what is computed: it must not change the ids.
-    inversion_record = {key: value for key, value in to_dict(inversion).items() if key != "keep_artifacts"}
+    # keep_artifacts changes what is written, not what is computed: it must not change the ids. An
+    # encoder_fit_steps of 0 is left out so that ids from before the setting existed stay the same.
+    inversion_record = {
+        key: value
+        for key, value in to_dict(inversion).items()
+        if key != "keep_artifacts" and not (key == "encoder_fit_steps" and value == 0)
+    }
     record = {
         "source_id": source_id,
         "spec": to_dict(spec),

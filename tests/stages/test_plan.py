@@ -65,8 +65,9 @@ def test_edit_id_is_deterministic_and_sensitive_to_every_input():
         make_edit_id("s#1", FOX, InversionConfig.of(method="ddim"), "a fox", 0),
         make_edit_id("s#1", FOX, InversionConfig(), "a red fox", 0),
         make_edit_id("s#1", FOX, InversionConfig(), "a fox", 1),
+        make_edit_id("s#1", FOX, InversionConfig(encoder_fit_steps=10), "a fox", 0),
     }
-    assert base not in variants and len(variants) == 5
+    assert base not in variants and len(variants) == 6
 
 
 STOCHASTIC = dataclasses.replace(FOX, seeds=(5, 9), samples=3, stochastic="null_text_vae", temperature=0.7)
@@ -96,8 +97,8 @@ def test_stochastic_samples_fan_out_with_reproducible_seeds_and_distinct_ids():
 
 
 def test_deterministic_edits_keep_the_ids_and_params_they_had_before_samples_and_editors_existed():
-    """The edit id of a spec without samples, stochastic, vae or editors, computed as it was before those
-    keys existed."""
+    """The edit id of a spec without samples, stochastic, vae or editors (and inversion.encoder_fit_steps
+    at 0), computed as it was before those keys existed."""
     planned, _ = plan_edits("s#1", "cat", "a photo of a cat", {}, (FOX,), InversionConfig(), BACKBONES)
     legacy_spec = {
         key: value
@@ -110,7 +111,11 @@ def test_deterministic_edits_keep_the_ids_and_params_they_had_before_samples_and
             {
                 "source_id": "s#1",
                 "spec": legacy_spec,
-                "inversion": to_dict(InversionConfig()),
+                "inversion": {
+                    key: value
+                    for key, value in to_dict(InversionConfig()).items()
+                    if key != "encoder_fit_steps"
+                },
                 "prompt": plan.target_prompt,
                 "seed": seed,
             },
