@@ -21,6 +21,7 @@ from pipeline.world.clip_model import SHAPES_CLIP_NAME, SHAPES_CLIP_WEIGHTS, reg
 SETTINGS = {"num_steps": 3, "guidance_scale": 7.5}
 CONFIGS = {
     "ddim": InversionConfig.of("ddim", **SETTINGS),
+    "ddim_encoder_fit": InversionConfig.of("ddim", encoder_fit_steps=3, **SETTINGS),
     "null_text": InversionConfig.of("null_text", inner_steps=2, **SETTINGS),
     "prompt_tuning": InversionConfig.of("prompt_tuning", inner_steps=2, **SETTINGS),
     "direct": InversionConfig.of("direct", **SETTINGS),
@@ -53,6 +54,7 @@ def test_restored_inversion_edits_like_the_original(tiny_sd, images, image_encod
     restored = inversion_from_bytes(tiny_sd, blobs)
 
     assert restored.source_prompts == prompts
+    assert restored.config.encoder_fit_steps == CONFIGS[method].encoder_fit_steps
     assert type(restored.latents.edit_hook) is type(original.latents.edit_hook)
     torch.testing.assert_close(restored.schedule.timesteps, original.schedule.timesteps)
     torch.testing.assert_close(restored.reconstructions, original.reconstructions)
