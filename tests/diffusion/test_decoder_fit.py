@@ -66,6 +66,10 @@ def test_the_fit_never_returns_a_latent_drawn_worse_than_the_start_and_improves_
         after = errors(decoder, pixels, fit_latents(decoder, pixels, start, steps, lr))
         assert bool((after <= before).all())
     assert bool((after < 0.1 * before).all())
+    # One small step (Adam's first is lr * sign(gradient)) already lowers every error: K = 1 takes a
+    # step and weighs its result.
+    one_step = errors(decoder, pixels, fit_latents(decoder, pixels, start, steps=1, lr=0.01))
+    assert bool((one_step < before).all())
 
 
 def test_a_latent_is_fitted_the_same_in_any_batch():
