@@ -30,7 +30,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from pipeline.diffusion.decoder_fit import DEFAULT_LR, fit_latents
-from pipeline.models.vae import refine_latents
+from pipeline.models.vae import from_scaled, refine_latents, to_scaled
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.training.world_data import BROAD_HELDOUT_SEED_OFFSET, heldout_families
 from pipeline.training.world_vae import decoded_images, psnr_per_image, vae_reconstructions
@@ -95,13 +95,12 @@ def encoder_fit_psnr(vae: AutoencoderKL, images: np.ndarray, steps: int, batch: 
     Returns:
         float (N,).
     """
-    scale = vae.config.scaling_factor
     fitted = []
     for start in range(0, len(images), batch):
         pixels = images_to_tensor(images[start : start + batch])
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.mean * scale
-        fitted.append(refine_latents(vae, pixels, latents, steps) / scale)
+            latents = to_scaled(vae, vae.encode(pixels).latent_dist.mean)
+        fitted.append(from_scaled(vae, refine_latents(vae, pixels, latents, steps)))
     return psnr_per_image(decoded_images(vae, torch.cat(fitted)), images)
 
 

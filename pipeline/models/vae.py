@@ -28,9 +28,21 @@ def encode_images(
     pixels = pixels.to(model.device, non_blocking=True).to(model.vae.dtype) / 127.5 - 1.0
     with torch.no_grad():
         latents = model.vae.encode(pixels).latent_dist.mean
-    shift = getattr(model.vae.config, "shift_factor", None) or 0.0
-    scaled = ((latents - shift) * model.vae.config.scaling_factor).float()
-    return refine_latents(model.vae, pixels, scaled, fit_steps, fit_lr)
+    return refine_latents(model.vae, pixels, to_scaled(model.vae, latents), fit_steps, fit_lr)
+
+
+def to_scaled(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's latents (B, C, h, w) in the diffusion's units: (z - shift_factor) * scaling_factor, float32."""
+    return ((latents - _shift_factor(vae)) * vae.config.scaling_factor).float()
+
+
+def from_scaled(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """`to_scaled`'s inverse, in the VAE's dtype: what its decoder takes."""
+    return latents.to(vae.dtype) / vae.config.scaling_factor + _shift_factor(vae)
+
+
+def _shift_factor(vae: AutoencoderKL) -> float:
+    return getattr(vae.config, "shift_factor", None) or 0.0
 
 
 def refine_latents(
@@ -45,21 +57,16 @@ def refine_latents(
         steps: Adam steps; 0 returns `latents` (as float32).
         lr: Adam's step size in those units.
     """
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    scale = vae.config.scaling_factor
 
     def decode(candidate: torch.Tensor) -> torch.Tensor:
-        return vae.decode(candidate.to(vae.dtype) / scale + shift).sample
+        return vae.decode(from_scaled(vae, candidate)).sample
 
     return fit_latents(decode, pixels, latents, steps, lr)
 
 
 def decode_latents(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) latents -> (B, H, W, 3) uint8 images on the CPU."""
-    shift = getattr(model.vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
-        pixels = model.vae.decode(
-            latents.to(model.vae.dtype) / model.vae.config.scaling_factor + shift
-        ).sample
+        pixels = model.vae.decode(from_scaled(model.vae, latents)).sample
     pixels = ((pixels.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu()
