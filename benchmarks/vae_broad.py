@@ -136,19 +136,23 @@ def breakdown(
             vae, families["broad"][worst], seeds, worst, fit_steps
         )
     if encoder_fit_steps:
-        reading["broad_encoder_fit"] = encoder_fit_reading(vae, families["broad"], seeds, encoder_fit_steps)
+        reading["broad_encoder_fit"] = encoder_fit_reading(
+            vae, families["broad"], seeds, [background.kind for background in backgrounds], encoder_fit_steps
+        )
     return reading
 
 
-def encoder_fit_reading(vae: AutoencoderKL, images: np.ndarray, seeds: range, steps: int) -> dict:
-    """The broad family encoded with `inversion.encoder_fit_steps` = `steps` (`encoder_fit_psnr`)."""
+def encoder_fit_reading(
+    vae: AutoencoderKL, images: np.ndarray, seeds: range, kinds: list[str], steps: int
+) -> dict:
+    """The broad family encoded with `inversion.encoder_fit_steps` = `steps` (`encoder_fit_psnr`);
+    `kinds` are the scenes' background kinds, in order."""
     psnr = encoder_fit_psnr(vae, images, steps)
-    backgrounds = [broad.broad_scene_with_background(seed)[1] for seed in seeds]
     return {
         "steps": steps,
         "lr": DEFAULT_LR,
         "broad": mean_and_worst(psnr),
-        "broad_by_background": grouped(psnr, [background.kind for background in backgrounds]),
+        "broad_by_background": grouped(psnr, kinds),
         "broad_worst_scenes": [
             {"seed": seeds[index], "psnr_db": round(float(psnr[index]), 2)}
             for index in np.argsort(psnr)[:WORST_SHOWN]
