@@ -135,12 +135,20 @@ def reconstruction_scores(reconstructions: torch.Tensor, images: torch.Tensor) -
     }
 
 
-def vae_row(model, edits: list[GroundTruthEdit]) -> dict:
-    """The reconstruction ceiling: decode(encode(x)) of every source."""
+def vae_row(model, edits: list[GroundTruthEdit], fit_steps: int = 0) -> dict:
+    """The reconstruction ceiling: decode(encode(x)) of every source.
+
+    With `fit_steps` K > 0, the row "vae (fit K)": the latents the engine inverts under
+    `encoder_fit_steps: K` (E(x) refined by K Adam steps on the decoder's error), decoded.
+    """
     images = source_images(edits)
+    started = time.perf_counter()
     with torch.no_grad():
-        reconstructions = decode_latents(model, encode_images(model, images))
-    return {"inversion": VAE_ROW, "editor": None} | reconstruction_scores(reconstructions, images)
+        reconstructions = decode_latents(model, encode_images(model, images, fit_steps))
+    seconds = time.perf_counter() - started
+    name = VAE_ROW if not fit_steps else f"{VAE_ROW} (fit {fit_steps})"
+    row = {"inversion": name, "editor": None} | reconstruction_scores(reconstructions, images)
+    return row | ({"encode_seconds_per_image": seconds / len(edits)} if fit_steps else {})
 
 
 def score_edits(edited: torch.Tensor, edits: list[GroundTruthEdit], scorers: Scorers) -> dict[str, float]:
@@ -263,6 +271,8 @@ def benchmark_rows(
     learning_rates: list[float] = (),
     image_encoder=None,
     settings: dict[str, dict] | None = None,
+    encoder_fit_steps: int = 0,
+    fit_methods: list[str] = (),
 ) -> tuple[list[dict], list[dict]]:
     """One row per (inversion, editor) the engine accepts, and one entry per skipped combination.
 
@@ -277,21 +287,33 @@ def benchmark_rows(
         learning_rates: extra rows "METHOD (lr X)" of OPTIMISED_METHODS.
         image_encoder: the CLIP vision tower for methods that need one.
         settings: per method, parameters overriding its defaults.
+        encoder_fit_steps: K > 0 adds rows "METHOD (fit K)" for `fit_methods`: the method's defaults
+            with `encoder_fit_steps: K` (each image's latent fitted to the decoder before inverting).
+        fit_methods: registered inversion methods of those rows.
 
     Returns:
         (rows, skipped): rows hold inversion, method, editor and the metrics; skipped entries hold
         inversion, editor and the engine's reason.
     """
     rows, skipped = [], []
-    runs = [(method, None) for method in methods]
-    runs += [(method, lr) for lr in learning_rates for method in methods if method in OPTIMISED_METHODS]
-    for method, learning_rate in runs:
-        name = method if learning_rate is None else f"{method} (lr {learning_rate:g})"
+    runs = [(method, method, None, 0) for method in methods]
+    runs += [
+        (f"{method} (lr {lr:g})", method, lr, 0)
+        for lr in learning_rates
+        for method in methods
+        if method in OPTIMISED_METHODS
+    ]
+    if encoder_fit_steps:
+        runs += [(f"{m} (fit {encoder_fit_steps})", m, None, encoder_fit_steps) for m in fit_methods]
+    for name, method, learning_rate, fit_steps in runs:
         encoder = image_encoder if get_method(method).needs_image_encoder else None
+        method_settings = (settings or {}).get(method, {}) | (
+            {"encoder_fit_steps": fit_steps} if fit_steps else {}
+        )
         started = time.perf_counter()
         try:
             inversion = invert_scenes(
-                model, edits, method, steps, guidance, learning_rate, encoder, (settings or {}).get(method)
+                model, edits, method, steps, guidance, learning_rate, encoder, method_settings
             )
         except EngineInputError as error:
             skipped += [{"inversion": name, "editor": editor, "reason": str(error)} for editor in editors]
@@ -637,6 +659,9 @@ def run(args: argparse.Namespace) -> dict:
     print(setup, flush=True)
     vae = vae_row(model, edits)
     print(json.dumps(_rounded(vae)), flush=True)
+    fitted = [vae_row(model, edits, args.encoder_fit_steps)] if args.encoder_fit_steps else []
+    for row in fitted:
+        print(json.dumps(_rounded(row)), flush=True)
     rows, skipped = benchmark_rows(
         model,
         edits,
@@ -647,6 +672,8 @@ def run(args: argparse.Namespace) -> dict:
         args.guidance,
         args.learning_rates,
         image_encoder,
+        encoder_fit_steps=args.encoder_fit_steps,
+        fit_methods=args.fit_methods or args.methods,
     )
     table2 = pti_table_2_rows(model, edits, args.steps, args.guidance) if args.pti_table_2 else []
     table = {
@@ -656,7 +683,7 @@ def run(args: argparse.Namespace) -> dict:
         ),
         "setup": setup,
         "vae_psnr_db": vae["recon_psnr_db"],
-        "rows": [vae, *rows],
+        "rows": [vae, *fitted, *rows],
         "skipped": skipped,
         "pti_table_2_rows": table2,
     }
@@ -682,6 +709,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[5e-2],
         help="null-text lr / prompt tuning beta of extra rows 'METHOD (lr X)' for the methods that "
         "optimise; the plain rows use each method's defaults (none: no extra rows)",
+    )
+    parser.add_argument(
+        "--encoder-fit-steps",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K > 0 adds rows 'METHOD (fit K)' and 'vae (fit K)': inversion.encoder_fit_steps K, each "
+        "image's latent fitted to the decoder before inverting",
+    )
+    parser.add_argument(
+        "--fit-methods",
+        nargs="+",
+        default=None,
+        choices=methods,
+        help="the methods of the fit rows (default: --methods)",
     )
     parser.add_argument(
         "--no-pti-table-2",

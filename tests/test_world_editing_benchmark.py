@@ -151,6 +151,37 @@ def test_the_vae_row_is_the_vae_reconstruction(world_sized_sd, edits):
     assert row["recon_ssim"] == pytest.approx(expected_ssim, rel=1e-9)
 
 
+def test_fit_rows_invert_the_latents_the_vae_fit_row_decodes(world_sized_sd, edits):
+    fit_steps = 3
+    rows, skipped = benchmark_rows(
+        world_sized_sd,
+        edits,
+        Scorers(true_oracle(edits)),
+        ["direct"],
+        ["P2P"],
+        2,
+        7.5,
+        encoder_fit_steps=fit_steps,
+        fit_methods=["direct", "ddim"],
+    )
+
+    assert skipped == []
+    assert [row["inversion"] for row in rows] == ["direct", "direct (fit 3)", "ddim (fit 3)"]
+    by_name = {row["inversion"]: row for row in rows}
+    plain, fitted = vae_row(world_sized_sd, edits), vae_row(world_sized_sd, edits, fit_steps)
+    assert fitted["inversion"] == "vae (fit 3)" and fitted["encode_seconds_per_image"] > 0
+    # Direct inversion reconstructs its clean latent exactly, so its fit row is the fitted VAE row...
+    assert by_name["direct (fit 3)"]["recon_psnr_db"] == pytest.approx(fitted["recon_psnr_db"], abs=1e-6)
+    assert by_name["direct"]["recon_psnr_db"] == pytest.approx(plain["recon_psnr_db"], abs=1e-6)
+    # ...and the fit, which keeps each image's best latent, only raises it.
+    assert fitted["recon_psnr_db"] > plain["recon_psnr_db"]
+    # The fit changes what DDIM inverts, so its rows are not the plain encoder's.
+    plain_ddim, _ = benchmark_rows(
+        world_sized_sd, edits, Scorers(true_oracle(edits)), ["ddim"], ["P2P"], 2, 7.5
+    )
+    assert by_name["ddim (fit 3)"]["recon_psnr_db"] != plain_ddim[0]["recon_psnr_db"]
+
+
 def test_edit_metrics_of_a_constructed_edit_match_their_closed_forms(edits):
     # The perfect edit inside R; outside R every channel of the source 20 levels off (never clipped).
     sources = np.stack([case.source.image for case in edits]).astype(np.int64)
