@@ -104,8 +104,9 @@ def write_source_shards(folder: Path, scenes: list[generator.Scene], shard_size:
     return paths
 
 
-def run_augmentation_job(shards: list[str], output: Path) -> dict:
-    """`inversa run jobs/downstream_star.yaml` on the shards; returns its manifest."""
+def run_augmentation_job(shards: list[str], output: Path, overrides: list[str] = ()) -> dict:
+    """`inversa run jobs/downstream_star.yaml` on the shards, `--set` each of `overrides` (KEY=VALUE);
+    returns its manifest."""
     pattern = str(Path(shards[0]).parent / f"shapes-{{000000..{len(shards) - 1:06d}}}.tar")
     command = [
         sys.executable,
@@ -117,6 +118,7 @@ def run_augmentation_job(shards: list[str], output: Path) -> dict:
         f"input.shards=['{pattern}']",
         "--output",
         str(output),
+        *(argument for override in overrides for argument in ("--set", override)),
     ]
     started = time.time()
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -315,6 +317,14 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="LABEL",
         help="run only the conditions whose names start so",
     )
+    parser.add_argument(
+        "--job-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the augmentation job (inversa run --set), e.g. inversion.encoder_fit_steps=200; "
+        "give the run its own --work, since the job resumes what it finds there",
+    )
     parser.add_argument("--results", default=str(RESULTS / "downstream"), help="writes .json and .png")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -332,13 +342,14 @@ def main(argv: list[str] | None = None) -> dict:
     work = ROOT / args.work
     shards = write_source_shards(work / f"shards-{len(sources)}", sources)
     job_output = work / f"job-{len(sources)}"
-    manifest = run_augmentation_job(shards, job_output)
+    manifest = run_augmentation_job(shards, job_output, args.job_set)
     job = read_job(job_output)
     edits = len(job["all"])
     setup = (
         f"train {args.common}/shape + {args.rare} stars; {edits} edits of {len(sources)} sources "
         f"({int(job['passed'].sum())} pass the filter, {int(job['oracle_star'].sum())} read as stars by "
         f"the oracle); test {args.test}/shape; {args.seeds} seeds, {args.steps} steps"
+        + "".join(f"; job --set {override}" for override in args.job_set)
     )
     print(setup, flush=True)
 

@@ -3,9 +3,13 @@ conditions' contents, and the classical oversampling."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import numpy as np
 import torch
 
+from benchmarks import downstream
 from benchmarks.downstream import (
     CLASSES,
     RARE,
@@ -79,3 +83,27 @@ def test_conditions_add_the_right_edits_with_the_right_labels():
     assert (classical.labels == STAR).sum() == 4 and len(classical) == 16
     none = subset(chosen["(a) none"], np.arange(14))
     assert (none.labels == train.labels).all()
+
+
+def test_job_settings_reach_the_augmentation_job_as_set_options(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(command, **kwargs):
+        seen["command"] = command
+        (tmp_path / "job" / "manifest.json").parent.mkdir()
+        (tmp_path / "job" / "manifest.json").write_text(json.dumps({"counts": {"edits": 0}}))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(downstream.subprocess, "run", fake_run)
+    overrides = ["inversion.encoder_fit_steps=100", "output.composite=false"]
+
+    manifest = downstream.run_augmentation_job(
+        [str(tmp_path / "shapes-000000.tar")], tmp_path / "job", overrides
+    )
+
+    command = seen["command"]
+    assert command[command.index("run") + 1] == str(downstream.JOB_SPEC)
+    pairs = [command[i + 1] for i, argument in enumerate(command) if argument == "--set"]
+    assert pairs == [f"input.shards=['{tmp_path}/shapes-{{000000..000000}}.tar']", *overrides]
+    assert command[command.index("--output") + 1] == str(tmp_path / "job")
+    assert manifest["counts"] == {"edits": 0} and "benchmark_wall_s" in manifest
