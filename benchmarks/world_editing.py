@@ -558,20 +558,23 @@ def update_readme(table: dict, readme: Path = README) -> None:
     readme.write_text(text[: begin + len(README_BEGIN)] + "\n" + render_markdown(table) + "\n" + text[end:])
 
 
-def plot(table: dict, path: Path) -> None:
-    """Reconstruction PSNR per inversion (the VAE bound as a line), edit success against background
-    PSNR per inversion x editor, and seconds per image."""
+def plot(table: dict, path: Path):
+    """Reconstruction PSNR per inversion (the VAE bounds as lines), edit success against background
+    PSNR per inversion x editor, and seconds per image; saved to `path` and returned (a Figure)."""
     import matplotlib
     from matplotlib.figure import Figure
 
     recon = recon_by_inversion(table)
-    methods = [name for name in recon if name != VAE_ROW]
+    # Rows without an editor are decode(encode(x)) bounds ("vae", "vae (fit K)"), drawn as lines.
+    bounds = [row["inversion"] for row in table["rows"] if row.get("editor") is None]
+    methods = [name for name in recon if name not in bounds]
     figure = Figure(figsize=(16, 4.8), layout="constrained")
     bars, scatter, seconds = figure.subplots(1, 3, width_ratios=[1, 1.3, 1])
     positions = np.arange(len(methods))
     bars.bar(positions, [recon[name]["recon_psnr_db"] for name in methods], color="tab:blue")
-    if VAE_ROW in recon:
-        bars.axhline(recon[VAE_ROW]["recon_psnr_db"], color="black", linestyle="--", label="VAE bound")
+    for name, style in zip(bounds, ("--", ":", "-."), strict=False):
+        bars.axhline(recon[name]["recon_psnr_db"], color="black", linestyle=style, label=f"{name} bound")
+    if bounds:
         bars.legend(loc="lower right", fontsize=8)
     bars.set_xticks(positions, methods, rotation=35, ha="right", fontsize=8)
     bars.set_ylabel("reconstruction PSNR (dB)")
@@ -580,7 +583,7 @@ def plot(table: dict, path: Path) -> None:
     palette = matplotlib.colormaps["tab20"].colors[::2] + matplotlib.colormaps["tab20"].colors[1::2]
     colours = {name: palette[index % len(palette)] for index, name in enumerate(methods)}
     for row in table["rows"]:
-        if row["inversion"] == VAE_ROW or "edit_success" not in row:
+        if row.get("editor") is None or "edit_success" not in row:
             continue
         scatter.scatter(
             row["bg_psnr_db"],
@@ -609,6 +612,7 @@ def plot(table: dict, path: Path) -> None:
     figure.suptitle(table["setup"], fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
+    return figure
 
 
 def record_in_model_card(table: dict, assets: Path) -> None:

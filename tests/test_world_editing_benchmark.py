@@ -19,6 +19,7 @@ from benchmarks.world_editing import (
     Scorers,
     benchmark_rows,
     ordering_checks,
+    plot,
     score_edits,
     update_readme,
     vae_row,
@@ -282,3 +283,21 @@ def test_the_readme_section_is_rewritten_between_its_markers(tmp_path):
     assert text.startswith(f"before\n{README_BEGIN}\n") and text.endswith(f"{README_END}\nafter\n")
     assert "old numbers" not in text
     assert "| ddim | P2P | 20.00 |" in text and "| 21.50 |" in text
+
+
+def test_the_plot_draws_every_bound_row_as_a_line_and_every_method_as_a_bar(tmp_path):
+    table = {"setup": "s", "rows": [{"inversion": VAE_ROW, "editor": None, "recon_psnr_db": 31.0}]}
+    table["rows"].append({"inversion": "vae (fit 100)", "editor": None, "recon_psnr_db": 33.0})
+    for name, recon, seconds in (("ddim", 20.0, 0.5), ("direct (fit 100)", 33.5, 2.0)):
+        scores = {"recon_psnr_db": recon, "invert_seconds_per_image": seconds}
+        table["rows"].append(
+            {"inversion": name, "editor": "P2P", "edit_success": 1.0, "bg_psnr_db": 25.0} | scores
+        )
+
+    figure = plot(table, tmp_path / "plot.png")
+
+    bars, _, seconds = figure.axes[:3]
+    assert [patch.get_height() for patch in bars.patches] == [20.0, 33.5]
+    assert [line.get_ydata()[0] for line in bars.get_lines()] == [31.0, 33.0]
+    assert [patch.get_height() for patch in seconds.patches] == [0.5, 2.0]
+    assert (tmp_path / "plot.png").stat().st_size > 0
