@@ -283,7 +283,8 @@ class InversionConfig:
         encoder_fit_steps: Adam steps refining each image's latent z_0 = E(x) until the decoder draws the
             image (`pipeline.diffusion.decoder_fit`) before it is inverted; 0 = the encoder's latent.
             For images unlike the VAE's training set: the decoder's reach, not the encoder's, then bounds
-            reconstruction and background PSNR.
+            reconstruction. Edits made from fitted latents preserve less (the UNet never saw such
+            latents; README, "What the fit does to editing"), so editing keeps 0.
         params: the method's parameter dataclass; None = its paper defaults.
     """
 
