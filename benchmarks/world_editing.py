@@ -45,6 +45,7 @@ between the world_editing markers from the JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -572,7 +573,7 @@ def plot(table: dict, path: Path):
     bars, scatter, seconds = figure.subplots(1, 3, width_ratios=[1, 1.3, 1])
     positions = np.arange(len(methods))
     bars.bar(positions, [recon[name]["recon_psnr_db"] for name in methods], color="tab:blue")
-    for name, style in zip(bounds, ("--", ":", "-."), strict=False):
+    for name, style in zip(bounds, itertools.cycle(("--", ":", "-.")), strict=False):
         bars.axhline(recon[name]["recon_psnr_db"], color="black", linestyle=style, label=f"{name} bound")
     if bounds:
         bars.legend(loc="lower right", fontsize=8)

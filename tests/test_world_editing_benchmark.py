@@ -287,7 +287,8 @@ def test_the_readme_section_is_rewritten_between_its_markers(tmp_path):
 
 def test_the_plot_draws_every_bound_row_as_a_line_and_every_method_as_a_bar(tmp_path):
     table = {"setup": "s", "rows": [{"inversion": VAE_ROW, "editor": None, "recon_psnr_db": 31.0}]}
-    table["rows"].append({"inversion": "vae (fit 100)", "editor": None, "recon_psnr_db": 33.0})
+    for fit_steps, recon in ((25, 32.5), (100, 33.0), (400, 33.25)):  # more bounds than line styles
+        table["rows"].append({"inversion": f"vae (fit {fit_steps})", "editor": None, "recon_psnr_db": recon})
     for name, recon, seconds in (("ddim", 20.0, 0.5), ("direct (fit 100)", 33.5, 2.0)):
         scores = {"recon_psnr_db": recon, "invert_seconds_per_image": seconds}
         table["rows"].append(
@@ -298,6 +299,6 @@ def test_the_plot_draws_every_bound_row_as_a_line_and_every_method_as_a_bar(tmp_
 
     bars, _, seconds = figure.axes[:3]
     assert [patch.get_height() for patch in bars.patches] == [20.0, 33.5]
-    assert [line.get_ydata()[0] for line in bars.get_lines()] == [31.0, 33.0]
+    assert [line.get_ydata()[0] for line in bars.get_lines()] == [31.0, 32.5, 33.0, 33.25]
     assert [patch.get_height() for patch in seconds.patches] == [0.5, 2.0]
     assert (tmp_path / "plot.png").stat().st_size > 0
