@@ -72,6 +72,9 @@ class SDArchitecture:
         latent_channels: channels of z (SD: 4).
         unet_channels: block_out_channels of the UNet.
         unet_layers_per_block: resnet (+ transformer) layers per UNet level.
+        unet_plain_levels: how many of the UNet's top (highest-resolution) levels have no attention, as
+            SDXL's first level: self-attention there costs the square of the latent's area. 0 (SD 1.5)
+            gives every level but the lowest cross-attention; the mid block always has it.
         unet_attention_head_dim: heads' width in the UNet's transformer blocks.
         vae_channels: block_out_channels of the VAE.
         vae_layers_per_block: resnet layers per VAE level.
@@ -87,6 +90,7 @@ class SDArchitecture:
     latent_channels: int = 4
     unet_channels: tuple[int, ...] = (32, 64)
     unet_layers_per_block: int = 1
+    unet_plain_levels: int = 0
     unet_attention_head_dim: int = 8
     vae_channels: tuple[int, ...] = (32, 64)
     vae_layers_per_block: int = 1
@@ -97,6 +101,14 @@ class SDArchitecture:
     max_length: int = 77
     norm_groups: int = 8
     scheduler: dict = field(default_factory=lambda: dict(SD_DDIM_DEFAULTS))
+
+    def __post_init__(self) -> None:
+        levels = len(self.unet_channels)
+        if not 0 <= self.unet_plain_levels < levels:
+            raise ValueError(
+                f"unet_plain_levels must be between 0 and {levels - 1} (the UNet's {levels} levels less the "
+                f"lowest, which never attends), got {self.unet_plain_levels}"
+            )
 
     @property
     def latent_size(self) -> int:
@@ -120,16 +132,24 @@ SD15_ARCHITECTURE = SDArchitecture(
 )
 
 
+def unet_block_types(arch: SDArchitecture) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The UNet's down and up block types, top level first: plain, cross-attention, plain lowest."""
+    plain, attending = arch.unet_plain_levels, len(arch.unet_channels) - 1 - arch.unet_plain_levels
+    down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attending + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * attending + ("UpBlock2D",) * plain
+    return down, up
+
+
 def build_unet(arch: SDArchitecture) -> UNet2DConditionModel:
-    levels = len(arch.unet_channels)
+    down_block_types, up_block_types = unet_block_types(arch)
     return UNet2DConditionModel(
         sample_size=arch.latent_size,
         in_channels=arch.latent_channels,
         out_channels=arch.latent_channels,
         block_out_channels=arch.unet_channels,
         layers_per_block=arch.unet_layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        down_block_types=down_block_types,
+        up_block_types=up_block_types,
         cross_attention_dim=arch.text_width,
         attention_head_dim=arch.unet_attention_head_dim,
         norm_num_groups=arch.norm_groups,

@@ -270,6 +270,9 @@ class UNetConfig:
         scenes: the first `scenes` training scenes are encoded and trained on.
         object_loss_weight: loss weight 1 + object_loss_weight * coverage on latent pixels.
         min_snr_gamma: Min-SNR-gamma of the loss weighting; null for plain epsilon MSE.
+        plain_levels: how many top (highest-resolution) UNet levels have no attention (SDXL's layout has
+            one); 0 gives every level but the lowest cross-attention. A 32x32 latent grid's top-level
+            self-attention over 1,024 positions is most of a step's cost.
     """
 
     channels: tuple[int, ...]
@@ -288,6 +291,14 @@ class UNetConfig:
     scenes: int
     object_loss_weight: float
     min_snr_gamma: float | None
+    plain_levels: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.plain_levels < len(self.channels):
+            raise ValueError(
+                f"unet.plain_levels must be an integer from 0 to {len(self.channels) - 1} (one less than the "
+                f"levels in unet.channels: the lowest level never attends), got {self.plain_levels}"
+            )
 
 
 @dataclass(frozen=True)

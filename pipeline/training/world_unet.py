@@ -227,7 +227,7 @@ def train_unet(config: TrainConfig, resume: bool = False) -> Path:
 def _resume_from(
     config: TrainConfig, unet: UNet2DConditionModel, log: MetricsLog
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, Progress]:
-    """The saved UNet and text encoder (the UNet's channels must match the job's `unet`), and how long
+    """The saved UNet and text encoder (its channels and blocks must match the job's `unet`), and how long
     they were trained for so far."""
     folder = Path(config.output) / SD_FOLDER_NAME
     if not (folder / "unet").is_dir():
@@ -238,6 +238,11 @@ def _resume_from(
         raise ConfigError(
             f"--resume: saved UNet has channels {list(saved_unet.config.block_out_channels)}, the job asks "
             f"for {list(unet.config.block_out_channels)}; use the same unet.channels or train afresh"
+        )
+    if tuple(saved_unet.config.down_block_types) != tuple(unet.config.down_block_types):
+        raise ConfigError(
+            f"--resume: saved UNet has blocks {list(saved_unet.config.down_block_types)}, the job asks for "
+            f"{list(unet.config.down_block_types)}; use the unet.plain_levels it was trained with or train afresh"
         )
     return saved_unet, saved_text, log.progress("unet")
 

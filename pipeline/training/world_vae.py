@@ -53,6 +53,7 @@ def sd_architecture(config: TrainConfig) -> SDArchitecture:
         latent_channels=config.vae.latent_channels,
         vae_channels=config.vae.channels,
         unet_channels=unet.channels,
+        unet_plain_levels=unet.plain_levels,
         unet_attention_head_dim=unet.attention_head_dim,
         text_width=unet.text_width,
         text_layers=unet.text_layers,

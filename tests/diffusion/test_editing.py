@@ -7,6 +7,8 @@ from pipeline.diffusion import editing
 from pipeline.diffusion.attention import AttentionController
 from pipeline.diffusion.tokens import word_positions
 from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
+from pipeline.models.build import SDArchitecture, build_random_sd
+from pipeline.models.loading import load_diffusion_model
 
 STEPS = 5
 SOURCE = "a red circle on a white background"
@@ -42,11 +44,34 @@ def ddim_inversion(tiny_sd, images):
 def test_word_swap_injects_source_maps_of_unchanged_words_and_self_attention_in_their_windows(
     tiny_sd, ddim_inversion, recorded
 ):
+    _check_word_swap_windows(tiny_sd, ddim_inversion, recorded)
+
+
+@pytest.fixture(scope="module")
+def plain_top_sd(tmp_path_factory):
+    """The tiny model with SDXL's layout: no attention at its full-resolution level (16x16 of 32 px)."""
+    folder = tmp_path_factory.mktemp("plain-top-sd")
+    arch = SDArchitecture(
+        image_size=32, vae_channels=(16, 32), unet_channels=(16, 16, 32), unet_plain_levels=1
+    )
+    return load_diffusion_model(build_random_sd(folder, arch, seed=0, unet_output_scale=0.05))
+
+
+def test_word_swap_controls_a_unet_without_attention_at_its_top_level(plain_top_sd, images, recorded):
+    inversion = invert(
+        plain_top_sd, images[:1], [SOURCE], InversionConfig.of("ddim", num_steps=STEPS, guidance_scale=7.5)
+    )
+    _check_word_swap_windows(plain_top_sd, inversion, recorded)
+    # the controller met the layers below the top level only: 8x8 (64 queries) and the mid block's 4x4
+    assert {probs.shape[-2] for _, _, probs in recorded} == {64, 16}
+
+
+def _check_word_swap_windows(model, inversion, recorded) -> None:
     control = AttentionControl("replace", cross_replace_steps=0.5, self_replace_steps=0.4)
-    edit(tiny_sd, ddim_inversion, [EditRequest(0, TARGET, control)])
+    edit(model, inversion, [EditRequest(0, TARGET, control)])
     cross_steps, self_steps = int(0.5 * (STEPS + 1)), int(0.4 * STEPS)  # 3 and 2
     unchanged = [
-        p for word in ("red", "white", "background") for p in word_positions(tiny_sd.tokenizer, TARGET, word)
+        p for word in ("red", "white", "background") for p in word_positions(model.tokenizer, TARGET, word)
     ]
     saw = {"cross_in": 0, "cross_out": 0, "self_in": 0, "self_out": 0}
     for step, is_cross, probs in recorded:

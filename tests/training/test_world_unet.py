@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.models.build import SDArchitecture, build_vae
 from pipeline.models.loading import load_diffusion_model
 from pipeline.training import cli, world_unet
@@ -106,3 +107,30 @@ def test_resuming_the_unet_stage_with_other_channels_exits_in_one_line_naming_th
         match=r"^error: unet: --resume: saved UNet has channels \[16, 32\], the job asks for \[16, 24\]",
     ):
         cli.main([*arguments, "--resume", "--set", "unet.channels=[16,24]"])
+
+
+def test_the_unet_stage_builds_plain_top_levels_and_resumes_only_with_the_same_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # the command sets the process's
+    overrides = [item.format(tmp=tmp_path) for item in _TINY_UNET_JOB] + ["unet.channels=[16,16,32]"]
+    _tiny_vae().save_pretrained(cached_vae_folder(load_train_config(DEFAULT_CONFIG, overrides)))
+    arguments = ["unet", "--config", str(DEFAULT_CONFIG), "--threads", "1"]
+    arguments += [item for override in overrides for item in ("--set", override)]
+    cli.main([*arguments, "--set", "unet.plain_levels=1"])
+    unet = load_diffusion_model(tmp_path / "out" / "shapes-sd").unet
+    assert tuple(unet.config.down_block_types) == ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert tuple(unet.config.up_block_types) == ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: unet: --resume: saved UNet has blocks \['DownBlock2D', 'CrossAttnDownBlock2D', "
+        r"'DownBlock2D'\], the job asks for \['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'\]; "
+        r"use the unet.plain_levels it was trained with or train afresh$",
+    ):
+        cli.main([*arguments, "--resume"])
+
+
+@pytest.mark.parametrize("plain_levels", [-1, 2])
+def test_plain_levels_beyond_the_unets_levels_are_a_config_error_naming_the_key(plain_levels):
+    with pytest.raises(
+        ConfigError, match=rf"unet.plain_levels must be an integer from 0 to 1 .*got {plain_levels}$"
+    ):
+        load_train_config(DEFAULT_CONFIG, [f"unet.plain_levels={plain_levels}"])
