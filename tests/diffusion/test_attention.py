@@ -1,5 +1,6 @@
 import pytest
 import torch
+from attention_sides import attention_calls
 
 from pipeline.diffusion.attention import AttentionController, EditPlan
 from pipeline.engine import AttentionControl, EditRequest, InversionConfig, edit, invert
@@ -221,28 +222,6 @@ def _unet(down: tuple[str, ...], up: tuple[str, ...], mid: str | None = "UNetMid
     ).eval()
 
 
-class _SideRecorder:
-    """An attention processor that records the spatial side of every cross-attention call."""
-
-    def __init__(self, sides: set[int]):
-        from diffusers.models.attention_processor import AttnProcessor
-
-        self.sides, self.inner = sides, AttnProcessor()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-        if encoder_hidden_states is not None:
-            self.sides.add(round(hidden_states.shape[1] ** 0.5))
-        return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-
-
-def _measured_sides(unet, latent_size: int) -> list[int]:
-    sides: set[int] = set()
-    unet.set_attn_processor(_SideRecorder(sides))
-    with torch.no_grad():
-        unet(torch.zeros(1, 4, latent_size, latent_size), 1, encoder_hidden_states=torch.zeros(1, 3, 8))
-    return sorted(sides)
-
-
 SD_LAYOUT = (
     ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -282,7 +261,8 @@ def test_cross_attention_sides_are_the_ones_a_forward_pass_meets(down, up, mid, 
     from pipeline.diffusion.attention import cross_attention_resolutions, mask_resolution_for
 
     unet = _unet(down, up, mid)
-    assert cross_attention_resolutions(unet, latent_size) == _measured_sides(unet, latent_size)
+    measured_sides = sorted(side for side, cross in attention_calls(unet, latent_size) if cross)
+    assert cross_attention_resolutions(unet, latent_size) == measured_sides
     assert mask_resolution_for(unet, latent_size) == mask_side
 
 

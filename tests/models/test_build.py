@@ -3,6 +3,7 @@ whose top levels have no attention (SDXL's layout) attends only below them."""
 
 import pytest
 import torch
+from attention_sides import attention_calls
 
 from pipeline.models.build import SD15_ARCHITECTURE, SDArchitecture, build_text_encoder, build_unet, build_vae
 
@@ -24,27 +25,6 @@ def test_sd15_architecture_has_sd15s_parameter_counts_and_latent_size():
     assert unet.config.cross_attention_dim == text_encoder.config.hidden_size == 768
 
 
-class _AttentionSides:
-    """An attention processor recording (spatial side, is cross) of every attention call it serves."""
-
-    def __init__(self, calls: list):
-        from diffusers.models.attention_processor import AttnProcessor
-
-        self.calls, self.inner = calls, AttnProcessor()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-        self.calls.append((round(hidden_states.shape[1] ** 0.5), encoder_hidden_states is not None))
-        return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-
-
-def _attention_calls(unet, latent_size: int) -> set[tuple[int, bool]]:
-    calls: list = []
-    unet.set_attn_processor(_AttentionSides(calls))
-    with torch.no_grad():
-        unet(torch.zeros(1, 4, latent_size, latent_size), 1, encoder_hidden_states=torch.zeros(1, 3, 16))
-    return set(calls)
-
-
 @pytest.mark.parametrize(
     ("plain_levels", "sides"),
     [
@@ -60,7 +40,7 @@ def test_plain_levels_take_attention_off_the_top_levels_only(plain_levels, sides
     )  # fmt: skip
     unet = build_unet(arch)
     # a forward pass meets self- and cross-attention at exactly these sides, and nowhere else
-    assert _attention_calls(unet, arch.latent_size) == {
+    assert attention_calls(unet, arch.latent_size) == {
         (side, cross) for side in sides for cross in (False, True)
     }
     assert unet.config.down_block_types[:plain_levels] == ("DownBlock2D",) * plain_levels
