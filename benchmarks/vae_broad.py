@@ -12,7 +12,10 @@ striped and checkered ones per stripe or check width, and the worst broad scenes
 With `--fit-steps N`, each worst scene also gets the decoder's reach: the PSNR of the best decode(z) over
 N Adam steps on the latent z itself, from the encoder's mode, the decoder fixed. A reach far below the
 target means no latent makes the decoder draw the scene (the decoder is the limit, not the encoder or the
-code's size). With `--encoder-fit-steps K`, every broad scene is also read as the engine encodes it with
+code's size). Every reading also splits the broad scenes' error by distance from the image's edge
+(`broad_error_by_ring`: the mean squared error of the outermost pixel ring, the next, ..., against the
+interior's, and the PSNR with the frame left out): a decoder's convolutions pad with zeros, so the frame
+is where it sees least of the image. With `--encoder-fit-steps K`, every broad scene is also read as the engine encodes it with
 `inversion.encoder_fit_steps: K` (the encoder's latent refined by K Adam steps on the decoder's error,
 `pipeline.models.vae.refine_latents`): mean, worst, per background kind, the worst scenes. The issue's
 targets off the palette: >= 32 dB mean and >= 28 dB worst.
@@ -39,6 +42,7 @@ from pipeline.world.oracle import images_to_tensor
 
 SHIPPED_VAE = "pipeline/world/assets/shapes-sd/vae"
 WORST_SHOWN = 5
+FRAME_RINGS = 2  # pixel rings at the image's edge read apart from the interior
 FIT_LR = 0.05  # Adam on unscaled latents, whose std is 1 / scaling_factor (about 3 for the world VAEs)
 
 
@@ -58,6 +62,42 @@ def grouped(psnr: np.ndarray, keys: list) -> dict[str, dict[str, float]]:
         if key is not None:
             groups[key].append(value)
     return {str(key): mean_and_worst(np.array(groups[key])) for key in sorted(groups)}
+
+
+def edge_distance(height: int, width: int) -> np.ndarray:
+    """int (height, width): each pixel's distance in pixels from the nearest image edge (0 on the edge)."""
+    rows = np.minimum(np.arange(height), np.arange(height)[::-1])
+    cols = np.minimum(np.arange(width), np.arange(width)[::-1])
+    return np.minimum(rows[:, None], cols[None, :])
+
+
+def error_by_ring(reconstructions: np.ndarray, images: np.ndarray, rings: int = FRAME_RINGS) -> dict:
+    """The reconstruction error by distance from the image's edge.
+
+    Args:
+        reconstructions: uint8 (N, H, W, 3).
+        images: uint8 (N, H, W, 3), the originals.
+        rings: pixel rings read apart (distances 0 .. rings - 1); the rest is the interior.
+
+    Returns:
+        {'interior_mse', 'rings': {distance: {'mse', 'ratio_to_interior'}}, 'without_frame'}: mean squared
+        error in levels^2 over the set's pixels at each distance, and `mean_and_worst` of the PSNR of each
+        image's interior alone.
+    """
+    squared = ((reconstructions.astype(np.float64) - images.astype(np.float64)) ** 2).mean(-1)
+    distance = edge_distance(*squared.shape[1:])
+    interior = squared[:, distance >= rings]  # (N, interior pixels)
+    interior_mse = float(interior.mean())
+    by_ring = {}
+    for ring in range(rings):
+        mse = float(squared[:, distance == ring].mean())
+        by_ring[str(ring)] = {"mse": round(mse, 2), "ratio_to_interior": round(mse / interior_mse, 2)}
+    interior_psnr = 10 * np.log10(255.0**2 / np.maximum(interior.mean(1), 1e-10))
+    return {
+        "interior_mse": round(interior_mse, 2),
+        "rings": by_ring,
+        "without_frame": mean_and_worst(interior_psnr),
+    }
 
 
 def decoder_reach(vae: AutoencoderKL, images: np.ndarray, steps: int, lr: float = FIT_LR) -> np.ndarray:
@@ -112,9 +152,8 @@ def breakdown(
     encoder_fit_steps: int = 0,
 ) -> dict:
     """The readings of one VAE (module docstring); `seeds` are the broad family's, in order."""
-    psnr = {
-        name: psnr_per_image(vae_reconstructions(vae, images), images) for name, images in families.items()
-    }
+    reconstructions = {name: vae_reconstructions(vae, images) for name, images in families.items()}
+    psnr = {name: psnr_per_image(reconstructions[name], images) for name, images in families.items()}
     backgrounds = [broad.broad_scene_with_background(seed)[1] for seed in seeds]
     worst = np.argsort(psnr["broad"])[:WORST_SHOWN]
     reading = {
@@ -130,6 +169,7 @@ def breakdown(
             }
             for index in worst
         ],
+        "broad_error_by_ring": error_by_ring(reconstructions["broad"], families["broad"]),
     }
     if fit_steps:
         reading["broad_worst_decoder_reach"] = decoder_reach_of(

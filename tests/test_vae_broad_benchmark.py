@@ -47,6 +47,44 @@ def test_readings_agree_with_the_stage_and_group_every_broad_scene(tmp_path):
     assert np.array_equal(families["broad"][first], broad.broad_scene(worst[0]["seed"]))
     assert by_kind[worst[0]["background"]]["psnr_min_db"] == worst[0]["psnr_db"]
 
+    frame = reading["broad_error_by_ring"]
+    assert list(frame["rings"]) == [str(ring) for ring in range(bench.FRAME_RINGS)]
+    assert frame["without_frame"]["scenes"] == 12
+
+
+def test_edge_distance_rings_hold_the_pixels_of_each_frame():
+    distance = bench.edge_distance(7, 10)
+    for ring in range(4):
+        # ring d is the border of a (7 - 2d) x (10 - 2d) rectangle
+        height, width = 7 - 2 * ring, 10 - 2 * ring
+        expected = 2 * (height + width) - 4 if height > 1 else width
+        assert (distance == ring).sum() == expected
+    assert distance.max() == 3 and distance[3, 3:7].tolist() == [3, 3, 3, 3]
+
+
+def test_error_by_ring_splits_the_error_by_distance_from_the_edge():
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    distance = bench.edge_distance(8, 8)
+    reconstructions = np.where(distance == 0, 4, np.where(distance == 1, 2, 1))[None, :, :, None]
+    reconstructions = np.repeat(np.repeat(reconstructions, 2, 0), 3, 3).astype(np.uint8)
+    reconstructions[1, distance >= 2] = 3  # the second image's interior is 3 levels off
+    reading = bench.error_by_ring(reconstructions, images, rings=2)
+    assert reading["interior_mse"] == (1 + 9) / 2
+    assert reading["rings"] == {
+        "0": {"mse": 16.0, "ratio_to_interior": 3.2},
+        "1": {"mse": 4.0, "ratio_to_interior": 0.8},
+    }
+    interior_psnr = [10 * np.log10(255**2 / 1), 10 * np.log10(255**2 / 9)]
+    assert reading["without_frame"] == bench.mean_and_worst(np.array(interior_psnr))
+
+    # With one ring read apart, ring 1 (20 pixels, 2 levels off) joins the 16 centre pixels.
+    one_ring = bench.error_by_ring(reconstructions, images, rings=1)
+    interior_mse = [(20 * 4 + 16 * 1) / 36, (20 * 4 + 16 * 9) / 36]
+    assert one_ring["interior_mse"] == round(sum(interior_mse) / 2, 2)
+    assert one_ring["rings"] == {
+        "0": {"mse": 16.0, "ratio_to_interior": round(16 / (sum(interior_mse) / 2), 2)}
+    }
+
 
 def _tiny_vae() -> AutoencoderKL:
     torch.manual_seed(0)
