@@ -14,8 +14,8 @@ N Adam steps on the latent z itself, from the encoder's mode, the decoder fixed.
 target means no latent makes the decoder draw the scene (the decoder is the limit, not the encoder or the
 code's size). Every reading also splits the broad scenes' error by distance from the image's edge
 (`broad_error_by_ring`: the mean squared error of the outermost pixel ring, the next, ..., against the
-interior's, and the PSNR with the frame left out): a decoder's convolutions pad with zeros, so the frame
-is where it sees least of the image. With `--encoder-fit-steps K`, every broad scene is also read as the engine encodes it with
+interior's, and the PSNR with the frame left out), where a decoder's convolutions meet their zero padding.
+With `--encoder-fit-steps K`, every broad scene is also read as the engine encodes it with
 `inversion.encoder_fit_steps: K` (the encoder's latent refined by K Adam steps on the decoder's error,
 `pipeline.models.vae.refine_latents`): mean, worst, per background kind, the worst scenes. The issue's
 targets off the palette: >= 32 dB mean and >= 28 dB worst.
