@@ -63,6 +63,15 @@ class OracleConfig:
     decoded_fraction: float = 0.0
 
 
+def _check_backgrounds(section: str, backgrounds: tuple[str, ...]) -> None:
+    unknown = sorted(set(backgrounds) - set(broad.BROAD_BACKGROUNDS))
+    if unknown or not backgrounds:
+        raise ValueError(
+            f"{section}.backgrounds must name kinds among {list(broad.BROAD_BACKGROUNDS)} "
+            f"(a kind twice to draw it twice as often), got {list(backgrounds)}"
+        )
+
+
 def _check_frequency_weight(section: str, weight: float) -> None:
     if not weight >= 0.0:
         raise ValueError(
@@ -94,6 +103,9 @@ class VAEConfig:
             names) before training on, keeping the function it computes (`pipeline.models.widen`): more
             capacity for the encoder and decoder, from the same reconstructions and latent space. 1: the
             cached widths as they are.
+        backgrounds: the background kinds of the broad training scenes, each drawn with equal chance
+            (name a kind twice to draw it twice as often: the periodic kinds hold the worst held-out
+            scenes); the held-out broad scenes always use all kinds once.
     """
 
     channels: tuple[int, ...]
@@ -107,9 +119,11 @@ class VAEConfig:
     near_fraction: float = 0.0
     frequency_weight: float = 0.0
     widen: int = 1
+    backgrounds: tuple[str, ...] = broad.BROAD_BACKGROUNDS
 
     def __post_init__(self) -> None:
         _check_frequency_weight("vae", self.frequency_weight)
+        _check_backgrounds("vae", self.backgrounds)
         if self.widen < 1:
             raise ValueError(
                 f"vae.widen must be an integer >= 1 (1 keeps the cached VAE's widths), got {self.widen}"
@@ -195,12 +209,7 @@ class VAEBroadConfig:
             raise ValueError(
                 f"vae_broad.widen must be an integer >= 1 (1 keeps the shipped widths), got {self.widen}"
             )
-        unknown = sorted(set(self.backgrounds) - set(broad.BROAD_BACKGROUNDS))
-        if unknown or not self.backgrounds:
-            raise ValueError(
-                f"vae_broad.backgrounds must name kinds among {list(broad.BROAD_BACKGROUNDS)} "
-                f"(a kind twice to draw it twice as often), got {list(self.backgrounds)}"
-            )
+        _check_backgrounds("vae_broad", self.backgrounds)
 
 
 @dataclass(frozen=True)

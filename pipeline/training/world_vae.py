@@ -97,8 +97,8 @@ def training_batch(
     """One batch of the vae or vae-decoder stage, uint8 (batch, 64, 64, 3).
 
     The world's training scenes alone when `vae.world_fraction` is 1, else `world_data.off_palette_mix`
-    with `vae.world_fraction` and `vae.near_fraction`: the decoder is fine-tuned on the scenes the VAE
-    learnt from.
+    with `vae.world_fraction`, `vae.near_fraction` and `vae.backgrounds`: the decoder is fine-tuned on
+    the scenes the VAE learnt from.
 
     Args:
         rng: draws the world scenes.
@@ -111,7 +111,14 @@ def training_batch(
     if config.vae.world_fraction == 1.0:
         return world[rng.choice(len(world), batch)]
     return off_palette_mix(
-        rng, world, batch, config.vae.world_fraction, config.vae.near_fraction, step, stage=stage
+        rng,
+        world,
+        batch,
+        config.vae.world_fraction,
+        config.vae.near_fraction,
+        step,
+        config.vae.backgrounds,
+        stage=stage,
     )
 
 

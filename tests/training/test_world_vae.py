@@ -15,7 +15,7 @@ from pipeline.models.build import SDArchitecture, build_vae
 from pipeline.training import cli, world_data, world_vae
 from pipeline.training.world_config import DEFAULT_CONFIG, load_train_config
 from pipeline.training.world_vae import shipped_vae, vae_psnr, vae_reconstructions
-from pipeline.world import generator
+from pipeline.world import broad, generator
 from pipeline.world.oracle import images_to_tensor
 
 
@@ -70,6 +70,7 @@ def test_the_vae_stage_trains_a_denser_code_on_the_off_palette_mix(tmp_path, mon
     # Every step drew its batch from the mix: 3 world, 1 near and 2 broad scenes, seeds of step 0 and 1.
     assert [call["shape"] for call in calls] == [(6, 64, 64, 3)] * 2
     assert [call["args"][2:6] for call in calls] == [(6, 0.5, 0.25, 0), (6, 0.5, 0.25, 1)]
+    assert all(call["args"][6] == broad.BROAD_BACKGROUNDS for call in calls)
     assert all(call["kwargs"]["stage"] == "vae" for call in calls)
     saved = AutoencoderKL.from_pretrained(world_vae.cached_vae_folder(config))
     pixels = torch.zeros(1, 3, 64, 64)
@@ -88,6 +89,19 @@ def test_the_vae_stage_trains_a_denser_code_on_the_off_palette_mix(tmp_path, mon
     assert not torch.equal(tuned.decoder.conv_out.weight, saved.decoder.conv_out.weight)
     record = json.loads((tmp_path / "out" / "train_metrics.json").read_text())["vae_decoder"]
     assert record["heldout"] == world_vae.reconstruction_report(tuned, families)
+
+
+def test_a_vae_batch_draws_its_broad_scenes_from_the_configured_background_kinds(tmp_path):
+    config = _tiny_vae_job(
+        tmp_path, world_fraction=0.5, near_fraction=0.25, backgrounds="[checkered,striped]"
+    )
+    world = world_data.training_scenes(config).images
+    batch = world_vae.training_batch(np.random.default_rng(0), world, config, batch=8, step=3, stage="vae")
+    # Step 3 of batch 8 draws seeds 24..27 for its four off-palette scenes: two near, two broad.
+    assert np.array_equal(batch[4:6], broad.near_images(range(24, 26)))
+    weighted = broad.broad_images(range(26, 28), ("checkered", "striped"))
+    assert np.array_equal(batch[6:], weighted)
+    assert not np.array_equal(weighted, broad.broad_images(range(26, 28)))
 
 
 def test_the_vae_stage_on_the_world_alone_never_draws_off_palette_scenes(tmp_path, monkeypatch):
@@ -109,6 +123,8 @@ def test_the_vae_stage_on_the_world_alone_never_draws_off_palette_scenes(tmp_pat
         ("vae.frequency_weight=-1", r"vae.frequency_weight must be >= 0"),
         ("vae_decoder.frequency_weight=-0.5", r"vae_decoder.frequency_weight must be >= 0"),
         ("vae_broad.frequency_weight=-2", r"vae_broad.frequency_weight must be >= 0"),
+        ("vae.backgrounds=[stripy]", r"vae.backgrounds must name kinds among \['solid'"),
+        ("vae.backgrounds=[]", r"vae.backgrounds must name kinds among"),
     ],
 )
 def test_bad_vae_code_or_mix_is_a_config_error_naming_the_key(override, message):
