@@ -22,6 +22,14 @@ Two AutoencoderKL details keep the function exact:
 - The mid-block attention has one head whose width is the block width, so q'.k' = factor * q.k while
   the softmax scale falls only by sqrt(factor): the query projection is divided by sqrt(factor).
 
+The same copies grow the latent code (`widen_latent`): each of the C latent channels (their mean and
+log-variance, as the encoder's `conv_out` and `quant_conv` give them) is copied `factor` times, and the
+layers that read the latent (`quant_conv`'s input, `post_quant_conv`, the decoder's `conv_in`) split each
+old channel's weights among its copies. The mode decodes to the same image; a sample does too in mean,
+with less noise (each copy draws its own, and the split averages them). A code of more channels is the
+lever SD3 and FLUX took for reconstruction (16 channels against SD's 4); a UNet trained on the old latent
+space must be retrained.
+
 Pure tensor maths: no files, no paths.
 """
 
@@ -112,6 +120,79 @@ def _widen_projection(
     in_source = _source(old_in, new_in, factor, groups)
     split = outgoing_split(in_source, generator).to(old.weight.dtype)
     weight = old.weight[out_source][:, in_source] * split.view(1, -1, *[1] * (old.weight.dim() - 2))
+    module.weight.copy_(weight)
+    if module.bias is not None:
+        module.bias.copy_(old.bias[out_source])
+
+
+LATENT_READERS = ("quant_conv", "post_quant_conv", "decoder.conv_in")  # layers whose input is the latent
+
+
+def widen_latent(vae: AutoencoderKL, factor: int, seed: int = 0) -> AutoencoderKL:
+    """An AutoencoderKL with `factor` times the latent channels whose mode decodes as `vae`'s does.
+
+    Latent channel j' of the new code copies old channel j' mod C (C = vae's latent channels), in the
+    mean and the log-variance alike; every block width is kept.
+
+    Args:
+        vae: the trained autoencoder; unchanged.
+        factor: latent channel multiplier, an integer >= 1.
+        seed: seeds the splits a_j (the function does not depend on it; training does).
+
+    Returns:
+        The autoencoder with factor * C latent channels (float32, eval mode) and vae's scaling factor.
+
+    Raises:
+        ValueError: factor below 1.
+    """
+    if factor < 1:
+        raise ValueError(f"vae latent widening factor must be an integer >= 1, got {factor}")
+    latent = int(vae.config.latent_channels)
+    config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
+    config["latent_channels"] = latent * factor
+    wide = AutoencoderKL.from_config(config)
+    copies = torch.arange(factor * latent) % latent  # g(j) for the latent channels
+    moments = torch.cat([copies, latent + copies])  # mean channels, then log-variance channels
+    sources = {2 * latent: moments, latent: copies}
+    generator = torch.Generator().manual_seed(seed)
+    old_modules = dict(vae.named_modules())
+    with torch.no_grad():
+        for name, module in wide.named_modules():
+            old = old_modules[name]
+            if name == "encoder.conv_out" or name in LATENT_READERS:
+                _grow_latent_projection(
+                    module, old, sources, split=name in LATENT_READERS, generator=generator
+                )
+            elif not list(module.children()):
+                module.load_state_dict(old.state_dict())
+    return wide.eval()
+
+
+def _grow_latent_projection(
+    module: nn.Conv2d,
+    old: nn.Conv2d,
+    sources: dict[int, torch.Tensor],
+    split: bool,
+    generator: torch.Generator,
+) -> None:
+    """W'[o, j] = W[g(o), g(j)] * a_j (a_j = 1 where the input is not the latent), b'[o] = b[g(o)], in place.
+
+    Args:
+        module: the grown layer, written in place.
+        old: the trained layer.
+        sources: g for a latent-sized dimension, keyed by its old size (C: the code; 2C: mean and log-variance).
+        split: whether the layer's input is the latent (its weights are then split among the copies).
+        generator: draws the splits.
+    """
+    old_out, old_in = old.weight.shape[:2]
+    new_out, new_in = module.weight.shape[:2]
+    out_source = sources[old_out] if new_out != old_out else torch.arange(old_out)
+    in_source = sources[old_in] if split else torch.arange(old_in)
+    share = torch.ones(new_in, dtype=torch.float64)
+    if split:
+        # Copies of mean and log-variance channels are split apart (each old input channel's a_j sum to 1).
+        share = outgoing_split(in_source, generator)
+    weight = old.weight[out_source][:, in_source] * share.to(old.weight.dtype).view(1, -1, 1, 1)
     module.weight.copy_(weight)
     if module.bias is not None:
         module.bias.copy_(old.bias[out_source])

@@ -103,6 +103,10 @@ class VAEConfig:
             names) before training on, keeping the function it computes (`pipeline.models.widen`): more
             capacity for the encoder and decoder, from the same reconstructions and latent space. 1: the
             cached widths as they are.
+        latent_widen: with `--resume`, multiplies the cached VAE's latent channels (which
+            `latent_channels` names) before training on, each channel copied with the decoded image kept
+            (`pipeline.models.widen.widen_latent`): a code with more numbers per cell, as SD3's and FLUX's.
+            The latent space changes, so the UNet must be retrained. 1: the cached code as it is.
         backgrounds: the background kinds of the broad training scenes, each drawn with equal chance
             (name a kind twice to draw it twice as often: the periodic kinds hold the worst held-out
             scenes); the held-out broad scenes always use all kinds once.
@@ -119,6 +123,7 @@ class VAEConfig:
     near_fraction: float = 0.0
     frequency_weight: float = 0.0
     widen: int = 1
+    latent_widen: int = 1
     backgrounds: tuple[str, ...] = broad.BROAD_BACKGROUNDS
 
     def __post_init__(self) -> None:
@@ -127,6 +132,11 @@ class VAEConfig:
         if self.widen < 1:
             raise ValueError(
                 f"vae.widen must be an integer >= 1 (1 keeps the cached VAE's widths), got {self.widen}"
+            )
+        if self.latent_widen < 1:
+            raise ValueError(
+                "vae.latent_widen must be an integer >= 1 (1 keeps the cached VAE's latent channels), "
+                f"got {self.latent_widen}"
             )
         if self.latent_channels < 1:
             raise ValueError(

@@ -19,7 +19,7 @@ from focal_frequency_loss import FocalFrequencyLoss
 from pipeline.config import ConfigError
 from pipeline.metrics.pixel import psnr
 from pipeline.models.build import SDArchitecture, build_vae
-from pipeline.models.widen import widen_autoencoder
+from pipeline.models.widen import widen_autoencoder, widen_latent
 from pipeline.training.loop import (
     Budget,
     MetricsLog,
@@ -133,19 +133,26 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
         config: the training job.
         resume: start from the VAE in CACHE/vae (e.g. one whose decoder the vae-decoder stage tuned) and
             train encoder and decoder on together, with a fresh step/time budget, instead of from random
-            weights; with `vae.widen` > 1 it is first made wider with its function kept. The latent space
-            may move, so a UNet trained on the old one must be retrained.
+            weights; with `vae.widen` > 1 it is first made wider, with `vae.latent_widen` > 1 given more
+            latent channels, its function kept either way. The latent space may move, so a UNet trained on
+            the old one must be retrained.
 
     Returns:
         The trained VAE, on the CPU in eval mode.
 
     Raises:
-        ConfigError: `vae.widen` > 1 without `resume` (there is no trained VAE to grow).
+        ConfigError: `vae.widen` or `vae.latent_widen` > 1 without `resume` (there is no trained VAE to
+            grow).
     """
     if config.vae.widen > 1 and not resume:
         raise ConfigError(
             f"vae.widen={config.vae.widen} grows the VAE in the cache: add --resume, or set vae.widen=1 "
             "and vae.channels to the widths to train from scratch"
+        )
+    if config.vae.latent_widen > 1 and not resume:
+        raise ConfigError(
+            f"vae.latent_widen={config.vae.latent_widen} grows the VAE in the cache: add --resume, or set "
+            "vae.latent_widen=1 and vae.latent_channels to the channels to train from scratch"
         )
     rng = seed_everything(config.seed + VAE_SEED_OFFSET)
     data = training_scenes(config)
@@ -156,6 +163,8 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
         vae, previous = _resumed_vae(config), log.progress("vae")
         if config.vae.widen > 1:
             vae = widen_autoencoder(vae, config.vae.widen, seed=config.seed)
+        if config.vae.latent_widen > 1:
+            vae = widen_latent(vae, config.vae.latent_widen, seed=config.seed)
     else:
         vae = build_vae(sd_architecture(config))
     vae = vae.to(device).train()
@@ -190,9 +199,10 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
             "wall_s": round(budget.elapsed),
             "heldout_psnr_db": heldout_psnr,
             "scaling_factor": scaling,
-            "latent_channels": config.vae.latent_channels,
+            "latent_channels": int(vae.config.latent_channels),
             "channels": list(vae.config.block_out_channels),
             "widened": config.vae.widen,
+            "latent_widened": config.vae.latent_widen,
             "heldout": reconstruction_report(vae, heldout_families(config)),
             "resumed_after_steps": previous.steps,
             "total_steps": total.steps,

@@ -1,11 +1,17 @@
-"""Net2WiderNet for AutoencoderKL: the wider VAE computes the old one's function and can learn past it."""
+"""Net2WiderNet for AutoencoderKL: the wider VAE (or wider code) computes the old one's function and can learn past it."""
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
 from pipeline.models.build import SDArchitecture, build_vae
-from pipeline.models.widen import channel_source, outgoing_split, widen_autoencoder
+from pipeline.models.widen import (
+    LATENT_READERS,
+    channel_source,
+    outgoing_split,
+    widen_autoencoder,
+    widen_latent,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +99,53 @@ def test_the_wider_vae_saves_and_loads_as_a_plain_autoencoder(trained_like_vae, 
             trained_like_vae.encode(images).latent_dist.mean,
             atol=1e-5,
         )
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_the_wider_code_copies_each_latent_channel_and_decodes_its_mode_as_the_old_one(
+    trained_like_vae, factor
+):
+    grown = widen_latent(trained_like_vae, factor, seed=5)
+    assert grown.config.latent_channels == 4 * factor
+    assert list(grown.config.block_out_channels) == [16, 32, 32]
+    assert grown.config.scaling_factor == trained_like_vae.config.scaling_factor
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        old, new = trained_like_vae.encode(images).latent_dist, grown.encode(images).latent_dist
+        # Latent channel j of the grown code is old channel j mod 4, in mean and log-variance alike.
+        assert torch.allclose(new.mean, old.mean.repeat(1, factor, 1, 1), atol=1e-5)
+        assert torch.allclose(new.logvar, old.logvar.repeat(1, factor, 1, 1), atol=1e-4)
+        assert torch.allclose(
+            grown.decode(new.mode()).sample, trained_like_vae.decode(old.mode()).sample, atol=1e-5
+        )
+
+
+def test_only_the_layers_at_the_latent_change_and_the_rest_are_the_old_weights(trained_like_vae):
+    grown, old = widen_latent(trained_like_vae, 2).state_dict(), trained_like_vae.state_dict()
+    assert grown.keys() == old.keys()
+    at_latent = ("encoder.conv_out", *LATENT_READERS)
+    changed = {
+        name
+        for name in old
+        if not torch.equal(grown[name], old[name]) or grown[name].shape != old[name].shape
+    }
+    assert {name.rsplit(".", 1)[0] for name in changed} == set(at_latent)
+
+
+def test_the_code_copies_get_different_gradients_so_training_can_use_them(trained_like_vae):
+    grown = widen_latent(trained_like_vae, 2).train()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    grown.decode(grown.encode(images).latent_dist.mean).sample.sub(images).pow(2).mean().backward()
+    conv_out = grown.encoder.conv_out
+    assert torch.equal(conv_out.weight[0], conv_out.weight[4])  # mean channel 0 and its copy start equal...
+    assert not torch.allclose(conv_out.weight.grad[0], conv_out.weight.grad[4])  # ...and part
+
+
+def test_a_latent_factor_of_one_is_a_copy_and_below_one_is_refused(trained_like_vae, tmp_path):
+    same = widen_latent(trained_like_vae, 1)
+    old = trained_like_vae.state_dict()
+    assert all(torch.equal(tensor, old[name]) for name, tensor in same.state_dict().items())
+    with pytest.raises(ValueError, match="latent widening factor must be an integer >= 1"):
+        widen_latent(trained_like_vae, 0)
+    widen_latent(trained_like_vae, 2).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae").config.latent_channels == 8

@@ -249,6 +249,34 @@ def test_a_widened_resume_grows_the_cached_vae_keeping_its_function(tmp_path):
     assert json.loads((tmp_path / "out" / "train_metrics.json").read_text())["vae"]["total_steps"] == 6
 
 
+def test_a_latent_widened_resume_grows_the_code_keeping_the_decoded_images(tmp_path):
+    config = _tiny_vae_job(tmp_path, latent_channels=4)
+    cached = world_vae.train_vae(config)
+    grown_job = dataclasses.replace(config, vae=dataclasses.replace(config.vae, lr=0.0, latent_widen=2))
+    grown = world_vae.train_vae(grown_job, resume=True)
+    saved = AutoencoderKL.from_pretrained(world_vae.cached_vae_folder(config))
+    assert saved.config.latent_channels == 8 and list(saved.config.block_out_channels) == [8, 16, 16]
+    assert _same(_weights(saved, "decoder"), _weights(grown, "decoder"))
+    pixels = images_to_tensor(world_data.heldout_scenes(config).images)
+    with torch.no_grad():
+        old_latents = cached.encode(pixels).latent_dist.mode()
+        new_latents = saved.encode(pixels).latent_dist.mode()
+        assert torch.allclose(new_latents, old_latents.repeat(1, 2, 1, 1), atol=1e-4)
+        assert torch.allclose(saved.decode(new_latents).sample, cached.decode(old_latents).sample, atol=1e-4)
+    record = json.loads((tmp_path / "out" / "train_metrics.json").read_text())["vae"]
+    assert (record["latent_channels"], record["latent_widened"], record["total_steps"]) == (8, 2, 4)
+    # The grown VAE is resumed under its own latent channels, not grown again.
+    with pytest.raises(ConfigError, match=r"latent_channels 8, the job asks for \[8, 16, 16\] and 4"):
+        world_vae.train_vae(config, resume=True)
+
+
+def test_latent_widening_without_a_cached_vae_is_a_config_error_naming_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"vae.latent_widen=2 grows the VAE in the cache: add --resume"):
+        world_vae.train_vae(_tiny_vae_job(tmp_path, latent_widen=2))
+    with pytest.raises(ConfigError, match=r"vae.latent_widen must be an integer >= 1"):
+        _tiny_vae_job(tmp_path, latent_widen=0)
+
+
 def test_widening_without_a_cached_vae_to_grow_is_a_config_error_naming_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"vae.widen=2 grows the VAE in the cache: add --resume"):
         world_vae.train_vae(_tiny_vae_job(tmp_path, widen=2))
