@@ -133,7 +133,7 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
         config: the training job.
         resume: start from the VAE in CACHE/vae (e.g. one whose decoder the vae-decoder stage tuned) and
             train encoder and decoder on together, with a fresh step/time budget, instead of from random
-            weights; with `vae.widen` > 1 it is first made wider, with `vae.latent_widen` > 1 given more
+            weights; its off-palette scenes continue after the steps OUTPUT's record counts; with `vae.widen` > 1 it is first made wider, with `vae.latent_widen` > 1 given more
             latent channels, its function kept either way. The latent space may move, so a UNet trained on
             the old one must be retrained.
 
@@ -173,7 +173,10 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
     budget = Budget(config.vae.steps, config.vae.max_minutes)
 
     def loss_step() -> torch.Tensor:
-        scenes = training_batch(rng, data.images, config, config.vae.batch, budget.step, stage="vae")
+        # A resumed run draws the off-palette scenes after those of the steps it resumes from (the
+        # output's record of them), so resuming does not show the VAE the same scenes again.
+        step = previous.steps + budget.step
+        scenes = training_batch(rng, data.images, config, config.vae.batch, step, stage="vae")
         images = images_to_tensor(scenes).to(device)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample

@@ -104,6 +104,22 @@ def test_a_vae_batch_draws_its_broad_scenes_from_the_configured_background_kinds
     assert not np.array_equal(weighted, broad.broad_images(range(26, 28)))
 
 
+def test_a_resumed_vae_stage_draws_the_scenes_after_those_it_was_trained_on(tmp_path, monkeypatch):
+    config = _tiny_vae_job(tmp_path, world_fraction=0.5, near_fraction=0.25)
+    calls = _spy_on_mix(monkeypatch)
+    world_vae.train_vae(config)
+    world_vae.train_vae(config, resume=True)
+    # Seeds of steps 0 and 1, then of steps 2 and 3 (not 0 and 1 again); a second resume goes on at 4.
+    assert [call["args"][5] for call in calls] == [0, 1, 2, 3]
+    calls.clear()
+    world_vae.train_vae(config, resume=True)
+    assert [call["args"][5] for call in calls] == [4, 5]
+    # Training from scratch starts the stream again.
+    calls.clear()
+    world_vae.train_vae(config)
+    assert [call["args"][5] for call in calls] == [0, 1]
+
+
 def test_the_vae_stage_on_the_world_alone_never_draws_off_palette_scenes(tmp_path, monkeypatch):
     calls = _spy_on_mix(monkeypatch)
     config = _tiny_vae_job(tmp_path)
