@@ -22,13 +22,17 @@ Two AutoencoderKL details keep the function exact:
 - The mid-block attention has one head whose width is the block width, so q'.k' = factor * q.k while
   the softmax scale falls only by sqrt(factor): the query projection is divided by sqrt(factor).
 
-The same copies grow the latent code (`widen_latent`): each of the C latent channels (their mean and
-log-variance, as the encoder's `conv_out` and `quant_conv` give them) is copied `factor` times, and the
-layers that read the latent (`quant_conv`'s input, `post_quant_conv`, the decoder's `conv_in`) split each
-old channel's weights among its copies. The mode decodes to the same image; a sample does too in mean,
-with less noise (each copy draws its own, and the split averages them). A code of more channels is the
-lever SD3 and FLUX took for reconstruction (16 channels against SD's 4); a UNet trained on the old latent
-space must be retrained.
+The latent code grows differently (`widen_latent`). Copies of a latent channel, split as above, stay
+copies under Adam: their incoming weights get gradients in the fixed ratio of their splits, which
+Adam's per-weight normalisation turns into equal updates (a 32x32x4 VAE grown so to 8 channels and
+trained 766 steps kept each copy at correlation 1.0 with its original). So the N = (factor - 1) * C new
+channels are fresh: the encoder's new mean rows keep their random initialisation (new features of the
+image), the log-variance of new channel j is old channel j mod C's, and every weight from a new channel
+into the old code and the decoder is zero (`quant_conv` and `post_quant_conv` pass the new channels on
+unchanged). The decoded image is the old one exactly, at the mode and at a sample; the zero weights get
+gradients at once (their inputs are not zero), and through them the new channels' encoder rows. A code
+of more channels is the lever SD3 and FLUX took for reconstruction (16 channels against SD's 4); a UNet
+trained on the old latent space must be retrained.
 
 Pure tensor maths: no files, no paths.
 """
@@ -128,71 +132,93 @@ def _widen_projection(
 LATENT_READERS = ("quant_conv", "post_quant_conv", "decoder.conv_in")  # layers whose input is the latent
 
 
-def widen_latent(vae: AutoencoderKL, factor: int, seed: int = 0) -> AutoencoderKL:
-    """An AutoencoderKL with `factor` times the latent channels whose mode decodes as `vae`'s does.
+def widen_latent(vae: AutoencoderKL, factor: int) -> AutoencoderKL:
+    """An AutoencoderKL with `factor` times the latent channels whose code decodes as `vae`'s does.
 
-    Latent channel j' of the new code copies old channel j' mod C (C = vae's latent channels), in the
-    mean and the log-variance alike; every block width is kept.
+    Latent channels 0..C-1 are the old code; channels C..factor*C-1 are new, read by nothing yet (legend
+    in the module docstring). Every block width is kept.
 
     Args:
         vae: the trained autoencoder; unchanged.
         factor: latent channel multiplier, an integer >= 1.
-        seed: seeds the splits a_j (the function does not depend on it; training does).
 
     Returns:
-        The autoencoder with factor * C latent channels (float32, eval mode) and vae's scaling factor.
+        The autoencoder with factor * C latent channels (float32, eval mode) and vae's scaling factor;
+        the new encoder rows are drawn from torch's global generator (seed it for a repeatable growth).
 
     Raises:
         ValueError: factor below 1.
     """
     if factor < 1:
         raise ValueError(f"vae latent widening factor must be an integer >= 1, got {factor}")
-    latent = int(vae.config.latent_channels)
+    old_channels = int(vae.config.latent_channels)
     config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
-    config["latent_channels"] = latent * factor
+    config["latent_channels"] = old_channels * factor
     wide = AutoencoderKL.from_config(config)
-    copies = torch.arange(factor * latent) % latent  # g(j) for the latent channels
-    moments = torch.cat([copies, latent + copies])  # mean channels, then log-variance channels
-    sources = {2 * latent: moments, latent: copies}
-    generator = torch.Generator().manual_seed(seed)
     old_modules = dict(vae.named_modules())
     with torch.no_grad():
         for name, module in wide.named_modules():
-            old = old_modules[name]
-            if name == "encoder.conv_out" or name in LATENT_READERS:
-                _grow_latent_projection(
-                    module, old, sources, split=name in LATENT_READERS, generator=generator
-                )
-            elif not list(module.children()):
-                module.load_state_dict(old.state_dict())
+            if name != "encoder.conv_out" and name not in LATENT_READERS and not list(module.children()):
+                module.load_state_dict(old_modules[name].state_dict())
+        _grow_moments(wide.encoder.conv_out, vae.encoder.conv_out, old_channels)
+        if vae.quant_conv is not None:
+            _grow_moments_reader(wide.quant_conv, vae.quant_conv, old_channels)
+        if vae.post_quant_conv is not None:
+            _grow_code_reader(wide.post_quant_conv, vae.post_quant_conv, pass_new_on=True)
+        _grow_code_reader(wide.decoder.conv_in, vae.decoder.conv_in, pass_new_on=False)
     return wide.eval()
 
 
-def _grow_latent_projection(
-    module: nn.Conv2d,
-    old: nn.Conv2d,
-    sources: dict[int, torch.Tensor],
-    split: bool,
-    generator: torch.Generator,
-) -> None:
-    """W'[o, j] = W[g(o), g(j)] * a_j (a_j = 1 where the input is not the latent), b'[o] = b[g(o)], in place.
+def _moment_positions(old_channels: int, new_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the old means and log-variances sit among the 2 * new_channels moments: (C,) long each."""
+    return torch.arange(old_channels), new_channels + torch.arange(old_channels)
 
-    Args:
-        module: the grown layer, written in place.
-        old: the trained layer.
-        sources: g for a latent-sized dimension, keyed by its old size (C: the code; 2C: mean and log-variance).
-        split: whether the layer's input is the latent (its weights are then split among the copies).
-        generator: draws the splits.
-    """
-    old_out, old_in = old.weight.shape[:2]
-    new_out, new_in = module.weight.shape[:2]
-    out_source = sources[old_out] if new_out != old_out else torch.arange(old_out)
-    in_source = sources[old_in] if split else torch.arange(old_in)
-    share = torch.ones(new_in, dtype=torch.float64)
-    if split:
-        # Copies of mean and log-variance channels are split apart (each old input channel's a_j sum to 1).
-        share = outgoing_split(in_source, generator)
-    weight = old.weight[out_source][:, in_source] * share.to(old.weight.dtype).view(1, -1, 1, 1)
+
+def _grow_moments(module: nn.Conv2d, old: nn.Conv2d, old_channels: int) -> None:
+    """The encoder's last layer: old mean rows kept, log-variance row j copied from old channel j mod C,
+    new mean rows left at their random initialisation; in place."""
+    new_channels = module.out_channels // 2
+    logvar_rows = new_channels + torch.arange(new_channels)
+    for rows, old_rows in (
+        (torch.arange(old_channels), torch.arange(old_channels)),
+        (logvar_rows, old_channels + torch.arange(new_channels) % old_channels),
+    ):
+        module.weight[rows] = old.weight[old_rows]
+        module.bias[rows] = old.bias[old_rows]
+
+
+def _grow_moments_reader(module: nn.Conv2d, old: nn.Conv2d, old_channels: int) -> None:
+    """quant_conv (1x1 over the moments): the old map among the old moments, the new means passed on
+    unchanged, each new log-variance computed as old channel j mod C's; zero from every new input."""
+    new_channels = module.out_channels // 2
+    means, logvars = _moment_positions(old_channels, new_channels)
+    old_inputs = torch.cat([means, logvars])
+    weight = torch.zeros_like(module.weight)
+    bias = torch.zeros_like(module.bias)
+    out_source = torch.cat(
+        [torch.arange(old_channels), -torch.ones(new_channels - old_channels, dtype=torch.long)]
+    )
+    out_source = torch.cat([out_source, old_channels + torch.arange(new_channels) % old_channels])
+    for row, source in enumerate(out_source.tolist()):
+        if source >= 0:
+            weight[row, old_inputs] = old.weight[source]
+            bias[row] = old.bias[source]
+        else:
+            weight[row, row] = 1.0  # a new mean, passed on
     module.weight.copy_(weight)
-    if module.bias is not None:
-        module.bias.copy_(old.bias[out_source])
+    module.bias.copy_(bias)
+
+
+def _grow_code_reader(module: nn.Conv2d, old: nn.Conv2d, pass_new_on: bool) -> None:
+    """post_quant_conv or the decoder's conv_in: old weights on the old channels, zero on the new ones;
+    with `pass_new_on` (post_quant_conv, square) the new channels also go out unchanged."""
+    old_channels = old.in_channels
+    weight = torch.zeros_like(module.weight)
+    bias = torch.zeros_like(module.bias)
+    weight[: old.out_channels, :old_channels] = old.weight
+    bias[: old.out_channels] = old.bias
+    if pass_new_on:
+        for channel in range(old_channels, module.in_channels):
+            weight[channel, channel] = 1.0
+    module.weight.copy_(weight)
+    module.bias.copy_(bias)

@@ -164,7 +164,7 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
         if config.vae.widen > 1:
             vae = widen_autoencoder(vae, config.vae.widen, seed=config.seed)
         if config.vae.latent_widen > 1:
-            vae = widen_latent(vae, config.vae.latent_widen, seed=config.seed)
+            vae = widen_latent(vae, config.vae.latent_widen)
     else:
         vae = build_vae(sd_architecture(config))
     vae = vae.to(device).train()

@@ -277,7 +277,7 @@ def test_a_latent_widened_resume_grows_the_code_keeping_the_decoded_images(tmp_p
     with torch.no_grad():
         old_latents = cached.encode(pixels).latent_dist.mode()
         new_latents = saved.encode(pixels).latent_dist.mode()
-        assert torch.allclose(new_latents, old_latents.repeat(1, 2, 1, 1), atol=1e-4)
+        assert torch.allclose(new_latents[:, :4], old_latents, atol=1e-4)
         assert torch.allclose(saved.decode(new_latents).sample, cached.decode(old_latents).sample, atol=1e-4)
     record = json.loads((tmp_path / "out" / "train_metrics.json").read_text())["vae"]
     assert (record["latent_channels"], record["latent_widened"], record["total_steps"]) == (8, 2, 4)
