@@ -104,9 +104,10 @@ class VAEConfig:
             capacity for the encoder and decoder, from the same reconstructions and latent space. 1: the
             cached widths as they are.
         latent_widen: with `--resume`, multiplies the cached VAE's latent channels (which
-            `latent_channels` names) before training on, each channel copied with the decoded image kept
-            (`pipeline.models.widen.widen_latent`): a code with more numbers per cell, as SD3's and FLUX's.
-            The latent space changes, so the UNet must be retrained. 1: the cached code as it is.
+            `latent_channels` names) before training on: fresh channels that nothing reads yet, so the
+            decoded image is kept (`pipeline.models.widen.widen_latent`); a code with more numbers per
+            cell, as SD3's and FLUX's. The latent space changes, so the UNet must be retrained. 1: the
+            cached code as it is.
         backgrounds: the background kinds of the broad training scenes, each drawn with equal chance
             (name a kind twice to draw it twice as often: the periodic kinds hold the worst held-out
             scenes); the held-out broad scenes always use all kinds once.

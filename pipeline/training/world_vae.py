@@ -133,9 +133,10 @@ def train_vae(config: TrainConfig, resume: bool = False) -> AutoencoderKL:
         config: the training job.
         resume: start from the VAE in CACHE/vae (e.g. one whose decoder the vae-decoder stage tuned) and
             train encoder and decoder on together, with a fresh step/time budget, instead of from random
-            weights; its off-palette scenes continue after the steps OUTPUT's record counts; with `vae.widen` > 1 it is first made wider, with `vae.latent_widen` > 1 given more
-            latent channels, its function kept either way. The latent space may move, so a UNet trained on
-            the old one must be retrained.
+            weights, its off-palette scenes drawn after those of the steps OUTPUT's record counts. With
+            `vae.widen` > 1 it is first made wider, with `vae.latent_widen` > 1 given more latent
+            channels, its function kept either way. The latent space may move, so a UNet trained on the
+            old one must be retrained.
 
     Returns:
         The trained VAE, on the CPU in eval mode.
